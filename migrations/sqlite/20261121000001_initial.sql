@@ -1,0 +1,74 @@
+-- Agents: API keys are stored only as SHA-256 hashes.
+CREATE TABLE agents (
+    name            TEXT PRIMARY KEY,
+    api_key_hash    TEXT NOT NULL UNIQUE,
+    webhook_secret  TEXT NOT NULL,
+    owners          TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    revoked_at      TEXT
+);
+
+-- Requests: indexed columns for lookups and the compare-and-set, the full object in body.
+CREATE TABLE requests (
+    id          TEXT PRIMARY KEY,
+    agent       TEXT NOT NULL REFERENCES agents(name),
+    action      TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'expired', 'cancelled')),
+    revision    INTEGER NOT NULL,
+    version     INTEGER NOT NULL,
+    created_at  TEXT NOT NULL,
+    expires_at  TEXT,
+    updated_at  TEXT NOT NULL,
+    body        TEXT NOT NULL
+);
+CREATE INDEX requests_status_expiry ON requests (status, expires_at);
+CREATE INDEX requests_agent_created ON requests (agent, created_at);
+
+CREATE TABLE idempotency_keys (
+    agent            TEXT NOT NULL,
+    idempotency_key  TEXT NOT NULL,
+    body_hash        TEXT NOT NULL,
+    request_id       TEXT,
+    response         TEXT,
+    created_at       TEXT NOT NULL,
+    PRIMARY KEY (agent, idempotency_key)
+);
+CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+
+-- The audit chain: append-only, enforced below.
+CREATE TABLE audit_events (
+    seq         INTEGER PRIMARY KEY,
+    at          TEXT NOT NULL,
+    request_id  TEXT,
+    kind        TEXT NOT NULL,
+    actor       TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    prev_hash   TEXT NOT NULL,
+    hash        TEXT NOT NULL
+);
+CREATE INDEX audit_events_request ON audit_events (request_id);
+
+CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
+BEGIN
+    SELECT RAISE(ABORT, 'audit_events is append-only');
+END;
+
+CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
+BEGIN
+    SELECT RAISE(ABORT, 'audit_events is append-only');
+END;
+
+-- Work for the delivery worker, written in the same transaction as the change it reports.
+CREATE TABLE outbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id    TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    destination   TEXT NOT NULL,
+    payload       TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    available_at  TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    delivered_at  TEXT,
+    last_error    TEXT
+);
+CREATE INDEX outbox_due ON outbox (delivered_at, available_at);

@@ -1,0 +1,324 @@
+//! What each CLI subcommand does, given parsed arguments; `main.rs` only parses and dispatches.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::domain::{ApprovalRequest, Principal, Status, VoteEffect, VoteRequest};
+use crate::engine::{Engine, EngineError};
+use crate::policy::{EvaluationInput, Policy};
+use crate::server::{build_engine, RunningServer};
+use crate::store::{self, RequestFilter};
+
+/// How long in-flight requests get to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let server = RunningServer::start(config).await?;
+    println!("signoff listening on http://{}", server.address());
+    wait_for_termination(&server).await?;
+    tracing::info!("shutting down");
+    server.shutdown(SHUTDOWN_GRACE).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Returns on SIGTERM or Ctrl-C; SIGHUP reloads the policy (a bad one is refused and logged).
+async fn wait_for_termination(server: &RunningServer) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                if let Err(error) = server.reload_policy() {
+                    tracing::error!(error = format!("{error:#}"), "policy reload refused; keeping the current policy");
+                }
+            }
+        }
+    }
+}
+
+pub async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
+    let store = store::connect(&config).await?;
+    store
+        .migrate()
+        .await
+        .context("applying database migrations")?;
+    println!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn policy_check(path: &Path) -> anyhow::Result<ExitCode> {
+    let source =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match Policy::parse(&source) {
+        Ok(policy) => {
+            println!(
+                "{}: ok ({} rules, {} tiers, {})",
+                path.display(),
+                policy.rule_count(),
+                policy.tiers().len(),
+                policy.hash()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            for issue in &error.issues {
+                eprintln!("{}: {issue}", path.display());
+            }
+            eprintln!("{}: {} error(s)", path.display(), error.issues.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub fn policy_explain(
+    path: &Path,
+    action: &str,
+    args: Option<&str>,
+    agent: Option<&str>,
+    context: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let policy = crate::engine::load_policy(path)?;
+    let args = parse_json_object("--args", args)?;
+    let context = parse_json_object("--context", context)?;
+    let verdict = policy.evaluate(EvaluationInput {
+        action,
+        args: &args,
+        agent: agent.unwrap_or(""),
+        context: &context,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&verdict.explain(policy.hash()))?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agents_add(config: Config, name: &str, owners: &[String]) -> anyhow::Result<ExitCode> {
+    let owners = owners
+        .iter()
+        .map(|owner| {
+            owner
+                .parse::<Principal>()
+                .map_err(|error| anyhow::anyhow!("--owner: {error}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let engine = operator_engine(&config).await?;
+    let credentials = engine
+        .create_agent(name, owners)
+        .await
+        .map_err(user_error)?;
+    println!("{}", serde_json::to_string(&credentials)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agents_list(config: Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let engine = operator_engine(&config).await?;
+    let agents = engine.list_agents().await?;
+    if as_json {
+        let listed: Vec<Value> = agents
+            .iter()
+            .map(|agent| {
+                json!({
+                    "agent": agent.name,
+                    "owners": agent.owners,
+                    "created_at": agent.created_at,
+                    "revoked_at": agent.revoked_at,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&listed)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if agents.is_empty() {
+        println!("no agents; create one with `signoff agents add NAME`");
+    }
+    for agent in agents {
+        let owners: Vec<&str> = agent.owners.iter().map(Principal::as_str).collect();
+        let state = match agent.revoked_at {
+            Some(at) => format!("revoked {}", at.to_rfc3339()),
+            None => "active".into(),
+        };
+        println!(
+            "{}\t{}\towners: {}\tcreated {}",
+            agent.name,
+            state,
+            if owners.is_empty() {
+                "-".to_string()
+            } else {
+                owners.join(",")
+            },
+            agent.created_at.to_rfc3339()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agents_revoke(config: Config, name: &str) -> anyhow::Result<ExitCode> {
+    let engine = operator_engine(&config).await?;
+    engine.revoke_agent(name).await.map_err(user_error)?;
+    println!("agent {name} revoked; its API key no longer works");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn pending(config: Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let engine = operator_engine(&config).await?;
+    let requests = engine
+        .list_requests(RequestFilter {
+            status: Some(Status::Pending),
+            agent: None,
+            limit: 1000,
+        })
+        .await?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&requests)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if requests.is_empty() {
+        println!("no pending requests");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<30}  {:<16}  {:<24}  {:<8}  {:<9}  EXPIRES",
+        "ID", "AGENT", "ACTION", "TIER", "APPROVALS"
+    );
+    for request in requests {
+        println!(
+            "{:<30}  {:<16}  {:<24}  {:<8}  {:<9}  {}",
+            request.id,
+            request.agent,
+            request.action,
+            request.tier.as_deref().unwrap_or("-"),
+            format!(
+                "{}/{}",
+                request.current_approvers().len(),
+                request.approvals_required
+            ),
+            request
+                .expires_at
+                .map(|at| at.to_rfc3339())
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn show(config: Config, id: &str) -> anyhow::Result<ExitCode> {
+    let engine = operator_engine(&config).await?;
+    let request = engine.request(id).await.map_err(user_error)?;
+    println!("{}", serde_json::to_string_pretty(&request)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// approve / deny / modify from the command line, under the same rules as chat.
+pub async fn vote(
+    config: Config,
+    id: &str,
+    principal: &str,
+    vote: VoteRequest,
+) -> anyhow::Result<ExitCode> {
+    let principal: Principal = principal
+        .parse()
+        .map_err(|error| anyhow::anyhow!("--as: {error}"))?;
+    let engine = build_engine(&config).await?;
+    let (request, effect) = engine
+        .record_vote(id, &principal, vote)
+        .await
+        .map_err(user_error)?;
+    match effect {
+        VoteEffect::Counted {
+            approvals,
+            required,
+        } => println!(
+            "{principal} approved {id}: {approvals} of {required} approvals; still pending"
+        ),
+        VoteEffect::Decided(status) => println!("{id} is now {}", status.as_str()),
+    }
+    if let Some(decision) = &request.decision {
+        if decision.modified {
+            println!("final args: {}", decision.args);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn audit_verify(config: Config) -> anyhow::Result<ExitCode> {
+    let engine = operator_engine(&config).await?;
+    match engine.verify_audit_chain().await? {
+        Ok(count) => {
+            println!("audit chain intact: {count} events verified");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(broken) => {
+            println!("{broken}");
+            println!("first bad seq: {}", broken.seq);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub async fn audit_export(config: Config) -> anyhow::Result<ExitCode> {
+    let engine = operator_engine(&config).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    engine
+        .export_audit(|event| {
+            serde_json::to_writer(&mut out, event)?;
+            out.write_all(b"\n")?;
+            Ok(())
+        })
+        .await?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The engine for commands that read or manage but never evaluate or vote: they must work
+/// even where the policy file is not at hand, so they run under a deny-everything policy.
+async fn operator_engine(config: &Config) -> anyhow::Result<Engine> {
+    let store = store::connect(config).await?;
+    store
+        .migrate()
+        .await
+        .context("applying database migrations")?;
+    let policy = Policy::parse("version: 1\ndefault: deny\n")
+        .map_err(|error| anyhow::anyhow!("built-in policy: {error}"))?;
+    Ok(Engine::new(store, policy))
+}
+
+/// Engine refusals become one readable line for the operator.
+fn user_error(error: EngineError) -> anyhow::Error {
+    match error {
+        EngineError::NotFound => anyhow::anyhow!("no such request"),
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
+pub fn parse_json_object(flag: &str, text: Option<&str>) -> anyhow::Result<Value> {
+    let Some(text) = text else {
+        return Ok(json!({}));
+    };
+    let value: Value = serde_json::from_str(text)
+        .map_err(|error| anyhow::anyhow!("{flag} is not valid JSON: {error}"))?;
+    if !value.is_object() {
+        anyhow::bail!("{flag} must be a JSON object");
+    }
+    Ok(value)
+}
+
+/// Exit status of `signoff request` for a request in this state.
+pub fn request_exit_code(request: &ApprovalRequest) -> u8 {
+    match request.status {
+        Status::Approved => 0,
+        Status::Denied => 2,
+        Status::Expired | Status::Cancelled => 3,
+        Status::Pending => 4,
+    }
+}

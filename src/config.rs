@@ -1,0 +1,247 @@
+//! Configuration: built-in defaults < TOML file < environment, with secrets redacted in Debug.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// A string that never shows up in logs or Debug output.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            formatter.write_str("\"\"")
+        } else {
+            formatter.write_str("\"[redacted]\"")
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub listen: String,
+    pub database_url: Secret,
+    pub policy: PathBuf,
+    pub public_url: String,
+    pub max_body_bytes: usize,
+    /// Connections in the database pool.
+    pub database_max_connections: u32,
+    /// SQLite only: `full` (default, survives power loss) or `normal` (opt-in, faster).
+    pub sqlite_synchronous: String,
+    /// How often the sweeper looks for overdue requests, in milliseconds.
+    pub sweep_interval_ms: u64,
+    /// How often the decision watcher looks for decisions made by other processes, in milliseconds.
+    pub watch_interval_ms: u64,
+    /// `text` or `json`.
+    pub log_format: String,
+    pub slack: SlackConfig,
+    pub teams: Option<TeamsConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SlackConfig {
+    pub bot_token: Secret,
+    pub signing_secret: Secret,
+    pub api_url: String,
+    pub command: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TeamsConfig {
+    pub app_id: String,
+    pub app_password: Secret,
+    pub tenant_id: String,
+    pub openid_metadata_url: String,
+    pub token_url: String,
+    pub allowed_service_urls: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            database_url: Secret::new("sqlite://signoff.db"),
+            policy: PathBuf::from("policy.yaml"),
+            public_url: "http://127.0.0.1:8080".into(),
+            max_body_bytes: 262_144,
+            database_max_connections: 16,
+            sqlite_synchronous: "full".into(),
+            sweep_interval_ms: 1000,
+            watch_interval_ms: 200,
+            log_format: "text".into(),
+            slack: SlackConfig::default(),
+            teams: None,
+        }
+    }
+}
+
+impl Default for SlackConfig {
+    fn default() -> Self {
+        Self {
+            bot_token: Secret::default(),
+            signing_secret: Secret::default(),
+            api_url: "https://slack.com/api/".into(),
+            command: "/signoff".into(),
+        }
+    }
+}
+
+impl Default for TeamsConfig {
+    fn default() -> Self {
+        Self {
+            app_id: String::new(),
+            app_password: Secret::default(),
+            tenant_id: String::new(),
+            openid_metadata_url:
+                "https://login.botframework.com/v1/.well-known/openidconfiguration".into(),
+            token_url: "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token".into(),
+            allowed_service_urls: vec!["https://smba.trafficmanager.net/".into()],
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config named by `--config`, else `$SIGNOFF_CONFIG`, else the defaults,
+    /// then applies `SIGNOFF_*` (nested with `__`) and the Slack variables.
+    pub fn load(explicit_path: Option<&Path>) -> anyhow::Result<Self> {
+        let from_environment = std::env::var_os("SIGNOFF_CONFIG").map(PathBuf::from);
+        let path = explicit_path.map(Path::to_path_buf).or(from_environment);
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &path {
+            if !path.is_file() {
+                bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("SIGNOFF_").split("__").ignore(&["config"]))
+            .merge(
+                Env::raw()
+                    .only(&["SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_API_URL"])
+                    .map(|key| match key.as_str() {
+                        "SLACK_BOT_TOKEN" => "slack.bot_token".into(),
+                        "SLACK_SIGNING_SECRET" => "slack.signing_secret".into(),
+                        _ => "slack.api_url".into(),
+                    }),
+            );
+        let mut config: Config = figment
+            .extract()
+            .map_err(|error| anyhow::anyhow!("invalid configuration: {error}"))?;
+        if let Some(path) = &path {
+            config.resolve_relative_paths(path);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A relative `policy` path is taken relative to the config file when the file is
+    /// there, so a config and its policy can live side by side; otherwise relative to
+    /// the working directory.
+    fn resolve_relative_paths(&mut self, config_path: &Path) {
+        if self.policy.is_relative() {
+            if let Some(directory) = config_path.parent() {
+                let beside_config = directory.join(&self.policy);
+                if beside_config.is_file() {
+                    self.policy = beside_config;
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.listen_address()?;
+        if self.max_body_bytes < 1024 {
+            bail!("max_body_bytes must be at least 1024");
+        }
+        if !matches!(self.sqlite_synchronous.as_str(), "full" | "normal") {
+            bail!("sqlite_synchronous must be \"full\" or \"normal\"");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            bail!("log_format must be \"text\" or \"json\"");
+        }
+        let url = self.database_url.expose();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            bail!("database_url must start with sqlite: or postgres://");
+        }
+        Ok(())
+    }
+
+    pub fn listen_address(&self) -> anyhow::Result<SocketAddr> {
+        self.listen
+            .parse()
+            .with_context(|| format!("listen address {:?} is not host:port", self.listen))
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.sweep_interval_ms.max(10))
+    }
+
+    pub fn watch_interval(&self) -> Duration {
+        Duration::from_millis(self.watch_interval_ms.max(10))
+    }
+
+    pub fn slack_enabled(&self) -> bool {
+        !self.slack.bot_token.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let mut config = Config::default();
+        config.slack.bot_token = Secret::new("xoxb-very-secret");
+        config.database_url = Secret::new("postgres://user:hunter2@db/signoff");
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("xoxb-very-secret"));
+        assert!(!printed.contains("hunter2"));
+        assert!(printed.contains("[redacted]"));
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let config = Config {
+            sqlite_synchronous: "off".into(),
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+        let config = Config {
+            database_url: Secret::new("mysql://x"),
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+}

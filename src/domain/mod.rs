@@ -1,0 +1,12 @@
+//! The approval request, its status state machine, votes, decisions, principals and ids — pure, no I/O.
+
+mod principal;
+mod request;
+mod voting;
+
+pub use principal::{Principal, PrincipalError};
+pub use request::{
+    action_hash, new_request_id, now, ApprovalRequest, Decision, Execution, ExecutionOutcome,
+    Outcome, RequestContext, Status, Vote, VoteKind,
+};
+pub use voting::{plan_vote, VoteContext, VoteEffect, VoteRefusal, VoteRequest};

@@ -1,0 +1,271 @@
+//! The approval request as agents see it, its status machine and the canonical action hash.
+
+use chrono::{DateTime, SubsecRound, Utc};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::Principal;
+
+/// The current time at millisecond precision, so stored and echoed timestamps agree exactly.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
+
+/// `apr_` followed by 26 random base32 characters (130 bits).
+pub fn new_request_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghjkmnpqrstvwxyz";
+    let mut random = rand::thread_rng();
+    let suffix: String = (0..26)
+        .map(|_| ALPHABET[random.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("apr_{suffix}")
+}
+
+/// SHA-256 over the RFC 8785 canonical JSON of `{"action","args"}`.
+pub fn action_hash(action: &str, args: &Value) -> String {
+    let canonical = serde_json_canonicalizer::to_vec(&serde_json::json!({
+        "action": action,
+        "args": args,
+    }))
+    .unwrap_or_default();
+    format!("sha256:{}", hex::encode(Sha256::digest(canonical)))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Denied => "denied",
+            Status::Expired => "expired",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => Status::Pending,
+            "approved" => Status::Approved,
+            "denied" => Status::Denied,
+            "expired" => Status::Expired,
+            "cancelled" => Status::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Only pending requests change status; every final status is terminal.
+    pub fn can_become(self, next: Status) -> bool {
+        self == Status::Pending && next != Status::Pending
+    }
+
+    pub fn is_final(self) -> bool {
+        self != Status::Pending
+    }
+}
+
+/// The outcome recorded in a final decision; the same words as the final statuses.
+pub type Outcome = Status;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VoteKind {
+    Approve,
+    Deny,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Vote {
+    pub principal: Principal,
+    pub vote: VoteKind,
+    pub note: Option<String>,
+    pub at: DateTime<Utc>,
+    /// The args revision this vote was cast on; votes on earlier revisions no longer count.
+    pub revision: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub by: Vec<Principal>,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+    pub modified: bool,
+    /// The args the agent must execute.
+    pub args: Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutionOutcome {
+    Succeeded,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Execution {
+    pub outcome: ExecutionOutcome,
+    pub detail: Value,
+    pub at: DateTime<Utc>,
+}
+
+/// What the agent says about the action, shown to approvers as evidence.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestContext {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reversible: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<String>,
+}
+
+/// The request object of the agent API (DESIGN §6).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    pub id: String,
+    pub agent: String,
+    pub action: String,
+    /// The current args: the agent's own, or an approver's modification.
+    pub args: Value,
+    pub context: RequestContext,
+    pub on_behalf_of: Option<Principal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    pub status: Status,
+    pub tier: Option<String>,
+    pub rule: Option<String>,
+    pub approvals_required: u32,
+    /// 1 for the agent's args, +1 for each modification.
+    pub revision: u32,
+    pub votes: Vec<Vote>,
+    pub decision: Option<Decision>,
+    pub action_hash: String,
+    pub policy_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub executed: Option<Execution>,
+    /// Bumped by every stored change: the compare-and-set token.
+    #[serde(skip)]
+    pub version: i64,
+    #[serde(skip)]
+    pub original_args: Value,
+}
+
+impl ApprovalRequest {
+    /// Distinct principals whose approvals count on the current revision.
+    pub fn current_approvers(&self) -> Vec<&Principal> {
+        let mut approvers: Vec<&Principal> = Vec::new();
+        for vote in &self.votes {
+            if vote.revision == self.revision
+                && vote.vote == VoteKind::Approve
+                && !approvers.contains(&&vote.principal)
+            {
+                approvers.push(&vote.principal);
+            }
+        }
+        approvers
+    }
+
+    pub fn is_overdue(&self, at: DateTime<Utc>) -> bool {
+        self.status == Status::Pending && self.expires_at.is_some_and(|expiry| expiry <= at)
+    }
+
+    /// The final decision, with the current args and whether they were modified.
+    pub fn decide(
+        &mut self,
+        outcome: Outcome,
+        by: Vec<Principal>,
+        reason: Option<String>,
+        at: DateTime<Utc>,
+    ) {
+        self.status = outcome;
+        self.decision = Some(Decision {
+            outcome,
+            by,
+            reason,
+            at,
+            modified: self.revision > 1,
+            args: self.args.clone(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn action_hash_is_canonical() {
+        // Key order and whitespace must not change the hash.
+        let first = action_hash("payments.refund", &json!({"amount": 5, "currency": "EUR"}));
+        let second: Value = serde_json::from_str(r#"{ "currency":"EUR",  "amount":5 }"#).unwrap();
+        assert_eq!(first, action_hash("payments.refund", &second));
+        assert!(first.starts_with("sha256:"));
+        assert_eq!(first.len(), "sha256:".len() + 64);
+        assert_ne!(
+            first,
+            action_hash("payments.refund", &json!({"amount": 6, "currency": "EUR"}))
+        );
+        assert_ne!(
+            first,
+            action_hash("payments.charge", &json!({"amount": 5, "currency": "EUR"}))
+        );
+    }
+
+    #[test]
+    fn only_pending_changes_status() {
+        use Status::*;
+        let table = [
+            (Pending, Approved, true),
+            (Pending, Denied, true),
+            (Pending, Expired, true),
+            (Pending, Cancelled, true),
+            (Pending, Pending, false),
+            (Approved, Denied, false),
+            (Denied, Approved, false),
+            (Expired, Approved, false),
+            (Cancelled, Pending, false),
+        ];
+        for (from, to, allowed) in table {
+            assert_eq!(from.can_become(to), allowed, "{from:?} -> {to:?}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_distinct_and_prefixed() {
+        let first = new_request_id();
+        assert!(first.starts_with("apr_"));
+        assert_eq!(first.len(), 30);
+        assert_ne!(first, new_request_id());
+    }
+
+    #[test]
+    fn status_round_trips() {
+        for status in [
+            Status::Pending,
+            Status::Approved,
+            Status::Denied,
+            Status::Expired,
+            Status::Cancelled,
+        ] {
+            assert_eq!(Status::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(Status::parse("done"), None);
+    }
+}

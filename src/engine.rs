@@ -1,0 +1,957 @@
+//! The use cases: submit, vote, modify, cancel, expire, execute. Each change is planned on a
+//! copy of the request and stored with a compare-and-set, its audit events and its outbox
+//! messages in one transaction; a lost compare-and-set re-plans on fresh state.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tracing::instrument;
+
+use crate::audit::{AuditEvent, ChainBreak, ChainVerifier, NewAuditEvent};
+use crate::domain::{
+    action_hash, new_request_id, now, plan_vote, ApprovalRequest, Execution, ExecutionOutcome,
+    Principal, RequestContext, Status, VoteContext, VoteEffect, VoteRefusal, VoteRequest,
+};
+use crate::policy::{Effect, EvaluationInput, Policy, PolicyError, Verdict};
+use crate::store::{
+    AgentRecord, IdempotencyKey, NewOutboxMessage, NewRequest, RequestChange, RequestFilter,
+    Reservation, Store, StoreError,
+};
+
+/// How often one change is re-planned after losing a compare-and-set. Each loss means
+/// another change won, and a request takes at most `approvals + 1` winning changes to end.
+const MAX_ATTEMPTS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("request not found")]
+    NotFound,
+    #[error(transparent)]
+    Refused(#[from] VoteRefusal),
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;
+
+/// What an agent proposes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Submission {
+    pub action: String,
+    pub args: Value,
+    pub context: RequestContext,
+    pub on_behalf_of: Option<Principal>,
+    pub callback_url: Option<String>,
+}
+
+/// The answer to a submission: a new request, or the stored answer to an earlier one with
+/// the same Idempotency-Key.
+#[derive(Debug)]
+pub enum Submitted {
+    Created(ApprovalRequest),
+    Replayed(Value),
+}
+
+/// A new agent's credentials, shown once.
+#[derive(Clone, Serialize)]
+pub struct AgentCredentials {
+    pub agent: String,
+    pub api_key: String,
+    pub webhook_secret: String,
+}
+
+impl std::fmt::Debug for AgentCredentials {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("AgentCredentials")
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    store: Arc<dyn Store>,
+    policy: Arc<ArcSwap<Policy>>,
+    waiters: Waiters,
+}
+
+impl Engine {
+    pub fn new(store: Arc<dyn Store>, policy: Policy) -> Self {
+        Self {
+            store,
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            waiters: Waiters::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Replaces the policy atomically; a policy that does not validate is refused and the
+    /// current one stays.
+    pub fn reload_policy(&self, path: &Path) -> anyhow::Result<Arc<Policy>> {
+        let policy = Arc::new(load_policy(path)?);
+        self.policy.store(policy.clone());
+        tracing::info!(policy_hash = policy.hash(), "policy reloaded");
+        Ok(policy)
+    }
+
+    // ---- agents -------------------------------------------------------------------------
+
+    #[instrument(skip_all, fields(agent = %name))]
+    pub async fn create_agent(
+        &self,
+        name: &str,
+        owners: Vec<Principal>,
+    ) -> EngineResult<AgentCredentials> {
+        validate_agent_name(name)?;
+        let api_key = format!("sk_{}", random_token(32));
+        let webhook_secret = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(random_bytes::<24>())
+        );
+        let at = now();
+        let record = AgentRecord {
+            name: name.to_string(),
+            api_key_hash: hash_api_key(&api_key),
+            webhook_secret: webhook_secret.clone(),
+            owners: owners.clone(),
+            created_at: at,
+            revoked_at: None,
+        };
+        let audit = NewAuditEvent {
+            at,
+            request_id: None,
+            kind: "agent_created",
+            actor: "operator".into(),
+            payload: json!({"agent": name, "owners": owners}),
+        };
+        self.store
+            .create_agent(&record, audit)
+            .await
+            .map_err(|error| match error {
+                StoreError::Conflict(message) => EngineError::Conflict {
+                    code: "agent_exists",
+                    message,
+                },
+                other => other.into(),
+            })?;
+        Ok(AgentCredentials {
+            agent: name.to_string(),
+            api_key,
+            webhook_secret,
+        })
+    }
+
+    pub async fn revoke_agent(&self, name: &str) -> EngineResult<()> {
+        let audit = NewAuditEvent {
+            at: now(),
+            request_id: None,
+            kind: "agent_revoked",
+            actor: "operator".into(),
+            payload: json!({"agent": name}),
+        };
+        if self.store.revoke_agent(name, audit).await? {
+            Ok(())
+        } else {
+            Err(EngineError::Invalid(format!(
+                "no active agent named {name:?}"
+            )))
+        }
+    }
+
+    pub async fn list_agents(&self) -> EngineResult<Vec<AgentRecord>> {
+        Ok(self.store.list_agents().await?)
+    }
+
+    /// The active agent holding `api_key`, if any.
+    pub async fn authenticate_agent(&self, api_key: &str) -> EngineResult<Option<AgentRecord>> {
+        let hash = hash_api_key(api_key);
+        let agent = self.store.agent_by_key_hash(&hash).await?;
+        // The lookup is by hash; compare again in constant time so equality never short-circuits.
+        Ok(agent.filter(|agent| bool::from(agent.api_key_hash.as_bytes().ct_eq(hash.as_bytes()))))
+    }
+
+    // ---- requests -----------------------------------------------------------------------
+
+    /// Evaluates the policy without storing anything.
+    pub fn check(&self, agent: &str, action: &str, args: &Value, context: &Value) -> Verdict {
+        self.policy().evaluate(EvaluationInput {
+            action,
+            args,
+            agent,
+            context,
+        })
+    }
+
+    #[instrument(skip_all, fields(agent = %agent.name, action = %submission.action))]
+    pub async fn submit_request(
+        &self,
+        agent: &AgentRecord,
+        submission: Submission,
+        idempotency_key: Option<String>,
+    ) -> EngineResult<Submitted> {
+        validate_submission(&submission)?;
+        let key = idempotency_key
+            .map(|key| -> EngineResult<IdempotencyKey> {
+                if key.is_empty() || key.len() > 255 {
+                    return Err(EngineError::Invalid(
+                        "Idempotency-Key must be 1 to 255 characters".into(),
+                    ));
+                }
+                Ok(IdempotencyKey {
+                    agent: agent.name.clone(),
+                    key,
+                    body_hash: submission_hash(&submission),
+                })
+            })
+            .transpose()?;
+        if let Some(key) = &key {
+            match self.store.reserve_idempotency_key(key, now()).await? {
+                Reservation::Reserved => {}
+                Reservation::Completed {
+                    body_hash,
+                    response,
+                } if body_hash == key.body_hash => return Ok(Submitted::Replayed(response)),
+                Reservation::InFlight { body_hash } if body_hash == key.body_hash => {
+                    return Err(EngineError::Conflict {
+                        code: "idempotency_in_flight",
+                        message: "a request with this Idempotency-Key is still being processed; retry shortly".into(),
+                    })
+                }
+                Reservation::Completed { .. } | Reservation::InFlight { .. } => {
+                    return Err(EngineError::Unprocessable {
+                        code: "idempotency_mismatch",
+                        message: "this Idempotency-Key was used with a different body".into(),
+                    })
+                }
+            }
+        }
+        let result = self.create_request(agent, submission, key.as_ref()).await;
+        if let (Err(_), Some(key)) = (&result, &key) {
+            // Free the key so a corrected retry is not stuck behind a failed attempt.
+            if let Err(error) = self.store.release_idempotency_key(key).await {
+                tracing::warn!(%error, "could not release an Idempotency-Key");
+            }
+        }
+        result.map(Submitted::Created)
+    }
+
+    async fn create_request(
+        &self,
+        agent: &AgentRecord,
+        submission: Submission,
+        key: Option<&IdempotencyKey>,
+    ) -> EngineResult<ApprovalRequest> {
+        let policy = self.policy();
+        let context_value = serde_json::to_value(&submission.context).unwrap_or(Value::Null);
+        let verdict = policy.evaluate(EvaluationInput {
+            action: &submission.action,
+            args: &submission.args,
+            agent: &agent.name,
+            context: &context_value,
+        });
+        let at = now();
+        let mut request = ApprovalRequest {
+            id: new_request_id(),
+            agent: agent.name.clone(),
+            action_hash: action_hash(&submission.action, &submission.args),
+            action: submission.action,
+            original_args: submission.args.clone(),
+            args: submission.args,
+            context: submission.context,
+            on_behalf_of: submission.on_behalf_of,
+            callback_url: submission.callback_url,
+            status: Status::Pending,
+            tier: verdict.tier.clone(),
+            rule: verdict.rule.clone(),
+            approvals_required: verdict.approvals_required,
+            revision: 1,
+            votes: Vec::new(),
+            decision: None,
+            policy_hash: policy.hash().to_string(),
+            created_at: at,
+            expires_at: None,
+            executed: None,
+            version: 1,
+        };
+        let by_policy = Principal::policy_rule(verdict.rule.as_deref().unwrap_or("default"));
+        let mut audit = vec![
+            event(
+                &request,
+                at,
+                "submitted",
+                Principal::agent(&agent.name).as_str(),
+                json!({
+                    "action": request.action,
+                    "args": request.args,
+                    "context": request.context,
+                    "on_behalf_of": request.on_behalf_of,
+                    "action_hash": request.action_hash,
+                }),
+            ),
+            event(
+                &request,
+                at,
+                "verdict",
+                by_policy.as_str(),
+                json!({
+                    "effect": verdict.effect,
+                    "tier": verdict.tier,
+                    "rule": verdict.rule,
+                    "matched": verdict.matches.iter().map(|m| m.rule.as_str()).collect::<Vec<_>>(),
+                    "policy_hash": request.policy_hash,
+                }),
+            ),
+        ];
+        match verdict.effect {
+            Effect::Allow => request.decide(
+                Status::Approved,
+                vec![by_policy.clone()],
+                verdict.reason.clone(),
+                at,
+            ),
+            Effect::Deny => {
+                let reason = verdict
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| match &verdict.rule {
+                        Some(rule) => format!("denied by policy rule {rule:?}"),
+                        None => "denied by the policy default".to_string(),
+                    });
+                request.decide(Status::Denied, vec![by_policy.clone()], Some(reason), at);
+            }
+            Effect::RequireApproval => {
+                let ttl = verdict.ttl.unwrap_or(Duration::from_secs(3600));
+                request.expires_at =
+                    Some(at + chrono::Duration::from_std(ttl).context("ttl out of range")?);
+            }
+        }
+        let mut outbox = Vec::new();
+        if request.status.is_final() {
+            audit.push(decided_event(&request, by_policy.as_str()));
+            outbox.extend(webhook_message(&request, at));
+        }
+        let response = serde_json::to_value(&request).context("serialising the request")?;
+        self.store
+            .insert_request(NewRequest {
+                request: &request,
+                audit,
+                outbox,
+                idempotency: key.map(|key| (key, response)),
+            })
+            .await?;
+        tracing::info!(request_id = %request.id, status = request.status.as_str(), "request submitted");
+        Ok(request)
+    }
+
+    /// The request, if `agent` made it: another agent's id is indistinguishable from none.
+    pub async fn request_for_agent(&self, agent: &str, id: &str) -> EngineResult<ApprovalRequest> {
+        match self.store.request(id).await? {
+            Some(request) if request.agent == agent => Ok(request),
+            _ => Err(EngineError::NotFound),
+        }
+    }
+
+    pub async fn request(&self, id: &str) -> EngineResult<ApprovalRequest> {
+        self.store.request(id).await?.ok_or(EngineError::NotFound)
+    }
+
+    /// Waits up to `timeout` for the request to leave pending; answers the moment a decision
+    /// commits in this process or is announced by another.
+    pub async fn wait_for_decision(
+        &self,
+        agent: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> EngineResult<ApprovalRequest> {
+        // Subscribe before reading, so a decision committed in between is not missed.
+        let mut subscription = self.waiters.subscribe(id);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut request = self.request_for_agent(agent, id).await?;
+            if request.is_overdue(now()) {
+                self.expire_request(id).await?;
+                request = self.request_for_agent(agent, id).await?;
+            }
+            if request.status.is_final() {
+                return Ok(request);
+            }
+            let wake_at = match request.expires_at {
+                Some(expiry) => deadline.min(instant_at(expiry)),
+                None => deadline,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(request);
+            }
+            tokio::select! {
+                _ = subscription.changed() => {}
+                _ = tokio::time::sleep_until(wake_at) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return self.request_for_agent(agent, id).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wakes local long-polls on `id`: its decision was committed (here or elsewhere).
+    pub fn announce_decision(&self, id: &str) {
+        self.waiters.wake(id);
+    }
+
+    pub async fn list_requests(&self, filter: RequestFilter) -> EngineResult<Vec<ApprovalRequest>> {
+        Ok(self.store.list_requests(&filter).await?)
+    }
+
+    /// Approve, deny or modify, under the rules of DESIGN §7.
+    #[instrument(skip_all, fields(request_id = %id, principal = %principal))]
+    pub async fn record_vote(
+        &self,
+        id: &str,
+        principal: &Principal,
+        vote: VoteRequest,
+    ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.request(id).await?;
+            let policy = self.policy();
+            let eligible = current
+                .tier
+                .as_deref()
+                .is_some_and(|tier| policy.is_approver(tier, principal));
+            let is_requester = current.on_behalf_of.as_ref() == Some(principal)
+                || self
+                    .store
+                    .agent(&current.agent)
+                    .await?
+                    .is_some_and(|agent| agent.owners.contains(principal));
+            let at = now();
+            let mut next = current.clone();
+            let effect = match plan_vote(
+                &mut next,
+                vote.clone(),
+                VoteContext {
+                    principal,
+                    eligible,
+                    is_requester,
+                    now: at,
+                },
+            ) {
+                Ok(effect) => effect,
+                Err(VoteRefusal::Expired) => {
+                    self.expire_request(id).await?;
+                    return Err(VoteRefusal::Expired.into());
+                }
+                Err(refusal) => return Err(refusal.into()),
+            };
+            next.version += 1;
+            let mut audit = Vec::new();
+            match &vote {
+                VoteRequest::Modify { note, .. } => audit.push(event(
+                    &next,
+                    at,
+                    "modified",
+                    principal.as_str(),
+                    json!({
+                        "revision": next.revision,
+                        "previous_args": current.args,
+                        "args": next.args,
+                        "action_hash": next.action_hash,
+                        "note": note,
+                    }),
+                )),
+                VoteRequest::Approve { note } => audit.push(event(
+                    &next,
+                    at,
+                    "vote",
+                    principal.as_str(),
+                    json!({
+                        "vote": "approve", "note": note, "revision": next.revision,
+                    }),
+                )),
+                VoteRequest::Deny { reason } => audit.push(event(
+                    &next,
+                    at,
+                    "vote",
+                    principal.as_str(),
+                    json!({
+                        "vote": "deny", "reason": reason.trim(), "revision": next.revision,
+                    }),
+                )),
+            }
+            let mut outbox = Vec::new();
+            if let VoteEffect::Decided(_) = effect {
+                audit.push(decided_event(&next, principal.as_str()));
+                outbox.extend(webhook_message(&next, at));
+            }
+            match self.commit_change(&current, &next, audit, outbox).await {
+                Ok(()) => return Ok((next, effect)),
+                Err(EngineError::Store(StoreError::Conflict(_))) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(too_contended())
+    }
+
+    /// The agent withdraws a pending request.
+    #[instrument(skip_all, fields(request_id = %id))]
+    pub async fn cancel_request(&self, agent: &str, id: &str) -> EngineResult<ApprovalRequest> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.request_for_agent(agent, id).await?;
+            if current.status != Status::Pending {
+                return Err(VoteRefusal::NotPending(current.status).into());
+            }
+            let at = now();
+            let actor = Principal::agent(agent);
+            let mut next = current.clone();
+            next.decide(
+                Status::Cancelled,
+                vec![actor.clone()],
+                Some("cancelled by the agent".into()),
+                at,
+            );
+            next.version += 1;
+            let audit = vec![event(&next, at, "cancelled", actor.as_str(), json!({}))];
+            let outbox = webhook_message(&next, at).into_iter().collect();
+            match self.commit_change(&current, &next, audit, outbox).await {
+                Ok(()) => return Ok(next),
+                Err(EngineError::Store(StoreError::Conflict(_))) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(too_contended())
+    }
+
+    /// The agent reports it executed an approved request: accepted once, which consumes the approval.
+    #[instrument(skip_all, fields(request_id = %id))]
+    pub async fn record_execution(
+        &self,
+        agent: &str,
+        id: &str,
+        outcome: ExecutionOutcome,
+        detail: Value,
+    ) -> EngineResult<ApprovalRequest> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.request_for_agent(agent, id).await?;
+            if current.status != Status::Approved {
+                return Err(EngineError::Conflict {
+                    code: "not_approved",
+                    message: format!(
+                        "only approved requests can be executed; this one is {}",
+                        current.status.as_str()
+                    ),
+                });
+            }
+            if current.executed.is_some() {
+                return Err(EngineError::Conflict {
+                    code: "already_executed",
+                    message: "this approval was already used".into(),
+                });
+            }
+            let at = now();
+            let mut next = current.clone();
+            next.executed = Some(Execution {
+                outcome,
+                detail: detail.clone(),
+                at,
+            });
+            next.version += 1;
+            let audit = vec![event(
+                &next,
+                at,
+                "executed",
+                Principal::agent(agent).as_str(),
+                json!({
+                    "outcome": outcome, "detail": detail, "action_hash": next.action_hash,
+                }),
+            )];
+            match self.commit_change(&current, &next, audit, Vec::new()).await {
+                Ok(()) => return Ok(next),
+                Err(EngineError::Store(StoreError::Conflict(_))) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(too_contended())
+    }
+
+    /// Expires `id` if it is pending past its expiry. Returns whether this call expired it.
+    #[instrument(skip_all, fields(request_id = %id))]
+    pub async fn expire_request(&self, id: &str) -> EngineResult<bool> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.request(id).await?;
+            let at = now();
+            if !current.is_overdue(at) {
+                return Ok(false);
+            }
+            let mut next = current.clone();
+            let reason = format!(
+                "no decision before {}",
+                current
+                    .expires_at
+                    .map(|expiry| expiry.to_rfc3339())
+                    .unwrap_or_default()
+            );
+            next.decide(
+                Status::Expired,
+                vec![Principal::system("expiry")],
+                Some(reason),
+                at,
+            );
+            next.version += 1;
+            let audit = vec![event(
+                &next,
+                at,
+                "expired",
+                "system:expiry",
+                json!({
+                    "expires_at": current.expires_at,
+                }),
+            )];
+            let outbox = webhook_message(&next, at).into_iter().collect();
+            match self.commit_change(&current, &next, audit, outbox).await {
+                Ok(()) => return Ok(true),
+                Err(EngineError::Store(StoreError::Conflict(_))) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(too_contended())
+    }
+
+    /// Expires every overdue pending request; returns how many this call expired.
+    pub async fn expire_overdue(&self) -> EngineResult<usize> {
+        let mut expired = 0;
+        loop {
+            let ids = self.store.overdue_request_ids(now(), 500).await?;
+            let batch = ids.len();
+            for id in ids {
+                if self.expire_request(&id).await? {
+                    expired += 1;
+                }
+            }
+            if batch < 500 {
+                return Ok(expired);
+            }
+        }
+    }
+
+    async fn commit_change(
+        &self,
+        current: &ApprovalRequest,
+        next: &ApprovalRequest,
+        audit: Vec<NewAuditEvent>,
+        outbox: Vec<NewOutboxMessage>,
+    ) -> EngineResult<()> {
+        self.store
+            .update_request(RequestChange {
+                request: next,
+                expected_status: current.status,
+                expected_revision: current.revision,
+                expected_version: current.version,
+                audit,
+                outbox,
+            })
+            .await?;
+        if next.status != current.status {
+            self.waiters.wake(&next.id);
+        }
+        Ok(())
+    }
+
+    // ---- audit --------------------------------------------------------------------------
+
+    /// Recomputes the whole chain; the first broken link is the error.
+    pub async fn verify_audit_chain(&self) -> EngineResult<Result<u64, ChainBreak>> {
+        let mut verifier = ChainVerifier::default();
+        let mut after = 0;
+        loop {
+            let events = self.store.audit_events(after, 1000).await?;
+            let Some(last) = events.last() else {
+                return Ok(Ok(verifier.verified()));
+            };
+            after = last.seq;
+            for event in &events {
+                if let Err(broken) = verifier.check(event) {
+                    return Ok(Err(broken));
+                }
+            }
+        }
+    }
+
+    /// Every audit event in order, page by page.
+    pub async fn export_audit(
+        &self,
+        mut write: impl FnMut(&AuditEvent) -> anyhow::Result<()>,
+    ) -> EngineResult<u64> {
+        let mut after = 0;
+        let mut written = 0;
+        loop {
+            let events = self.store.audit_events(after, 1000).await?;
+            let Some(last) = events.last() else {
+                return Ok(written);
+            };
+            after = last.seq;
+            for event in &events {
+                write(event)?;
+                written += 1;
+            }
+        }
+    }
+}
+
+/// Reads and compiles a policy file.
+pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
+    let source = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    Policy::parse(&source).map_err(|error: PolicyError| {
+        anyhow::anyhow!("policy {} is invalid:\n{error}", path.display())
+    })
+}
+
+pub fn hash_api_key(api_key: &str) -> String {
+    hex::encode(Sha256::digest(api_key.as_bytes()))
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    bytes
+}
+
+fn random_token(bytes: usize) -> String {
+    let mut buffer = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut buffer);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buffer)
+}
+
+fn too_contended() -> EngineError {
+    EngineError::Conflict {
+        code: "contended",
+        message: "the request changed too many times concurrently; retry".into(),
+    }
+}
+
+fn event(
+    request: &ApprovalRequest,
+    at: DateTime<Utc>,
+    kind: &'static str,
+    actor: &str,
+    payload: Value,
+) -> NewAuditEvent {
+    NewAuditEvent {
+        at,
+        request_id: Some(request.id.clone()),
+        kind,
+        actor: actor.to_string(),
+        payload,
+    }
+}
+
+fn decided_event(request: &ApprovalRequest, actor: &str) -> NewAuditEvent {
+    let decision = request.decision.as_ref();
+    event(
+        request,
+        decision.map_or_else(now, |decision| decision.at),
+        "decided",
+        actor,
+        json!({
+            "outcome": request.status,
+            "decision": decision,
+            "action_hash": request.action_hash,
+        }),
+    )
+}
+
+/// The webhook for a request that just became final, if the agent gave a callback URL.
+fn webhook_message(request: &ApprovalRequest, at: DateTime<Utc>) -> Option<NewOutboxMessage> {
+    let url = request.callback_url.as_ref()?;
+    let event_type = match request.status {
+        Status::Approved | Status::Denied => "request.decided",
+        Status::Expired => "request.expired",
+        Status::Cancelled => "request.cancelled",
+        Status::Pending => return None,
+    };
+    Some(NewOutboxMessage {
+        request_id: request.id.clone(),
+        kind: "webhook",
+        destination: url.clone(),
+        payload: json!({
+            "type": event_type,
+            "timestamp": at,
+            "data": request,
+        }),
+        available_at: at,
+    })
+}
+
+fn submission_hash(submission: &Submission) -> String {
+    let canonical = serde_json_canonicalizer::to_vec(submission).unwrap_or_default();
+    hex::encode(Sha256::digest(canonical))
+}
+
+fn validate_agent_name(name: &str) -> EngineResult<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(())
+    } else {
+        Err(EngineError::Invalid(format!(
+            "agent name {name:?} must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )))
+    }
+}
+
+fn validate_submission(submission: &Submission) -> EngineResult<()> {
+    let action = &submission.action;
+    if action.is_empty() || action.len() > 200 {
+        return Err(EngineError::Invalid(
+            "action must be 1 to 200 characters".into(),
+        ));
+    }
+    if !action
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-:/".contains(c))
+    {
+        return Err(EngineError::Invalid(format!(
+            "action {action:?} may contain only letters, digits and . _ - : /"
+        )));
+    }
+    if !submission.args.is_object() {
+        return Err(EngineError::Invalid("args must be a JSON object".into()));
+    }
+    if let Some(url) = &submission.callback_url {
+        validate_callback_url(url)?;
+    }
+    for link in &submission.context.links {
+        if !(link.starts_with("https://") || link.starts_with("http://")) {
+            return Err(EngineError::Invalid(format!(
+                "context link {link:?} is not an http(s) URL"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// https anywhere; plain http only to loopback (local receivers and tests).
+pub fn validate_callback_url(text: &str) -> EngineResult<()> {
+    let url = url::Url::parse(text).map_err(|error| {
+        EngineError::Invalid(format!("callback_url {text:?} is not a URL: {error}"))
+    })?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(domain)) => domain == "localhost",
+        Some(url::Host::Ipv4(address)) => address.is_loopback(),
+        Some(url::Host::Ipv6(address)) => address.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" if url.host().is_some() => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(EngineError::Invalid(format!(
+            "callback_url {text:?} must be https (plain http only to loopback addresses)"
+        ))),
+    }
+}
+
+fn instant_at(at: DateTime<Utc>) -> tokio::time::Instant {
+    let remaining = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + remaining
+}
+
+/// Long-polls waiting on a request, woken when its decision commits.
+#[derive(Clone, Default)]
+struct Waiters {
+    channels: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+}
+
+struct Subscription {
+    id: String,
+    receiver: Option<watch::Receiver<u64>>,
+    waiters: Waiters,
+}
+
+impl Waiters {
+    fn subscribe(&self, id: &str) -> Subscription {
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let receiver = channels
+            .entry(id.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        Subscription {
+            id: id.to_string(),
+            receiver: Some(receiver),
+            waiters: self.clone(),
+        }
+    }
+
+    fn wake(&self, id: &str) {
+        let channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(sender) = channels.get(id) {
+            sender.send_modify(|generation| *generation += 1);
+        }
+    }
+}
+
+impl Subscription {
+    async fn changed(&mut self) {
+        match self.receiver.as_mut() {
+            Some(receiver) => {
+                if receiver.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut channels = self
+            .waiters
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        drop(self.receiver.take());
+        if channels
+            .get(&self.id)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            channels.remove(&self.id);
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The one HTTP error type: a status, a stable code and a message, as `{"error":{"code","message"}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::domain::VoteRefusal;
+use crate::engine::EngineError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such request")
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "an internal error occurred; it has been logged",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<VoteRefusal> for ApiError {
+    fn from(refusal: VoteRefusal) -> Self {
+        let (status, code) = match &refusal {
+            VoteRefusal::NotPending(_) => (StatusCode::CONFLICT, "not_pending"),
+            VoteRefusal::Expired => (StatusCode::CONFLICT, "expired"),
+            VoteRefusal::Requester(_) => (StatusCode::FORBIDDEN, "requester_cannot_approve"),
+            VoteRefusal::NotEligible(..) => (StatusCode::FORBIDDEN, "not_an_approver"),
+            VoteRefusal::AlreadyApproved(_) => (StatusCode::CONFLICT, "already_voted"),
+            VoteRefusal::ReasonRequired => (StatusCode::BAD_REQUEST, "reason_required"),
+            VoteRefusal::ArgsNotObject => (StatusCode::BAD_REQUEST, "invalid_args"),
+            VoteRefusal::ArgsUnchanged => (StatusCode::BAD_REQUEST, "args_unchanged"),
+        };
+        Self::new(status, code, refusal.to_string())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::Invalid(message) => Self::bad_request("invalid_request", message),
+            EngineError::NotFound => Self::not_found(),
+            EngineError::Refused(refusal) => refusal.into(),
+            EngineError::Conflict { code, message } => {
+                Self::new(StatusCode::CONFLICT, code, message)
+            }
+            EngineError::Unprocessable { code, message } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            }
+            EngineError::Store(error) => {
+                tracing::error!(%error, "store error");
+                Self::internal()
+            }
+            EngineError::Internal(error) => {
+                tracing::error!(error = format!("{error:#}"), "internal error");
+                Self::internal()
+            }
+        }
+    }
+}

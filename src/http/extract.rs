@@ -1,0 +1,65 @@
+//! Extractors: the agent behind a Bearer key, and JSON bodies with our own error shape.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::{ApiError, AppState};
+use crate::store::AgentRecord;
+
+/// The agent whose API key authorised this request.
+pub struct AuthenticatedAgent(pub AgentRecord);
+
+impl FromRequestParts<AppState> for AuthenticatedAgent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))?;
+        let key = header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <api key>"))?;
+        match state.engine.authenticate_agent(key).await? {
+            Some(agent) => Ok(Self(agent)),
+            None => Err(ApiError::unauthorized("invalid or revoked API key")),
+        }
+    }
+}
+
+/// A JSON body, read within the body limit before parsing. The content type is not
+/// checked, so `curl -d` works as people expect.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::payload_too_large(state.config.max_body_bytes)
+                } else {
+                    ApiError::bad_request("invalid_body", rejection.body_text())
+                }
+            })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| match error.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::bad_request("invalid_request", error.to_string())
+        }
+        _ => ApiError::bad_request("invalid_json", format!("malformed JSON: {error}")),
+    })
+}

@@ -1,0 +1,286 @@
+//! The `signoff` command line: parse arguments, load config, call into the library.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use signoff::config::Config;
+use signoff::domain::VoteRequest;
+use signoff::{client, commands};
+
+#[derive(Parser)]
+#[command(name = "signoff", version, about = "Approval gateway for AI agents")]
+struct Cli {
+    /// Config file (TOML). Default: $SIGNOFF_CONFIG, else built-in defaults.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (applies migrations first).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Validate or explain a policy file.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Create, list and revoke agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// List pending requests.
+    Pending {
+        /// Print a JSON array of request objects.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one request as JSON.
+    Show { id: String },
+    /// Vote approve as an operator principal (e.g. cli:alice).
+    Approve {
+        id: String,
+        #[arg(long = "as", value_name = "PRINCIPAL")]
+        principal: String,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Vote deny; a reason is required.
+    Deny {
+        id: String,
+        #[arg(long = "as", value_name = "PRINCIPAL")]
+        principal: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Replace the args of a pending request (a new revision; counts as your approval).
+    Modify {
+        id: String,
+        #[arg(long = "as", value_name = "PRINCIPAL")]
+        principal: String,
+        /// The new args, a JSON object.
+        #[arg(long)]
+        args: String,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Verify or export the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Submit an action as an agent and wait for the outcome. Exit 0 approved, 2 denied,
+    /// 3 expired or cancelled, 4 still pending after --wait, 1 error.
+    Request {
+        #[arg(long, env = "SIGNOFF_URL")]
+        url: String,
+        #[arg(long, env = "SIGNOFF_API_KEY", hide_env_values = true)]
+        key: String,
+        #[arg(long)]
+        action: String,
+        /// JSON object.
+        #[arg(long)]
+        args: Option<String>,
+        /// JSON object: summary, reason, reversible, links.
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long, value_name = "PRINCIPAL")]
+        on_behalf_of: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// How long to wait for a decision: 30s, 5m, 1h or plain seconds. Default 0.
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy: exit 0, or 1 with every error naming rule and line.
+    Check { file: PathBuf },
+    /// Print the verdict and every matching rule as JSON.
+    Explain {
+        file: PathBuf,
+        #[arg(long)]
+        action: String,
+        #[arg(long)]
+        args: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        context: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Create an agent and print its API key and webhook secret once.
+    Add {
+        name: String,
+        /// A principal who owns the agent; owners may never approve its requests.
+        #[arg(long = "owner", value_name = "PRINCIPAL")]
+        owners: Vec<String>,
+    },
+    /// List agents.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent: its API key stops working at once.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain: exit 0 intact, 1 with the first bad sequence number.
+    Verify,
+    /// Print every event as JSON Lines.
+    Export,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Commands that need no config must not fail on a broken one.
+    match &cli.command {
+        Command::Policy(PolicyCommand::Check { file }) => return commands::policy_check(file),
+        Command::Policy(PolicyCommand::Explain {
+            file,
+            action,
+            args,
+            agent,
+            context,
+        }) => {
+            return commands::policy_explain(
+                file,
+                action,
+                args.as_deref(),
+                agent.as_deref(),
+                context.as_deref(),
+            )
+        }
+        Command::Request {
+            url,
+            key,
+            action,
+            args,
+            context,
+            on_behalf_of,
+            idempotency_key,
+            wait,
+        } => {
+            init_logging(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            let wait = match wait {
+                Some(text) => parse_wait(text)?,
+                None => Duration::ZERO,
+            };
+            let request = client::submit_and_wait(client::ClientRequest {
+                url: url.clone(),
+                key: key.clone(),
+                action: action.clone(),
+                args: commands::parse_json_object("--args", args.as_deref())?,
+                context: commands::parse_json_object("--context", context.as_deref())?,
+                on_behalf_of: on_behalf_of.clone(),
+                idempotency_key: idempotency_key.clone(),
+                wait,
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&request)?);
+            return Ok(ExitCode::from(commands::request_exit_code(&request)));
+        }
+        _ => {}
+    }
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(format) = cli.log_format {
+        config.log_format = format;
+    }
+    let default_level = if matches!(cli.command, Command::Serve) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(&config.log_format, default_level);
+    match cli.command {
+        Command::Serve => commands::serve(config).await,
+        Command::Migrate => commands::migrate(config).await,
+        Command::Agents(AgentsCommand::Add { name, owners }) => {
+            commands::agents_add(config, &name, &owners).await
+        }
+        Command::Agents(AgentsCommand::List { json }) => commands::agents_list(config, json).await,
+        Command::Agents(AgentsCommand::Revoke { name }) => {
+            commands::agents_revoke(config, &name).await
+        }
+        Command::Pending { json } => commands::pending(config, json).await,
+        Command::Show { id } => commands::show(config, &id).await,
+        Command::Approve {
+            id,
+            principal,
+            note,
+        } => commands::vote(config, &id, &principal, VoteRequest::Approve { note }).await,
+        Command::Deny {
+            id,
+            principal,
+            reason,
+        } => commands::vote(config, &id, &principal, VoteRequest::Deny { reason }).await,
+        Command::Modify {
+            id,
+            principal,
+            args,
+            note,
+        } => {
+            let args = commands::parse_json_object("--args", Some(&args))?;
+            commands::vote(config, &id, &principal, VoteRequest::Modify { args, note }).await
+        }
+        Command::Audit(AuditCommand::Verify) => commands::audit_verify(config).await,
+        Command::Audit(AuditCommand::Export) => commands::audit_export(config).await,
+        Command::Policy(_) | Command::Request { .. } => unreachable!("handled above"),
+    }
+}
+
+/// `30s`, `5m`, `1h`, or a plain number of seconds.
+fn parse_wait(text: &str) -> anyhow::Result<Duration> {
+    if let Ok(seconds) = text.parse::<f64>() {
+        if seconds.is_finite() && seconds >= 0.0 {
+            return Ok(Duration::from_secs_f64(seconds));
+        }
+    }
+    humantime::parse_duration(text).map_err(|error| {
+        anyhow::anyhow!("--wait {text:?} is not a duration like 30s or 5m: {error}")
+    })
+}
+
+fn init_logging(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,268 @@
+//! The YAML policy: parsed and compiled once, then evaluated per action — pure, no I/O.
+
+mod compile;
+mod condition;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use globset::GlobSet;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::domain::Principal;
+
+pub use compile::{PolicyError, PolicyIssue};
+use condition::Condition;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    // Declared in precedence order: a later variant beats an earlier one.
+    Allow,
+    RequireApproval,
+    Deny,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::RequireApproval => "require_approval",
+            Effect::Deny => "deny",
+        }
+    }
+}
+
+/// A compiled policy. Cheap to share behind an `Arc`; replaced whole on reload.
+#[derive(Debug)]
+pub struct Policy {
+    hash: String,
+    default_effect: Effect,
+    default_tier: Option<usize>,
+    tiers: Vec<Tier>,
+    rules: Vec<Rule>,
+    /// Every rule's globs in one set; `pattern_rule[i]` is the rule of pattern `i`.
+    patterns: GlobSet,
+    pattern_rule: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub struct Tier {
+    pub name: String,
+    pub route: Vec<String>,
+    pub approvers: Approvers,
+    pub approvals: u32,
+    pub ttl: Duration,
+    pub remind_after: Option<Duration>,
+    pub escalate_after: Option<Duration>,
+    pub escalate_to: Vec<String>,
+}
+
+/// Who may vote in a tier, with groups already expanded.
+#[derive(Debug, Default)]
+pub struct Approvers {
+    pub principals: HashSet<String>,
+    /// `slack-group:S…` entries, resolved to members by the Slack channel.
+    pub slack_groups: Vec<String>,
+}
+
+impl Approvers {
+    pub fn contains(&self, principal: &Principal) -> bool {
+        self.principals.contains(principal.as_str())
+    }
+}
+
+#[derive(Debug)]
+struct Rule {
+    name: String,
+    line: u64,
+    agents: Vec<String>,
+    condition: Option<Condition>,
+    effect: Effect,
+    tier: Option<usize>,
+    reason: Option<String>,
+}
+
+/// What an action is evaluated on.
+#[derive(Clone, Copy, Debug)]
+pub struct EvaluationInput<'a> {
+    pub action: &'a str,
+    pub args: &'a Value,
+    pub agent: &'a str,
+    pub context: &'a Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Verdict {
+    /// allow, require_approval or deny.
+    #[serde(rename = "verdict")]
+    pub effect: Effect,
+    /// The tier for require_approval.
+    pub tier: Option<String>,
+    /// The deciding rule; `None` when the default applied.
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    pub approvals_required: u32,
+    /// Time to live of a pending request, from the tier.
+    #[serde(skip)]
+    pub ttl: Option<Duration>,
+    /// Every rule that matched, in file order.
+    pub matches: Vec<RuleMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleMatch {
+    pub rule: String,
+    pub line: u64,
+    pub effect: Effect,
+    pub tier: Option<String>,
+    /// How the `when` condition came out.
+    pub condition: ConditionResult,
+    /// Why the condition could not be evaluated, when it failed closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub condition_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditionResult {
+    /// The rule has no `when`.
+    None,
+    True,
+    /// Evaluation failed and the rule counts as matched (deny / require_approval fail closed).
+    ErrorFailedClosed,
+}
+
+impl Verdict {
+    /// The verdict as `policy explain` and `/v1/check` print it: `verdict` (also as
+    /// `effect`), tier, deciding rule, reason, quorum, every match and the policy hash.
+    pub fn explain(&self, policy_hash: &str) -> serde_json::Value {
+        let mut answer = serde_json::json!(self);
+        answer["effect"] = answer["verdict"].clone();
+        answer["policy_hash"] = serde_json::json!(policy_hash);
+        answer
+    }
+}
+
+impl Policy {
+    /// Parses and validates policy YAML; every problem is reported, each with its line.
+    pub fn parse(source: &str) -> Result<Policy, PolicyError> {
+        compile::compile(source)
+    }
+
+    /// `sha256:<hex>` of the policy file as written; recorded on every request.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    pub fn tier(&self, name: &str) -> Option<&Tier> {
+        self.tiers.iter().find(|tier| tier.name == name)
+    }
+
+    pub fn tiers(&self) -> &[Tier] {
+        &self.tiers
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Is `principal` an approver of `tier` (directly or through a group)?
+    pub fn is_approver(&self, tier: &str, principal: &Principal) -> bool {
+        self.tier(tier)
+            .is_some_and(|tier| tier.approvers.contains(principal))
+    }
+
+    /// Deny beats require_approval beats allow; the highest tier wins among approvals;
+    /// nothing matching means the default.
+    pub fn evaluate(&self, input: EvaluationInput<'_>) -> Verdict {
+        let mut candidates = Vec::new();
+        self.patterns.matches_into(input.action, &mut candidates);
+        let mut rule_indexes: Vec<usize> = candidates
+            .iter()
+            .map(|&pattern| self.pattern_rule[pattern])
+            .collect();
+        rule_indexes.sort_unstable();
+        rule_indexes.dedup();
+
+        let mut variables = None;
+        let mut matches = Vec::new();
+        let mut deciding: Option<&Rule> = None;
+        for index in rule_indexes {
+            let rule = &self.rules[index];
+            if !rule.agents.is_empty() && !rule.agents.iter().any(|agent| agent == input.agent) {
+                continue;
+            }
+            let (condition, condition_error) = match &rule.condition {
+                None => (ConditionResult::None, None),
+                Some(condition) => {
+                    let variables =
+                        variables.get_or_insert_with(|| condition::Variables::new(&input));
+                    match condition.evaluate(variables) {
+                        Ok(true) => (ConditionResult::True, None),
+                        Ok(false) => continue,
+                        // Fail closed: an unevaluable condition never grants, always restricts.
+                        Err(_) if rule.effect == Effect::Allow => continue,
+                        Err(error) => (ConditionResult::ErrorFailedClosed, Some(error)),
+                    }
+                }
+            };
+            matches.push(RuleMatch {
+                rule: rule.name.clone(),
+                line: rule.line,
+                effect: rule.effect,
+                tier: rule.tier.map(|tier| self.tiers[tier].name.clone()),
+                condition,
+                condition_error,
+            });
+            if deciding.is_none_or(|current| self.outranks(rule, current)) {
+                deciding = Some(rule);
+            }
+        }
+
+        let (effect, tier, rule, reason) = match deciding {
+            Some(rule) => (
+                rule.effect,
+                self.effective_tier(rule.effect, rule.tier),
+                Some(rule.name.clone()),
+                rule.reason.clone(),
+            ),
+            None => (
+                self.default_effect,
+                self.effective_tier(self.default_effect, None),
+                None,
+                None,
+            ),
+        };
+        let tier = tier.map(|index| &self.tiers[index]);
+        Verdict {
+            effect,
+            tier: tier.map(|tier| tier.name.clone()),
+            rule,
+            reason,
+            approvals_required: tier.map_or(0, |tier| tier.approvals),
+            ttl: tier.map(|tier| tier.ttl),
+            matches,
+        }
+    }
+
+    fn effective_tier(&self, effect: Effect, tier: Option<usize>) -> Option<usize> {
+        (effect == Effect::RequireApproval)
+            .then(|| tier.or(self.default_tier))
+            .flatten()
+    }
+
+    /// Does `candidate` decide over `current`? Earlier rules win ties.
+    fn outranks(&self, candidate: &Rule, current: &Rule) -> bool {
+        if candidate.effect != current.effect {
+            return candidate.effect > current.effect;
+        }
+        candidate.effect == Effect::RequireApproval
+            && self.effective_tier(candidate.effect, candidate.tier)
+                > self.effective_tier(current.effect, current.tier)
+    }
+}
+
+#[cfg(test)]
+mod tests;

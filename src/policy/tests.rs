@@ -1,0 +1,444 @@
+//! Table-driven tests of policy parsing, validation and evaluation.
+
+use serde_json::{json, Value};
+
+use super::*;
+
+const POLICY: &str = r#"version: 1
+default: deny
+default_tier: medium
+groups:
+  sre: ["slack:U01AAAA", "email:ops@example.com", "slack-group:S01BBBB", "cli:alice"]
+  finance: ["slack:U02CCCC", "cli:bob"]
+tiers:
+  low:
+    route: ["slack:C0LOW"]
+    approvers: ["group:sre"]
+    ttl: 10m
+  medium:
+    route: ["slack:C0MEDIUM"]
+    approvers: ["group:sre"]
+    approvals: 1
+    ttl: 30m
+  high:
+    route: ["slack:C0HIGH", "teams:19:abc"]
+    approvers: ["group:sre", "group:finance"]
+    approvals: 2
+    ttl: 1h
+    remind_after: 15m
+    escalate_after: 30m
+    escalate_to: ["slack:C0ONCALL"]
+rules:
+  - name: read-only
+    match: ["*.get", "*.list", "search_*"]
+    effect: allow
+  - name: small-refund
+    match: "payments.refund"
+    when: "args.amount <= 100"
+    effect: allow
+  - name: large-refund
+    match: ["payments.refund"]
+    agents: ["finance-bot"]
+    when: "args.amount > 100"
+    effect: require_approval
+    tier: high
+  - name: any-refund-other-agent
+    match: ["payments.refund"]
+    agents: ["support-bot"]
+    effect: require_approval
+    tier: low
+  - name: email
+    match: ["email.send"]
+    when: "args.to.endsWith('@example.com') == false"
+    effect: require_approval
+  - name: vip-customer
+    match: ["crm.*"]
+    when: "context.customer.tier == 'vip'"
+    effect: require_approval
+    tier: high
+  - name: crm-low
+    match: ["crm.*"]
+    effect: require_approval
+    tier: low
+  - name: no-drop
+    match: ["db.drop_*"]
+    effect: deny
+    reason: "Dropping tables is never allowed"
+  - name: db-reads
+    match: ["db.*"]
+    effect: allow
+"#;
+
+fn policy() -> Policy {
+    Policy::parse(POLICY).unwrap_or_else(|error| panic!("example policy invalid:\n{error}"))
+}
+
+fn evaluate(policy: &Policy, action: &str, args: Value, agent: &str, context: Value) -> Verdict {
+    policy.evaluate(EvaluationInput {
+        action,
+        args: &args,
+        agent,
+        context: &context,
+    })
+}
+
+#[test]
+fn evaluation_table() {
+    let policy = policy();
+    // (action, args, agent, context, effect, tier, deciding rule)
+    let table: Vec<(&str, Value, &str, Value, Effect, Option<&str>, Option<&str>)> = vec![
+        (
+            "users.get",
+            json!({}),
+            "any",
+            json!({}),
+            Effect::Allow,
+            None,
+            Some("read-only"),
+        ),
+        (
+            "search_docs",
+            json!({}),
+            "any",
+            json!({}),
+            Effect::Allow,
+            None,
+            Some("read-only"),
+        ),
+        // Nothing matches: the default.
+        (
+            "users.delete",
+            json!({}),
+            "any",
+            json!({}),
+            Effect::Deny,
+            None,
+            None,
+        ),
+        // Numeric CEL both ways, agent filter applies.
+        (
+            "payments.refund",
+            json!({"amount": 50}),
+            "finance-bot",
+            json!({}),
+            Effect::Allow,
+            None,
+            Some("small-refund"),
+        ),
+        (
+            "payments.refund",
+            json!({"amount": 2000}),
+            "finance-bot",
+            json!({}),
+            Effect::RequireApproval,
+            Some("high"),
+            Some("large-refund"),
+        ),
+        (
+            "payments.refund",
+            json!({"amount": 150.5}),
+            "finance-bot",
+            json!({}),
+            Effect::RequireApproval,
+            Some("high"),
+            Some("large-refund"),
+        ),
+        // Agent filter excludes large-refund; nothing else matches -> default deny.
+        (
+            "payments.refund",
+            json!({"amount": 2000}),
+            "other-bot",
+            json!({}),
+            Effect::Deny,
+            None,
+            None,
+        ),
+        // require_approval beats allow.
+        (
+            "payments.refund",
+            json!({"amount": 50}),
+            "support-bot",
+            json!({}),
+            Effect::RequireApproval,
+            Some("low"),
+            Some("any-refund-other-agent"),
+        ),
+        // Missing field: allow fails closed (not matched), require_approval fails closed (matched).
+        (
+            "payments.refund",
+            json!({}),
+            "finance-bot",
+            json!({}),
+            Effect::RequireApproval,
+            Some("high"),
+            Some("large-refund"),
+        ),
+        // Type error: a string amount cannot be compared with a number.
+        (
+            "payments.refund",
+            json!({"amount": "lots"}),
+            "finance-bot",
+            json!({}),
+            Effect::RequireApproval,
+            Some("high"),
+            Some("large-refund"),
+        ),
+        // String function in CEL; rule without tier uses default_tier.
+        (
+            "email.send",
+            json!({"to": "x@evil.test"}),
+            "any",
+            json!({}),
+            Effect::RequireApproval,
+            Some("medium"),
+            Some("email"),
+        ),
+        (
+            "email.send",
+            json!({"to": "x@example.com"}),
+            "any",
+            json!({}),
+            Effect::Deny,
+            None,
+            None,
+        ),
+        // Nested context field; the highest tier wins among approvals.
+        (
+            "crm.update",
+            json!({}),
+            "any",
+            json!({"customer": {"tier": "vip"}}),
+            Effect::RequireApproval,
+            Some("high"),
+            Some("vip-customer"),
+        ),
+        (
+            "crm.update",
+            json!({}),
+            "any",
+            json!({"customer": {"tier": "basic"}}),
+            Effect::RequireApproval,
+            Some("low"),
+            Some("crm-low"),
+        ),
+        // Deny beats allow, with its reason.
+        (
+            "db.drop_users",
+            json!({}),
+            "any",
+            json!({}),
+            Effect::Deny,
+            None,
+            Some("no-drop"),
+        ),
+        (
+            "db.select",
+            json!({}),
+            "any",
+            json!({}),
+            Effect::Allow,
+            None,
+            Some("db-reads"),
+        ),
+    ];
+    for (action, args, agent, context, effect, tier, rule) in table {
+        let verdict = evaluate(&policy, action, args.clone(), agent, context);
+        assert_eq!(
+            (
+                verdict.effect,
+                verdict.tier.as_deref(),
+                verdict.rule.as_deref()
+            ),
+            (effect, tier, rule),
+            "{action} {args} by {agent}: {verdict:#?}"
+        );
+    }
+}
+
+#[test]
+fn verdict_carries_reason_quorum_and_all_matches() {
+    let policy = policy();
+    let verdict = evaluate(&policy, "db.drop_users", json!({}), "a", json!({}));
+    assert_eq!(
+        verdict.reason.as_deref(),
+        Some("Dropping tables is never allowed")
+    );
+    let names: Vec<&str> = verdict.matches.iter().map(|m| m.rule.as_str()).collect();
+    assert_eq!(names, vec!["no-drop", "db-reads"]);
+
+    let verdict = evaluate(
+        &policy,
+        "payments.refund",
+        json!({"amount": 500}),
+        "finance-bot",
+        json!({}),
+    );
+    assert_eq!(verdict.approvals_required, 2);
+    assert_eq!(verdict.ttl, Some(std::time::Duration::from_secs(3600)));
+
+    let verdict = evaluate(
+        &policy,
+        "payments.refund",
+        json!({}),
+        "finance-bot",
+        json!({}),
+    );
+    assert_eq!(
+        verdict.matches[0].condition,
+        ConditionResult::ErrorFailedClosed
+    );
+    assert!(verdict.matches[0].condition_error.is_some());
+}
+
+#[test]
+fn default_effects() {
+    for (default, effect, tier) in [
+        ("allow", Effect::Allow, None),
+        ("deny", Effect::Deny, None),
+        ("require_approval", Effect::RequireApproval, Some("t")),
+    ] {
+        let source = format!(
+            "version: 1\ndefault: {default}\ndefault_tier: t\ntiers:\n  t:\n    approvers: [\"cli:a\"]\n"
+        );
+        let policy = Policy::parse(&source).unwrap();
+        let verdict = evaluate(&policy, "anything", json!({}), "a", json!({}));
+        assert_eq!(
+            (verdict.effect, verdict.tier.as_deref(), verdict.rule),
+            (effect, tier, None)
+        );
+    }
+}
+
+#[test]
+fn approvers_expand_groups() {
+    let policy = policy();
+    let approver = |tier: &str, who: &str| policy.is_approver(tier, &who.parse().unwrap());
+    assert!(approver("medium", "cli:alice"));
+    assert!(approver("medium", "email:OPS@example.com"));
+    assert!(!approver("medium", "cli:bob"));
+    assert!(approver("high", "cli:bob"));
+    assert!(!approver("nonexistent", "cli:alice"));
+    assert_eq!(
+        policy.tier("high").unwrap().approvers.slack_groups,
+        vec!["slack-group:S01BBBB"]
+    );
+    assert!(policy.hash().starts_with("sha256:"));
+}
+
+/// Each broken policy must be refused with a message naming the rule (where there is one)
+/// and the line.
+#[test]
+fn validation_errors() {
+    let table: Vec<(&str, &str, Option<&str>, u64, &str)> = vec![
+        (
+            "unknown key in a rule",
+            "version: 1\nrules:\n  - name: r1\n    match: [\"a\"]\n    effect: allow\n  - name: r2\n    match: [\"b\"]\n    efect: deny\n",
+            Some("r2"), 8, "unknown field",
+        ),
+        (
+            "unknown top-level key",
+            "version: 1\nrulez: []\n",
+            None, 2, "unknown field",
+        ),
+        (
+            "unknown tier",
+            "version: 1\nrules:\n  - name: r1\n    match: [\"a\"]\n    effect: require_approval\n    tier: hgih\n",
+            Some("r1"), 3, "unknown tier \"hgih\"",
+        ),
+        (
+            "unknown group",
+            "version: 1\ntiers:\n  t:\n    approvers: [\"group:nope\"]\n",
+            None, 4, "unknown group \"nope\"",
+        ),
+        (
+            "bad glob",
+            "version: 1\nrules:\n  - name: r1\n    match: [\"a[\"]\n    effect: allow\n",
+            Some("r1"), 3, "bad glob",
+        ),
+        (
+            "CEL that does not compile",
+            "version: 1\nrules:\n  - name: r1\n    match: [\"a\"]\n    when: \"args.amount >\"\n    effect: allow\n",
+            Some("r1"), 3, "does not compile",
+        ),
+        (
+            "CEL with unknown variable",
+            "version: 1\nrules:\n  - name: r1\n    match: [\"a\"]\n    when: \"amount > 1\"\n    effect: allow\n",
+            Some("r1"), 3, "unknown variable(s) amount",
+        ),
+        (
+            "unknown effect",
+            "version: 1\nrules:\n  - name: r1\n    match: [\"a\"]\n    effect: maybe\n",
+            Some("r1"), 3, "unknown effect",
+        ),
+        (
+            "require_approval without any tier",
+            "version: 1\nrules:\n  - name: r1\n    match: [\"a\"]\n    effect: require_approval\n",
+            Some("r1"), 3, "needs a `tier`",
+        ),
+        (
+            "duplicate rule name",
+            "version: 1\nrules:\n  - name: r1\n    match: [\"a\"]\n    effect: allow\n  - name: r1\n    match: [\"b\"]\n    effect: allow\n",
+            Some("r1"), 6, "duplicate rule name",
+        ),
+        (
+            "bad principal in group",
+            "version: 1\ngroups:\n  g: [\"alice\"]\n",
+            None, 3, "kind:identifier",
+        ),
+        (
+            "bad ttl",
+            "version: 1\ntiers:\n  t:\n    approvers: [\"cli:a\"]\n    ttl: soon\n",
+            None, 4, "ttl \"soon\"",
+        ),
+        (
+            "quorum larger than the approvers",
+            "version: 1\ntiers:\n  t:\n    approvers: [\"cli:a\"]\n    approvals: 2\n",
+            None, 4, "approvals is 2",
+        ),
+        (
+            "bad route",
+            "version: 1\ntiers:\n  t:\n    approvers: [\"cli:a\"]\n    route: [\"C0123\"]\n",
+            None, 4, "route destination",
+        ),
+        (
+            "unknown default_tier",
+            "version: 1\ndefault_tier: nope\n",
+            None, 2, "default_tier \"nope\"",
+        ),
+        (
+            "wrong version",
+            "version: 2\n",
+            None, 1, "unsupported version",
+        ),
+        (
+            "escalation without destination",
+            "version: 1\ntiers:\n  t:\n    approvers: [\"cli:a\"]\n    escalate_after: 5m\n",
+            None, 4, "escalate_after needs escalate_to",
+        ),
+        (
+            "tier on an allow rule",
+            "version: 1\ntiers:\n  t:\n    approvers: [\"cli:a\"]\nrules:\n  - name: r1\n    match: a\n    effect: allow\n    tier: t\n",
+            Some("r1"), 6, "only applies to require_approval",
+        ),
+    ];
+    for (name, source, rule, line, message) in table {
+        let error = Policy::parse(source).expect_err(name);
+        let issue = error
+            .issues
+            .iter()
+            .find(|issue| issue.message.contains(message))
+            .unwrap_or_else(|| panic!("{name}: no issue mentions {message:?}: {error}"));
+        assert_eq!(issue.rule.as_deref(), rule, "{name}: {error}");
+        assert_eq!(issue.line, Some(line), "{name}: {error}");
+    }
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let source = "version: 1\nrules:\n  - name: r1\n    match: [\"a[\"]\n    effect: allow\n  - name: r2\n    match: [\"b\"]\n    effect: require_approval\n    tier: nope\n";
+    let error = Policy::parse(source).unwrap_err();
+    assert_eq!(error.issues.len(), 2, "{error}");
+    let printed = error.to_string();
+    assert!(printed.contains("line 3: rule \"r1\""), "{printed}");
+    assert!(printed.contains("line 6: rule \"r2\""), "{printed}");
+}

@@ -1,0 +1,102 @@
+//! Assembles a running process: store (migrated), policy, engine, router and background workers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::engine::{load_policy, Engine};
+use crate::http::{router, AppState};
+use crate::store;
+
+/// Opens and migrates the database and loads the policy: what every command that decides needs.
+pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
+    let policy = load_policy(&config.policy)?;
+    let store = store::connect(config).await?;
+    store
+        .migrate()
+        .await
+        .context("applying database migrations")?;
+    Ok(Engine::new(store, policy))
+}
+
+/// A server listening and its background workers.
+pub struct RunningServer {
+    address: SocketAddr,
+    engine: Engine,
+    config: Arc<Config>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Binds `config.listen` (port 0 picks a free port), migrates, and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let engine = build_engine(&config).await?;
+        let listener = TcpListener::bind(config.listen_address()?)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let address = listener.local_addr()?;
+        let config = Arc::new(config);
+        let (shutdown, shutdown_signal) = watch::channel(false);
+        let state = AppState {
+            engine: engine.clone(),
+            config: config.clone(),
+        };
+        let app = router(state);
+        let mut http_shutdown = shutdown_signal.clone();
+        let http = tokio::spawn(async move {
+            let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|stop| *stop).await;
+            });
+            if let Err(error) = serving.await {
+                tracing::error!(%error, "HTTP server failed");
+            }
+        });
+        let sweeper = tokio::spawn(crate::sweeper::run_sweeper(
+            engine.clone(),
+            config.sweep_interval(),
+            shutdown_signal.clone(),
+        ));
+        let watcher = tokio::spawn(crate::watcher::run_decision_watcher(
+            engine.clone(),
+            config.watch_interval(),
+            shutdown_signal,
+        ));
+        tracing::info!(%address, policy_hash = engine.policy().hash(), "signoff listening");
+        Ok(Self {
+            address,
+            engine,
+            config,
+            shutdown,
+            tasks: vec![http, sweeper, watcher],
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn reload_policy(&self) -> anyhow::Result<()> {
+        self.engine.reload_policy(&self.config.policy).map(|_| ())
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `grace`), stops the workers
+    /// between rows.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let all = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("shutdown grace period over; abandoning unfinished work");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Durable state: the `Store` trait and its SQLite and PostgreSQL implementations (all SQL lives here).
+
+mod postgres;
+mod shared;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::audit::{AuditEvent, NewAuditEvent};
+use crate::config::Config;
+use crate::domain::{ApprovalRequest, Principal, Status};
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A compare-and-set lost, or a unique key is taken.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A stream of request ids whose decisions were committed elsewhere.
+pub type Notifications = futures::stream::BoxStream<'static, String>;
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub name: String,
+    /// SHA-256 of the API key; the key itself is never stored.
+    pub api_key_hash: String,
+    /// Needed in the clear to sign webhooks.
+    pub webhook_secret: String,
+    pub owners: Vec<Principal>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for AgentRecord {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("AgentRecord")
+            .field("name", &self.name)
+            .field("owners", &self.owners)
+            .field("created_at", &self.created_at)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message for the outbox worker (chat card, webhook), written with the change that causes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewOutboxMessage {
+    pub request_id: String,
+    pub kind: &'static str,
+    pub destination: String,
+    pub payload: Value,
+    pub available_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxMessage {
+    pub id: i64,
+    pub request_id: String,
+    pub kind: String,
+    pub destination: String,
+    pub payload: Value,
+    pub attempts: i32,
+}
+
+/// A stored request changes only through this: compare-and-set on (id, status, revision,
+/// version), together with its audit events and outbox messages, in one transaction.
+#[derive(Debug)]
+pub struct RequestChange<'a> {
+    /// The new state; its `version` must be `expected_version + 1`.
+    pub request: &'a ApprovalRequest,
+    pub expected_status: Status,
+    pub expected_revision: u32,
+    pub expected_version: i64,
+    pub audit: Vec<NewAuditEvent>,
+    pub outbox: Vec<NewOutboxMessage>,
+}
+
+/// What reserving an Idempotency-Key found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reservation {
+    /// The key is ours now; complete it with the insert or release it.
+    Reserved,
+    /// Another request with this key is being processed.
+    InFlight { body_hash: String },
+    /// Already answered: the stored response.
+    Completed { body_hash: String, response: Value },
+}
+
+#[derive(Clone, Debug)]
+pub struct IdempotencyKey {
+    pub agent: String,
+    pub key: String,
+    pub body_hash: String,
+}
+
+/// A request's creation: the row, its audit events, outbox messages and the answer kept
+/// for its Idempotency-Key, in one transaction.
+#[derive(Debug)]
+pub struct NewRequest<'a> {
+    pub request: &'a ApprovalRequest,
+    pub audit: Vec<NewAuditEvent>,
+    pub outbox: Vec<NewOutboxMessage>,
+    pub idempotency: Option<(&'a IdempotencyKey, Value)>,
+}
+
+/// Which requests to list.
+#[derive(Clone, Debug, Default)]
+pub struct RequestFilter {
+    pub status: Option<Status>,
+    pub agent: Option<String>,
+    pub limit: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+    /// A trivial query, for readiness.
+    async fn ping(&self) -> StoreResult<()>;
+
+    async fn create_agent(&self, agent: &AgentRecord, audit: NewAuditEvent) -> StoreResult<()>;
+    async fn agent_by_key_hash(&self, api_key_hash: &str) -> StoreResult<Option<AgentRecord>>;
+    async fn agent(&self, name: &str) -> StoreResult<Option<AgentRecord>>;
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
+    /// Returns false when no active agent has that name.
+    async fn revoke_agent(&self, name: &str, audit: NewAuditEvent) -> StoreResult<bool>;
+
+    async fn insert_request(&self, new: NewRequest<'_>) -> StoreResult<()>;
+    async fn request(&self, id: &str) -> StoreResult<Option<ApprovalRequest>>;
+    /// `Err(Conflict)` when the stored request is no longer at the expected state.
+    async fn update_request(&self, change: RequestChange<'_>) -> StoreResult<()>;
+    async fn list_requests(&self, filter: &RequestFilter) -> StoreResult<Vec<ApprovalRequest>>;
+    /// Pending requests whose `expires_at` has passed, oldest first.
+    async fn overdue_request_ids(&self, now: DateTime<Utc>, limit: i64)
+        -> StoreResult<Vec<String>>;
+
+    async fn reserve_idempotency_key(
+        &self,
+        key: &IdempotencyKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Reservation>;
+    async fn release_idempotency_key(&self, key: &IdempotencyKey) -> StoreResult<()>;
+
+    /// Audit events with `seq > after`, in order, at most `limit`.
+    async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>>;
+    /// Requests that became final after audit seq `after`, and the highest seq seen.
+    async fn finalized_since(&self, after: i64) -> StoreResult<(Vec<String>, i64)>;
+    async fn latest_audit_seq(&self) -> StoreResult<i64>;
+
+    /// Request ids pushed the moment another process commits a decision (PostgreSQL
+    /// LISTEN/NOTIFY); `None` where the backend has no such channel and must be polled.
+    async fn finalized_notifications(&self) -> StoreResult<Option<Notifications>>;
+
+    /// Outbox messages not yet delivered, for operators and tests.
+    async fn undelivered_outbox(&self, limit: i64) -> StoreResult<Vec<OutboxMessage>>;
+}
+
+/// Opens the database named by the config; does not migrate.
+pub async fn connect(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let url = config.database_url.expose();
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(config).await?))
+    } else {
+        Ok(Arc::new(PostgresStore::connect(config).await?))
+    }
+}

@@ -1,0 +1,554 @@
+//! The SQL both backends share: both accept `$N` placeholders and the same column types
+//! through sqlx, so one implementation is instantiated per backend by `implement_store!`.
+//! Each backend supplies `begin_write` (how writers serialise) and `notify_finalized`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::domain::ApprovalRequest;
+
+use super::StoreError;
+
+/// Audit kinds that mean a request became final; the decision watcher looks for these.
+pub(super) const FINAL_KINDS: [&str; 3] = ["decided", "expired", "cancelled"];
+
+/// How a request sits in the `body` column: the API object plus what the API does not show.
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredRequest {
+    #[serde(flatten)]
+    pub request: ApprovalRequest,
+    pub original_args: Value,
+}
+
+impl StoredRequest {
+    pub fn from_request(request: &ApprovalRequest) -> Self {
+        Self {
+            request: request.clone(),
+            original_args: request.original_args.clone(),
+        }
+    }
+
+    pub fn into_request(self, version: i64) -> ApprovalRequest {
+        let mut request = self.request;
+        request.original_args = self.original_args;
+        request.version = version;
+        request
+    }
+}
+
+/// Unique-key violations become `Conflict`; everything else stays a database error.
+pub(super) fn conflict_on_unique(error: sqlx::Error, what: &str) -> StoreError {
+    match &error {
+        sqlx::Error::Database(database) if database.is_unique_violation() => {
+            StoreError::Conflict(what.to_string())
+        }
+        _ => StoreError::Database(error),
+    }
+}
+
+/// In-flight Idempotency-Key reservations older than this are taken over: their owner died.
+pub(super) const ABANDONED_RESERVATION: chrono::Duration = chrono::Duration::seconds(60);
+
+macro_rules! implement_store {
+    ($store:ty, $database:ty) => {
+        impl $store {
+            async fn append_audit(
+                transaction: &mut sqlx::Transaction<'_, $database>,
+                events: Vec<$crate::audit::NewAuditEvent>,
+            ) -> $crate::store::StoreResult<()> {
+                if events.is_empty() {
+                    return Ok(());
+                }
+                let last: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+                )
+                .fetch_optional(&mut **transaction)
+                .await?;
+                let (mut seq, mut previous) =
+                    last.unwrap_or((0, $crate::audit::GENESIS_HASH.to_string()));
+                for event in events {
+                    seq += 1;
+                    let sealed = event.seal(seq, previous);
+                    sqlx::query(
+                        "INSERT INTO audit_events (seq, at, request_id, kind, actor, payload, prev_hash, hash) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .bind(sealed.seq)
+                    .bind(sealed.at)
+                    .bind(&sealed.request_id)
+                    .bind(&sealed.kind)
+                    .bind(&sealed.actor)
+                    .bind(sqlx::types::Json(&sealed.payload))
+                    .bind(&sealed.prev_hash)
+                    .bind(&sealed.hash)
+                    .execute(&mut **transaction)
+                    .await?;
+                    previous = sealed.hash;
+                }
+                Ok(())
+            }
+
+            async fn append_outbox(
+                transaction: &mut sqlx::Transaction<'_, $database>,
+                messages: Vec<$crate::store::NewOutboxMessage>,
+            ) -> $crate::store::StoreResult<()> {
+                for message in messages {
+                    sqlx::query(
+                        "INSERT INTO outbox (request_id, kind, destination, payload, attempts, available_at, created_at) \
+                         VALUES ($1, $2, $3, $4, 0, $5, $5)",
+                    )
+                    .bind(&message.request_id)
+                    .bind(message.kind)
+                    .bind(&message.destination)
+                    .bind(sqlx::types::Json(&message.payload))
+                    .bind(message.available_at)
+                    .execute(&mut **transaction)
+                    .await?;
+                }
+                Ok(())
+            }
+
+            fn agent_from_row(
+                row: (
+                    String,
+                    String,
+                    String,
+                    sqlx::types::Json<Vec<$crate::domain::Principal>>,
+                    chrono::DateTime<chrono::Utc>,
+                    Option<chrono::DateTime<chrono::Utc>>,
+                ),
+            ) -> $crate::store::AgentRecord {
+                let (name, api_key_hash, webhook_secret, owners, created_at, revoked_at) = row;
+                $crate::store::AgentRecord {
+                    name,
+                    api_key_hash,
+                    webhook_secret,
+                    owners: owners.0,
+                    created_at,
+                    revoked_at,
+                }
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            #[tracing::instrument(skip_all)]
+            async fn migrate(&self) -> $crate::store::StoreResult<()> {
+                Self::MIGRATOR.run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> $crate::store::StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all, fields(agent = %agent.name))]
+            async fn create_agent(
+                &self,
+                agent: &$crate::store::AgentRecord,
+                audit: $crate::audit::NewAuditEvent,
+            ) -> $crate::store::StoreResult<()> {
+                let mut transaction = self.begin_write().await?;
+                sqlx::query(
+                    "INSERT INTO agents (name, api_key_hash, webhook_secret, owners, created_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&agent.name)
+                .bind(&agent.api_key_hash)
+                .bind(&agent.webhook_secret)
+                .bind(sqlx::types::Json(&agent.owners))
+                .bind(agent.created_at)
+                .execute(&mut *transaction)
+                .await
+                .map_err(|error| {
+                    super::shared::conflict_on_unique(
+                        error,
+                        &format!("an agent named {:?} already exists", agent.name),
+                    )
+                })?;
+                Self::append_audit(&mut transaction, vec![audit]).await?;
+                transaction.commit().await?;
+                Ok(())
+            }
+
+            async fn agent_by_key_hash(
+                &self,
+                api_key_hash: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::store::AgentRecord>> {
+                let row = sqlx::query_as(
+                    "SELECT name, api_key_hash, webhook_secret, owners, created_at, revoked_at \
+                     FROM agents WHERE api_key_hash = $1 AND revoked_at IS NULL",
+                )
+                .bind(api_key_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(Self::agent_from_row))
+            }
+
+            async fn agent(
+                &self,
+                name: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::store::AgentRecord>> {
+                let row = sqlx::query_as(
+                    "SELECT name, api_key_hash, webhook_secret, owners, created_at, revoked_at \
+                     FROM agents WHERE name = $1",
+                )
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(Self::agent_from_row))
+            }
+
+            async fn list_agents(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::AgentRecord>> {
+                let rows = sqlx::query_as(
+                    "SELECT name, api_key_hash, webhook_secret, owners, created_at, revoked_at \
+                     FROM agents ORDER BY name",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Self::agent_from_row).collect())
+            }
+
+            #[tracing::instrument(skip_all, fields(agent = %name))]
+            async fn revoke_agent(
+                &self,
+                name: &str,
+                audit: $crate::audit::NewAuditEvent,
+            ) -> $crate::store::StoreResult<bool> {
+                let mut transaction = self.begin_write().await?;
+                let revoked = sqlx::query(
+                    "UPDATE agents SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL",
+                )
+                .bind(name)
+                .bind(audit.at)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected()
+                    == 1;
+                if revoked {
+                    Self::append_audit(&mut transaction, vec![audit]).await?;
+                    transaction.commit().await?;
+                }
+                Ok(revoked)
+            }
+
+            #[tracing::instrument(skip_all, fields(request_id = %new.request.id))]
+            async fn insert_request(
+                &self,
+                new: $crate::store::NewRequest<'_>,
+            ) -> $crate::store::StoreResult<()> {
+                let request = new.request;
+                let mut transaction = self.begin_write().await?;
+                sqlx::query(
+                    "INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9)",
+                )
+                .bind(&request.id)
+                .bind(&request.agent)
+                .bind(&request.action)
+                .bind(request.status.as_str())
+                .bind(i64::from(request.revision))
+                .bind(request.version)
+                .bind(request.created_at)
+                .bind(request.expires_at)
+                .bind(sqlx::types::Json(super::shared::StoredRequest::from_request(request)))
+                .execute(&mut *transaction)
+                .await
+                .map_err(|error| super::shared::conflict_on_unique(error, "request id already exists"))?;
+                Self::append_audit(&mut transaction, new.audit).await?;
+                Self::append_outbox(&mut transaction, new.outbox).await?;
+                if let Some((key, response)) = new.idempotency {
+                    sqlx::query(
+                        "UPDATE idempotency_keys SET request_id = $3, response = $4 \
+                         WHERE agent = $1 AND idempotency_key = $2",
+                    )
+                    .bind(&key.agent)
+                    .bind(&key.key)
+                    .bind(&request.id)
+                    .bind(sqlx::types::Json(&response))
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+                transaction.commit().await?;
+                Ok(())
+            }
+
+            async fn request(
+                &self,
+                id: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::domain::ApprovalRequest>> {
+                let row: Option<(sqlx::types::Json<super::shared::StoredRequest>, i64)> =
+                    sqlx::query_as("SELECT body, version FROM requests WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(row.map(|(body, version)| body.0.into_request(version)))
+            }
+
+            #[tracing::instrument(skip_all, fields(request_id = %change.request.id))]
+            async fn update_request(
+                &self,
+                change: $crate::store::RequestChange<'_>,
+            ) -> $crate::store::StoreResult<()> {
+                let request = change.request;
+                let mut transaction = self.begin_write().await?;
+                let updated = sqlx::query(
+                    "UPDATE requests SET status = $1, revision = $2, version = $3, expires_at = $4, \
+                     updated_at = $5, body = $6 \
+                     WHERE id = $7 AND status = $8 AND revision = $9 AND version = $10",
+                )
+                .bind(request.status.as_str())
+                .bind(i64::from(request.revision))
+                .bind(request.version)
+                .bind(request.expires_at)
+                .bind($crate::domain::now())
+                .bind(sqlx::types::Json(super::shared::StoredRequest::from_request(request)))
+                .bind(&request.id)
+                .bind(change.expected_status.as_str())
+                .bind(i64::from(change.expected_revision))
+                .bind(change.expected_version)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected();
+                if updated != 1 {
+                    return Err($crate::store::StoreError::Conflict(format!(
+                        "request {} changed concurrently",
+                        request.id
+                    )));
+                }
+                let finalized = change
+                    .audit
+                    .iter()
+                    .any(|event| super::shared::FINAL_KINDS.contains(&event.kind));
+                Self::append_audit(&mut transaction, change.audit).await?;
+                Self::append_outbox(&mut transaction, change.outbox).await?;
+                if finalized {
+                    Self::notify_finalized(&mut transaction, &request.id).await?;
+                }
+                transaction.commit().await?;
+                Ok(())
+            }
+
+            async fn list_requests(
+                &self,
+                filter: &$crate::store::RequestFilter,
+            ) -> $crate::store::StoreResult<Vec<$crate::domain::ApprovalRequest>> {
+                let limit = if filter.limit > 0 { filter.limit } else { 1000 };
+                let rows: Vec<(sqlx::types::Json<super::shared::StoredRequest>, i64)> =
+                    sqlx::query_as(
+                        "SELECT body, version FROM requests \
+                         WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR agent = $2) \
+                         ORDER BY created_at, id LIMIT $3",
+                    )
+                    .bind(filter.status.map(|status| status.as_str()))
+                    .bind(filter.agent.as_deref())
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(body, version)| body.0.into_request(version))
+                    .collect())
+            }
+
+            async fn overdue_request_ids(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                limit: i64,
+            ) -> $crate::store::StoreResult<Vec<String>> {
+                let rows: Vec<(String,)> = sqlx::query_as(
+                    "SELECT id FROM requests WHERE status = 'pending' AND expires_at <= $1 \
+                     ORDER BY expires_at LIMIT $2",
+                )
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(|(id,)| id).collect())
+            }
+
+            #[tracing::instrument(skip_all, fields(agent = %key.agent))]
+            async fn reserve_idempotency_key(
+                &self,
+                key: &$crate::store::IdempotencyKey,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<$crate::store::Reservation> {
+                let inserted = sqlx::query(
+                    "INSERT INTO idempotency_keys (agent, idempotency_key, body_hash, created_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (agent, idempotency_key) DO NOTHING",
+                )
+                .bind(&key.agent)
+                .bind(&key.key)
+                .bind(&key.body_hash)
+                .bind(now)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                if inserted == 1 {
+                    return Ok($crate::store::Reservation::Reserved);
+                }
+                let existing: Option<(
+                    String,
+                    Option<sqlx::types::Json<serde_json::Value>>,
+                    chrono::DateTime<chrono::Utc>,
+                )> = sqlx::query_as(
+                    "SELECT body_hash, response, created_at FROM idempotency_keys \
+                     WHERE agent = $1 AND idempotency_key = $2",
+                )
+                .bind(&key.agent)
+                .bind(&key.key)
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some((body_hash, response, created_at)) = existing else {
+                    // Released between our insert and select: someone else may take it; so may we.
+                    return Box::pin(self.reserve_idempotency_key(key, now)).await;
+                };
+                if let Some(response) = response {
+                    return Ok($crate::store::Reservation::Completed {
+                        body_hash,
+                        response: response.0,
+                    });
+                }
+                if created_at + super::shared::ABANDONED_RESERVATION < now {
+                    let taken = sqlx::query(
+                        "UPDATE idempotency_keys SET created_at = $3, body_hash = $4 \
+                         WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL AND created_at = $5",
+                    )
+                    .bind(&key.agent)
+                    .bind(&key.key)
+                    .bind(now)
+                    .bind(&key.body_hash)
+                    .bind(created_at)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                    if taken == 1 {
+                        return Ok($crate::store::Reservation::Reserved);
+                    }
+                }
+                Ok($crate::store::Reservation::InFlight { body_hash })
+            }
+
+            async fn release_idempotency_key(
+                &self,
+                key: &$crate::store::IdempotencyKey,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "DELETE FROM idempotency_keys \
+                     WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL",
+                )
+                .bind(&key.agent)
+                .bind(&key.key)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn audit_events(
+                &self,
+                after: i64,
+                limit: i64,
+            ) -> $crate::store::StoreResult<Vec<$crate::audit::AuditEvent>> {
+                let rows: Vec<(
+                    i64,
+                    chrono::DateTime<chrono::Utc>,
+                    Option<String>,
+                    String,
+                    String,
+                    sqlx::types::Json<serde_json::Value>,
+                    String,
+                    String,
+                )> = sqlx::query_as(
+                    "SELECT seq, at, request_id, kind, actor, payload, prev_hash, hash \
+                     FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(
+                        |(seq, at, request_id, kind, actor, payload, prev_hash, hash)| {
+                            $crate::audit::AuditEvent {
+                                seq,
+                                at,
+                                request_id,
+                                kind,
+                                actor,
+                                payload: payload.0,
+                                prev_hash,
+                                hash,
+                            }
+                        },
+                    )
+                    .collect())
+            }
+
+            async fn finalized_since(
+                &self,
+                after: i64,
+            ) -> $crate::store::StoreResult<(Vec<String>, i64)> {
+                // Reads every event once (a primary-key range), so the cursor always advances.
+                let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+                    "SELECT seq, kind, request_id FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT 10000",
+                )
+                .bind(after)
+                .fetch_all(&self.pool)
+                .await?;
+                let highest = rows.last().map_or(after, |(seq, _, _)| *seq);
+                let finalized = rows
+                    .into_iter()
+                    .filter(|(_, kind, _)| super::shared::FINAL_KINDS.contains(&kind.as_str()))
+                    .filter_map(|(_, _, request_id)| request_id)
+                    .collect();
+                Ok((finalized, highest))
+            }
+
+            async fn latest_audit_seq(&self) -> $crate::store::StoreResult<i64> {
+                let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(seq.unwrap_or(0))
+            }
+
+            async fn finalized_notifications(
+                &self,
+            ) -> $crate::store::StoreResult<Option<$crate::store::Notifications>> {
+                self.notifications().await
+            }
+
+            async fn undelivered_outbox(
+                &self,
+                limit: i64,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::OutboxMessage>> {
+                let rows: Vec<(i64, String, String, String, sqlx::types::Json<serde_json::Value>, i32)> =
+                    sqlx::query_as(
+                        "SELECT id, request_id, kind, destination, payload, attempts FROM outbox \
+                         WHERE delivered_at IS NULL ORDER BY id LIMIT $1",
+                    )
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, request_id, kind, destination, payload, attempts)| {
+                        $crate::store::OutboxMessage {
+                            id,
+                            request_id,
+                            kind,
+                            destination,
+                            payload: payload.0,
+                            attempts,
+                        }
+                    })
+                    .collect())
+            }
+        }
+    };
+}
+
+pub(super) use implement_store;

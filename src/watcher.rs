@@ -1,0 +1,70 @@
+//! Wakes local long-polls for decisions committed by other processes (CLI, other replicas):
+//! PostgreSQL pushes them with NOTIFY; on every backend one indexed query over the audit
+//! table every interval finds them too (SQLite's only way, PostgreSQL's fallback).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+
+pub async fn run_decision_watcher(
+    engine: Engine,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let store = engine.store().clone();
+    let mut cursor = loop {
+        match store.latest_audit_seq().await {
+            Ok(seq) => break seq,
+            Err(error) => {
+                tracing::warn!(%error, "decision watcher cannot read the audit table; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    };
+    let mut notifications = match store.finalized_notifications().await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, "LISTEN failed; relying on polling");
+            None
+        }
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            notified = next_notification(&mut notifications) => {
+                match notified {
+                    Some(request_id) => engine.announce_decision(&request_id),
+                    None => notifications = None,
+                }
+            }
+            _ = ticker.tick() => {
+                match store.finalized_since(cursor).await {
+                    Ok((request_ids, highest)) => {
+                        cursor = highest;
+                        for request_id in request_ids {
+                            engine.announce_decision(&request_id);
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "decision watcher query failed"),
+                }
+            }
+        }
+    }
+}
+
+async fn next_notification(
+    notifications: &mut Option<crate::store::Notifications>,
+) -> Option<String> {
+    match notifications {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
