@@ -68,7 +68,7 @@ pub struct Submission {
 /// the same Idempotency-Key.
 #[derive(Debug)]
 pub enum Submitted {
-    Created(ApprovalRequest),
+    Created(Box<ApprovalRequest>),
     Replayed(Value),
 }
 
@@ -260,7 +260,7 @@ impl Engine {
                 tracing::warn!(%error, "could not release an Idempotency-Key");
             }
         }
-        result.map(Submitted::Created)
+        result.map(|request| Submitted::Created(Box::new(request)))
     }
 
     async fn create_request(

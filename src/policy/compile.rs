@@ -155,8 +155,7 @@ fn rule_at_line(source: &str, line: u64) -> Option<String> {
     names
         .rules
         .iter()
-        .filter(|rule| rule.defined.line() <= line)
-        .next_back()
+        .rfind(|rule| rule.defined.line() <= line)
         .and_then(|rule| rule.value.name.clone())
 }
 

@@ -82,11 +82,21 @@ fn evaluate(policy: &Policy, action: &str, args: Value, agent: &str, context: Va
     })
 }
 
+/// (action, args, agent, context, effect, tier, deciding rule)
+type EvaluationCase = (
+    &'static str,
+    Value,
+    &'static str,
+    Value,
+    Effect,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
 #[test]
 fn evaluation_table() {
     let policy = policy();
-    // (action, args, agent, context, effect, tier, deciding rule)
-    let table: Vec<(&str, Value, &str, Value, Effect, Option<&str>, Option<&str>)> = vec![
+    let table: Vec<EvaluationCase> = vec![
         (
             "users.get",
             json!({}),

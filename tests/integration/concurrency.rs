@@ -1,0 +1,165 @@
+//! Races: simultaneous votes and simultaneous submissions with one Idempotency-Key.
+
+use std::collections::HashSet;
+
+use reqwest::StatusCode;
+use rstest::rstest;
+use serde_json::json;
+use signoff::domain::{Status, VoteRequest};
+
+use crate::spawn_app;
+use crate::support::Backend;
+
+/// A policy whose `crowd` tier has 50 approvers and needs two of them.
+fn crowd_policy() -> String {
+    let people: Vec<String> = (0..50).map(|n| format!("\"cli:person{n}\"")).collect();
+    format!(
+        "version: 1\ndefault: deny\ngroups:\n  crowd: [{}]\ntiers:\n  crowd:\n    approvers: [\"group:crowd\"]\n    approvals: 2\n    ttl: 1h\nrules:\n  - name: crowd\n    match: [\"crowd.*\"]\n    effect: require_approval\n    tier: crowd\n",
+        people.join(", ")
+    )
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_conflicting_votes_give_one_decision(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend, &crowd_policy());
+    let agent = app.create_agent("bot", &[]).await;
+    let request = app.submit_ok(&agent, json!({"action": "crowd.act"})).await;
+    let id = request["id"].as_str().unwrap().to_string();
+
+    let mut votes = Vec::new();
+    for n in 0..50 {
+        let engine = app.engine().clone();
+        let id = id.clone();
+        votes.push(tokio::spawn(async move {
+            let principal = format!("cli:person{n}").parse().unwrap();
+            let vote = if n % 3 == 0 {
+                VoteRequest::Deny {
+                    reason: format!("no from {n}"),
+                }
+            } else {
+                VoteRequest::Approve { note: None }
+            };
+            engine.record_vote(&id, &principal, vote).await
+        }));
+    }
+    let mut decided = 0;
+    for vote in votes {
+        if let Ok((_, signoff::domain::VoteEffect::Decided(_))) = vote.await.unwrap() {
+            decided += 1;
+        }
+    }
+    assert_eq!(decided, 1, "exactly one vote may decide");
+
+    let stored = app.stored(&id).await;
+    assert!(matches!(stored.status, Status::Approved | Status::Denied));
+    let decision = stored.decision.clone().unwrap();
+    if stored.status == Status::Approved {
+        assert_eq!(decision.by.len(), 2);
+        let distinct: HashSet<_> = decision.by.iter().collect();
+        assert_eq!(distinct.len(), 2);
+    }
+    let mut decided_events = 0;
+    app.engine()
+        .export_audit(|event| {
+            if event.request_id.as_deref() == Some(id.as_str()) && event.kind == "decided" {
+                decided_events += 1;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(decided_events, 1);
+    let verified = app.engine().verify_audit_chain().await.unwrap();
+    assert!(verified.is_ok(), "{verified:?}");
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_person_clicking_twice_counts_once(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let request = app
+        .submit_ok(
+            &agent,
+            json!({"action": "payments.refund", "args": {"amount": 1000}}),
+        )
+        .await;
+    let id = request["id"].as_str().unwrap().to_string();
+
+    let clicks: Vec<_> = (0..10)
+        .map(|_| {
+            let engine = app.engine().clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                engine
+                    .record_vote(
+                        &id,
+                        &"cli:alice".parse().unwrap(),
+                        VoteRequest::Approve { note: None },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for click in clicks {
+        if click.await.unwrap().is_ok() {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 1);
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.status, Status::Pending);
+    assert_eq!(stored.current_approvers().len(), 1);
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_submissions_with_one_key_create_one_request(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let body = json!({"action": "email.send", "args": {"to": "x@y.z"}});
+
+    let submissions: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, url, key, body) = (
+                app.http.clone(),
+                app.url("/v1/requests"),
+                agent.key.clone(),
+                body.clone(),
+            );
+            tokio::spawn(async move {
+                let response = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .header("Idempotency-Key", "same-key")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                (status, response.json::<serde_json::Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for submission in submissions {
+        let (status, body) = submission.await.unwrap();
+        match status {
+            StatusCode::CREATED => {
+                ids.insert(body["id"].as_str().unwrap().to_string());
+            }
+            StatusCode::CONFLICT => assert_eq!(body["error"]["code"], "idempotency_in_flight"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "every success names the same request");
+    assert_eq!(app.request_count().await, 1);
+}

@@ -1,0 +1,145 @@
+//! Expiry from the database, restarts, and decisions made by another process.
+
+use std::time::{Duration, Instant};
+
+use rstest::rstest;
+use serde_json::json;
+use signoff::domain::Status;
+
+use crate::spawn_app;
+use crate::support::{eventually, stderr, Backend};
+
+#[rstest]
+#[tokio::test]
+async fn the_sweeper_expires_overdue_requests(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let request = app.submit_ok(&agent, json!({"action": "flash.go"})).await;
+    let id = request["id"].as_str().unwrap().to_string();
+
+    // Read the store directly: the sweeper, not a reader, must do the expiring.
+    let expired = eventually(Duration::from_secs(10), || async {
+        let stored = app.stored(&id).await;
+        (stored.status == Status::Expired).then_some(stored)
+    })
+    .await;
+    let decision = expired.decision.unwrap();
+    assert_eq!(decision.by[0].as_str(), "system:expiry");
+    assert!(decision.at >= expired.expires_at.unwrap());
+
+    // Expired counts as denied: no late approval.
+    assert!(app.approve(&id, "cli:alice").await.is_err());
+}
+
+#[rstest]
+#[tokio::test]
+async fn a_restart_keeps_everything_and_expires_what_fell_due(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let mut app = spawn_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let mut acknowledged = Vec::new();
+    for n in 0..5 {
+        let request = app
+            .submit_ok(&agent, json!({"action": "email.send", "args": {"n": n}}))
+            .await;
+        acknowledged.push(request["id"].as_str().unwrap().to_string());
+    }
+    let allowed = app.submit_ok(&agent, json!({"action": "users.get"})).await;
+    let approved_id = acknowledged[0].clone();
+    app.approve(&approved_id, "cli:alice").await.unwrap();
+    let flash = app.submit_ok(&agent, json!({"action": "flash.go"})).await;
+    let flash_id = flash["id"].as_str().unwrap().to_string();
+
+    app.stop().await;
+    // While no server runs, the flash request's one-second ttl passes.
+    let expires_at: chrono::DateTime<chrono::Utc> =
+        flash["expires_at"].as_str().unwrap().parse().unwrap();
+    let remaining = (expires_at - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(remaining + Duration::from_millis(50)).await;
+    app.start_again().await;
+
+    for id in &acknowledged {
+        let (status, _) = app.get_request(&agent, id, None).await;
+        assert_eq!(
+            status,
+            reqwest::StatusCode::OK,
+            "request {id} lost across restart"
+        );
+    }
+    assert_eq!(app.stored(&approved_id).await.status, Status::Approved);
+    assert_eq!(app.stored(&acknowledged[1]).await.status, Status::Pending);
+    assert_eq!(
+        app.stored(allowed["id"].as_str().unwrap()).await.status,
+        Status::Approved
+    );
+    eventually(Duration::from_secs(10), || async {
+        (app.stored(&flash_id).await.status == Status::Expired).then_some(())
+    })
+    .await;
+    assert!(app.engine().verify_audit_chain().await.unwrap().is_ok());
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_decision_wakes_the_long_poll(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let request = app.submit_ok(&agent, json!({"action": "email.send"})).await;
+    let id = request["id"].as_str().unwrap().to_string();
+
+    let waiting = {
+        let (http, url, key) = (
+            app.http.clone(),
+            app.url(&format!("/v1/requests/{id}?wait=30")),
+            agent.key.clone(),
+        );
+        tokio::spawn(async move {
+            let body: serde_json::Value = http
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (body, Instant::now())
+        })
+    };
+    let config_path = app.config_path.clone();
+    let cli_id = id.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_signoff"))
+            .arg("--config")
+            .arg(config_path)
+            .args([
+                "approve",
+                &cli_id,
+                "--as",
+                "cli:alice",
+                "--note",
+                "looks fine",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let decided_at = Instant::now();
+    let (body, answered_at) = waiting.await.unwrap();
+    assert_eq!(body["status"], "approved");
+    assert_eq!(body["votes"][0]["note"], "looks fine");
+    let lag = answered_at.saturating_duration_since(decided_at);
+    assert!(
+        lag < Duration::from_secs(3),
+        "long-poll woke {lag:?} after the CLI decided"
+    );
+}

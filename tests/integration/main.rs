@@ -1,0 +1,11 @@
+//! Integration tests: every scenario on SQLite and on PostgreSQL, through real servers.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod agent_api;
+mod audit_trail;
+mod cli;
+mod concurrency;
+mod decisions;
+mod lifecycle;

@@ -1,0 +1,470 @@
+//! Shared test harness: a real server on port 0 over a fresh SQLite file or PostgreSQL
+//! database, typed request helpers, and the CLI binary pointed at the same database.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use signoff::config::{Config, Secret};
+use signoff::domain::{ApprovalRequest, Principal, VoteEffect, VoteRequest};
+use signoff::engine::{Engine, EngineResult};
+use signoff::server::RunningServer;
+use sqlx::Connection;
+use tempfile::TempDir;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The policy most tests run under.
+pub const TEST_POLICY: &str = r#"version: 1
+default: deny
+default_tier: medium
+groups:
+  sre: ["cli:alice", "cli:bob", "cli:carol", "cli:erin"]
+  finance: ["cli:frank", "cli:grace"]
+tiers:
+  medium:
+    route: ["slack:C0MEDIUM"]
+    approvers: ["group:sre"]
+    approvals: 1
+    ttl: 30m
+  high:
+    route: ["slack:C0HIGH"]
+    approvers: ["group:sre", "group:finance"]
+    approvals: 2
+    ttl: 1h
+  flash:
+    route: ["slack:C0FLASH"]
+    approvers: ["group:sre"]
+    approvals: 1
+    ttl: 1s
+rules:
+  - name: read-only
+    match: ["*.get", "*.list"]
+    effect: allow
+  - name: large-refund
+    match: ["payments.refund"]
+    when: "args.amount > 100"
+    effect: require_approval
+    tier: high
+  - name: small-refund
+    match: ["payments.refund"]
+    when: "args.amount <= 100"
+    effect: allow
+  - name: email
+    match: ["email.send"]
+    effect: require_approval
+  - name: flash
+    match: ["flash.*"]
+    effect: require_approval
+    tier: flash
+  - name: no-drop
+    match: ["db.drop_*"]
+    effect: deny
+    reason: "Dropping tables is never allowed"
+"#;
+
+pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A fresh database for one test: a SQLite file in a temporary folder, or a new PostgreSQL
+/// database dropped when the test ends.
+pub struct TestDatabase {
+    pub url: String,
+    postgres: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    /// `None` when PostgreSQL is unreachable outside CI (the test then prints SKIPPED).
+    pub async fn create(backend: Backend, directory: &TempDir) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => Some(Self {
+                url: format!("sqlite://{}", directory.path().join("signoff.db").display()),
+                postgres: None,
+            }),
+            Backend::Postgres => {
+                let admin_url = std::env::var("SIGNOFF_TEST_POSTGRES_URL")
+                    .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_string());
+                let mut admin = match sqlx::PgConnection::connect(&admin_url).await {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        if std::env::var("CI").as_deref() == Ok("true") {
+                            panic!("PostgreSQL at {admin_url} is required under CI=true: {error}");
+                        }
+                        eprintln!(
+                            "\n*** SKIPPED: PostgreSQL case — cannot connect to {admin_url}: {error} ***\n"
+                        );
+                        return None;
+                    }
+                };
+                let name = format!("signoff_test_{:016x}", rand::thread_rng().gen::<u64>());
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut admin)
+                    .await
+                    .expect("create test database");
+                let url = replace_database(&admin_url, &name);
+                Some(Self {
+                    url,
+                    postgres: Some((admin_url, name)),
+                })
+            }
+        }
+    }
+}
+
+fn replace_database(url: &str, database: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("postgres url");
+    parsed.set_path(&format!("/{database}"));
+    parsed.to_string()
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some((admin_url, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs outside async; a short-lived runtime on its own thread does the cleanup.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// An agent created for a test, with its one-time credentials.
+#[derive(Clone, Debug)]
+pub struct TestAgent {
+    pub name: String,
+    pub key: String,
+    pub webhook_secret: String,
+}
+
+pub struct TestApp {
+    pub backend: Backend,
+    pub base_url: String,
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub http: reqwest::Client,
+    server: Option<RunningServer>,
+    pub database: TestDatabase,
+    pub directory: TempDir,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> Option<Self> {
+        Self::spawn_with_policy(backend, TEST_POLICY).await
+    }
+
+    pub async fn spawn_with_policy(backend: Backend, policy: &str) -> Option<Self> {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let database = TestDatabase::create(backend, &directory).await?;
+        let policy_path = directory.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).expect("write policy");
+        let config = Config {
+            listen: "127.0.0.1:0".into(),
+            database_url: Secret::new(database.url.clone()),
+            policy: policy_path.clone(),
+            sweep_interval_ms: 100,
+            watch_interval_ms: 100,
+            database_max_connections: 8,
+            ..Config::default()
+        };
+        let config_path = directory.path().join("signoff.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "database_url = {:?}\npolicy = {:?}\nwatch_interval_ms = 100\n",
+                database.url,
+                policy_path.display().to_string()
+            ),
+        )
+        .expect("write config");
+        let mut app = Self {
+            backend,
+            base_url: String::new(),
+            config,
+            config_path,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(70))
+                .build()
+                .expect("client"),
+            server: None,
+            database,
+            directory,
+        };
+        app.start().await;
+        Some(app)
+    }
+
+    async fn start(&mut self) {
+        let server = RunningServer::start(self.config.clone())
+            .await
+            .expect("server starts");
+        self.base_url = format!("http://{}", server.address());
+        self.server = Some(server);
+    }
+
+    /// Stops the server (gracefully) and starts a new one on the same database.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start().await;
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown(Duration::from_secs(10)).await;
+        }
+    }
+
+    pub async fn start_again(&mut self) {
+        self.start().await;
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.server.as_ref().expect("server running").engine()
+    }
+
+    pub async fn create_agent(&self, name: &str, owners: &[&str]) -> TestAgent {
+        let owners = owners
+            .iter()
+            .map(|owner| owner.parse().expect("principal"))
+            .collect();
+        let credentials = self
+            .engine()
+            .create_agent(name, owners)
+            .await
+            .expect("create agent");
+        TestAgent {
+            name: credentials.agent,
+            key: credentials.api_key,
+            webhook_secret: credentials.webhook_secret,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
+    /// POST /v1/requests; returns the status and JSON body.
+    pub async fn submit(&self, agent: &TestAgent, body: Value) -> (StatusCode, Value) {
+        self.submit_with_key(agent, body, None).await
+    }
+
+    pub async fn submit_with_key(
+        &self,
+        agent: &TestAgent,
+        body: Value,
+        idempotency_key: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .post(self.url("/v1/requests"))
+            .bearer_auth(&agent.key)
+            .json(&body);
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        read(request.send().await).await
+    }
+
+    /// Submits and asserts 201; returns the request object.
+    pub async fn submit_ok(&self, agent: &TestAgent, body: Value) -> Value {
+        let (status, body) = self.submit(agent, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    }
+
+    pub async fn get_request(
+        &self,
+        agent: &TestAgent,
+        id: &str,
+        wait: Option<f64>,
+    ) -> (StatusCode, Value) {
+        let path = match wait {
+            Some(seconds) => format!("/v1/requests/{id}?wait={seconds}"),
+            None => format!("/v1/requests/{id}"),
+        };
+        read(
+            self.http
+                .get(self.url(&path))
+                .bearer_auth(&agent.key)
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    pub async fn post_json(
+        &self,
+        agent: &TestAgent,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        read(
+            self.http
+                .post(self.url(path))
+                .bearer_auth(&agent.key)
+                .json(&body)
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    pub async fn vote(
+        &self,
+        id: &str,
+        principal: &str,
+        vote: VoteRequest,
+    ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
+        let principal: Principal = principal.parse().expect("principal");
+        self.engine().record_vote(id, &principal, vote).await
+    }
+
+    pub async fn approve(
+        &self,
+        id: &str,
+        principal: &str,
+    ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
+        self.vote(id, principal, VoteRequest::Approve { note: None })
+            .await
+    }
+
+    pub async fn stored(&self, id: &str) -> ApprovalRequest {
+        self.engine().request(id).await.expect("stored request")
+    }
+
+    pub async fn audit_seq(&self) -> i64 {
+        self.engine()
+            .store()
+            .latest_audit_seq()
+            .await
+            .expect("audit seq")
+    }
+
+    pub async fn request_count(&self) -> usize {
+        self.engine()
+            .list_requests(Default::default())
+            .await
+            .expect("list")
+            .len()
+    }
+
+    /// Runs the `signoff` binary against this app's database and policy.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_signoff"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env_remove("SIGNOFF_CONFIG")
+            .output()
+            .expect("run signoff")
+    }
+
+    /// Executes raw SQL against the database behind the server's back.
+    pub async fn execute_sql(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(&self.database.url).await?;
+                Ok(sqlx::query(sql)
+                    .execute(&mut connection)
+                    .await?
+                    .rows_affected())
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.database.url).await?;
+                Ok(sqlx::query(sql)
+                    .execute(&mut connection)
+                    .await?
+                    .rows_affected())
+            }
+        }
+    }
+}
+
+async fn read(response: reqwest::Result<reqwest::Response>) -> (StatusCode, Value) {
+    let response = response.expect("HTTP request");
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| json!({"raw": text}))
+    };
+    (status, body)
+}
+
+/// Asserts an error body of the documented shape and returns its code.
+pub fn error_code(body: &Value) -> &str {
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {body}"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|message| !message.is_empty()),
+        "error without message: {body}"
+    );
+    code
+}
+
+/// Polls `check` until it returns Some, failing after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+/// Spawns the app or returns from the test (PostgreSQL unreachable outside CI).
+#[macro_export]
+macro_rules! spawn_app {
+    ($backend:expr) => {
+        match $crate::support::TestApp::spawn($backend).await {
+            Some(app) => app,
+            None => return,
+        }
+    };
+    ($backend:expr, $policy:expr) => {
+        match $crate::support::TestApp::spawn_with_policy($backend, $policy).await {
+            Some(app) => app,
+            None => return,
+        }
+    };
+}
