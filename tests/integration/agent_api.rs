@@ -303,30 +303,13 @@ async fn long_poll_answers_when_the_decision_commits(
     );
     assert!(started.elapsed() >= Duration::from_millis(300));
 
-    let waiting = {
-        let (http, url, key) = (
-            app.http.clone(),
-            app.url(&format!("/v1/requests/{id}?wait=30")),
-            agent.key.clone(),
-        );
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let body: serde_json::Value = http
-                .get(url)
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (body, started.elapsed())
-        })
-    };
+    let waiting = app.spawn_long_poll(&agent, &id, 30);
     // Let the long-poll register before deciding; it must not matter if it has not yet.
     tokio::task::yield_now().await;
     app.approve(&id, "cli:alice").await.unwrap();
-    let (body, elapsed) = waiting.await.unwrap();
+    let decided_at = Instant::now();
+    let (body, answered_at) = waiting.await.unwrap();
+    let elapsed = answered_at.saturating_duration_since(decided_at);
     assert_eq!(body["status"], "approved");
     assert_eq!(body["decision"]["by"], json!(["cli:alice"]));
     assert!(
@@ -375,8 +358,7 @@ async fn execution_is_accepted_once_and_only_when_approved(
 ) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
-    let request = app.submit_ok(&agent, json!({"action": "email.send"})).await;
-    let id = request["id"].as_str().unwrap();
+    let id = &app.submit_id(&agent, json!({"action": "email.send"})).await;
     let path = format!("/v1/requests/{id}/execution");
 
     let (status, body) = app

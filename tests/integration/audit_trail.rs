@@ -13,8 +13,7 @@ async fn every_change_is_chained_and_exported(
 ) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
-    let request = app.submit_ok(&agent, json!({"action": "email.send"})).await;
-    let id = request["id"].as_str().unwrap();
+    let id = &app.submit_id(&agent, json!({"action": "email.send"})).await;
     app.approve(id, "cli:alice").await.unwrap();
     app.post_json(
         &agent,

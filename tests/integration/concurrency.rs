@@ -26,8 +26,7 @@ async fn fifty_conflicting_votes_give_one_decision(
 ) {
     let app = spawn_app!(backend, &crowd_policy());
     let agent = app.create_agent("bot", &[]).await;
-    let request = app.submit_ok(&agent, json!({"action": "crowd.act"})).await;
-    let id = request["id"].as_str().unwrap().to_string();
+    let id = app.submit_id(&agent, json!({"action": "crowd.act"})).await;
 
     let mut votes = Vec::new();
     for n in 0..50 {
@@ -83,13 +82,12 @@ async fn the_same_person_clicking_twice_counts_once(
 ) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
-    let request = app
-        .submit_ok(
+    let id = app
+        .submit_id(
             &agent,
             json!({"action": "payments.refund", "args": {"amount": 1000}}),
         )
         .await;
-    let id = request["id"].as_str().unwrap().to_string();
 
     let clicks: Vec<_> = (0..10)
         .map(|_| {

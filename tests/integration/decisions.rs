@@ -68,13 +68,12 @@ async fn requesters_owners_and_outsiders_cannot_approve(
 ) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("mail-bot", &["cli:bob"]).await;
-    let request = app
-        .submit_ok(
+    let id = &app
+        .submit_id(
             &agent,
             json!({"action": "email.send", "on_behalf_of": "cli:alice"}),
         )
         .await;
-    let id = request["id"].as_str().unwrap();
     let audit_before = app.audit_seq().await;
 
     assert_eq!(
@@ -120,13 +119,12 @@ async fn requesters_owners_and_outsiders_cannot_approve(
 async fn one_deny_ends_the_request(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
-    let request = app
-        .submit_ok(
+    let id = &app
+        .submit_id(
             &agent,
             json!({"action": "payments.refund", "args": {"amount": 500}}),
         )
         .await;
-    let id = request["id"].as_str().unwrap();
     app.approve(id, "cli:alice").await.unwrap();
     let (denied, effect) = app
         .vote(

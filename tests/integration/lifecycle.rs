@@ -16,8 +16,7 @@ async fn the_sweeper_expires_overdue_requests(
 ) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
-    let request = app.submit_ok(&agent, json!({"action": "flash.go"})).await;
-    let id = request["id"].as_str().unwrap().to_string();
+    let id = app.submit_id(&agent, json!({"action": "flash.go"})).await;
 
     // Read the store directly: the sweeper, not a reader, must do the expiring.
     let expired = eventually(Duration::from_secs(10), || async {
@@ -91,28 +90,9 @@ async fn a_cli_decision_wakes_the_long_poll(
 ) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
-    let request = app.submit_ok(&agent, json!({"action": "email.send"})).await;
-    let id = request["id"].as_str().unwrap().to_string();
+    let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
 
-    let waiting = {
-        let (http, url, key) = (
-            app.http.clone(),
-            app.url(&format!("/v1/requests/{id}?wait=30")),
-            agent.key.clone(),
-        );
-        tokio::spawn(async move {
-            let body: serde_json::Value = http
-                .get(url)
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (body, Instant::now())
-        })
-    };
+    let waiting = app.spawn_long_poll(&agent, &id, 30);
     let config_path = app.config_path.clone();
     let cli_id = id.clone();
     let output = tokio::task::spawn_blocking(move || {

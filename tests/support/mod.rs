@@ -291,6 +291,35 @@ impl TestApp {
         body
     }
 
+    /// Submits, asserts 201, returns the new request's id.
+    pub async fn submit_id(&self, agent: &TestAgent, body: Value) -> String {
+        let request = self.submit_ok(agent, body).await;
+        request["id"].as_str().expect("id").to_string()
+    }
+
+    /// Starts a long-poll on `id` in the background; yields the answer and when it came.
+    pub fn spawn_long_poll(
+        &self,
+        agent: &TestAgent,
+        id: &str,
+        wait_seconds: u64,
+    ) -> tokio::task::JoinHandle<(Value, Instant)> {
+        let request = self
+            .http
+            .get(self.url(&format!("/v1/requests/{id}?wait={wait_seconds}")))
+            .bearer_auth(&agent.key);
+        tokio::spawn(async move {
+            let body: Value = request
+                .send()
+                .await
+                .expect("long-poll")
+                .json()
+                .await
+                .expect("JSON");
+            (body, Instant::now())
+        })
+    }
+
     pub async fn get_request(
         &self,
         agent: &TestAgent,
