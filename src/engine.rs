@@ -34,6 +34,9 @@ use crate::store::{
 /// another change won, and a request takes at most `approvals + 1` winning changes to end.
 const MAX_ATTEMPTS: usize = 64;
 
+/// Idempotency-Keys are answered for at least this long (DESIGN §6: at least 24 h).
+pub const IDEMPOTENCY_KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{0}")]
@@ -239,13 +242,13 @@ impl Engine {
                     body_hash,
                     response,
                 } if body_hash == key.body_hash => return Ok(Submitted::Replayed(response)),
-                Reservation::InFlight { body_hash } if body_hash == key.body_hash => {
+                Reservation::InFlight => {
                     return Err(EngineError::Conflict {
                         code: "idempotency_in_flight",
                         message: "a request with this Idempotency-Key is still being processed; retry shortly".into(),
                     })
                 }
-                Reservation::Completed { .. } | Reservation::InFlight { .. } => {
+                Reservation::Completed { .. } => {
                     return Err(EngineError::Unprocessable {
                         code: "idempotency_mismatch",
                         message: "this Idempotency-Key was used with a different body".into(),
@@ -658,6 +661,12 @@ impl Engine {
                 return Ok(expired);
             }
         }
+    }
+
+    /// Forgets Idempotency-Keys answered more than `IDEMPOTENCY_KEY_LIFETIME` ago.
+    pub async fn purge_idempotency_keys(&self) -> EngineResult<u64> {
+        let lifetime = chrono::Duration::from_std(IDEMPOTENCY_KEY_LIFETIME).context("lifetime")?;
+        Ok(self.store.purge_idempotency_keys(now() - lifetime).await?)
     }
 
     async fn commit_change(

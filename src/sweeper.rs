@@ -7,8 +7,12 @@ use tokio::sync::watch;
 
 use crate::engine::Engine;
 
+/// Old Idempotency-Keys are purged this often; they only need to go eventually.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
+
 /// Sweeps at start and then every `interval` until `shutdown` turns true.
 pub async fn run_sweeper(engine: Engine, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut last_purge: Option<tokio::time::Instant> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -23,6 +27,12 @@ pub async fn run_sweeper(engine: Engine, interval: Duration, mut shutdown: watch
             Ok(0) => {}
             Ok(expired) => tracing::info!(expired, "expired overdue requests"),
             Err(error) => tracing::warn!(%error, "expiry sweep failed; will retry"),
+        }
+        if last_purge.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
+            last_purge = Some(tokio::time::Instant::now());
+            if let Err(error) = engine.purge_idempotency_keys().await {
+                tracing::warn!(%error, "purging old Idempotency-Keys failed; will retry");
+            }
         }
     }
 }

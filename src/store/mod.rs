@@ -99,7 +99,7 @@ pub enum Reservation {
     /// The key is ours now; complete it with the insert or release it.
     Reserved,
     /// Another request with this key is being processed.
-    InFlight { body_hash: String },
+    InFlight,
     /// Already answered: the stored response.
     Completed { body_hash: String, response: Value },
 }
@@ -158,6 +158,8 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> StoreResult<Reservation>;
     async fn release_idempotency_key(&self, key: &IdempotencyKey) -> StoreResult<()>;
+    /// Forgets keys created before `before` (answered, or abandoned in flight); returns how many.
+    async fn purge_idempotency_keys(&self, before: DateTime<Utc>) -> StoreResult<u64>;
 
     /// Audit events with `seq > after`, in order, at most `limit`.
     async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>>;

@@ -429,7 +429,7 @@ macro_rules! implement_store {
                         return Ok($crate::store::Reservation::Reserved);
                     }
                 }
-                Ok($crate::store::Reservation::InFlight { body_hash })
+                Ok($crate::store::Reservation::InFlight)
             }
 
             async fn release_idempotency_key(
@@ -445,6 +445,19 @@ macro_rules! implement_store {
                 .execute(&self.pool)
                 .await?;
                 Ok(())
+            }
+
+            async fn purge_idempotency_keys(
+                &self,
+                before: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<u64> {
+                Ok(sqlx::query(
+                    "DELETE FROM idempotency_keys WHERE created_at < $1",
+                )
+                .bind(before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected())
             }
 
             async fn audit_events(

@@ -269,6 +269,44 @@ async fn idempotency_key_replays_and_refuses_mismatches(
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(error_code(&mismatch), "idempotency_mismatch");
 
+    // A retry while the first attempt is still being processed is told to come back.
+    let in_flight = signoff::store::IdempotencyKey {
+        agent: agent.name.clone(),
+        key: "key-2".into(),
+        body_hash: "being processed".into(),
+    };
+    let reservation = app
+        .engine()
+        .store()
+        .reserve_idempotency_key(&in_flight, signoff::domain::now())
+        .await
+        .unwrap();
+    assert_eq!(reservation, signoff::store::Reservation::Reserved);
+    let (status, busy) = app
+        .submit_with_key(&agent, body.clone(), Some("key-2"))
+        .await;
+    assert_eq!(
+        (status, error_code(&busy)),
+        (StatusCode::CONFLICT, "idempotency_in_flight")
+    );
+
+    // Keys are kept for 24 hours, then purged.
+    let stale = signoff::store::IdempotencyKey {
+        key: "key-stale".into(),
+        ..in_flight.clone()
+    };
+    let long_ago = signoff::domain::now() - chrono::Duration::hours(25);
+    app.engine()
+        .store()
+        .reserve_idempotency_key(&stale, long_ago)
+        .await
+        .unwrap();
+    assert_eq!(app.engine().purge_idempotency_keys().await.unwrap(), 1);
+    let (_, again) = app
+        .submit_with_key(&agent, body.clone(), Some("key-1"))
+        .await;
+    assert_eq!(again, first);
+
     // Keys belong to one agent: another agent may use the same key.
     let other = app.create_agent("other", &[]).await;
     let (status, theirs) = app
