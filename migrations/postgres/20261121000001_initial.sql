@@ -62,16 +62,32 @@ CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
     FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
 
 -- Work for the delivery worker, written in the same transaction as the change it reports.
+-- A card row means "make the card at this destination show the request as it is now":
+-- at most one is pending per (request, destination); later changes bump its generation.
 CREATE TABLE outbox (
     id            BIGSERIAL PRIMARY KEY,
     request_id    TEXT NOT NULL,
     kind          TEXT NOT NULL,
     destination   TEXT NOT NULL,
     payload       JSONB NOT NULL,
+    state         TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'abandoned')),
+    generation    INTEGER NOT NULL DEFAULT 0,
     attempts      INTEGER NOT NULL DEFAULT 0,
     available_at  TIMESTAMPTZ NOT NULL,
+    lease_until   TIMESTAMPTZ,
     created_at    TIMESTAMPTZ NOT NULL,
-    delivered_at  TIMESTAMPTZ,
+    finished_at   TIMESTAMPTZ,
     last_error    TEXT
 );
-CREATE INDEX outbox_due ON outbox (available_at) WHERE delivered_at IS NULL;
+CREATE INDEX outbox_due ON outbox (available_at) WHERE state = 'pending';
+CREATE UNIQUE INDEX outbox_one_pending_card ON outbox (request_id, kind, destination)
+    WHERE state = 'pending' AND kind = 'card';
+
+-- Where each request's card was posted, per destination (Slack channel + ts, Teams activity).
+CREATE TABLE chat_messages (
+    request_id   TEXT NOT NULL,
+    destination  TEXT NOT NULL,
+    message      JSONB NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (request_id, destination)
+);

@@ -59,16 +59,32 @@ BEGIN
 END;
 
 -- Work for the delivery worker, written in the same transaction as the change it reports.
+-- A card row means "make the card at this destination show the request as it is now":
+-- at most one is pending per (request, destination); later changes bump its generation.
 CREATE TABLE outbox (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id    TEXT NOT NULL,
     kind          TEXT NOT NULL,
     destination   TEXT NOT NULL,
     payload       TEXT NOT NULL,
+    state         TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'abandoned')),
+    generation    INTEGER NOT NULL DEFAULT 0,
     attempts      INTEGER NOT NULL DEFAULT 0,
     available_at  TEXT NOT NULL,
+    lease_until   TEXT,
     created_at    TEXT NOT NULL,
-    delivered_at  TEXT,
+    finished_at   TEXT,
     last_error    TEXT
 );
-CREATE INDEX outbox_due ON outbox (delivered_at, available_at);
+CREATE INDEX outbox_due ON outbox (available_at) WHERE state = 'pending';
+CREATE UNIQUE INDEX outbox_one_pending_card ON outbox (request_id, kind, destination)
+    WHERE state = 'pending' AND kind = 'card';
+
+-- Where each request's card was posted, per destination (Slack channel + ts, Teams activity).
+CREATE TABLE chat_messages (
+    request_id   TEXT NOT NULL,
+    destination  TEXT NOT NULL,
+    message      TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (request_id, destination)
+);

@@ -70,6 +70,7 @@ pub struct NewOutboxMessage {
     pub available_at: DateTime<Utc>,
 }
 
+/// An outbox message leased to one worker until its lease runs out.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboxMessage {
     pub id: i64,
@@ -78,6 +79,34 @@ pub struct OutboxMessage {
     pub destination: String,
     pub payload: Value,
     pub attempts: i32,
+    /// For card messages: bumped by every later change, so a delivery of an older state
+    /// does not mark a newer one done.
+    pub generation: i32,
+}
+
+/// How an attempt at an outbox message ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OutboxOutcome {
+    Delivered,
+    /// Failed; try again at `at` (counts as an attempt).
+    Retry {
+        at: DateTime<Utc>,
+        error: String,
+    },
+    /// Not attempted (rate limit); try at `at`.
+    Defer {
+        at: DateTime<Utc>,
+    },
+    /// Will never succeed (e.g. 410 Gone); stop.
+    Abandon {
+        error: String,
+    },
+}
+
+/// Pending outbox messages by kind, and the oldest one's age.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutboxBacklog {
+    pub by_kind: Vec<(String, i64)>,
 }
 
 /// A stored request changes only through this: compare-and-set on (id, status, revision,
@@ -171,8 +200,32 @@ pub trait Store: Send + Sync + 'static {
     /// LISTEN/NOTIFY); `None` where the backend has no such channel and must be polled.
     async fn finalized_notifications(&self) -> StoreResult<Option<Notifications>>;
 
-    /// Outbox messages not yet delivered, for operators and tests.
-    async fn undelivered_outbox(&self, limit: i64) -> StoreResult<Vec<OutboxMessage>>;
+    /// Outbox messages still pending, for operators and tests.
+    async fn pending_outbox(&self, limit: i64) -> StoreResult<Vec<OutboxMessage>>;
+    /// Leases up to `limit` due messages until `lease_until`; on PostgreSQL with
+    /// `FOR UPDATE SKIP LOCKED`, so replicas never take the same message.
+    async fn claim_outbox(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxMessage>>;
+    async fn finish_outbox(
+        &self,
+        message: &OutboxMessage,
+        outcome: OutboxOutcome,
+    ) -> StoreResult<()>;
+    async fn outbox_backlog(&self) -> StoreResult<OutboxBacklog>;
+
+    /// Where the card for `request_id` was posted at `destination`, if it was.
+    async fn chat_message(&self, request_id: &str, destination: &str)
+        -> StoreResult<Option<Value>>;
+    async fn save_chat_message(
+        &self,
+        request_id: &str,
+        destination: &str,
+        message: &Value,
+    ) -> StoreResult<()>;
 }
 
 /// Opens the database named by the config; does not migrate.

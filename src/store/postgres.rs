@@ -25,6 +25,13 @@ pub struct PostgresStore {
 impl PostgresStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+    /// `SKIP LOCKED`: replicas claiming at once take different messages.
+    const CLAIM_OUTBOX: &'static str = "UPDATE outbox SET lease_until = $2 WHERE id IN (\
+         SELECT id FROM outbox WHERE state = 'pending' AND available_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1) ORDER BY available_at, id LIMIT $3 \
+         FOR UPDATE SKIP LOCKED) \
+         RETURNING id, request_id, kind, destination, payload, attempts, generation";
+
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections.max(2))

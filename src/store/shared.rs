@@ -93,9 +93,12 @@ macro_rules! implement_store {
                 messages: Vec<$crate::store::NewOutboxMessage>,
             ) -> $crate::store::StoreResult<()> {
                 for message in messages {
+                    // A pending card message for the same destination absorbs the new change.
                     sqlx::query(
-                        "INSERT INTO outbox (request_id, kind, destination, payload, attempts, available_at, created_at) \
-                         VALUES ($1, $2, $3, $4, 0, $5, $5)",
+                        "INSERT INTO outbox (request_id, kind, destination, payload, available_at, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $5) \
+                         ON CONFLICT (request_id, kind, destination) WHERE state = 'pending' AND kind = 'card' \
+                         DO UPDATE SET generation = outbox.generation + 1",
                     )
                     .bind(&message.request_id)
                     .bind(message.kind)
@@ -106,6 +109,21 @@ macro_rules! implement_store {
                     .await?;
                 }
                 Ok(())
+            }
+
+            fn outbox_from_row(
+                row: (i64, String, String, String, sqlx::types::Json<serde_json::Value>, i32, i32),
+            ) -> $crate::store::OutboxMessage {
+                let (id, request_id, kind, destination, payload, attempts, generation) = row;
+                $crate::store::OutboxMessage {
+                    id,
+                    request_id,
+                    kind,
+                    destination,
+                    payload: payload.0,
+                    attempts,
+                    generation,
+                }
             }
 
             fn agent_from_row(
@@ -534,31 +552,138 @@ macro_rules! implement_store {
                 self.notifications().await
             }
 
-            async fn undelivered_outbox(
+            async fn pending_outbox(
                 &self,
                 limit: i64,
             ) -> $crate::store::StoreResult<Vec<$crate::store::OutboxMessage>> {
-                let rows: Vec<(i64, String, String, String, sqlx::types::Json<serde_json::Value>, i32)> =
-                    sqlx::query_as(
-                        "SELECT id, request_id, kind, destination, payload, attempts FROM outbox \
-                         WHERE delivered_at IS NULL ORDER BY id LIMIT $1",
-                    )
+                let rows = sqlx::query_as(
+                    "SELECT id, request_id, kind, destination, payload, attempts, generation FROM outbox \
+                     WHERE state = 'pending' ORDER BY id LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Self::outbox_from_row).collect())
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn claim_outbox(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                lease_until: chrono::DateTime<chrono::Utc>,
+                limit: i64,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::OutboxMessage>> {
+                let rows = sqlx::query_as(Self::CLAIM_OUTBOX)
+                    .bind(now)
+                    .bind(lease_until)
                     .bind(limit)
                     .fetch_all(&self.pool)
                     .await?;
-                Ok(rows
-                    .into_iter()
-                    .map(|(id, request_id, kind, destination, payload, attempts)| {
-                        $crate::store::OutboxMessage {
-                            id,
-                            request_id,
-                            kind,
-                            destination,
-                            payload: payload.0,
-                            attempts,
+                Ok(rows.into_iter().map(Self::outbox_from_row).collect())
+            }
+
+            #[tracing::instrument(skip_all, fields(outbox_id = message.id))]
+            async fn finish_outbox(
+                &self,
+                message: &$crate::store::OutboxMessage,
+                outcome: $crate::store::OutboxOutcome,
+            ) -> $crate::store::StoreResult<()> {
+                use $crate::store::OutboxOutcome;
+                let now = $crate::domain::now();
+                match outcome {
+                    OutboxOutcome::Delivered => {
+                        let finished = sqlx::query(
+                            "UPDATE outbox SET state = 'delivered', finished_at = $2, lease_until = NULL, attempts = attempts + 1 \
+                             WHERE id = $1 AND generation = $3",
+                        )
+                        .bind(message.id)
+                        .bind(now)
+                        .bind(message.generation)
+                        .execute(&self.pool)
+                        .await?
+                        .rows_affected();
+                        if finished == 0 {
+                            // A newer change arrived meanwhile: release it to run again now.
+                            sqlx::query("UPDATE outbox SET lease_until = NULL WHERE id = $1")
+                                .bind(message.id)
+                                .execute(&self.pool)
+                                .await?;
                         }
-                    })
-                    .collect())
+                    }
+                    OutboxOutcome::Retry { at, error } => {
+                        sqlx::query(
+                            "UPDATE outbox SET attempts = attempts + 1, available_at = $2, lease_until = NULL, \
+                             last_error = $3 WHERE id = $1",
+                        )
+                        .bind(message.id)
+                        .bind(at)
+                        .bind(error)
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                    OutboxOutcome::Defer { at } => {
+                        sqlx::query("UPDATE outbox SET available_at = $2, lease_until = NULL WHERE id = $1")
+                            .bind(message.id)
+                            .bind(at)
+                            .execute(&self.pool)
+                            .await?;
+                    }
+                    OutboxOutcome::Abandon { error } => {
+                        sqlx::query(
+                            "UPDATE outbox SET state = 'abandoned', finished_at = $2, lease_until = NULL, \
+                             attempts = attempts + 1, last_error = $3 WHERE id = $1",
+                        )
+                        .bind(message.id)
+                        .bind(now)
+                        .bind(error)
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                }
+                Ok(())
+            }
+
+            async fn outbox_backlog(&self) -> $crate::store::StoreResult<$crate::store::OutboxBacklog> {
+                let rows: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT kind, COUNT(*) FROM outbox WHERE state = 'pending' GROUP BY kind ORDER BY kind",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                Ok($crate::store::OutboxBacklog { by_kind: rows })
+            }
+
+            async fn chat_message(
+                &self,
+                request_id: &str,
+                destination: &str,
+            ) -> $crate::store::StoreResult<Option<serde_json::Value>> {
+                let row: Option<(sqlx::types::Json<serde_json::Value>,)> = sqlx::query_as(
+                    "SELECT message FROM chat_messages WHERE request_id = $1 AND destination = $2",
+                )
+                .bind(request_id)
+                .bind(destination)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|(message,)| message.0))
+            }
+
+            async fn save_chat_message(
+                &self,
+                request_id: &str,
+                destination: &str,
+                message: &serde_json::Value,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO chat_messages (request_id, destination, message, created_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (request_id, destination) DO UPDATE SET message = excluded.message",
+                )
+                .bind(request_id)
+                .bind(destination)
+                .bind(sqlx::types::Json(message))
+                .bind($crate::domain::now())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
             }
         }
     };
