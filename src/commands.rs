@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 
 use crate::config::Config;
-use crate::domain::{ApprovalRequest, Principal, Status, VoteEffect, VoteRequest};
+use crate::domain::{ApprovalRequest, Principal, Status, VoteEffect, VoteRequest, Voter};
 use crate::engine::{Engine, EngineError};
 use crate::policy::{EvaluationInput, Policy};
 use crate::server::{build_engine, RunningServer};
@@ -230,7 +230,7 @@ pub async fn vote(
         .map_err(|error| anyhow::anyhow!("--as: {error}"))?;
     let engine = build_engine(&config).await?;
     let (request, effect) = engine
-        .record_vote(id, &principal, vote)
+        .record_vote(id, &Voter::new(principal.clone()), vote)
         .await
         .map_err(user_error)?;
     match effect {

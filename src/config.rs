@@ -182,6 +182,13 @@ impl Config {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be \"text\" or \"json\"");
         }
+        if self.slack_enabled() {
+            if self.slack.signing_secret.is_empty() {
+                bail!("slack.bot_token is set but slack.signing_secret is empty: every Slack request must be verified");
+            }
+            check_outbound_url(&self.slack.api_url)
+                .map_err(|error| anyhow::anyhow!("slack.api_url: {error}"))?;
+        }
         let url = self.database_url.expose();
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")
@@ -211,6 +218,25 @@ impl Config {
     }
 }
 
+/// Outbound URLs (Slack and Teams base URLs, agents' callback URLs) must be https; plain
+/// http is allowed only to loopback addresses, for local receivers and test fakes.
+pub fn check_outbound_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|error| format!("{text:?} is not a URL: {error}"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(domain)) => domain == "localhost",
+        Some(url::Host::Ipv4(address)) => address.is_loopback(),
+        Some(url::Host::Ipv6(address)) => address.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" if url.host().is_some() => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err(format!(
+            "{text:?} must be https (plain http only to loopback addresses)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +250,23 @@ mod tests {
         assert!(!printed.contains("xoxb-very-secret"));
         assert!(!printed.contains("hunter2"));
         assert!(printed.contains("[redacted]"));
+    }
+
+    #[test]
+    fn outbound_urls_are_https_or_loopback() {
+        let table = [
+            ("https://hooks.example.com/signoff", true),
+            ("http://127.0.0.1:9000/hook", true),
+            ("http://localhost/hook", true),
+            ("http://[::1]:80/", true),
+            ("http://example.com/hook", false),
+            ("http://10.0.0.5/hook", false),
+            ("ftp://example.com", false),
+            ("not a url", false),
+        ];
+        for (url, allowed) in table {
+            assert_eq!(check_outbound_url(url).is_ok(), allowed, "{url}");
+        }
     }
 
     #[test]

@@ -16,13 +16,16 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::instrument;
 
 use crate::audit::{AuditEvent, ChainBreak, ChainVerifier, NewAuditEvent};
+use crate::channels::card_destinations;
+use crate::config::check_outbound_url;
 use crate::domain::{
-    action_hash, new_request_id, now, plan_vote, ApprovalRequest, Execution, ExecutionOutcome,
-    Principal, RequestContext, Status, VoteContext, VoteEffect, VoteRefusal, VoteRequest,
+    action_hash, check_voter, new_request_id, now, plan_vote, ApprovalRequest, Execution,
+    ExecutionOutcome, Principal, RequestContext, Status, VoteContext, VoteEffect,
+    VoteKindRequested, VoteRefusal, VoteRequest, Voter,
 };
 use crate::policy::{Effect, EvaluationInput, Policy, PolicyError, Verdict};
 use crate::store::{
@@ -97,6 +100,10 @@ pub struct Engine {
     store: Arc<dyn Store>,
     policy: Arc<ArcSwap<Policy>>,
     waiters: Waiters,
+    /// Chat destination kinds (`slack`, ...) that get cards; others in a route are skipped.
+    card_channels: Arc<Vec<&'static str>>,
+    /// Wakes the local outbox worker after a commit that wrote outbox messages.
+    outbox_signal: Arc<Notify>,
 }
 
 impl Engine {
@@ -105,6 +112,46 @@ impl Engine {
             store,
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             waiters: Waiters::default(),
+            card_channels: Arc::new(Vec::new()),
+            outbox_signal: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Cards go to route destinations of these kinds.
+    pub fn with_card_channels(mut self, kinds: Vec<&'static str>) -> Self {
+        self.card_channels = Arc::new(kinds);
+        self
+    }
+
+    pub fn outbox_signal(&self) -> Arc<Notify> {
+        self.outbox_signal.clone()
+    }
+
+    /// One "show the current state" message per card destination of the request.
+    fn card_messages(&self, request: &ApprovalRequest, at: DateTime<Utc>) -> Vec<NewOutboxMessage> {
+        card_destinations(&self.policy(), request, &self.card_channels)
+            .into_iter()
+            .map(|destination| NewOutboxMessage {
+                request_id: request.id.clone(),
+                kind: "card",
+                destination,
+                payload: json!({}),
+                available_at: at,
+            })
+            .collect()
+    }
+
+    /// Records in the audit trail that a card was first posted or a webhook delivered.
+    pub async fn record_delivery(&self, request_id: &str, kind: &str, destination: &str) {
+        let event = NewAuditEvent {
+            at: now(),
+            request_id: Some(request_id.to_string()),
+            kind: "delivered",
+            actor: "system:delivery".into(),
+            payload: json!({"kind": kind, "destination": destination}),
+        };
+        if let Err(error) = self.store.append_audit(vec![event]).await {
+            tracing::warn!(%error, "could not audit a delivery");
         }
     }
 
@@ -370,6 +417,7 @@ impl Engine {
                 idempotency: key.map(|key| (key, response)),
             })
             .await?;
+        self.outbox_signal.notify_one();
         tracing::info!(request_id = %request.id, status = request.status.as_str(), "request submitted");
         Ok(request)
     }
@@ -433,39 +481,64 @@ impl Engine {
         Ok(self.store.list_requests(&filter).await?)
     }
 
+    /// What the engine needs to judge `voter` on `request`: eligibility in its tier under the
+    /// current policy, and whether they are its requester or an owner of its agent.
+    async fn vote_context<'a>(
+        &self,
+        request: &ApprovalRequest,
+        voter: &'a Voter,
+    ) -> EngineResult<VoteContext<'a>> {
+        let eligible = request
+            .tier
+            .as_deref()
+            .is_some_and(|tier| self.policy().admits(tier, voter));
+        let is_owner = self
+            .store
+            .agent(&request.agent)
+            .await?
+            .is_some_and(|agent| agent.owners.iter().any(|owner| voter.is(owner)));
+        let is_requester = is_owner
+            || request
+                .on_behalf_of
+                .as_ref()
+                .is_some_and(|requester| voter.is(requester));
+        Ok(VoteContext {
+            principal: &voter.principal,
+            eligible,
+            is_requester,
+            now: now(),
+        })
+    }
+
+    /// Could `voter` cast this kind of vote on `id` now? Lets a channel refuse at the click
+    /// instead of after asking for a reason or new args.
+    pub async fn check_voter(
+        &self,
+        id: &str,
+        voter: &Voter,
+        kind: VoteKindRequested,
+    ) -> EngineResult<ApprovalRequest> {
+        let request = self.request(id).await?;
+        let context = self.vote_context(&request, voter).await?;
+        check_voter(&request, kind, &context)?;
+        Ok(request)
+    }
+
     /// Approve, deny or modify, under the rules of DESIGN §7.
-    #[instrument(skip_all, fields(request_id = %id, principal = %principal))]
+    #[instrument(skip_all, fields(request_id = %id, principal = %voter.principal))]
     pub async fn record_vote(
         &self,
         id: &str,
-        principal: &Principal,
+        voter: &Voter,
         vote: VoteRequest,
     ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
+        let principal = &voter.principal;
         for _ in 0..MAX_ATTEMPTS {
             let current = self.request(id).await?;
-            let policy = self.policy();
-            let eligible = current
-                .tier
-                .as_deref()
-                .is_some_and(|tier| policy.is_approver(tier, principal));
-            let is_requester = current.on_behalf_of.as_ref() == Some(principal)
-                || self
-                    .store
-                    .agent(&current.agent)
-                    .await?
-                    .is_some_and(|agent| agent.owners.contains(principal));
-            let at = now();
+            let context = self.vote_context(&current, voter).await?;
+            let at = context.now;
             let mut next = current.clone();
-            let effect = match plan_vote(
-                &mut next,
-                vote.clone(),
-                VoteContext {
-                    principal,
-                    eligible,
-                    is_requester,
-                    now: at,
-                },
-            ) {
+            let effect = match plan_vote(&mut next, vote.clone(), context) {
                 Ok(effect) => effect,
                 Err(VoteRefusal::Expired) => {
                     self.expire_request(id).await?;
@@ -508,7 +581,7 @@ impl Engine {
                     }),
                 )),
             }
-            let mut outbox = Vec::new();
+            let mut outbox = self.card_messages(&next, at);
             if let VoteEffect::Decided(_) = effect {
                 audit.push(decided_event(&next, principal.as_str()));
                 outbox.extend(webhook_message(&next, at));
@@ -541,7 +614,8 @@ impl Engine {
             );
             next.version += 1;
             let audit = vec![event(&next, at, "cancelled", actor.as_str(), json!({}))];
-            let outbox = webhook_message(&next, at).into_iter().collect();
+            let mut outbox = self.card_messages(&next, at);
+            outbox.extend(webhook_message(&next, at));
             match self.commit_change(&current, &next, audit, outbox).await {
                 Ok(()) => return Ok(next),
                 Err(EngineError::Store(StoreError::Conflict(_))) => continue,
@@ -636,7 +710,8 @@ impl Engine {
                     "expires_at": current.expires_at,
                 }),
             )];
-            let outbox = webhook_message(&next, at).into_iter().collect();
+            let mut outbox = self.card_messages(&next, at);
+            outbox.extend(webhook_message(&next, at));
             match self.commit_change(&current, &next, audit, outbox).await {
                 Ok(()) => return Ok(true),
                 Err(EngineError::Store(StoreError::Conflict(_))) => continue,
@@ -676,6 +751,7 @@ impl Engine {
         audit: Vec<NewAuditEvent>,
         outbox: Vec<NewOutboxMessage>,
     ) -> EngineResult<()> {
+        let wrote_outbox = !outbox.is_empty();
         self.store
             .update_request(RequestChange {
                 request: next,
@@ -688,6 +764,9 @@ impl Engine {
             .await?;
         if next.status != current.status {
             self.waiters.wake(&next.id);
+        }
+        if wrote_outbox {
+            self.outbox_signal.notify_one();
         }
         Ok(())
     }
@@ -858,7 +937,8 @@ fn validate_submission(submission: &Submission) -> EngineResult<()> {
         return Err(EngineError::Invalid("args must be a JSON object".into()));
     }
     if let Some(url) = &submission.callback_url {
-        validate_callback_url(url)?;
+        check_outbound_url(url)
+            .map_err(|error| EngineError::Invalid(format!("callback_url: {error}")))?;
     }
     for link in &submission.context.links {
         if !(link.starts_with("https://") || link.starts_with("http://")) {
@@ -868,26 +948,6 @@ fn validate_submission(submission: &Submission) -> EngineResult<()> {
         }
     }
     Ok(())
-}
-
-/// https anywhere; plain http only to loopback (local receivers and tests).
-pub fn validate_callback_url(text: &str) -> EngineResult<()> {
-    let url = url::Url::parse(text).map_err(|error| {
-        EngineError::Invalid(format!("callback_url {text:?} is not a URL: {error}"))
-    })?;
-    let loopback = match url.host() {
-        Some(url::Host::Domain(domain)) => domain == "localhost",
-        Some(url::Host::Ipv4(address)) => address.is_loopback(),
-        Some(url::Host::Ipv6(address)) => address.is_loopback(),
-        None => false,
-    };
-    match url.scheme() {
-        "https" if url.host().is_some() => Ok(()),
-        "http" if loopback => Ok(()),
-        _ => Err(EngineError::Invalid(format!(
-            "callback_url {text:?} must be https (plain http only to loopback addresses)"
-        ))),
-    }
 }
 
 fn instant_at(at: DateTime<Utc>) -> tokio::time::Instant {

@@ -2,9 +2,11 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod channels;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod delivery;
 pub mod domain;
 pub mod engine;
 pub mod http;

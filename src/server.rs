@@ -9,7 +9,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::channels::{self, slack::SlackChannel};
 use crate::config::Config;
+use crate::delivery::Delivery;
 use crate::engine::{load_policy, Engine};
 use crate::http::{router, AppState};
 use crate::store;
@@ -22,7 +24,21 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         .migrate()
         .await
         .context("applying database migrations")?;
-    Ok(Engine::new(store, policy))
+    let mut card_channels = Vec::new();
+    if config.slack_enabled() {
+        card_channels.push(channels::SLACK);
+    }
+    Ok(Engine::new(store, policy).with_card_channels(card_channels))
+}
+
+/// The one HTTP client for webhooks: no redirects (a receiver cannot bounce us elsewhere).
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("signoff/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("building the HTTP client")
 }
 
 /// A server listening and its background workers.
@@ -48,7 +64,19 @@ impl RunningServer {
             engine: engine.clone(),
             config: config.clone(),
         };
-        let app = router(state);
+        let slack = if config.slack_enabled() {
+            Some(Arc::new(SlackChannel::from_config(&config.slack)?))
+        } else {
+            None
+        };
+        let channel_routes = match &slack {
+            Some(slack) => {
+                channels::slack::router(engine.clone(), slack.clone(), config.max_body_bytes)
+            }
+            None => axum::Router::new(),
+        };
+        let app = router(state, channel_routes);
+        let delivery = Arc::new(Delivery::new(engine.clone(), slack, http_client()?));
         let mut http_shutdown = shutdown_signal.clone();
         let http = tokio::spawn(async move {
             let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -66,15 +94,16 @@ impl RunningServer {
         let watcher = tokio::spawn(crate::watcher::run_decision_watcher(
             engine.clone(),
             config.watch_interval(),
-            shutdown_signal,
+            shutdown_signal.clone(),
         ));
+        let delivery = tokio::spawn(delivery.run(shutdown_signal));
         tracing::info!(%address, policy_hash = engine.policy().hash(), "signoff listening");
         Ok(Self {
             address,
             engine,
             config,
             shutdown,
-            tasks: vec![http, sweeper, watcher],
+            tasks: vec![http, sweeper, watcher, delivery],
         })
     }
 

@@ -9,4 +9,7 @@ pub use request::{
     action_hash, new_request_id, now, ApprovalRequest, Decision, Execution, ExecutionOutcome,
     Outcome, RequestContext, Status, Vote, VoteKind,
 };
-pub use voting::{plan_vote, VoteContext, VoteEffect, VoteRefusal, VoteRequest};
+pub use voting::{
+    check_voter, plan_vote, VoteContext, VoteEffect, VoteKindRequested, VoteRefusal, VoteRequest,
+    Voter,
+};

@@ -5,6 +5,35 @@ use serde_json::Value;
 
 use super::{action_hash, ApprovalRequest, Principal, Status, Vote, VoteKind};
 
+/// Who is voting: the principal they act as, plus what else they are known as (their
+/// email address through Slack, the Slack user groups they belong to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Voter {
+    pub principal: Principal,
+    pub aliases: Vec<Principal>,
+    /// `slack-group:S…` memberships, resolved by the channel.
+    pub groups: Vec<String>,
+}
+
+impl Voter {
+    pub fn new(principal: Principal) -> Self {
+        Self {
+            principal,
+            aliases: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// The principal and every alias.
+    pub fn identities(&self) -> impl Iterator<Item = &Principal> {
+        std::iter::once(&self.principal).chain(self.aliases.iter())
+    }
+
+    pub fn is(&self, principal: &Principal) -> bool {
+        self.identities().any(|identity| identity == principal)
+    }
+}
+
 /// What the engine knows about the voter, resolved before planning.
 #[derive(Clone, Copy, Debug)]
 pub struct VoteContext<'a> {
@@ -54,6 +83,51 @@ pub enum VoteRequest {
     Modify { args: Value, note: Option<String> },
 }
 
+/// The kinds of vote, for checking whether someone may cast one before asking them for
+/// details (a reason, new args).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VoteKindRequested {
+    Approve,
+    Deny,
+    Modify,
+}
+
+/// Could this voter cast this kind of vote now? The same checks `plan_vote` makes first.
+pub fn check_voter(
+    request: &ApprovalRequest,
+    kind: VoteKindRequested,
+    voter: &VoteContext<'_>,
+) -> Result<(), VoteRefusal> {
+    if request.status != Status::Pending {
+        return Err(VoteRefusal::NotPending(request.status));
+    }
+    if request.is_overdue(voter.now) {
+        return Err(VoteRefusal::Expired);
+    }
+    let tier = request.tier.clone().unwrap_or_default();
+    if kind != VoteKindRequested::Deny && voter.is_requester {
+        return Err(VoteRefusal::Requester(voter.principal.to_string()));
+    }
+    if !voter.eligible {
+        return Err(VoteRefusal::NotEligible(voter.principal.to_string(), tier));
+    }
+    if kind == VoteKindRequested::Approve && request.current_approvers().contains(&voter.principal)
+    {
+        return Err(VoteRefusal::AlreadyApproved(voter.principal.to_string()));
+    }
+    Ok(())
+}
+
+impl VoteRequest {
+    pub fn kind(&self) -> VoteKindRequested {
+        match self {
+            VoteRequest::Approve { .. } => VoteKindRequested::Approve,
+            VoteRequest::Deny { .. } => VoteKindRequested::Deny,
+            VoteRequest::Modify { .. } => VoteKindRequested::Modify,
+        }
+    }
+}
+
 /// Applies one vote to an in-memory copy of the request. The caller persists the result
 /// with a compare-and-set, so a concurrent change makes it plan again on fresh state.
 pub fn plan_vote(
@@ -61,19 +135,9 @@ pub fn plan_vote(
     vote: VoteRequest,
     voter: VoteContext<'_>,
 ) -> Result<VoteEffect, VoteRefusal> {
-    if request.status != Status::Pending {
-        return Err(VoteRefusal::NotPending(request.status));
-    }
-    if request.is_overdue(voter.now) {
-        return Err(VoteRefusal::Expired);
-    }
-    let who = voter.principal.to_string();
-    let tier = request.tier.clone().unwrap_or_default();
+    check_voter(request, vote.kind(), &voter)?;
     match vote {
         VoteRequest::Deny { reason } => {
-            if !voter.eligible {
-                return Err(VoteRefusal::NotEligible(who, tier));
-            }
             let reason = reason.trim().to_string();
             if reason.is_empty() {
                 return Err(VoteRefusal::ReasonRequired);
@@ -88,15 +152,10 @@ pub fn plan_vote(
             Ok(VoteEffect::Decided(Status::Denied))
         }
         VoteRequest::Approve { note } => {
-            refuse_requester_or_outsider(&voter, &tier)?;
-            if request.current_approvers().contains(&voter.principal) {
-                return Err(VoteRefusal::AlreadyApproved(who));
-            }
             record(request, &voter, VoteKind::Approve, note);
             Ok(count_approvals(request, voter.now))
         }
         VoteRequest::Modify { args, note } => {
-            refuse_requester_or_outsider(&voter, &tier)?;
             if !args.is_object() {
                 return Err(VoteRefusal::ArgsNotObject);
             }
@@ -111,19 +170,6 @@ pub fn plan_vote(
             Ok(count_approvals(request, voter.now))
         }
     }
-}
-
-fn refuse_requester_or_outsider(voter: &VoteContext<'_>, tier: &str) -> Result<(), VoteRefusal> {
-    if voter.is_requester {
-        return Err(VoteRefusal::Requester(voter.principal.to_string()));
-    }
-    if !voter.eligible {
-        return Err(VoteRefusal::NotEligible(
-            voter.principal.to_string(),
-            tier.to_string(),
-        ));
-    }
-    Ok(())
 }
 
 fn record(

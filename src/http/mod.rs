@@ -34,7 +34,9 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest long-poll plus headroom; nothing else comes close.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub fn router(state: AppState) -> Router {
+/// The agent API and health routes, plus `channel_routes` (Slack, Teams), under the shared
+/// layers: request ids, tracing, timeout and the body limit.
+pub fn router(state: AppState, channel_routes: Router) -> Router {
     let body_limit = state.config.max_body_bytes;
     Router::new()
         .route(
@@ -52,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .fallback(health::not_found)
         .with_state(state)
+        .merge(channel_routes)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,

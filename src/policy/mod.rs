@@ -10,7 +10,7 @@ use globset::GlobSet;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::domain::Principal;
+use crate::domain::{Principal, Voter};
 
 pub use compile::{PolicyError, PolicyIssue};
 use condition::Condition;
@@ -70,6 +70,15 @@ pub struct Approvers {
 impl Approvers {
     pub fn contains(&self, principal: &Principal) -> bool {
         self.principals.contains(principal.as_str())
+    }
+
+    /// Listed under any of the voter's identities, or a member of a listed Slack user group.
+    pub fn admits(&self, voter: &Voter) -> bool {
+        voter.identities().any(|identity| self.contains(identity))
+            || voter
+                .groups
+                .iter()
+                .any(|group| self.slack_groups.contains(group))
     }
 }
 
@@ -172,6 +181,12 @@ impl Policy {
     pub fn is_approver(&self, tier: &str, principal: &Principal) -> bool {
         self.tier(tier)
             .is_some_and(|tier| tier.approvers.contains(principal))
+    }
+
+    /// May `voter` vote in `tier`, under any of their identities or Slack user groups?
+    pub fn admits(&self, tier: &str, voter: &Voter) -> bool {
+        self.tier(tier)
+            .is_some_and(|tier| tier.approvers.admits(voter))
     }
 
     /// Deny beats require_approval beats allow; the highest tier wins among approvals;

@@ -82,6 +82,7 @@ pub struct OutboxMessage {
     /// For card messages: bumped by every later change, so a delivery of an older state
     /// does not mark a newer one done.
     pub generation: i32,
+    pub created_at: DateTime<Utc>,
 }
 
 /// How an attempt at an outbox message ended.
@@ -195,6 +196,8 @@ pub trait Store: Send + Sync + 'static {
     /// Requests that became final after audit seq `after`, and the highest seq seen.
     async fn finalized_since(&self, after: i64) -> StoreResult<(Vec<String>, i64)>;
     async fn latest_audit_seq(&self) -> StoreResult<i64>;
+    /// Appends events that go with no request change (deliveries).
+    async fn append_audit(&self, events: Vec<NewAuditEvent>) -> StoreResult<()>;
 
     /// Request ids pushed the moment another process commits a decision (PostgreSQL
     /// LISTEN/NOTIFY); `None` where the backend has no such channel and must be polled.

@@ -30,7 +30,7 @@ impl PostgresStore {
          SELECT id FROM outbox WHERE state = 'pending' AND available_at <= $1 \
          AND (lease_until IS NULL OR lease_until <= $1) ORDER BY available_at, id LIMIT $3 \
          FOR UPDATE SKIP LOCKED) \
-         RETURNING id, request_id, kind, destination, payload, attempts, generation";
+         RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at";
 
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let pool = PgPoolOptions::new()

@@ -52,7 +52,7 @@ pub(super) const ABANDONED_RESERVATION: chrono::Duration = chrono::Duration::sec
 macro_rules! implement_store {
     ($store:ty, $database:ty) => {
         impl $store {
-            async fn append_audit(
+            async fn append_audit_events(
                 transaction: &mut sqlx::Transaction<'_, $database>,
                 events: Vec<$crate::audit::NewAuditEvent>,
             ) -> $crate::store::StoreResult<()> {
@@ -111,10 +111,20 @@ macro_rules! implement_store {
                 Ok(())
             }
 
+            #[allow(clippy::type_complexity)]
             fn outbox_from_row(
-                row: (i64, String, String, String, sqlx::types::Json<serde_json::Value>, i32, i32),
+                row: (
+                    i64,
+                    String,
+                    String,
+                    String,
+                    sqlx::types::Json<serde_json::Value>,
+                    i32,
+                    i32,
+                    chrono::DateTime<chrono::Utc>,
+                ),
             ) -> $crate::store::OutboxMessage {
-                let (id, request_id, kind, destination, payload, attempts, generation) = row;
+                let (id, request_id, kind, destination, payload, attempts, generation, created_at) = row;
                 $crate::store::OutboxMessage {
                     id,
                     request_id,
@@ -123,6 +133,7 @@ macro_rules! implement_store {
                     payload: payload.0,
                     attempts,
                     generation,
+                    created_at,
                 }
             }
 
@@ -185,7 +196,7 @@ macro_rules! implement_store {
                         &format!("an agent named {:?} already exists", agent.name),
                     )
                 })?;
-                Self::append_audit(&mut transaction, vec![audit]).await?;
+                Self::append_audit_events(&mut transaction, vec![audit]).await?;
                 transaction.commit().await?;
                 Ok(())
             }
@@ -247,7 +258,7 @@ macro_rules! implement_store {
                 .rows_affected()
                     == 1;
                 if revoked {
-                    Self::append_audit(&mut transaction, vec![audit]).await?;
+                    Self::append_audit_events(&mut transaction, vec![audit]).await?;
                     transaction.commit().await?;
                 }
                 Ok(revoked)
@@ -276,7 +287,7 @@ macro_rules! implement_store {
                 .execute(&mut *transaction)
                 .await
                 .map_err(|error| super::shared::conflict_on_unique(error, "request id already exists"))?;
-                Self::append_audit(&mut transaction, new.audit).await?;
+                Self::append_audit_events(&mut transaction, new.audit).await?;
                 Self::append_outbox(&mut transaction, new.outbox).await?;
                 if let Some((key, response)) = new.idempotency {
                     sqlx::query(
@@ -341,7 +352,7 @@ macro_rules! implement_store {
                     .audit
                     .iter()
                     .any(|event| super::shared::FINAL_KINDS.contains(&event.kind));
-                Self::append_audit(&mut transaction, change.audit).await?;
+                Self::append_audit_events(&mut transaction, change.audit).await?;
                 Self::append_outbox(&mut transaction, change.outbox).await?;
                 if finalized {
                     Self::notify_finalized(&mut transaction, &request.id).await?;
@@ -539,6 +550,16 @@ macro_rules! implement_store {
                 Ok((finalized, highest))
             }
 
+            async fn append_audit(
+                &self,
+                events: Vec<$crate::audit::NewAuditEvent>,
+            ) -> $crate::store::StoreResult<()> {
+                let mut transaction = self.begin_write().await?;
+                Self::append_audit_events(&mut transaction, events).await?;
+                transaction.commit().await?;
+                Ok(())
+            }
+
             async fn latest_audit_seq(&self) -> $crate::store::StoreResult<i64> {
                 let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events")
                     .fetch_one(&self.pool)
@@ -557,7 +578,7 @@ macro_rules! implement_store {
                 limit: i64,
             ) -> $crate::store::StoreResult<Vec<$crate::store::OutboxMessage>> {
                 let rows = sqlx::query_as(
-                    "SELECT id, request_id, kind, destination, payload, attempts, generation FROM outbox \
+                    "SELECT id, request_id, kind, destination, payload, attempts, generation, created_at FROM outbox \
                      WHERE state = 'pending' ORDER BY id LIMIT $1",
                 )
                 .bind(limit)

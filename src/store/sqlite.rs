@@ -23,7 +23,7 @@ impl SqliteStore {
     const CLAIM_OUTBOX: &'static str = "UPDATE outbox SET lease_until = $2 WHERE id IN (\
          SELECT id FROM outbox WHERE state = 'pending' AND available_at <= $1 \
          AND (lease_until IS NULL OR lease_until <= $1) ORDER BY available_at, id LIMIT $3) \
-         RETURNING id, request_id, kind, destination, payload, attempts, generation";
+         RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at";
 
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let synchronous = match config.sqlite_synchronous.as_str() {

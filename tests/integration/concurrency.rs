@@ -33,7 +33,7 @@ async fn fifty_conflicting_votes_give_one_decision(
         let engine = app.engine().clone();
         let id = id.clone();
         votes.push(tokio::spawn(async move {
-            let principal = format!("cli:person{n}").parse().unwrap();
+            let principal = signoff::domain::Voter::new(format!("cli:person{n}").parse().unwrap());
             let vote = if n % 3 == 0 {
                 VoteRequest::Deny {
                     reason: format!("no from {n}"),
@@ -97,7 +97,7 @@ async fn the_same_person_clicking_twice_counts_once(
                 engine
                     .record_vote(
                         &id,
-                        &"cli:alice".parse().unwrap(),
+                        &signoff::domain::Voter::new("cli:alice".parse().unwrap()),
                         VoteRequest::Approve { note: None },
                     )
                     .await

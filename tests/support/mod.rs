@@ -11,7 +11,7 @@ use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use signoff::config::{Config, Secret};
-use signoff::domain::{ApprovalRequest, Principal, VoteEffect, VoteRequest};
+use signoff::domain::{ApprovalRequest, Principal, VoteEffect, VoteRequest, Voter};
 use signoff::engine::{Engine, EngineResult};
 use signoff::server::RunningServer;
 use sqlx::Connection;
@@ -364,7 +364,9 @@ impl TestApp {
         vote: VoteRequest,
     ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
         let principal: Principal = principal.parse().expect("principal");
-        self.engine().record_vote(id, &principal, vote).await
+        self.engine()
+            .record_vote(id, &Voter::new(principal), vote)
+            .await
     }
 
     pub async fn approve(

@@ -1,0 +1,453 @@
+//! Slack's HTTP endpoints: interactions (buttons, modals), the slash command and events.
+//! Every request is size-limited, then signature-verified, before anything is parsed; Web API
+//! calls other than views.open (which must use the trigger within 3 s) run after answering.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use slack_morphism::prelude::*;
+
+use super::card::{
+    deny_modal, escape, modify_modal, render_card, ARGS_BLOCK, DENY_CALLBACK, MODIFY_CALLBACK,
+    REASON_BLOCK,
+};
+use super::SlackChannel;
+use crate::channels::{parse_modified_args, CardView, APPROVE, DENY, MODIFY};
+use crate::domain::{ApprovalRequest, Status, VoteEffect, VoteKindRequested, VoteRequest, Voter};
+use crate::engine::{Engine, EngineError};
+use crate::http::ApiError;
+use crate::store::RequestFilter;
+
+/// Cards fit five to a message within Block Kit's 50-block limit.
+const CARDS_PER_MESSAGE: usize = 5;
+
+#[derive(Clone)]
+struct SlackState {
+    engine: Engine,
+    slack: Arc<SlackChannel>,
+    body_limit: usize,
+}
+
+pub fn router(engine: Engine, slack: Arc<SlackChannel>, body_limit: usize) -> Router {
+    Router::new()
+        .route("/slack/interactions", post(interactions))
+        .route("/slack/commands", post(commands))
+        .route("/slack/events", post(events))
+        .with_state(SlackState {
+            engine,
+            slack,
+            body_limit,
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+}
+
+/// The raw body, if it is within the limit and Slack signed it in the last five minutes.
+fn verified_body(
+    state: &SlackState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<String, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(state.body_limit)
+        } else {
+            ApiError::bad_request("invalid_body", rejection.body_text())
+        }
+    })?;
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let (Some(signature), Some(timestamp)) = (
+        header("x-slack-signature"),
+        header("x-slack-request-timestamp"),
+    ) else {
+        return Err(ApiError::unauthorized("missing Slack signature headers"));
+    };
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::unauthorized("invalid Slack signature"))?;
+    // Constant-time comparison, and the timestamp must be within 300 s of now.
+    state
+        .slack
+        .verifier
+        .verify(signature, text, timestamp)
+        .map_err(|_| ApiError::unauthorized("invalid or stale Slack signature"))?;
+    Ok(text.to_string())
+}
+
+fn form_fields(body: &str) -> HashMap<String, String> {
+    url::form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+async fn interactions(
+    State(state): State<SlackState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match verified_body(&state, &headers, body) {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let Some(payload) = form_fields(&body).remove("payload") else {
+        return ApiError::bad_request("invalid_request", "no payload field").into_response();
+    };
+    let event: SlackInteractionEvent = match serde_json::from_str(&payload) {
+        Ok(event) => event,
+        Err(error) => {
+            tracing::warn!(%error, "unreadable Slack interaction");
+            return ApiError::bad_request("invalid_request", "unreadable interaction payload")
+                .into_response();
+        }
+    };
+    match event {
+        SlackInteractionEvent::BlockActions(event) => block_action(&state, event).await,
+        SlackInteractionEvent::ViewSubmission(event) => view_submission(&state, event).await,
+        _ => StatusCode::OK.into_response(),
+    }
+}
+
+/// A button on a card: approve at once; deny and modify open a modal first.
+async fn block_action(state: &SlackState, event: SlackInteractionBlockActionsEvent) -> Response {
+    let Some(user) = event.user.as_ref().map(|user| user.id.to_string()) else {
+        return StatusCode::OK.into_response();
+    };
+    let channel = event
+        .channel
+        .as_ref()
+        .map(|channel| channel.id.to_string())
+        .or_else(|| match &event.container {
+            SlackInteractionActionContainer::Message(message) => {
+                message.channel_id.as_ref().map(ToString::to_string)
+            }
+            _ => None,
+        });
+    let Some(action) = event.actions.as_ref().and_then(|actions| actions.first()) else {
+        return StatusCode::OK.into_response();
+    };
+    let request_id = action.value.clone().unwrap_or_default();
+    let tell = |text: String| tell_user(state, channel.clone(), &user, text);
+
+    let voter = match voter(state, &request_id, &user).await {
+        Ok((_, voter)) => voter,
+        Err(message) => {
+            tell(message);
+            return StatusCode::OK.into_response();
+        }
+    };
+    match action.action_id.to_string().as_str() {
+        APPROVE => {
+            if let Err(error) = state
+                .engine
+                .record_vote(&request_id, &voter, VoteRequest::Approve { note: None })
+                .await
+            {
+                tell(explain(&error));
+            }
+        }
+        action_id @ (DENY | MODIFY) => {
+            let kind = if action_id == DENY {
+                VoteKindRequested::Deny
+            } else {
+                VoteKindRequested::Modify
+            };
+            match state.engine.check_voter(&request_id, &voter, kind).await {
+                Ok(request) => {
+                    let card = CardView::of(&request);
+                    let view = if kind == VoteKindRequested::Deny {
+                        Some(deny_modal(&card))
+                    } else {
+                        modify_modal(&card)
+                    };
+                    match view {
+                        Some(view) => {
+                            if let Err(error) = state.slack.api.open_view(event.trigger_id.as_ref(), view).await {
+                                tracing::warn!(%error, "views.open failed");
+                                tell("Slack could not open the form; please click again.".into());
+                            }
+                        }
+                        None => tell(format!(
+                            "The args are too long to edit in Slack; use `signoff modify {request_id} --as slack:{user} --args …`."
+                        )),
+                    }
+                }
+                Err(error) => tell(explain(&error)),
+            }
+        }
+        _ => {}
+    }
+    StatusCode::OK.into_response()
+}
+
+/// A deny reason or modified args submitted from a modal. Problems are shown inside the
+/// modal (`response_action: errors`); success closes it.
+async fn view_submission(
+    state: &SlackState,
+    event: SlackInteractionViewSubmissionEvent,
+) -> Response {
+    let SlackView::Modal(modal) = &event.view.view else {
+        return StatusCode::OK.into_response();
+    };
+    let callback = modal
+        .callback_id
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let request_id = modal.private_metadata.clone().unwrap_or_default();
+    let value = |block: &str| {
+        event
+            .view
+            .state_params
+            .state
+            .as_ref()
+            .and_then(|state| state.values.get(&SlackBlockId::from(block)))
+            .and_then(|inputs| inputs.get(&SlackActionId::from(block)))
+            .and_then(|input| input.value.clone())
+            .unwrap_or_default()
+    };
+    let (block, vote) = match callback.as_str() {
+        DENY_CALLBACK => {
+            let reason = value(REASON_BLOCK);
+            if reason.trim().is_empty() {
+                return modal_error(REASON_BLOCK, "A deny needs a reason.");
+            }
+            (REASON_BLOCK, VoteRequest::Deny { reason })
+        }
+        MODIFY_CALLBACK => match parse_modified_args(&value(ARGS_BLOCK)) {
+            Ok(args) => (ARGS_BLOCK, VoteRequest::Modify { args, note: None }),
+            Err(problem) => return modal_error(ARGS_BLOCK, &problem),
+        },
+        _ => return StatusCode::OK.into_response(),
+    };
+    let voter = match voter(state, &request_id, event.user.id.as_ref()).await {
+        Ok((_, voter)) => voter,
+        Err(message) => return modal_error(block, &message),
+    };
+    match state.engine.record_vote(&request_id, &voter, vote).await {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(error) => modal_error(block, &explain(&error)),
+    }
+}
+
+fn modal_error(block: &str, message: &str) -> Response {
+    let response = SlackViewSubmissionResponse::Errors(SlackViewSubmissionErrorsResponse::new(
+        HashMap::from([(block.to_string(), message.to_string())]),
+    ));
+    Json(response).into_response()
+}
+
+/// The request and the voter behind Slack user `user`, or a message saying why not.
+async fn voter(
+    state: &SlackState,
+    request_id: &str,
+    user: &str,
+) -> Result<(ApprovalRequest, Voter), String> {
+    let request = state
+        .engine
+        .request(request_id)
+        .await
+        .map_err(|error| explain(&error))?;
+    let voter = state.slack.voter_for(&state.engine, &request, user).await.map_err(|error| {
+        tracing::warn!(%error, "could not resolve a Slack user");
+        "Slack could not tell signoff who you are just now, so nothing was recorded. Please try again.".to_string()
+    })?;
+    Ok((request, voter))
+}
+
+/// An ephemeral message to the clicking user, sent after the interaction is answered.
+fn tell_user(state: &SlackState, channel: Option<String>, user: &str, text: String) {
+    let Some(channel) = channel else {
+        tracing::info!(user, text, "no channel to explain a refusal in");
+        return;
+    };
+    let api = state.slack.api.clone();
+    let user = user.to_string();
+    tokio::spawn(async move {
+        if let Err(error) = api.post_ephemeral(&channel, &user, text).await {
+            tracing::warn!(%error, "chat.postEphemeral failed");
+        }
+    });
+}
+
+/// An engine refusal in words for the person who clicked.
+fn explain(error: &EngineError) -> String {
+    match error {
+        EngineError::Refused(refusal) => format!("Nothing was recorded: {refusal}."),
+        EngineError::NotFound => "That request does not exist.".into(),
+        EngineError::Invalid(message)
+        | EngineError::Conflict { message, .. }
+        | EngineError::Unprocessable { message, .. } => message.clone(),
+        EngineError::Store(_) | EngineError::Internal(_) => {
+            tracing::error!(%error, "Slack interaction failed");
+            "signoff could not record that just now; please try again.".into()
+        }
+    }
+}
+
+const HELP: &str = "*signoff* — approve what your AI agents want to do.\n\
+• `pending` — requests you can decide, with their buttons\n\
+• `show ID` — one request\n\
+• `approve ID [note]` — approve\n\
+• `deny ID reason` — deny, with a reason\n\
+• `help` — this message";
+
+/// The slash command. Every answer is ephemeral.
+async fn commands(
+    State(state): State<SlackState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match verified_body(&state, &headers, body) {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let fields = form_fields(&body);
+    let user = fields.get("user_id").cloned().unwrap_or_default();
+    let text = fields.get("text").cloned().unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let subcommand = words.next().unwrap_or("help").to_ascii_lowercase();
+    let id = words.next().map(str::to_string);
+    let rest = words.collect::<Vec<_>>().join(" ");
+    let answer = match (subcommand.as_str(), id) {
+        ("pending", _) => pending_for(&state, &user).await,
+        ("show", Some(id)) => match state.engine.request(&id).await {
+            Ok(request) => ephemeral_blocks(
+                format!("Request {id}"),
+                render_card(&CardView::of(&request)),
+            ),
+            Err(error) => ephemeral(explain(&error)),
+        },
+        ("approve", Some(id)) => {
+            let note = (!rest.is_empty()).then_some(rest);
+            vote_from_command(&state, &id, &user, VoteRequest::Approve { note }).await
+        }
+        ("deny", Some(id)) if !rest.is_empty() => {
+            vote_from_command(&state, &id, &user, VoteRequest::Deny { reason: rest }).await
+        }
+        ("deny", Some(_)) => ephemeral(format!(
+            "A deny needs a reason: `{} deny ID reason`",
+            state.slack.command
+        )),
+        ("show" | "approve" | "deny", None) => ephemeral(format!(
+            "Which request? `{} {subcommand} ID`",
+            state.slack.command
+        )),
+        _ => ephemeral(HELP.replace("*signoff*", &format!("*{}*", state.slack.command))),
+    };
+    Json(answer).into_response()
+}
+
+async fn vote_from_command(state: &SlackState, id: &str, user: &str, vote: VoteRequest) -> Value {
+    let voter = match voter(state, id, user).await {
+        Ok((_, voter)) => voter,
+        Err(message) => return ephemeral(message),
+    };
+    match state.engine.record_vote(id, &voter, vote).await {
+        Ok((
+            _,
+            VoteEffect::Counted {
+                approvals,
+                required,
+            },
+        )) => ephemeral(format!(
+            "Recorded your approval of `{id}`: {approvals} of {required} approvals."
+        )),
+        Ok((_, VoteEffect::Decided(status))) => {
+            ephemeral(format!("`{id}` is now {}.", status.as_str()))
+        }
+        Err(error) => ephemeral(explain(&error)),
+    }
+}
+
+/// Pending requests this user may approve, as cards with buttons.
+async fn pending_for(state: &SlackState, user: &str) -> Value {
+    let pending = match state
+        .engine
+        .list_requests(RequestFilter {
+            status: Some(Status::Pending),
+            agent: None,
+            limit: 1000,
+        })
+        .await
+    {
+        Ok(pending) => pending,
+        Err(error) => return ephemeral(explain(&error)),
+    };
+    let mut decidable = Vec::new();
+    for request in pending {
+        let Ok(voter) = state.slack.voter_for(&state.engine, &request, user).await else {
+            return ephemeral(
+                "Slack could not tell signoff who you are just now. Please try again.".into(),
+            );
+        };
+        if state
+            .engine
+            .check_voter(&request.id, &voter, VoteKindRequested::Approve)
+            .await
+            .is_ok()
+        {
+            decidable.push(request);
+        }
+    }
+    if decidable.is_empty() {
+        return ephemeral("Nothing is waiting for you.".into());
+    }
+    let total = decidable.len();
+    let mut blocks = vec![SlackBlock::from(SlackSectionBlock::new().with_text(md!(
+        format!(
+            "*{total} request{} waiting for you*",
+            if total == 1 { "" } else { "s" }
+        )
+    )))];
+    for request in decidable.iter().take(CARDS_PER_MESSAGE) {
+        blocks.push(SlackDividerBlock::new().into());
+        blocks.extend(render_card(&CardView::of(request)));
+    }
+    if total > CARDS_PER_MESSAGE {
+        blocks.push(
+            SlackContextBlock::new(vec![md!(format!(
+                "…and {} more. Decide these first, or list them all with `signoff pending`.",
+                total - CARDS_PER_MESSAGE
+            ))])
+            .into(),
+        );
+    }
+    ephemeral_blocks(format!("{total} pending"), blocks)
+}
+
+fn ephemeral(text: String) -> Value {
+    json!({"response_type": "ephemeral", "text": text})
+}
+
+fn ephemeral_blocks(text: String, blocks: Vec<SlackBlock>) -> Value {
+    json!({"response_type": "ephemeral", "text": escape(&text), "blocks": blocks})
+}
+
+/// Events API: answers the URL verification handshake; other events are acknowledged.
+async fn events(
+    State(state): State<SlackState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match verified_body(&state, &headers, body) {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let event: Value = match serde_json::from_str(&body) {
+        Ok(event) => event,
+        Err(error) => {
+            return ApiError::bad_request("invalid_json", format!("malformed JSON: {error}"))
+                .into_response()
+        }
+    };
+    if event["type"] == "url_verification" {
+        return Json(json!({"challenge": event["challenge"]})).into_response();
+    }
+    StatusCode::OK.into_response()
+}

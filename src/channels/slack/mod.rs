@@ -1,0 +1,112 @@
+//! Slack: signed interactions, the slash command and events in; cards and modals out.
+
+pub mod api;
+pub mod card;
+mod directory;
+mod handlers;
+
+use std::sync::Arc;
+
+use slack_morphism::prelude::SlackSigningSecret;
+use slack_morphism::signature_verifier::SlackEventSignatureVerifier;
+
+use self::api::{PostedMessage, SlackApi, SlackCallError};
+use self::card::{card_fallback_text, render_card};
+use self::directory::Directory;
+use super::CardView;
+use crate::config::SlackConfig;
+use crate::domain::{ApprovalRequest, Voter};
+use crate::engine::{Engine, EngineError};
+
+pub use handlers::router;
+
+/// Everything Slack-specific a server holds: the Web API client, the user directory, the
+/// request verifier and the slash command's name.
+pub struct SlackChannel {
+    pub api: Arc<SlackApi>,
+    directory: Directory,
+    verifier: SlackEventSignatureVerifier,
+    command: String,
+}
+
+/// What syncing a card did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CardSync {
+    Posted,
+    Updated,
+}
+
+impl SlackChannel {
+    pub fn from_config(config: &SlackConfig) -> anyhow::Result<Self> {
+        let api = Arc::new(SlackApi::new(&config.api_url, config.bot_token.expose())?);
+        Ok(Self {
+            directory: Directory::new(api.clone()),
+            api,
+            verifier: SlackEventSignatureVerifier::new(&SlackSigningSecret::from(
+                config.signing_secret.expose().to_string(),
+            )),
+            command: config.command.clone(),
+        })
+    }
+
+    /// Makes the card for `request_id` in `channel` show the request as it is now: posts it
+    /// the first time, updates that message afterwards.
+    pub async fn sync_card(
+        &self,
+        engine: &Engine,
+        request_id: &str,
+        destination: &str,
+        channel: &str,
+    ) -> Result<CardSync, CardSyncError> {
+        let request = engine.request(request_id).await?;
+        let view = CardView::of(&request);
+        let blocks = render_card(&view);
+        let text = card_fallback_text(&view);
+        let store = engine.store();
+        let existing = store
+            .chat_message(request_id, destination)
+            .await
+            .map_err(EngineError::from)?
+            .and_then(|message| serde_json::from_value::<PostedMessage>(message).ok());
+        match existing {
+            Some(message) => {
+                self.api.update_message(&message, text, blocks).await?;
+                Ok(CardSync::Updated)
+            }
+            None => {
+                let posted = self.api.post_message(channel, text, blocks, None).await?;
+                let reference = serde_json::to_value(&posted).unwrap_or_default();
+                store
+                    .save_chat_message(request_id, destination, &reference)
+                    .await
+                    .map_err(EngineError::from)?;
+                Ok(CardSync::Posted)
+            }
+        }
+    }
+
+    /// The voter behind a Slack user, for this request's tier.
+    pub async fn voter_for(
+        &self,
+        engine: &Engine,
+        request: &ApprovalRequest,
+        user: &str,
+    ) -> Result<Voter, SlackCallError> {
+        let policy = engine.policy();
+        let groups = request
+            .tier
+            .as_deref()
+            .and_then(|tier| policy.tier(tier))
+            .map(|tier| tier.approvers.slack_groups.clone())
+            .unwrap_or_default();
+        self.directory.voter(user, &groups).await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CardSyncError {
+    #[error(transparent)]
+    Slack(#[from] SlackCallError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}

@@ -1,0 +1,370 @@
+//! The outbox worker: claims due messages, posts and updates chat cards, sends signed
+//! webhooks, retries with exponential backoff (honouring Retry-After) and paces each
+//! destination. Runs on every replica; claims are leases, so nothing is done twice at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use sha2::Sha256;
+use tokio::sync::{watch, Semaphore};
+
+use crate::channels::slack::api::SlackCallError;
+use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
+use crate::domain::now;
+use crate::engine::Engine;
+use crate::store::{OutboxMessage, OutboxOutcome};
+
+/// A claimed message is ours this long; every call inside has a shorter timeout.
+const LEASE: Duration = Duration::from_secs(60);
+const CLAIM_BATCH: i64 = 32;
+/// How often the worker looks for due work when nothing wakes it.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Webhooks are retried at least 24 h (DESIGN §10); give up after three days.
+const WEBHOOK_GIVE_UP: chrono::Duration = chrono::Duration::days(3);
+const WEBHOOK_MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// Cards keep being retried (a Slack outage delays cards, never loses them), at most this far apart.
+const CARD_MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// About one post per second per destination, with a short burst.
+const BURST: f64 = 3.0;
+const PER_SECOND: f64 = 1.0;
+
+pub struct Delivery {
+    engine: Engine,
+    slack: Option<Arc<SlackChannel>>,
+    http: reqwest::Client,
+    pacing: Mutex<HashMap<String, TokenBucket>>,
+    /// Slow webhook receivers cannot take every slot: cards and webhooks have their own.
+    card_slots: Arc<Semaphore>,
+    webhook_slots: Arc<Semaphore>,
+}
+
+impl Delivery {
+    pub fn new(engine: Engine, slack: Option<Arc<SlackChannel>>, http: reqwest::Client) -> Self {
+        Self {
+            engine,
+            slack,
+            http,
+            pacing: Mutex::new(HashMap::new()),
+            card_slots: Arc::new(Semaphore::new(8)),
+            webhook_slots: Arc::new(Semaphore::new(32)),
+        }
+    }
+
+    /// Runs until `shutdown`; in-flight deliveries finish (each is bounded by its timeout).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let signal = self.engine.outbox_signal();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            match self
+                .engine
+                .store()
+                .claim_outbox(now(), now() + lease(), CLAIM_BATCH)
+                .await
+            {
+                Ok(messages) if !messages.is_empty() => {
+                    for message in messages {
+                        self.clone().dispatch(message).await;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "claiming outbox messages failed"),
+            }
+            tokio::select! {
+                _ = signal.notified() => {}
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        // Wait for deliveries already started, so their outcomes are recorded.
+        let _ = self.card_slots.acquire_many(8).await;
+        let _ = self.webhook_slots.acquire_many(32).await;
+    }
+
+    async fn dispatch(self: Arc<Self>, message: OutboxMessage) {
+        if let Some(wait) = self.pace(&message.destination) {
+            self.finish(
+                &message,
+                OutboxOutcome::Defer {
+                    at: now() + to_chrono(wait),
+                },
+            )
+            .await;
+            return;
+        }
+        let slots = if message.kind == "webhook" {
+            &self.webhook_slots
+        } else {
+            &self.card_slots
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let outcome = self.deliver(&message).await;
+            self.finish(&message, outcome).await;
+            drop(permit);
+        });
+    }
+
+    async fn finish(&self, message: &OutboxMessage, outcome: OutboxOutcome) {
+        if let OutboxOutcome::Retry { error, .. } | OutboxOutcome::Abandon { error } = &outcome {
+            tracing::warn!(outbox_id = message.id, kind = %message.kind, destination = %message.destination, %error, "delivery failed");
+        }
+        if let Err(error) = self.engine.store().finish_outbox(message, outcome).await {
+            // The lease runs out and the message is tried again: at least once, never lost.
+            tracing::error!(%error, outbox_id = message.id, "recording a delivery outcome failed");
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(outbox_id = message.id, kind = %message.kind))]
+    async fn deliver(&self, message: &OutboxMessage) -> OutboxOutcome {
+        match (message.kind.as_str(), message.destination.split_once(':')) {
+            ("card", Some((crate::channels::SLACK, channel))) => {
+                self.deliver_slack_card(message, channel).await
+            }
+            ("webhook", _) => self.deliver_webhook(message).await,
+            _ => OutboxOutcome::Abandon {
+                error: format!(
+                    "no channel configured for {} {}",
+                    message.kind, message.destination
+                ),
+            },
+        }
+    }
+
+    async fn deliver_slack_card(&self, message: &OutboxMessage, channel: &str) -> OutboxOutcome {
+        let Some(slack) = &self.slack else {
+            return OutboxOutcome::Abandon {
+                error: "Slack is not configured".into(),
+            };
+        };
+        match slack
+            .sync_card(
+                &self.engine,
+                &message.request_id,
+                &message.destination,
+                channel,
+            )
+            .await
+        {
+            Ok(sync) => {
+                if sync == CardSync::Posted {
+                    self.engine
+                        .record_delivery(&message.request_id, "card", &message.destination)
+                        .await;
+                }
+                OutboxOutcome::Delivered
+            }
+            Err(CardSyncError::Slack(SlackCallError::Permanent(error))) => {
+                OutboxOutcome::Abandon { error }
+            }
+            Err(CardSyncError::Slack(SlackCallError::Retry { reason, after })) => {
+                OutboxOutcome::Retry {
+                    at: retry_at(message.attempts, CARD_MAX_BACKOFF, after),
+                    error: reason,
+                }
+            }
+            Err(CardSyncError::Engine(error)) => OutboxOutcome::Retry {
+                at: retry_at(message.attempts, CARD_MAX_BACKOFF, None),
+                error: error.to_string(),
+            },
+        }
+    }
+
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
+    /// HMAC-SHA256(secret, id.timestamp.body)>`. The id is stable across retries.
+    async fn deliver_webhook(&self, message: &OutboxMessage) -> OutboxOutcome {
+        let secret = match self.webhook_secret(&message.request_id).await {
+            Ok(secret) => secret,
+            Err(error) => {
+                return OutboxOutcome::Retry {
+                    at: retry_at(message.attempts, WEBHOOK_MAX_BACKOFF, None),
+                    error,
+                }
+            }
+        };
+        let body = serde_json::to_vec(&message.payload).unwrap_or_default();
+        let id = format!("msg_{}", message.id);
+        let timestamp = Utc::now().timestamp();
+        let signature = match sign_webhook(&secret, &id, timestamp, &body) {
+            Ok(signature) => signature,
+            Err(error) => return OutboxOutcome::Abandon { error },
+        };
+        let sent = self
+            .http
+            .post(&message.destination)
+            .header("content-type", "application/json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .timeout(WEBHOOK_TIMEOUT)
+            .body(body)
+            .send()
+            .await;
+        let failure = match sent {
+            Ok(response) if response.status().is_success() => {
+                self.engine
+                    .record_delivery(&message.request_id, "webhook", &message.destination)
+                    .await;
+                return OutboxOutcome::Delivered;
+            }
+            // 410 Gone: the receiver asks us to stop.
+            Ok(response) if response.status() == reqwest::StatusCode::GONE => {
+                return OutboxOutcome::Abandon {
+                    error: "receiver answered 410 Gone".into(),
+                };
+            }
+            Ok(response) => format!("receiver answered {}", response.status()),
+            Err(error) => format!("could not reach the receiver: {error}"),
+        };
+        if message.created_at + WEBHOOK_GIVE_UP < Utc::now() {
+            return OutboxOutcome::Abandon {
+                error: format!(
+                    "{failure}; gave up after {} days",
+                    WEBHOOK_GIVE_UP.num_days()
+                ),
+            };
+        }
+        OutboxOutcome::Retry {
+            at: retry_at(message.attempts, WEBHOOK_MAX_BACKOFF, None),
+            error: failure,
+        }
+    }
+
+    async fn webhook_secret(&self, request_id: &str) -> Result<String, String> {
+        let request = self
+            .engine
+            .request(request_id)
+            .await
+            .map_err(|error| error.to_string())?;
+        let agent = self
+            .engine
+            .store()
+            .agent(&request.agent)
+            .await
+            .map_err(|error| error.to_string())?
+            .ok_or_else(|| format!("agent {} no longer exists", request.agent))?;
+        Ok(agent.webhook_secret)
+    }
+
+    /// `None` when `destination` may be sent to now, else how long to wait.
+    fn pace(&self, destination: &str) -> Option<Duration> {
+        let mut pacing = self
+            .pacing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pacing
+            .entry(destination.to_string())
+            .or_insert_with(TokenBucket::full)
+            .take()
+    }
+}
+
+/// `v1,<base64 signature>` for a Standard Webhooks secret (`whsec_<base64 key>`).
+pub fn sign_webhook(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .map_err(|_| "the agent's webhook secret is not base64".to_string())?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).map_err(|error| error.to_string())?;
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    Ok(format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    ))
+}
+
+/// Exponential backoff with jitter from 1 s, capped; never sooner than Retry-After.
+fn retry_at(attempts: i32, cap: Duration, retry_after: Option<Duration>) -> chrono::DateTime<Utc> {
+    let exponent = attempts.clamp(0, 20) as u32;
+    let backoff = Duration::from_secs(1u64 << exponent).min(cap);
+    let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+    let wait = retry_after.map_or(jittered, |after| after.max(jittered));
+    now() + to_chrono(wait)
+}
+
+fn to_chrono(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}
+
+fn lease() -> chrono::Duration {
+    to_chrono(LEASE)
+}
+
+struct TokenBucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    fn full() -> Self {
+        Self {
+            tokens: BURST,
+            updated: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> Option<Duration> {
+        let elapsed = self.updated.elapsed().as_secs_f64();
+        self.updated = Instant::now();
+        self.tokens = (self.tokens + elapsed * PER_SECOND).min(BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            None
+        } else {
+            Some(Duration::from_secs_f64((1.0 - self.tokens) / PER_SECOND))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_signature_matches_the_standard_webhooks_example() {
+        // The example from the Standard Webhooks specification.
+        let signature = sign_webhook(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        )
+        .unwrap();
+        assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn backoff_grows_and_respects_retry_after() {
+        let soon = retry_at(0, CARD_MAX_BACKOFF, None) - now();
+        assert!(soon <= chrono::Duration::seconds(1));
+        let capped = retry_at(30, CARD_MAX_BACKOFF, None) - now();
+        assert!(
+            capped <= chrono::Duration::seconds(300) && capped >= chrono::Duration::seconds(149)
+        );
+        let told = retry_at(0, CARD_MAX_BACKOFF, Some(Duration::from_secs(30))) - now();
+        assert!(told >= chrono::Duration::seconds(29));
+    }
+
+    #[test]
+    fn pacing_allows_a_burst_then_about_one_per_second() {
+        let mut bucket = TokenBucket::full();
+        for _ in 0..3 {
+            assert_eq!(bucket.take(), None);
+        }
+        let wait = bucket.take().expect("the burst is spent");
+        assert!(wait <= Duration::from_secs(1));
+    }
+}
