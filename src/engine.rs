@@ -403,7 +403,7 @@ impl Engine {
                     Some(at + chrono::Duration::from_std(ttl).context("ttl out of range")?);
             }
         }
-        let mut outbox = Vec::new();
+        let mut outbox = self.card_messages(&request, at);
         if request.status.is_final() {
             audit.push(decided_event(&request, by_policy.as_str()));
             outbox.extend(webhook_message(&request, at));

@@ -78,6 +78,7 @@ pub struct OutboxMessage {
     pub kind: String,
     pub destination: String,
     pub payload: Value,
+    /// Failed attempts in a row, for the backoff.
     pub attempts: i32,
     /// For card messages: bumped by every later change, so a delivery of an older state
     /// does not mark a newer one done.

@@ -614,7 +614,7 @@ macro_rules! implement_store {
                 match outcome {
                     OutboxOutcome::Delivered => {
                         let finished = sqlx::query(
-                            "UPDATE outbox SET state = 'delivered', finished_at = $2, lease_until = NULL, attempts = attempts + 1 \
+                            "UPDATE outbox SET state = 'delivered', finished_at = $2, lease_until = NULL \
                              WHERE id = $1 AND generation = $3",
                         )
                         .bind(message.id)
@@ -624,8 +624,9 @@ macro_rules! implement_store {
                         .await?
                         .rows_affected();
                         if finished == 0 {
-                            // A newer change arrived meanwhile: release it to run again now.
-                            sqlx::query("UPDATE outbox SET lease_until = NULL WHERE id = $1")
+                            // A newer change arrived meanwhile: run again now, with a clean
+                            // slate, since this attempt succeeded.
+                            sqlx::query("UPDATE outbox SET lease_until = NULL, attempts = 0 WHERE id = $1")
                                 .bind(message.id)
                                 .execute(&self.pool)
                                 .await?;

@@ -28,9 +28,11 @@ async fn every_change_is_chained_and_exported(
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
+    // Deliveries (the card being posted) are audited too, whenever the worker gets to them.
     let kinds: Vec<&str> = events
         .iter()
         .map(|event| event["kind"].as_str().unwrap())
+        .filter(|kind| *kind != "delivered")
         .collect();
     assert_eq!(
         kinds,
@@ -49,11 +51,12 @@ async fn every_change_is_chained_and_exported(
             assert_eq!(event["prev_hash"], events[index - 1]["hash"]);
         }
     }
-    assert_eq!(events[3]["actor"], "cli:alice");
+    let vote = events.iter().find(|event| event["kind"] == "vote").unwrap();
+    assert_eq!(vote["actor"], "cli:alice");
 
     let output = app.cli(&["audit", "verify"]);
     assert!(output.status.success(), "{}", stdout(&output));
-    assert!(stdout(&output).contains("6 events"));
+    assert!(stdout(&output).starts_with("audit chain intact"));
 }
 
 #[rstest]

@@ -74,7 +74,7 @@ async fn requesters_owners_and_outsiders_cannot_approve(
             json!({"action": "email.send", "on_behalf_of": "cli:alice"}),
         )
         .await;
-    let audit_before = app.audit_seq().await;
+    let audit_before = app.audit_kinds(Some(id)).await;
 
     assert_eq!(
         refusal(app.approve(id, "cli:alice").await),
@@ -105,7 +105,7 @@ async fn requesters_owners_and_outsiders_cannot_approve(
     assert_eq!(stored.status, Status::Pending);
     assert!(stored.votes.is_empty());
     assert_eq!(
-        app.audit_seq().await,
+        app.audit_kinds(Some(id)).await,
         audit_before,
         "refusals must not be recorded as changes"
     );

@@ -9,3 +9,4 @@ mod cli;
 mod concurrency;
 mod decisions;
 mod lifecycle;
+mod slack;

@@ -2,6 +2,8 @@
 //! database, typed request helpers, and the CLI binary pointed at the same database.
 #![allow(dead_code)]
 
+pub mod fake_slack;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::Output;
@@ -10,12 +12,16 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use signoff::config::{Config, Secret};
+use signoff::config::{Config, Secret, SlackConfig};
 use signoff::domain::{ApprovalRequest, Principal, VoteEffect, VoteRequest, Voter};
 use signoff::engine::{Engine, EngineResult};
 use signoff::server::RunningServer;
 use sqlx::Connection;
 use tempfile::TempDir;
+
+use self::fake_slack::{FakeSlack, SlackDriver};
+
+pub const SLACK_SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -158,6 +164,7 @@ pub struct TestAgent {
 
 pub struct TestApp {
     pub backend: Backend,
+    pub slack: FakeSlack,
     pub base_url: String,
     pub config: Config,
     pub config_path: PathBuf,
@@ -177,7 +184,14 @@ impl TestApp {
         let database = TestDatabase::create(backend, &directory).await?;
         let policy_path = directory.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("write policy");
+        let slack = FakeSlack::start().await;
         let config = Config {
+            slack: SlackConfig {
+                bot_token: Secret::new("xoxb-test-token"),
+                signing_secret: Secret::new(SLACK_SIGNING_SECRET),
+                api_url: slack.api_url.clone(),
+                command: "/signoff".into(),
+            },
             listen: "127.0.0.1:0".into(),
             database_url: Secret::new(database.url.clone()),
             policy: policy_path.clone(),
@@ -190,14 +204,17 @@ impl TestApp {
         std::fs::write(
             &config_path,
             format!(
-                "database_url = {:?}\npolicy = {:?}\nwatch_interval_ms = 100\n",
+                "database_url = {:?}\npolicy = {:?}\nwatch_interval_ms = 100\n\n[slack]\nbot_token = \"xoxb-test-token\"\nsigning_secret = {:?}\napi_url = {:?}\n",
                 database.url,
-                policy_path.display().to_string()
+                policy_path.display().to_string(),
+                SLACK_SIGNING_SECRET,
+                slack.api_url,
             ),
         )
         .expect("write config");
         let mut app = Self {
             backend,
+            slack,
             base_url: String::new(),
             config,
             config_path,
@@ -214,6 +231,7 @@ impl TestApp {
     }
 
     async fn start(&mut self) {
+        init_test_logging();
         let server = RunningServer::start(self.config.clone())
             .await
             .expect("server starts");
@@ -235,6 +253,15 @@ impl TestApp {
 
     pub async fn start_again(&mut self) {
         self.start().await;
+    }
+
+    /// Signs requests to this app's Slack endpoints as Slack would.
+    pub fn slack_driver(&self) -> SlackDriver {
+        SlackDriver {
+            signing_secret: SLACK_SIGNING_SECRET.into(),
+            base_url: self.base_url.clone(),
+            http: self.http.clone(),
+        }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -382,6 +409,22 @@ impl TestApp {
         self.engine().request(id).await.expect("stored request")
     }
 
+    /// The kinds of the audit events about `request_id` (or about no request), in order,
+    /// without deliveries, which the outbox worker records whenever it gets to them.
+    pub async fn audit_kinds(&self, request_id: Option<&str>) -> Vec<String> {
+        let mut kinds = Vec::new();
+        self.engine()
+            .export_audit(|event| {
+                if event.request_id.as_deref() == request_id && event.kind != "delivered" {
+                    kinds.push(event.kind.clone());
+                }
+                Ok(())
+            })
+            .await
+            .expect("export");
+        kinds
+    }
+
     pub async fn audit_seq(&self) -> i64 {
         self.engine()
             .store()
@@ -498,4 +541,12 @@ macro_rules! spawn_app {
             None => return,
         }
     };
+}
+
+/// `RUST_LOG=signoff=debug cargo test ...` shows the server's logs.
+pub fn init_test_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }

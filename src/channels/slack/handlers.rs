@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use slack_morphism::prelude::*;
 
@@ -25,6 +26,71 @@ use crate::domain::{ApprovalRequest, Status, VoteEffect, VoteKindRequested, Vote
 use crate::engine::{Engine, EngineError};
 use crate::http::ApiError;
 use crate::store::RequestFilter;
+
+/// The parts of an interaction payload signoff reads. Slack adds fields over time and
+/// omits some by surface, so only these are required to be present, and none strictly.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Interaction {
+    #[serde(rename = "type")]
+    kind: String,
+    user: Identified,
+    channel: Option<Identified>,
+    container: Container,
+    trigger_id: String,
+    actions: Vec<Action>,
+    view: Option<View>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Identified {
+    id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Container {
+    channel_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Action {
+    action_id: String,
+    value: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct View {
+    callback_id: String,
+    private_metadata: String,
+    state: ViewState,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ViewState {
+    values: HashMap<String, HashMap<String, InputValue>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct InputValue {
+    value: Option<String>,
+}
+
+impl View {
+    fn input(&self, block: &str) -> String {
+        self.state
+            .values
+            .get(block)
+            .and_then(|inputs| inputs.get(block))
+            .and_then(|input| input.value.clone())
+            .unwrap_or_default()
+    }
+}
 
 /// Cards fit five to a message within Block Kit's 50-block limit.
 const CARDS_PER_MESSAGE: usize = 5;
@@ -98,50 +164,43 @@ async fn interactions(
     let Some(payload) = form_fields(&body).remove("payload") else {
         return ApiError::bad_request("invalid_request", "no payload field").into_response();
     };
-    let event: SlackInteractionEvent = match serde_json::from_str(&payload) {
-        Ok(event) => event,
+    let interaction: Interaction = match serde_json::from_str(&payload) {
+        Ok(interaction) => interaction,
         Err(error) => {
             tracing::warn!(%error, "unreadable Slack interaction");
             return ApiError::bad_request("invalid_request", "unreadable interaction payload")
                 .into_response();
         }
     };
-    match event {
-        SlackInteractionEvent::BlockActions(event) => block_action(&state, event).await,
-        SlackInteractionEvent::ViewSubmission(event) => view_submission(&state, event).await,
+    match interaction.kind.as_str() {
+        "block_actions" => block_action(&state, interaction).await,
+        "view_submission" => view_submission(&state, interaction).await,
         _ => StatusCode::OK.into_response(),
     }
 }
 
 /// A button on a card: approve at once; deny and modify open a modal first.
-async fn block_action(state: &SlackState, event: SlackInteractionBlockActionsEvent) -> Response {
-    let Some(user) = event.user.as_ref().map(|user| user.id.to_string()) else {
-        return StatusCode::OK.into_response();
-    };
-    let channel = event
+async fn block_action(state: &SlackState, interaction: Interaction) -> Response {
+    let user = interaction.user.id.as_str();
+    let channel = interaction
         .channel
         .as_ref()
-        .map(|channel| channel.id.to_string())
-        .or_else(|| match &event.container {
-            SlackInteractionActionContainer::Message(message) => {
-                message.channel_id.as_ref().map(ToString::to_string)
-            }
-            _ => None,
-        });
-    let Some(action) = event.actions.as_ref().and_then(|actions| actions.first()) else {
+        .map(|channel| channel.id.clone())
+        .or_else(|| interaction.container.channel_id.clone());
+    let Some(action) = interaction.actions.first() else {
         return StatusCode::OK.into_response();
     };
     let request_id = action.value.clone().unwrap_or_default();
-    let tell = |text: String| tell_user(state, channel.clone(), &user, text);
+    let tell = |text: String| tell_user(state, channel.clone(), user, text);
 
-    let voter = match voter(state, &request_id, &user).await {
+    let voter = match voter(state, &request_id, user).await {
         Ok((_, voter)) => voter,
         Err(message) => {
             tell(message);
             return StatusCode::OK.into_response();
         }
     };
-    match action.action_id.to_string().as_str() {
+    match action.action_id.as_str() {
         APPROVE => {
             if let Err(error) = state
                 .engine
@@ -167,7 +226,7 @@ async fn block_action(state: &SlackState, event: SlackInteractionBlockActionsEve
                     };
                     match view {
                         Some(view) => {
-                            if let Err(error) = state.slack.api.open_view(event.trigger_id.as_ref(), view).await {
+                            if let Err(error) = state.slack.api.open_view(&interaction.trigger_id, view).await {
                                 tracing::warn!(%error, "views.open failed");
                                 tell("Slack could not open the form; please click again.".into());
                             }
@@ -187,49 +246,30 @@ async fn block_action(state: &SlackState, event: SlackInteractionBlockActionsEve
 
 /// A deny reason or modified args submitted from a modal. Problems are shown inside the
 /// modal (`response_action: errors`); success closes it.
-async fn view_submission(
-    state: &SlackState,
-    event: SlackInteractionViewSubmissionEvent,
-) -> Response {
-    let SlackView::Modal(modal) = &event.view.view else {
+async fn view_submission(state: &SlackState, interaction: Interaction) -> Response {
+    let Some(view) = &interaction.view else {
         return StatusCode::OK.into_response();
     };
-    let callback = modal
-        .callback_id
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    let request_id = modal.private_metadata.clone().unwrap_or_default();
-    let value = |block: &str| {
-        event
-            .view
-            .state_params
-            .state
-            .as_ref()
-            .and_then(|state| state.values.get(&SlackBlockId::from(block)))
-            .and_then(|inputs| inputs.get(&SlackActionId::from(block)))
-            .and_then(|input| input.value.clone())
-            .unwrap_or_default()
-    };
-    let (block, vote) = match callback.as_str() {
+    let request_id = view.private_metadata.as_str();
+    let (block, vote) = match view.callback_id.as_str() {
         DENY_CALLBACK => {
-            let reason = value(REASON_BLOCK);
+            let reason = view.input(REASON_BLOCK);
             if reason.trim().is_empty() {
                 return modal_error(REASON_BLOCK, "A deny needs a reason.");
             }
             (REASON_BLOCK, VoteRequest::Deny { reason })
         }
-        MODIFY_CALLBACK => match parse_modified_args(&value(ARGS_BLOCK)) {
+        MODIFY_CALLBACK => match parse_modified_args(&view.input(ARGS_BLOCK)) {
             Ok(args) => (ARGS_BLOCK, VoteRequest::Modify { args, note: None }),
             Err(problem) => return modal_error(ARGS_BLOCK, &problem),
         },
         _ => return StatusCode::OK.into_response(),
     };
-    let voter = match voter(state, &request_id, event.user.id.as_ref()).await {
+    let voter = match voter(state, request_id, &interaction.user.id).await {
         Ok((_, voter)) => voter,
         Err(message) => return modal_error(block, &message),
     };
-    match state.engine.record_vote(&request_id, &voter, vote).await {
+    match state.engine.record_vote(request_id, &voter, vote).await {
         Ok(_) => StatusCode::OK.into_response(),
         Err(error) => modal_error(block, &explain(&error)),
     }

@@ -1,0 +1,631 @@
+//! Slack end to end: cards routed by tier, signed clicks, modals, identity, refusals,
+//! Slack outages, and the slash command — against a local fake Slack Web API.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use rstest::rstest;
+use serde_json::{json, Value};
+use signoff::domain::Status;
+
+use crate::support::fake_slack::{click_payload, slack_signature, Failure, SlackDriver};
+use crate::support::{Backend, TestApp};
+
+const SLACK_POLICY: &str = r#"version: 1
+default: deny
+groups:
+  sre: ["slack:U01ALICE", "slack:U02BOB", "email:carol@example.com", "slack-group:S0ONCALL"]
+tiers:
+  medium:
+    route: ["slack:C0MEDIUM"]
+    approvers: ["group:sre"]
+    approvals: 1
+    ttl: 30m
+  high:
+    route: ["slack:C0HIGH", "slack:C0AUDIT"]
+    approvers: ["group:sre"]
+    approvals: 2
+    ttl: 1h
+rules:
+  - name: reads
+    match: ["*.get"]
+    effect: allow
+  - name: email
+    match: ["email.send"]
+    effect: require_approval
+    tier: medium
+  - name: refunds
+    match: ["payments.refund"]
+    effect: require_approval
+    tier: high
+"#;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn slack_app(backend: Backend) -> Option<TestApp> {
+    let app = TestApp::spawn_with_policy(backend, SLACK_POLICY).await?;
+    app.slack.add_user("U03CAROL", "Carol@Example.com");
+    app.slack.add_user("U01ALICE", "alice@example.com");
+    app.slack.set_group("S0ONCALL", &["U04DAVE"]);
+    Some(app)
+}
+
+macro_rules! slack_app {
+    ($backend:expr) => {
+        match slack_app($backend).await {
+            Some(app) => app,
+            None => return,
+        }
+    };
+}
+
+fn text_of(call: &Value) -> String {
+    call["blocks"].to_string()
+}
+
+async fn ephemeral_to(app: &TestApp, user: &str, count: usize) -> Vec<String> {
+    app.slack
+        .wait_for("chat.postEphemeral", count, WAIT)
+        .await
+        .into_iter()
+        .filter(|call| call["user"] == user)
+        .map(|call| call["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[rstest]
+#[tokio::test]
+async fn cards_go_to_every_destination_of_the_tier(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    app.submit_ok(&agent, json!({"action": "users.get"})).await;
+    let medium = app
+        .submit_id(&agent, json!({"action": "email.send", "args": {"to": "x@y.z"}, "context": {"summary": "Send the invoice"}}))
+        .await;
+    let high = app
+        .submit_id(
+            &agent,
+            json!({"action": "payments.refund", "args": {"amount": 900}}),
+        )
+        .await;
+
+    let posts = app.slack.wait_for("chat.postMessage", 3, WAIT).await;
+    let mut channels: Vec<(String, bool)> = posts
+        .iter()
+        .map(|post| {
+            (
+                post["channel"].as_str().unwrap().to_string(),
+                text_of(post).contains(&high),
+            )
+        })
+        .collect();
+    channels.sort();
+    assert_eq!(
+        channels,
+        vec![
+            ("C0AUDIT".into(), true),
+            ("C0HIGH".into(), true),
+            ("C0MEDIUM".into(), false)
+        ]
+    );
+    let medium_card = app.slack.latest_card("C0MEDIUM", &medium).unwrap();
+    let blocks = text_of(&medium_card);
+    assert!(blocks.contains("Send the invoice"));
+    for action in ["\"approve\"", "\"deny\"", "\"modify\""] {
+        assert!(blocks.contains(action), "{action} button missing");
+    }
+    assert!(medium_card["text"].as_str().unwrap().contains("email.send"));
+}
+
+#[rstest]
+#[tokio::test]
+async fn an_approve_click_decides_and_updates_the_card(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
+    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+
+    let status = app
+        .slack_driver()
+        .click("U01ALICE", "C0MEDIUM", "approve", &id)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.status, Status::Approved);
+    assert_eq!(stored.decision.unwrap().by[0].as_str(), "slack:U01ALICE");
+
+    let updates = app.slack.wait_for("chat.update", 1, WAIT).await;
+    let update = updates.last().unwrap();
+    assert_eq!(update["channel"], "C0MEDIUM");
+    assert_eq!(
+        update["ts"], "1700000000.000001",
+        "the posted message is the one updated"
+    );
+    let blocks = text_of(update);
+    assert!(
+        blocks.contains("Approved") && blocks.contains("<@U01ALICE>"),
+        "{blocks}"
+    );
+    assert!(
+        !blocks.contains("\"actions\""),
+        "buttons must be gone after the decision"
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn deny_asks_for_a_reason_in_a_modal(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
+    let driver = app.slack_driver();
+
+    assert_eq!(
+        driver.click("U02BOB", "C0MEDIUM", "deny", &id).await,
+        StatusCode::OK
+    );
+    let opened = app.slack.wait_for("views.open", 1, WAIT).await;
+    assert_eq!(
+        opened[0]["trigger_id"],
+        "13345224609.738474920.8088930838d88f008e0"
+    );
+    assert_eq!(opened[0]["view"]["callback_id"], "signoff_deny");
+    assert_eq!(opened[0]["view"]["private_metadata"], id);
+    assert_eq!(
+        app.stored(&id).await.status,
+        Status::Pending,
+        "opening the modal decides nothing"
+    );
+
+    let (status, answer) = driver
+        .submit_modal("U02BOB", "signoff_deny", &id, "reason", "  ")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["response_action"], "errors");
+    assert!(answer["errors"]["reason"].is_string());
+    assert_eq!(app.stored(&id).await.status, Status::Pending);
+
+    let (status, _) = driver
+        .submit_modal("U02BOB", "signoff_deny", &id, "reason", "Wrong customer")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.status, Status::Denied);
+    assert_eq!(
+        stored.decision.unwrap().reason.as_deref(),
+        Some("Wrong customer")
+    );
+    let update = app.slack.wait_for("chat.update", 1, WAIT).await;
+    assert!(text_of(update.last().unwrap()).contains("Wrong customer"));
+}
+
+#[rstest]
+#[tokio::test]
+async fn modify_validates_json_in_the_modal_and_starts_a_revision(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app
+        .submit_id(
+            &agent,
+            json!({"action": "payments.refund", "args": {"amount": 900, "order": "A-1"}}),
+        )
+        .await;
+    let driver = app.slack_driver();
+    assert_eq!(
+        driver.click("U01ALICE", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+
+    assert_eq!(
+        driver.click("U02BOB", "C0HIGH", "modify", &id).await,
+        StatusCode::OK
+    );
+    let opened = app.slack.wait_for("views.open", 1, WAIT).await;
+    let initial = opened[0]["view"]["blocks"].to_string();
+    assert!(
+        initial.contains("900") && initial.contains("A-1"),
+        "{initial}"
+    );
+
+    for bad in ["{not json", "[1, 2]"] {
+        let (status, answer) = driver
+            .submit_modal("U02BOB", "signoff_modify", &id, "args", bad)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["response_action"], "errors", "{bad}");
+        assert!(answer["errors"]["args"].is_string());
+    }
+    assert_eq!(app.stored(&id).await.revision, 1);
+
+    let (status, answer) = driver
+        .submit_modal(
+            "U02BOB",
+            "signoff_modify",
+            &id,
+            "args",
+            r#"{"amount": 100, "order": "A-1"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.revision, 2);
+    assert_eq!(
+        stored.status,
+        Status::Pending,
+        "alice's approval was on the old args"
+    );
+    assert_eq!(
+        driver.click("U01ALICE", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.status, Status::Approved);
+    let decision = stored.decision.unwrap();
+    assert!(decision.modified);
+    assert_eq!(decision.args, json!({"amount": 100, "order": "A-1"}));
+
+    // The card shows what changed.
+    crate::support::eventually(WAIT, || async {
+        let card = app.slack.latest_card("C0HIGH", &id)?;
+        (text_of(&card).contains("Modified") && text_of(&card).contains("Approved")).then_some(())
+    })
+    .await;
+}
+
+#[rstest]
+#[tokio::test]
+async fn two_person_rule_and_refusals_in_slack(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app
+        .submit_id(&agent, json!({"action": "payments.refund", "args": {"amount": 5000}, "on_behalf_of": "slack:U02BOB"}))
+        .await;
+    let driver = app.slack_driver();
+
+    assert_eq!(
+        driver.click("U01ALICE", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    assert_eq!(app.stored(&id).await.current_approvers().len(), 1);
+
+    // Alice again, the requester, and an outsider: each told why, nothing changes.
+    let version = app.stored(&id).await.version;
+    assert_eq!(
+        driver.click("U01ALICE", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        driver.click("U02BOB", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        driver.click("U09MALLORY", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    let told = app.slack.wait_for("chat.postEphemeral", 3, WAIT).await;
+    let text_for = |user: &str| {
+        told.iter()
+            .find(|call| call["user"] == user)
+            .map(|call| call["text"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no ephemeral for {user}: {told:#?}"))
+    };
+    assert!(text_for("U01ALICE").contains("already approved"));
+    assert!(text_for("U02BOB").contains("cannot approve"));
+    assert!(text_for("U09MALLORY").contains("not an approver"));
+    assert!(told.iter().all(|call| call["channel"] == "C0HIGH"));
+    assert_eq!(app.stored(&id).await.version, version);
+
+    // Carol is an approver through her email address, resolved with users.info.
+    assert_eq!(
+        driver.click("U03CAROL", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.status, Status::Approved);
+    let by: Vec<&str> = stored
+        .decision
+        .as_ref()
+        .unwrap()
+        .by
+        .iter()
+        .map(|p| p.as_str())
+        .collect();
+    assert_eq!(by, vec!["slack:U01ALICE", "slack:U03CAROL"]);
+    assert!(app
+        .slack
+        .calls("users.info")
+        .iter()
+        .any(|call| call["user"] == "U03CAROL"));
+
+    // A click on a decided request is explained too.
+    assert_eq!(
+        driver.click("U04DAVE", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    let told = ephemeral_to(&app, "U04DAVE", 4).await;
+    assert!(told[0].contains("already approved"), "{told:?}");
+}
+
+#[rstest]
+#[tokio::test]
+async fn slack_user_group_members_may_approve(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
+    assert_eq!(
+        app.slack_driver()
+            .click("U04DAVE", "C0MEDIUM", "approve", &id)
+            .await,
+        StatusCode::OK
+    );
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
+    assert!(app
+        .slack
+        .calls("usergroups.users.list")
+        .iter()
+        .any(|call| call["usergroup"] == "S0ONCALL"));
+}
+
+#[rstest]
+#[tokio::test]
+async fn unsigned_forged_and_stale_requests_are_refused(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
+    let driver = app.slack_driver();
+    let body =
+        SlackDriver::interaction_body(&click_payload("U01ALICE", "C0MEDIUM", "approve", &id));
+    let form = "application/x-www-form-urlencoded";
+    let now = chrono::Utc::now().timestamp();
+
+    let (status, _) = driver
+        .post_raw("/slack/interactions", body.clone(), form, None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "missing signature");
+    let forged = slack_signature("not-the-secret", now, &body);
+    let (status, answer) = driver
+        .post_raw(
+            "/slack/interactions",
+            body.clone(),
+            form,
+            Some((&forged, now)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "forged signature");
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).unwrap()["error"]["code"],
+        "unauthorized"
+    );
+    let (status, _) = driver
+        .post_signed("/slack/interactions", body.clone(), form, now - 400)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "stale timestamp");
+    let tampered = body.replace("U01ALICE", "U02BOB");
+    let signature = slack_signature(crate::support::SLACK_SIGNING_SECRET, now, &body);
+    let (status, _) = driver
+        .post_raw(
+            "/slack/interactions",
+            tampered,
+            form,
+            Some((&signature, now)),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "body changed after signing"
+    );
+    let (status, _) = driver
+        .post_signed(
+            "/slack/commands",
+            "text=approve%20".to_string() + &id,
+            form,
+            now - 400,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let huge = format!("payload={}", "x".repeat(300_000));
+    let (status, _) = driver
+        .post_signed("/slack/interactions", huge, form, now)
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.status, Status::Pending);
+    assert!(stored.votes.is_empty());
+
+    // The real signature goes through.
+    let (status, _) = driver
+        .post_signed("/slack/interactions", body, form, now)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
+}
+
+#[rstest]
+#[tokio::test]
+async fn a_slack_outage_delays_cards_but_never_loses_or_doubles_them(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    app.slack.fail_next(
+        "chat.postMessage",
+        vec![
+            Failure::ServerError,
+            Failure::RateLimited {
+                retry_after_seconds: 1,
+            },
+            Failure::NotOk("internal_error"),
+        ],
+    );
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
+
+    let posts = app
+        .slack
+        .wait_for("chat.postMessage", 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(app.slack.failed_calls("chat.postMessage"), 3);
+    assert_eq!(posts.len(), 1);
+
+    // The update after the decision rides out a failure the same way.
+    app.slack
+        .fail_next("chat.update", vec![Failure::ServerError]);
+    app.approve(&id, "slack:U01ALICE").await.unwrap();
+    app.slack
+        .wait_for("chat.update", 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        app.slack.calls("chat.postMessage").len(),
+        1,
+        "the card is updated, not posted again"
+    );
+    assert_eq!(app.slack.failed_calls("chat.update"), 1);
+    crate::support::eventually(WAIT, || async {
+        let pending = app.engine().store().pending_outbox(10).await.unwrap();
+        pending
+            .iter()
+            .all(|message| message.kind != "card")
+            .then_some(())
+    })
+    .await;
+}
+
+#[rstest]
+#[tokio::test]
+async fn every_copy_is_updated_after_the_decision(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app
+        .submit_id(
+            &agent,
+            json!({"action": "payments.refund", "args": {"amount": 10}}),
+        )
+        .await;
+    app.slack.wait_for("chat.postMessage", 2, WAIT).await;
+    app.approve(&id, "slack:U01ALICE").await.unwrap();
+    app.approve(&id, "slack:U02BOB").await.unwrap();
+
+    crate::support::eventually(WAIT, || async {
+        let high = app.slack.latest_card("C0HIGH", &id)?;
+        let audit = app.slack.latest_card("C0AUDIT", &id)?;
+        (text_of(&high).contains("Approved") && text_of(&audit).contains("Approved")).then_some(())
+    })
+    .await;
+}
+
+#[rstest]
+#[tokio::test]
+async fn the_slash_command_lists_and_decides(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let email = app.submit_id(&agent, json!({"action": "email.send"})).await;
+    let refund = app
+        .submit_id(&agent, json!({"action": "payments.refund", "args": {"amount": 3}, "on_behalf_of": "slack:U01ALICE"}))
+        .await;
+    let driver = app.slack_driver();
+
+    let (status, answer) = driver.slash("U01ALICE", "pending").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["response_type"], "ephemeral");
+    let listed = answer["blocks"].to_string();
+    assert!(listed.contains(&email), "{listed}");
+    assert!(
+        !listed.contains(&refund),
+        "alice requested the refund, so it is not hers to decide"
+    );
+
+    let (_, answer) = driver.slash("U09MALLORY", "pending").await;
+    assert!(answer["text"]
+        .as_str()
+        .unwrap()
+        .contains("Nothing is waiting"));
+
+    let (_, answer) = driver.slash("U01ALICE", &format!("show {refund}")).await;
+    assert!(answer["blocks"].to_string().contains("payments.refund"));
+
+    let (_, answer) = driver.slash("U02BOB", &format!("deny {email}")).await;
+    assert!(answer["text"].as_str().unwrap().contains("needs a reason"));
+    assert_eq!(app.stored(&email).await.status, Status::Pending);
+
+    let (_, answer) = driver
+        .slash("U01ALICE", &format!("approve {refund} looks fine"))
+        .await;
+    assert!(
+        answer["text"].as_str().unwrap().contains("cannot approve"),
+        "{answer}"
+    );
+
+    let (_, answer) = driver
+        .slash("U01ALICE", &format!("approve {email} sending now"))
+        .await;
+    assert!(
+        answer["text"].as_str().unwrap().contains("approved"),
+        "{answer}"
+    );
+    let stored = app.stored(&email).await;
+    assert_eq!(stored.status, Status::Approved);
+    assert_eq!(stored.votes[0].note.as_deref(), Some("sending now"));
+
+    let (_, answer) = driver
+        .slash("U02BOB", &format!("deny {refund} amount looks wrong"))
+        .await;
+    assert!(
+        answer["text"].as_str().unwrap().contains("denied"),
+        "{answer}"
+    );
+    assert_eq!(
+        app.stored(&refund)
+            .await
+            .decision
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("amount looks wrong")
+    );
+
+    for text in ["help", "", "frobnicate"] {
+        let (_, answer) = driver.slash("U01ALICE", text).await;
+        assert!(
+            answer["text"].as_str().unwrap().contains("pending"),
+            "{text}: {answer}"
+        );
+    }
+}
+
+#[rstest]
+#[tokio::test]
+async fn events_answer_url_verification(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = slack_app!(backend);
+    let body = json!({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"}).to_string();
+    let now = chrono::Utc::now().timestamp();
+    let (status, answer) = app
+        .slack_driver()
+        .post_signed("/slack/events", body, "application/json", now)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).unwrap()["challenge"],
+        "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
+    );
+}
