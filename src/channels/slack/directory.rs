@@ -14,6 +14,9 @@ use crate::domain::{Principal, Voter};
 const USER_TTL: Duration = Duration::from_secs(600);
 /// How long a group's member list is trusted.
 const GROUP_TTL: Duration = Duration::from_secs(300);
+/// Lookups happen while Slack waits for our answer to a click (3 s at most), so they get
+/// less time than background calls; a timeout refuses the vote, which the user can repeat.
+const LOOKUP_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A user missing from a cached group list triggers a re-read once the list is this old,
 /// so someone just added to a group can vote without waiting out the TTL.
 const MISS_REREAD_AFTER: Duration = Duration::from_secs(15);
@@ -68,7 +71,7 @@ impl Directory {
                 return Ok(email.clone());
             }
         }
-        let email = self.api.user_email(user).await?;
+        let email = within_lookup_timeout(self.api.user_email(user)).await?;
         self.emails
             .lock()
             .await
@@ -85,7 +88,7 @@ impl Directory {
                 return Ok(found);
             }
         }
-        let members = Arc::new(self.api.usergroup_members(group).await?);
+        let members = Arc::new(within_lookup_timeout(self.api.usergroup_members(group)).await?);
         let found = members.iter().any(|member| member == user);
         self.groups
             .lock()
@@ -93,4 +96,17 @@ impl Directory {
             .insert(group.to_string(), (Instant::now(), members));
         Ok(found)
     }
+}
+
+async fn within_lookup_timeout<T>(
+    call: impl std::future::Future<Output = Result<T, SlackCallError>>,
+) -> Result<T, SlackCallError> {
+    tokio::time::timeout(LOOKUP_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SlackCallError::Retry {
+                reason: "Slack user lookup timed out".into(),
+                after: None,
+            })
+        })
 }
