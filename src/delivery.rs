@@ -131,6 +131,9 @@ impl Delivery {
             ("card", Some((crate::channels::SLACK, channel))) => {
                 self.deliver_slack_card(message, channel).await
             }
+            ("reminder", Some((crate::channels::SLACK, _))) => {
+                self.deliver_slack_reminder(message).await
+            }
             ("webhook", _) => self.deliver_webhook(message).await,
             _ => OutboxOutcome::Abandon {
                 error: format!(
@@ -147,37 +150,37 @@ impl Delivery {
                 error: "Slack is not configured".into(),
             };
         };
-        match slack
+        let result = slack
             .sync_card(
                 &self.engine,
                 &message.request_id,
                 &message.destination,
                 channel,
             )
-            .await
-        {
-            Ok(sync) => {
-                if sync == CardSync::Posted {
-                    self.engine
-                        .record_delivery(&message.request_id, "card", &message.destination)
-                        .await;
-                }
-                OutboxOutcome::Delivered
-            }
-            Err(CardSyncError::Slack(SlackCallError::Permanent(error))) => {
-                OutboxOutcome::Abandon { error }
-            }
-            Err(CardSyncError::Slack(SlackCallError::Retry { reason, after })) => {
-                OutboxOutcome::Retry {
-                    at: retry_at(message.attempts, CARD_MAX_BACKOFF, after),
-                    error: reason,
-                }
-            }
-            Err(CardSyncError::Engine(error)) => OutboxOutcome::Retry {
-                at: retry_at(message.attempts, CARD_MAX_BACKOFF, None),
-                error: error.to_string(),
-            },
+            .await;
+        if result.as_ref().is_ok_and(|sync| *sync == CardSync::Posted) {
+            self.engine
+                .record_delivery(&message.request_id, "card", &message.destination)
+                .await;
         }
+        card_outcome(message, result.map(|_| ()))
+    }
+
+    async fn deliver_slack_reminder(&self, message: &OutboxMessage) -> OutboxOutcome {
+        let Some(slack) = &self.slack else {
+            return OutboxOutcome::Abandon {
+                error: "Slack is not configured".into(),
+            };
+        };
+        let result = slack
+            .post_reminder(
+                &self.engine,
+                &message.request_id,
+                &message.destination,
+                &message.payload,
+            )
+            .await;
+        card_outcome(message, result.map(|_| ()))
     }
 
     /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
@@ -266,6 +269,26 @@ impl Delivery {
             .entry(destination.to_string())
             .or_insert_with(TokenBucket::full)
             .take()
+    }
+}
+
+/// What a chat delivery's result means for its outbox message.
+fn card_outcome(message: &OutboxMessage, result: Result<(), CardSyncError>) -> OutboxOutcome {
+    match result {
+        Ok(()) => OutboxOutcome::Delivered,
+        Err(CardSyncError::Slack(SlackCallError::Permanent(error))) => {
+            OutboxOutcome::Abandon { error }
+        }
+        Err(CardSyncError::Slack(SlackCallError::Retry { reason, after })) => {
+            OutboxOutcome::Retry {
+                at: retry_at(message.attempts, CARD_MAX_BACKOFF, after),
+                error: reason,
+            }
+        }
+        Err(CardSyncError::Engine(error)) => OutboxOutcome::Retry {
+            at: retry_at(message.attempts, CARD_MAX_BACKOFF, None),
+            error: error.to_string(),
+        },
     }
 }
 

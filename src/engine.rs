@@ -29,7 +29,7 @@ use crate::domain::{
 };
 use crate::policy::{Effect, EvaluationInput, Policy, PolicyError, Verdict};
 use crate::store::{
-    AgentRecord, IdempotencyKey, NewOutboxMessage, NewRequest, RequestChange, RequestFilter,
+    AgentRecord, Due, IdempotencyKey, NewOutboxMessage, NewRequest, RequestChange, RequestFilter,
     Reservation, Store, StoreError,
 };
 
@@ -349,6 +349,10 @@ impl Engine {
             created_at: at,
             expires_at: None,
             executed: None,
+            reminded_at: None,
+            escalated_at: None,
+            remind_at: None,
+            escalate_at: None,
             version: 1,
         };
         let by_policy = Principal::policy_rule(verdict.rule.as_deref().unwrap_or("default"));
@@ -399,8 +403,14 @@ impl Engine {
             }
             Effect::RequireApproval => {
                 let ttl = verdict.ttl.unwrap_or(Duration::from_secs(3600));
-                request.expires_at =
-                    Some(at + chrono::Duration::from_std(ttl).context("ttl out of range")?);
+                let after = |duration: Duration| {
+                    chrono::Duration::from_std(duration).map(|offset| at + offset)
+                };
+                request.expires_at = Some(after(ttl).context("ttl out of range")?);
+                if let Some(tier) = verdict.tier.as_deref().and_then(|tier| policy.tier(tier)) {
+                    request.remind_at = tier.remind_after.and_then(|delay| after(delay).ok());
+                    request.escalate_at = tier.escalate_after.and_then(|delay| after(delay).ok());
+                }
             }
         }
         let mut outbox = self.card_messages(&request, at);
@@ -723,19 +733,127 @@ impl Engine {
 
     /// Expires every overdue pending request; returns how many this call expired.
     pub async fn expire_overdue(&self) -> EngineResult<usize> {
-        let mut expired = 0;
+        self.sweep_due(Due::Expiry).await
+    }
+
+    /// Does the time-driven work that has fallen due (expiries, reminders or escalations);
+    /// returns how many requests this call changed. Every replica may run it: each change is
+    /// a compare-and-set, so each is done once.
+    pub async fn sweep_due(&self, due: Due) -> EngineResult<usize> {
+        const BATCH: i64 = 500;
+        let mut changed = 0;
         loop {
-            let ids = self.store.overdue_request_ids(now(), 500).await?;
+            let ids = self.store.due_request_ids(due, now(), BATCH).await?;
             let batch = ids.len();
             for id in ids {
-                if self.expire_request(&id).await? {
-                    expired += 1;
-                }
+                let done = match due {
+                    Due::Expiry => self.expire_request(&id).await?,
+                    Due::Reminder => self.remind_request(&id).await?,
+                    Due::Escalation => self.escalate_request(&id).await?,
+                };
+                changed += usize::from(done);
             }
-            if batch < 500 {
-                return Ok(expired);
+            if (batch as i64) < BATCH {
+                return Ok(changed);
             }
         }
+    }
+
+    /// Reminds the approvers of a request still pending past its tier's `remind_after`, in
+    /// the thread of each card. Returns whether this call did it.
+    #[instrument(skip_all, fields(request_id = %id))]
+    pub async fn remind_request(&self, id: &str) -> EngineResult<bool> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.request(id).await?;
+            let at = now();
+            if current.status != Status::Pending || current.remind_at.is_none_or(|due| due > at) {
+                return Ok(false);
+            }
+            let mut next = current.clone();
+            next.remind_at = None;
+            next.reminded_at = Some(at);
+            next.version += 1;
+            let approvers = self.approver_names(&current);
+            let audit = vec![event(
+                &next,
+                at,
+                "reminded",
+                "system:sweeper",
+                json!({"approvers": approvers}),
+            )];
+            let reminder = json!({
+                "approvers": approvers,
+                "approvals": next.current_approvers().len(),
+                "required": next.approvals_required,
+            });
+            let outbox = card_destinations(&self.policy(), &next, &self.card_channels)
+                .into_iter()
+                .map(|destination| NewOutboxMessage {
+                    request_id: next.id.clone(),
+                    kind: "reminder",
+                    destination,
+                    payload: reminder.clone(),
+                    available_at: at,
+                })
+                .collect();
+            match self.commit_change(&current, &next, audit, outbox).await {
+                Ok(()) => return Ok(true),
+                Err(EngineError::Store(StoreError::Conflict(_))) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(too_contended())
+    }
+
+    /// Escalates a request still pending past its tier's `escalate_after`: its card is
+    /// posted to `escalate_to`, and every card says so. Returns whether this call did it.
+    #[instrument(skip_all, fields(request_id = %id))]
+    pub async fn escalate_request(&self, id: &str) -> EngineResult<bool> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.request(id).await?;
+            let at = now();
+            if current.status != Status::Pending || current.escalate_at.is_none_or(|due| due > at) {
+                return Ok(false);
+            }
+            let mut next = current.clone();
+            next.escalate_at = None;
+            next.escalated_at = Some(at);
+            next.version += 1;
+            let policy = self.policy();
+            let escalate_to = current
+                .tier
+                .as_deref()
+                .and_then(|tier| policy.tier(tier))
+                .map(|tier| tier.escalate_to.clone())
+                .unwrap_or_default();
+            let audit = vec![event(
+                &next,
+                at,
+                "escalated",
+                "system:sweeper",
+                json!({"to": escalate_to}),
+            )];
+            // Now including the escalation destinations: new cards there, updates elsewhere.
+            let outbox = self.card_messages(&next, at);
+            match self.commit_change(&current, &next, audit, outbox).await {
+                Ok(()) => return Ok(true),
+                Err(EngineError::Store(StoreError::Conflict(_))) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(too_contended())
+    }
+
+    /// Everyone who may vote on `request`, as written in the policy (groups expanded).
+    fn approver_names(&self, request: &ApprovalRequest) -> Vec<String> {
+        let policy = self.policy();
+        let Some(tier) = request.tier.as_deref().and_then(|tier| policy.tier(tier)) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = tier.approvers.principals.iter().cloned().collect();
+        names.sort();
+        names.extend(tier.approvers.slack_groups.iter().cloned());
+        names
     }
 
     /// Forgets Idempotency-Keys answered more than `IDEMPOTENCY_KEY_LIFETIME` ago.

@@ -1,11 +1,13 @@
-//! Expiry driven from the database: pending requests past `expires_at` become expired,
-//! also those that fell due while no server ran.
+//! Time-driven work, found in the database rather than kept in timers: pending requests
+//! past `expires_at` expire, past `remind_after` get a reminder, past `escalate_after` are
+//! escalated — also what fell due while no server ran.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::engine::Engine;
+use crate::store::Due;
 
 /// Old Idempotency-Keys are purged this often; they only need to go eventually.
 const PURGE_EVERY: Duration = Duration::from_secs(600);
@@ -23,10 +25,12 @@ pub async fn run_sweeper(engine: Engine, interval: Duration, mut shutdown: watch
         if *shutdown.borrow() {
             return;
         }
-        match engine.expire_overdue().await {
-            Ok(0) => {}
-            Ok(expired) => tracing::info!(expired, "expired overdue requests"),
-            Err(error) => tracing::warn!(%error, "expiry sweep failed; will retry"),
+        for due in [Due::Expiry, Due::Escalation, Due::Reminder] {
+            match engine.sweep_due(due).await {
+                Ok(0) => {}
+                Ok(changed) => tracing::info!(?due, changed, "swept due requests"),
+                Err(error) => tracing::warn!(?due, %error, "sweep failed; will retry"),
+            }
         }
         if last_purge.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
             last_purge = Some(tokio::time::Instant::now());

@@ -18,10 +18,15 @@ CREATE TABLE requests (
     version     INTEGER NOT NULL,
     created_at  TEXT NOT NULL,
     expires_at  TEXT,
+    -- When a still-pending request is due a reminder / an escalation; cleared once done.
+    remind_at   TEXT,
+    escalate_at TEXT,
     updated_at  TEXT NOT NULL,
     body        TEXT NOT NULL
 );
 CREATE INDEX requests_status_expiry ON requests (status, expires_at);
+CREATE INDEX requests_remind ON requests (remind_at) WHERE remind_at IS NOT NULL;
+CREATE INDEX requests_escalate ON requests (escalate_at) WHERE escalate_at IS NOT NULL;
 CREATE INDEX requests_agent_created ON requests (agent, created_at);
 
 CREATE TABLE idempotency_keys (

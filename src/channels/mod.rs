@@ -14,7 +14,7 @@ use crate::policy::Policy;
 pub const SLACK: &str = "slack";
 
 /// The destinations that should carry `request`'s card, among the enabled channel kinds:
-/// its tier's route (and, once escalated, the escalation destinations).
+/// its tier's route and, once escalated, the escalation destinations.
 pub fn card_destinations(
     policy: &Policy,
     request: &ApprovalRequest,
@@ -23,8 +23,10 @@ pub fn card_destinations(
     let Some(tier) = request.tier.as_deref().and_then(|tier| policy.tier(tier)) else {
         return Vec::new();
     };
+    let escalated = request.escalated_at.is_some().then_some(&tier.escalate_to);
     tier.route
         .iter()
+        .chain(escalated.into_iter().flatten())
         .filter(|destination| {
             destination
                 .split_once(':')
@@ -60,6 +62,7 @@ pub struct CardView {
     pub decided_by: Vec<Principal>,
     pub decided_at: Option<DateTime<Utc>>,
     pub decision_reason: Option<String>,
+    pub escalated_at: Option<DateTime<Utc>>,
 }
 
 impl CardView {
@@ -99,6 +102,7 @@ impl CardView {
                 .unwrap_or_default(),
             decided_at: decision.map(|decision| decision.at),
             decision_reason: decision.and_then(|decision| decision.reason.clone()),
+            escalated_at: request.escalated_at,
         }
     }
 

@@ -159,11 +159,22 @@ pub struct ApprovalRequest {
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub executed: Option<Execution>,
+    /// When approvers were reminded (the tier's `remind_after` passed while pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reminded_at: Option<DateTime<Utc>>,
+    /// When the request was escalated to the tier's `escalate_to` destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalated_at: Option<DateTime<Utc>>,
     /// Bumped by every stored change: the compare-and-set token.
     #[serde(skip)]
     pub version: i64,
     #[serde(skip)]
     pub original_args: Value,
+    /// When a reminder / an escalation falls due; `None` when none is (still) due.
+    #[serde(skip)]
+    pub remind_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub escalate_at: Option<DateTime<Utc>>,
 }
 
 impl ApprovalRequest {

@@ -231,6 +231,10 @@ mod tests {
             created_at: at,
             expires_at: Some(at + Duration::minutes(30)),
             executed: None,
+            reminded_at: None,
+            escalated_at: None,
+            remind_at: None,
+            escalate_at: None,
             version: 1,
         }
     }

@@ -152,6 +152,14 @@ pub struct NewRequest<'a> {
     pub idempotency: Option<(&'a IdempotencyKey, Value)>,
 }
 
+/// Time-driven work the sweeper looks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    Expiry,
+    Reminder,
+    Escalation,
+}
+
 /// Which requests to list.
 #[derive(Clone, Debug, Default)]
 pub struct RequestFilter {
@@ -179,9 +187,13 @@ pub trait Store: Send + Sync + 'static {
     /// `Err(Conflict)` when the stored request is no longer at the expected state.
     async fn update_request(&self, change: RequestChange<'_>) -> StoreResult<()>;
     async fn list_requests(&self, filter: &RequestFilter) -> StoreResult<Vec<ApprovalRequest>>;
-    /// Pending requests whose `expires_at` has passed, oldest first.
-    async fn overdue_request_ids(&self, now: DateTime<Utc>, limit: i64)
-        -> StoreResult<Vec<String>>;
+    /// Pending requests whose expiry, reminder or escalation is due, oldest first.
+    async fn due_request_ids(
+        &self,
+        due: Due,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> StoreResult<Vec<String>>;
 
     async fn reserve_idempotency_key(
         &self,

@@ -28,11 +28,34 @@ impl StoredRequest {
         }
     }
 
-    pub fn into_request(self, version: i64) -> ApprovalRequest {
+    /// The request, with what lives in columns rather than in the body.
+    pub fn into_request(self, columns: RequestColumns) -> ApprovalRequest {
         let mut request = self.request;
         request.original_args = self.original_args;
-        request.version = version;
+        (request.version, request.remind_at, request.escalate_at) = columns;
         request
+    }
+}
+
+/// `version, remind_at, escalate_at`, read beside `body`.
+pub(super) type RequestColumns = (
+    i64,
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
+/// Which due work to look for.
+pub(super) fn due_query(kind: super::Due) -> &'static str {
+    match kind {
+        super::Due::Expiry => {
+            "SELECT id FROM requests WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+        }
+        super::Due::Reminder => {
+            "SELECT id FROM requests WHERE status = 'pending' AND remind_at <= $1 ORDER BY remind_at LIMIT $2"
+        }
+        super::Due::Escalation => {
+            "SELECT id FROM requests WHERE status = 'pending' AND escalate_at <= $1 ORDER BY escalate_at LIMIT $2"
+        }
     }
 }
 
@@ -272,8 +295,8 @@ macro_rules! implement_store {
                 let request = new.request;
                 let mut transaction = self.begin_write().await?;
                 sqlx::query(
-                    "INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9)",
+                    "INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body, remind_at, escalate_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11)",
                 )
                 .bind(&request.id)
                 .bind(&request.agent)
@@ -284,6 +307,8 @@ macro_rules! implement_store {
                 .bind(request.created_at)
                 .bind(request.expires_at)
                 .bind(sqlx::types::Json(super::shared::StoredRequest::from_request(request)))
+                .bind(request.remind_at)
+                .bind(request.escalate_at)
                 .execute(&mut *transaction)
                 .await
                 .map_err(|error| super::shared::conflict_on_unique(error, "request id already exists"))?;
@@ -309,12 +334,12 @@ macro_rules! implement_store {
                 &self,
                 id: &str,
             ) -> $crate::store::StoreResult<Option<$crate::domain::ApprovalRequest>> {
-                let row: Option<(sqlx::types::Json<super::shared::StoredRequest>, i64)> =
-                    sqlx::query_as("SELECT body, version FROM requests WHERE id = $1")
+                let row: Option<(sqlx::types::Json<super::shared::StoredRequest>, i64, Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>)> =
+                    sqlx::query_as("SELECT body, version, remind_at, escalate_at FROM requests WHERE id = $1")
                         .bind(id)
                         .fetch_optional(&self.pool)
                         .await?;
-                Ok(row.map(|(body, version)| body.0.into_request(version)))
+                Ok(row.map(|(body, version, remind_at, escalate_at)| body.0.into_request((version, remind_at, escalate_at))))
             }
 
             #[tracing::instrument(skip_all, fields(request_id = %change.request.id))]
@@ -326,7 +351,7 @@ macro_rules! implement_store {
                 let mut transaction = self.begin_write().await?;
                 let updated = sqlx::query(
                     "UPDATE requests SET status = $1, revision = $2, version = $3, expires_at = $4, \
-                     updated_at = $5, body = $6 \
+                     updated_at = $5, body = $6, remind_at = $11, escalate_at = $12 \
                      WHERE id = $7 AND status = $8 AND revision = $9 AND version = $10",
                 )
                 .bind(request.status.as_str())
@@ -339,6 +364,8 @@ macro_rules! implement_store {
                 .bind(change.expected_status.as_str())
                 .bind(i64::from(change.expected_revision))
                 .bind(change.expected_version)
+                .bind(request.remind_at)
+                .bind(request.escalate_at)
                 .execute(&mut *transaction)
                 .await?
                 .rows_affected();
@@ -366,9 +393,10 @@ macro_rules! implement_store {
                 filter: &$crate::store::RequestFilter,
             ) -> $crate::store::StoreResult<Vec<$crate::domain::ApprovalRequest>> {
                 let limit = if filter.limit > 0 { filter.limit } else { 1000 };
-                let rows: Vec<(sqlx::types::Json<super::shared::StoredRequest>, i64)> =
+                #[allow(clippy::type_complexity)]
+                let rows: Vec<(sqlx::types::Json<super::shared::StoredRequest>, i64, Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>)> =
                     sqlx::query_as(
-                        "SELECT body, version FROM requests \
+                        "SELECT body, version, remind_at, escalate_at FROM requests \
                          WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR agent = $2) \
                          ORDER BY created_at, id LIMIT $3",
                     )
@@ -379,23 +407,21 @@ macro_rules! implement_store {
                     .await?;
                 Ok(rows
                     .into_iter()
-                    .map(|(body, version)| body.0.into_request(version))
+                    .map(|(body, version, remind_at, escalate_at)| body.0.into_request((version, remind_at, escalate_at)))
                     .collect())
             }
 
-            async fn overdue_request_ids(
+            async fn due_request_ids(
                 &self,
+                due: $crate::store::Due,
                 now: chrono::DateTime<chrono::Utc>,
                 limit: i64,
             ) -> $crate::store::StoreResult<Vec<String>> {
-                let rows: Vec<(String,)> = sqlx::query_as(
-                    "SELECT id FROM requests WHERE status = 'pending' AND expires_at <= $1 \
-                     ORDER BY expires_at LIMIT $2",
-                )
-                .bind(now)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
+                let rows: Vec<(String,)> = sqlx::query_as(super::shared::due_query(due))
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
                 Ok(rows.into_iter().map(|(id,)| id).collect())
             }
 

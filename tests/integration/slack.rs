@@ -629,3 +629,121 @@ async fn events_answer_url_verification(
         "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
     );
 }
+
+const LIFECYCLE_POLICY: &str = r#"version: 1
+default: deny
+groups:
+  sre: ["slack:U01ALICE", "slack-group:S0ONCALL"]
+tiers:
+  slow:
+    route: ["slack:C0SLOW"]
+    approvers: ["group:sre"]
+    approvals: 1
+    ttl: 1h
+    remind_after: 300ms
+    escalate_after: 700ms
+    escalate_to: ["slack:C0ONCALL"]
+  brief:
+    route: ["slack:C0BRIEF"]
+    approvers: ["group:sre"]
+    ttl: 1s
+rules:
+  - name: slow
+    match: ["slow.*"]
+    effect: require_approval
+    tier: slow
+  - name: brief
+    match: ["brief.*"]
+    effect: require_approval
+    tier: brief
+"#;
+
+#[rstest]
+#[tokio::test]
+async fn reminders_and_escalation_follow_the_tier(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(app) = TestApp::spawn_with_policy(backend, LIFECYCLE_POLICY).await else {
+        return;
+    };
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app.submit_id(&agent, json!({"action": "slow.job"})).await;
+
+    // The card, a reminder in its thread naming the approvers, then a card in the
+    // escalation channel: three posts.
+    let posts = app.slack.wait_for("chat.postMessage", 3, WAIT).await;
+    let card = posts
+        .iter()
+        .find(|post| post["channel"] == "C0SLOW" && post["thread_ts"].is_null())
+        .unwrap();
+    let reminder = posts
+        .iter()
+        .find(|post| !post["thread_ts"].is_null())
+        .expect("a threaded reminder");
+    assert_eq!(reminder["channel"], "C0SLOW");
+    assert_eq!(
+        reminder["thread_ts"], "1700000000.000001",
+        "in the card's thread"
+    );
+    let text = reminder["text"].as_str().unwrap();
+    assert!(
+        text.contains("<@U01ALICE>") && text.contains("<!subteam^S0ONCALL>"),
+        "{text}"
+    );
+    assert!(text_of(card).contains(&id));
+    let escalated = posts
+        .iter()
+        .find(|post| post["channel"] == "C0ONCALL")
+        .expect("posted to escalate_to");
+    assert!(text_of(escalated).contains("Escalated"));
+
+    // The original card is updated to say so, too.
+    crate::support::eventually(WAIT, || async {
+        let card = app.slack.latest_card("C0SLOW", &id)?;
+        text_of(&card).contains("Escalated").then_some(())
+    })
+    .await;
+    let stored = app.stored(&id).await;
+    assert!(stored.reminded_at.is_some() && stored.escalated_at.is_some());
+    assert_eq!(
+        app.audit_kinds(Some(&id)).await,
+        vec!["submitted", "verdict", "reminded", "escalated"]
+    );
+
+    // Deciding updates every copy, the escalation one included.
+    app.approve(&id, "slack:U01ALICE").await.unwrap();
+    crate::support::eventually(WAIT, || async {
+        let oncall = app.slack.latest_card("C0ONCALL", &id)?;
+        let slow = app.slack.latest_card("C0SLOW", &id)?;
+        (text_of(&oncall).contains("Approved") && text_of(&slow).contains("Approved")).then_some(())
+    })
+    .await;
+}
+
+#[rstest]
+#[tokio::test]
+async fn expiry_updates_the_card_and_is_final(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(app) = TestApp::spawn_with_policy(backend, LIFECYCLE_POLICY).await else {
+        return;
+    };
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app.submit_id(&agent, json!({"action": "brief.job"})).await;
+    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    crate::support::eventually(WAIT, || async {
+        let card = app.slack.latest_card("C0BRIEF", &id)?;
+        (text_of(&card).contains("Expired") && !text_of(&card).contains("\"actions\""))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.slack_driver()
+            .click("U01ALICE", "C0BRIEF", "approve", &id)
+            .await,
+        StatusCode::OK
+    );
+    assert_eq!(app.stored(&id).await.status, Status::Expired);
+    let told = ephemeral_to(&app, "U01ALICE", 1).await;
+    assert!(told[0].contains("expired"), "{told:?}");
+}

@@ -69,6 +69,15 @@ pub fn render_card(card: &CardView) -> Vec<SlackBlock> {
                 .into(),
         );
     }
+    if let (Some(at), true) = (card.escalated_at, card.is_pending()) {
+        blocks.push(
+            SlackContextBlock::new(vec![md!(format!(
+                ":rotating_light: *Escalated* {} — still waiting for a decision",
+                slack_date(at)
+            ))])
+            .into(),
+        );
+    }
     blocks.push(SlackContextBlock::new(vec![md!(progress_text(card))]).into());
 
     if card.is_pending() {
@@ -291,6 +300,26 @@ pub fn modify_modal(card: &CardView) -> Option<SlackView> {
     ))
 }
 
+/// The reminder posted in a card's thread, naming who can still decide.
+pub fn reminder_text(approvers: &[String], approvals: u64, required: u64) -> String {
+    let names: Vec<String> = approvers
+        .iter()
+        .map(|approver| match approver.strip_prefix("slack-group:") {
+            Some(group) => format!("<!subteam^{group}>"),
+            None => approver
+                .parse::<Principal>()
+                .map(|principal| mention(&principal))
+                .unwrap_or_else(|_| escape(approver)),
+        })
+        .collect();
+    let missing = required.saturating_sub(approvals);
+    format!(
+        ":bell: Still waiting: {missing} more approval{} needed ({approvals} of {required}). Approvers: {}",
+        if missing == 1 { "" } else { "s" },
+        names.join(", ")
+    )
+}
+
 /// `<@U123>` for Slack users; the principal as text for everyone else.
 pub fn mention(principal: &Principal) -> String {
     match principal.as_str().strip_prefix("slack:") {
@@ -377,6 +406,10 @@ mod tests {
             created_at: at(0),
             expires_at: Some(at(59)),
             executed: None,
+            reminded_at: None,
+            escalated_at: None,
+            remind_at: None,
+            escalate_at: None,
             version: 2,
         }
     }
@@ -498,6 +531,33 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(initial).unwrap(),
             card.args
         );
+    }
+
+    #[test]
+    fn reminders_mention_people_and_groups() {
+        let text = reminder_text(
+            &[
+                "slack:U01".into(),
+                "email:ops@example.com".into(),
+                "slack-group:S9".into(),
+            ],
+            1,
+            2,
+        );
+        assert_eq!(
+            text,
+            ":bell: Still waiting: 1 more approval needed (1 of 2). Approvers: <@U01>, email:ops@example.com, <!subteam^S9>"
+        );
+    }
+
+    #[test]
+    fn escalated_pending_cards_say_so() {
+        let mut request = pending_refund();
+        request.escalated_at = Some(at(30));
+        let blocks = blocks_json(&request).to_string();
+        assert!(blocks.contains("Escalated"), "{blocks}");
+        request.status = Status::Expired;
+        assert!(!blocks_json(&request).to_string().contains("Escalated"));
     }
 
     #[test]

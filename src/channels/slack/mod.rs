@@ -11,7 +11,7 @@ use slack_morphism::prelude::SlackSigningSecret;
 use slack_morphism::signature_verifier::SlackEventSignatureVerifier;
 
 use self::api::{PostedMessage, SlackApi, SlackCallError};
-use self::card::{card_fallback_text, render_card};
+use self::card::{card_fallback_text, reminder_text, render_card};
 use self::directory::Directory;
 use super::CardView;
 use crate::config::SlackConfig;
@@ -83,6 +83,45 @@ impl SlackChannel {
                 Ok(CardSync::Posted)
             }
         }
+    }
+
+    /// Posts a reminder in the thread of the request's card in `channel`. Waits (retries)
+    /// while the card itself has not been posted yet.
+    pub async fn post_reminder(
+        &self,
+        engine: &Engine,
+        request_id: &str,
+        destination: &str,
+        reminder: &serde_json::Value,
+    ) -> Result<(), CardSyncError> {
+        let card = engine
+            .store()
+            .chat_message(request_id, destination)
+            .await
+            .map_err(EngineError::from)?
+            .and_then(|message| serde_json::from_value::<PostedMessage>(message).ok())
+            .ok_or_else(|| SlackCallError::Retry {
+                reason: "the card is not posted yet".into(),
+                after: None,
+            })?;
+        let approvers: Vec<String> = reminder["approvers"]
+            .as_array()
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|name| name.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let text = reminder_text(
+            &approvers,
+            reminder["approvals"].as_u64().unwrap_or(0),
+            reminder["required"].as_u64().unwrap_or(0),
+        );
+        self.api
+            .post_message(&card.channel, text, Vec::new(), Some(&card.ts))
+            .await?;
+        Ok(())
     }
 
     /// The voter behind a Slack user, for this request's tier.
