@@ -90,7 +90,9 @@ impl Delivery {
     }
 
     async fn dispatch(self: Arc<Self>, message: OutboxMessage) {
-        if let Some(wait) = self.pace(&message.destination) {
+        // Chat platforms rate-limit per channel; an agent's own receiver is not paced.
+        let paced = message.kind != "webhook";
+        if let Some(wait) = paced.then(|| self.pace(&message.destination)).flatten() {
             self.finish(
                 &message,
                 OutboxOutcome::Defer {

@@ -9,4 +9,6 @@ mod cli;
 mod concurrency;
 mod decisions;
 mod lifecycle;
+mod replicas;
 mod slack;
+mod webhooks;

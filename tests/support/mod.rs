@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_slack;
+pub mod webhook_receiver;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -237,6 +238,13 @@ impl TestApp {
             .expect("server starts");
         self.base_url = format!("http://{}", server.address());
         self.server = Some(server);
+    }
+
+    /// Another server on the same database and policy: a second replica.
+    pub async fn start_replica(&self) -> RunningServer {
+        RunningServer::start(self.config.clone())
+            .await
+            .expect("replica starts")
     }
 
     /// Stops the server (gracefully) and starts a new one on the same database.
