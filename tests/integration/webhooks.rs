@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use rstest::rstest;
 use serde_json::{json, Value};
 
@@ -65,18 +66,11 @@ async fn decisions_expiry_and_cancellation_are_signed_webhooks(
     }
     // A forged signature must not verify with the same checker.
     let mut forged = receiver.deliveries("approved")[0].clone();
-    forged.body = Bytes::from(
-        forged
-            .body
-            .to_vec()
-            .into_iter()
-            .chain(*b" ")
-            .collect::<Vec<u8>>(),
-    );
+    let mut tampered = forged.body.to_vec();
+    tampered.push(b' ');
+    forged.body = Bytes::from(tampered);
     assert!(verifier.verify(&forged.body, &forged.headers).is_err());
 }
-
-use axum::body::Bytes;
 
 #[rstest]
 #[tokio::test]
