@@ -18,6 +18,7 @@ use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
 use crate::domain::now;
 use crate::engine::Engine;
 use crate::store::{OutboxMessage, OutboxOutcome};
+use crate::telemetry;
 
 /// A claimed message is ours this long; every call inside has a shorter timeout.
 const LEASE: Duration = Duration::from_secs(60);
@@ -119,6 +120,16 @@ impl Delivery {
 
     async fn finish(&self, message: &OutboxMessage, outcome: OutboxOutcome) {
         if let OutboxOutcome::Retry { error, .. } | OutboxOutcome::Abandon { error } = &outcome {
+            let destination_kind = if message.kind == "webhook" {
+                "webhook"
+            } else {
+                message
+                    .destination
+                    .split_once(':')
+                    .map_or("unknown", |(kind, _)| kind)
+            };
+            metrics::counter!(telemetry::DELIVERY_FAILURES, "destination" => destination_kind.to_string())
+                .increment(1);
             tracing::warn!(outbox_id = message.id, kind = %message.kind, destination = %message.destination, %error, "delivery failed");
         }
         if let Err(error) = self.engine.store().finish_outbox(message, outcome).await {

@@ -32,6 +32,7 @@ use crate::store::{
     AgentRecord, Due, IdempotencyKey, NewOutboxMessage, NewRequest, RequestChange, RequestFilter,
     Reservation, Store, StoreError,
 };
+use crate::telemetry;
 
 /// How often one change is re-planned after losing a compare-and-set. Each loss means
 /// another change won, and a request takes at most `approvals + 1` winning changes to end.
@@ -104,6 +105,8 @@ pub struct Engine {
     card_channels: Arc<Vec<&'static str>>,
     /// Wakes the local outbox worker after a commit that wrote outbox messages.
     outbox_signal: Arc<Notify>,
+    /// Turns true when the server stops: long-polls answer at once instead of holding it up.
+    stopping: watch::Sender<bool>,
 }
 
 impl Engine {
@@ -114,7 +117,14 @@ impl Engine {
             waiters: Waiters::default(),
             card_channels: Arc::new(Vec::new()),
             outbox_signal: Arc::new(Notify::new()),
+            stopping: watch::channel(false).0,
         }
+    }
+
+    /// Answers every long-poll now with the request as it stands; the agent polls again
+    /// (another replica, or this one after restart).
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// Cards go to route destinations of these kinds.
@@ -428,6 +438,16 @@ impl Engine {
             })
             .await?;
         self.outbox_signal.notify_one();
+        metrics::counter!(
+            telemetry::REQUESTS,
+            "effect" => verdict.effect.as_str(),
+            "tier" => telemetry::label(verdict.tier.as_deref()),
+            "rule" => telemetry::label(verdict.rule.as_deref()),
+        )
+        .increment(1);
+        if request.status.is_final() {
+            record_decision_metrics(&request);
+        }
         tracing::info!(request_id = %request.id, status = request.status.as_str(), "request submitted");
         Ok(request)
     }
@@ -454,6 +474,7 @@ impl Engine {
     ) -> EngineResult<ApprovalRequest> {
         // Subscribe before reading, so a decision committed in between is not missed.
         let mut subscription = self.waiters.subscribe(id);
+        let mut stopping = self.stopping.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let mut request = self.request_for_agent(agent, id).await?;
@@ -468,11 +489,13 @@ impl Engine {
                 Some(expiry) => deadline.min(instant_at(expiry)),
                 None => deadline,
             };
-            if tokio::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline || *stopping.borrow() {
                 return Ok(request);
             }
+            tracing::debug!(request_id = %id, "long-poll waiting for a decision");
             tokio::select! {
                 _ = subscription.changed() => {}
+                _ = stopping.changed() => {}
                 _ = tokio::time::sleep_until(wake_at) => {
                     if tokio::time::Instant::now() >= deadline {
                         return self.request_for_agent(agent, id).await;
@@ -882,6 +905,7 @@ impl Engine {
             .await?;
         if next.status != current.status {
             self.waiters.wake(&next.id);
+            record_decision_metrics(next);
         }
         if wrote_outbox {
             self.outbox_signal.notify_one();
@@ -953,6 +977,17 @@ fn random_token(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
     rand::thread_rng().fill_bytes(&mut buffer);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buffer)
+}
+
+/// Counts a final decision and, for requests that waited for people, how long they waited.
+fn record_decision_metrics(request: &ApprovalRequest) {
+    let tier = telemetry::label(request.tier.as_deref());
+    metrics::counter!(telemetry::DECISIONS, "outcome" => request.status.as_str(), "tier" => tier.clone())
+        .increment(1);
+    if let (Some(decision), Some(_)) = (&request.decision, request.expires_at) {
+        let waited = (decision.at - request.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::histogram!(telemetry::TIME_TO_DECISION, "tier" => tier).record(waited);
+    }
 }
 
 fn too_contended() -> EngineError {

@@ -14,4 +14,5 @@ pub mod policy;
 pub mod server;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
 pub mod watcher;

@@ -53,6 +53,8 @@ pub struct RunningServer {
 impl RunningServer {
     /// Binds `config.listen` (port 0 picks a free port), migrates, and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        // Installed before anything records, so no early sample is lost.
+        crate::telemetry::prometheus();
         let engine = build_engine(&config).await?;
         let listener = TcpListener::bind(config.listen_address()?)
             .await
@@ -122,6 +124,7 @@ impl RunningServer {
     /// Stops accepting, lets in-flight requests finish (up to `grace`), stops the workers
     /// between rows.
     pub async fn shutdown(self, grace: Duration) {
+        self.engine.begin_shutdown();
         let _ = self.shutdown.send(true);
         let all = futures::future::join_all(self.tasks);
         if tokio::time::timeout(grace, all).await.is_err() {

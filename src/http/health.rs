@@ -7,6 +7,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::{ApiError, AppState};
+use crate::telemetry;
 
 pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
@@ -31,4 +32,40 @@ pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, 
 
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Prometheus text format. Gauges that describe the database (pending requests, outbox
+/// backlog) are read at scrape time, so every replica reports the same truth.
+pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let Some(handle) = telemetry::prometheus() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics_unavailable",
+            "another metrics recorder is installed in this process",
+        ));
+    };
+    let store = state.engine.store();
+    match (store.pending_count().await, store.outbox_backlog().await) {
+        (Ok(pending), Ok(backlog)) => {
+            metrics::gauge!(telemetry::PENDING).set(pending as f64);
+            for kind in ["card", "reminder", "webhook"] {
+                let waiting = backlog
+                    .by_kind
+                    .iter()
+                    .find(|(name, _)| name == kind)
+                    .map_or(0, |(_, count)| *count);
+                metrics::gauge!(telemetry::OUTBOX_BACKLOG, "kind" => kind).set(waiting as f64);
+            }
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::warn!(%error, "metrics: database gauges not refreshed")
+        }
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        handle.render(),
+    ))
 }

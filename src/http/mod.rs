@@ -36,6 +36,28 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The agent API and health routes, plus `channel_routes` (Slack, Teams), under the shared
 /// layers: request ids, tracing, timeout and the body limit.
+/// HTTP latency by route template (never by raw path, which would explode label sets).
+async fn record_http_latency(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |path| path.as_str().to_string());
+    let response = next.run(request).await;
+    metrics::histogram!(
+        crate::telemetry::HTTP_DURATION,
+        "method" => method,
+        "route" => route,
+        "status" => response.status().as_u16().to_string(),
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
 pub fn router(state: AppState, channel_routes: Router) -> Router {
     let body_limit = state.config.max_body_bytes;
     Router::new()
@@ -52,10 +74,12 @@ pub fn router(state: AppState, channel_routes: Router) -> Router {
         .route("/v1/check", post(agent_api::check_policy))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .fallback(health::not_found)
         .with_state(state)
         .merge(channel_routes)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(record_http_latency))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,

@@ -187,6 +187,7 @@ pub trait Store: Send + Sync + 'static {
     /// `Err(Conflict)` when the stored request is no longer at the expected state.
     async fn update_request(&self, change: RequestChange<'_>) -> StoreResult<()>;
     async fn list_requests(&self, filter: &RequestFilter) -> StoreResult<Vec<ApprovalRequest>>;
+    async fn pending_count(&self) -> StoreResult<i64>;
     /// Pending requests whose expiry, reminder or escalation is due, oldest first.
     async fn due_request_ids(
         &self,

@@ -411,6 +411,14 @@ macro_rules! implement_store {
                     .collect())
             }
 
+            async fn pending_count(&self) -> $crate::store::StoreResult<i64> {
+                let (count,): (i64,) =
+                    sqlx::query_as("SELECT COUNT(*) FROM requests WHERE status = 'pending'")
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(count)
+            }
+
             async fn due_request_ids(
                 &self,
                 due: $crate::store::Due,

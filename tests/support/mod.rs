@@ -205,7 +205,7 @@ impl TestApp {
         std::fs::write(
             &config_path,
             format!(
-                "database_url = {:?}\npolicy = {:?}\nwatch_interval_ms = 100\n\n[slack]\nbot_token = \"xoxb-test-token\"\nsigning_secret = {:?}\napi_url = {:?}\n",
+                "listen = \"127.0.0.1:0\"\ndatabase_url = {:?}\npolicy = {:?}\nwatch_interval_ms = 100\nsweep_interval_ms = 100\n\n[slack]\nbot_token = \"xoxb-test-token\"\nsigning_secret = {:?}\napi_url = {:?}\n",
                 database.url,
                 policy_path.display().to_string(),
                 SLACK_SIGNING_SECRET,
