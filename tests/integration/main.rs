@@ -9,4 +9,5 @@ mod cli;
 mod concurrency;
 mod decisions;
 mod lifecycle;
+mod openapi;
 mod slack;
