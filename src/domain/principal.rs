@@ -4,11 +4,15 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use utoipa::ToSchema;
 
 /// The principal kinds a person can act as. `policy:` and `system:` name non-people in decisions.
 const PERSON_KINDS: &[&str] = &["slack", "email", "teams", "cli"];
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// `kind:identifier`: `slack:U…`, `email:…`, `teams:…`, `cli:…` for people; `policy:…`,
+/// `agent:…` and `system:…` in decisions.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ToSchema)]
+#[schema(value_type = String, example = "slack:U0XYZ")]
 pub struct Principal(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

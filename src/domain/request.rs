@@ -5,6 +5,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
 use super::Principal;
 
@@ -33,7 +34,7 @@ pub fn action_hash(action: &str, args: &Value) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(canonical)))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -78,50 +79,58 @@ impl Status {
 /// The outcome recorded in a final decision; the same words as the final statuses.
 pub type Outcome = Status;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VoteKind {
     Approve,
     Deny,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Vote {
     pub principal: Principal,
     pub vote: VoteKind,
+    // Always serialized, as null when absent: required for the OpenAPI document too.
+    #[schema(required = true)]
     pub note: Option<String>,
     pub at: DateTime<Utc>,
     /// The args revision this vote was cast on; votes on earlier revisions no longer count.
     pub revision: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Decision {
+    /// A final status: approved, denied, expired or cancelled, never pending.
+    #[schema(value_type = Status)]
     pub outcome: Outcome,
+    /// The people who decided, or `policy:<rule>`, `agent:<name>`, `system:expiry`.
     pub by: Vec<Principal>,
+    #[schema(required = true)]
     pub reason: Option<String>,
     pub at: DateTime<Utc>,
     pub modified: bool,
     /// The args the agent must execute.
+    #[schema(value_type = Object)]
     pub args: Value,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecutionOutcome {
     Succeeded,
     Failed,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Execution {
     pub outcome: ExecutionOutcome,
+    /// Whatever the agent reported; null when it sent none.
     pub detail: Value,
     pub at: DateTime<Utc>,
 }
 
 /// What the agent says about the action, shown to approvers as evidence.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestContext {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,30 +143,45 @@ pub struct RequestContext {
     pub links: Vec<String>,
 }
 
-/// The request object of the agent API (DESIGN §6).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+// DESIGN §6. Every `Option` but `callback_url` is always serialized (as null when absent),
+// hence `required = true` on them: the OpenAPI document must say what agents receive.
+/// The request object of the agent API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ApprovalRequest {
+    /// `apr_` and 26 random characters.
     pub id: String,
     pub agent: String,
     pub action: String,
     /// The current args: the agent's own, or an approver's modification.
+    #[schema(value_type = Object)]
     pub args: Value,
     pub context: RequestContext,
+    #[schema(required = true)]
     pub on_behalf_of: Option<Principal>,
+    /// Present only when the agent gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub callback_url: Option<String>,
     pub status: Status,
+    #[schema(required = true)]
     pub tier: Option<String>,
+    #[schema(required = true)]
     pub rule: Option<String>,
     pub approvals_required: u32,
     /// 1 for the agent's args, +1 for each modification.
     pub revision: u32,
     pub votes: Vec<Vote>,
+    /// Null while pending.
+    #[schema(required = true)]
     pub decision: Option<Decision>,
+    /// `sha256:` and the hex SHA-256 of the RFC 8785 canonical JSON of `{action, args}`.
     pub action_hash: String,
     pub policy_hash: String,
     pub created_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// What the agent reported through `/execution`; null until then.
+    #[schema(required = true)]
     pub executed: Option<Execution>,
     /// When approvers were reminded (the tier's `remind_after` passed while pending).
     #[serde(default, skip_serializing_if = "Option::is_none")]

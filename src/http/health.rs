@@ -4,21 +4,55 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, ErrorBody};
 use crate::telemetry;
 
+// Types rather than `json!` so the OpenAPI document describes exactly these bodies.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// Always `ready`.
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    /// The hash of the policy in force.
+    pub policy_hash: String,
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "The process is alive", body = Health)),
+)]
 pub async fn healthz() -> impl IntoResponse {
-    Json(json!({"status": "ok"}))
+    Json(Health { status: "ok" })
 }
 
 /// Ready when the database answers.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "The database answers", body = Readiness),
+        (status = 503, description = "`not_ready`: the database is not reachable", body = ErrorBody),
+    ),
+)]
 pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     match state.engine.store().ping().await {
-        Ok(()) => Ok(Json(
-            json!({"status": "ready", "policy_hash": state.engine.policy().hash()}),
-        )),
+        Ok(()) => Ok(Json(Readiness {
+            status: "ready",
+            policy_hash: state.engine.policy().hash().to_string(),
+        })),
         Err(error) => {
             tracing::warn!(%error, "database not ready");
             Err(ApiError::new(
@@ -34,6 +68,15 @@ pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String),
+        (status = 503, description = "No Prometheus recorder in this process", body = ErrorBody),
+    ),
+)]
 /// Prometheus text format. Gauges that describe the database (pending requests, outbox
 /// backlog) are read at scrape time, so every replica reports the same truth.
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {

@@ -4,6 +4,7 @@ mod agent_api;
 mod error;
 mod extract;
 mod health;
+mod openapi;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +20,9 @@ use tower_http::trace::TraceLayer;
 use crate::config::Config;
 use crate::engine::Engine;
 
-pub use error::ApiError;
+pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use extract::{AuthenticatedAgent, JsonBody};
+pub use openapi::ApiDoc;
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
@@ -34,8 +36,6 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest long-poll plus headroom; nothing else comes close.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The agent API and health routes, plus `channel_routes` (Slack, Teams), under the shared
-/// layers: request ids, tracing, timeout and the body limit.
 /// HTTP latency by route template (never by raw path, which would explode label sets).
 async fn record_http_latency(
     request: axum::extract::Request,
@@ -58,6 +58,8 @@ async fn record_http_latency(
     response
 }
 
+/// The agent API, health routes and OpenAPI document, plus `channel_routes` (Slack,
+/// Teams), under the shared layers: request ids, tracing, timeout and the body limit.
 pub fn router(state: AppState, channel_routes: Router) -> Router {
     let body_limit = state.config.max_body_bytes;
     Router::new()
@@ -75,6 +77,7 @@ pub fn router(state: AppState, channel_routes: Router) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(health::not_found)
         .with_state(state)
         .merge(channel_routes)

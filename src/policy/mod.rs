@@ -9,13 +9,14 @@ use std::time::Duration;
 use globset::GlobSet;
 use serde::Serialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::domain::{Principal, Voter};
 
 pub use compile::{PolicyError, PolicyIssue};
 use condition::Condition;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Effect {
     // Declared in precedence order: a later variant beats an earlier one.
@@ -102,15 +103,19 @@ pub struct EvaluationInput<'a> {
     pub context: &'a Value,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+// Its `Option`s are always serialized (as null), so `required = true` in the OpenAPI schema.
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct Verdict {
     /// allow, require_approval or deny.
     #[serde(rename = "verdict")]
     pub effect: Effect,
     /// The tier for require_approval.
+    #[schema(required = true)]
     pub tier: Option<String>,
-    /// The deciding rule; `None` when the default applied.
+    /// The deciding rule; null when the default applied.
+    #[schema(required = true)]
     pub rule: Option<String>,
+    #[schema(required = true)]
     pub reason: Option<String>,
     pub approvals_required: u32,
     /// Time to live of a pending request, from the tier.
@@ -120,11 +125,12 @@ pub struct Verdict {
     pub matches: Vec<RuleMatch>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct RuleMatch {
     pub rule: String,
     pub line: u64,
     pub effect: Effect,
+    #[schema(required = true)]
     pub tier: Option<String>,
     /// How the `when` condition came out.
     pub condition: ConditionResult,
@@ -133,7 +139,7 @@ pub struct RuleMatch {
     pub condition_error: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ConditionResult {
     /// The rule has no `when`.
@@ -143,14 +149,25 @@ pub enum ConditionResult {
     ErrorFailedClosed,
 }
 
+// A type rather than a JSON value so the OpenAPI document describes exactly this.
+/// The verdict as `policy explain` and `/v1/check` print it: `verdict` (also as
+/// `effect`), tier, deciding rule, reason, quorum, every match and the policy hash.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Explanation<'a> {
+    #[serde(flatten)]
+    pub verdict: &'a Verdict,
+    /// The same as `verdict`.
+    pub effect: Effect,
+    pub policy_hash: &'a str,
+}
+
 impl Verdict {
-    /// The verdict as `policy explain` and `/v1/check` print it: `verdict` (also as
-    /// `effect`), tier, deciding rule, reason, quorum, every match and the policy hash.
-    pub fn explain(&self, policy_hash: &str) -> serde_json::Value {
-        let mut answer = serde_json::json!(self);
-        answer["effect"] = answer["verdict"].clone();
-        answer["policy_hash"] = serde_json::json!(policy_hash);
-        answer
+    pub fn explain<'a>(&'a self, policy_hash: &'a str) -> Explanation<'a> {
+        Explanation {
+            verdict: self,
+            effect: self.effect,
+            policy_hash,
+        }
     }
 }
 

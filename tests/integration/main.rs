@@ -9,6 +9,7 @@ mod cli;
 mod concurrency;
 mod decisions;
 mod lifecycle;
+mod openapi;
 mod operations;
 mod replicas;
 mod slack;
