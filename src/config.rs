@@ -55,6 +55,8 @@ pub struct Config {
     pub watch_interval_ms: u64,
     /// `text` or `json`.
     pub log_format: String,
+    /// Bearer token for `POST /admin/reload`; empty turns the admin API off.
+    pub admin_token: Secret,
     pub slack: SlackConfig,
     pub teams: Option<TeamsConfig>,
 }
@@ -92,6 +94,7 @@ impl Default for Config {
             sweep_interval_ms: 1000,
             watch_interval_ms: 200,
             log_format: "text".into(),
+            admin_token: Secret::default(),
             slack: SlackConfig::default(),
             teams: None,
         }

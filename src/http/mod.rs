@@ -1,5 +1,6 @@
 //! The HTTP edge: router, shared state, extractors (agent auth, JSON bodies) and routes.
 
+mod admin;
 mod agent_api;
 mod error;
 mod extract;
@@ -77,6 +78,7 @@ pub fn router(state: AppState, channel_routes: Router) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/admin/reload", post(admin::reload_policy))
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(health::not_found)
         .with_state(state)

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDocument;
 use utoipa::{Modify, OpenApi};
 
-use super::{agent_api, health};
+use super::{admin, agent_api, health};
 
 /// Every route of `router()` but `/openapi.json` itself and the channels' callbacks (signed
 /// by Slack or Teams, not called by agents); tests/integration/openapi.rs holds the two to
@@ -27,12 +27,14 @@ use super::{agent_api, health};
         health::healthz,
         health::readyz,
         health::metrics,
+        admin::reload_policy,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "requests", description = "Approval requests"),
         (name = "policy", description = "Policy evaluation"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "admin", description = "Operator endpoints (admin_token)"),
     ),
 )]
 pub struct ApiDoc;

@@ -218,3 +218,55 @@ async fn sighup_reloads_the_policy_and_sigterm_drains(
         signoff::domain::Status::Pending
     );
 }
+
+#[rstest]
+#[tokio::test]
+async fn admin_reload_swaps_a_valid_policy_and_refuses_a_broken_one(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend);
+    let reload = |token: &str| {
+        app.http
+            .post(app.url("/admin/reload"))
+            .bearer_auth(token)
+            .send()
+    };
+    let before = app.engine().policy().hash().to_string();
+
+    let response = reload("wrong-token").await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    std::fs::write(
+        &app.config.policy,
+        TEST_POLICY.replace("ttl: 30m", "ttl: 20m"),
+    )
+    .unwrap();
+    let response = reload(crate::support::ADMIN_TOKEN).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    let reloaded = app.engine().policy().hash().to_string();
+    assert_ne!(reloaded, before);
+    assert_eq!(body["policy_hash"], reloaded);
+
+    std::fs::write(
+        &app.config.policy,
+        "version: 1\nrules:\n  - name: broken\n    match: [\"a\"]\n    effect: maybe\n",
+    )
+    .unwrap();
+    let response = reload(crate::support::ADMIN_TOKEN).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_policy");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("broken"),
+        "{body}"
+    );
+    assert_eq!(
+        app.engine().policy().hash(),
+        reloaded,
+        "the old policy stays"
+    );
+}

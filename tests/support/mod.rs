@@ -22,6 +22,7 @@ use tempfile::TempDir;
 
 use self::fake_slack::{FakeSlack, SlackDriver};
 
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const SLACK_SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +199,7 @@ impl TestApp {
             policy: policy_path.clone(),
             sweep_interval_ms: 100,
             watch_interval_ms: 100,
+            admin_token: Secret::new(ADMIN_TOKEN),
             database_max_connections: 8,
             ..Config::default()
         };
