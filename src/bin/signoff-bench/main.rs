@@ -1,0 +1,625 @@
+//! signoff-bench: drives signoff the way agents and approvers load it — open-loop, at fixed
+//! arrival rates, latency measured from each request's intended send time (so a stalled
+//! server is not hidden by a stalled load generator) — and measures the physical floors in
+//! the same run. See BENCHMARKS.md.
+
+mod fake_slack;
+mod policies;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use signoff::config::{Config, Secret, SlackConfig};
+use signoff::domain::{VoteRequest, Voter};
+use signoff::policy::EvaluationInput;
+use signoff::server::RunningServer;
+use sqlx::{Connection, Executor};
+use tokio::task::JoinSet;
+
+const SIGNING_SECRET: &str = "bench-signing-secret";
+/// The latency ceiling a rate must stay under to count as sustainable.
+const P99_CEILING: Duration = Duration::from_millis(5);
+
+#[derive(Parser, Clone)]
+#[command(about = "Benchmarks signoff against its floors; prints a Markdown report")]
+struct Args {
+    /// PostgreSQL to create scratch databases in.
+    #[arg(
+        long,
+        env = "SIGNOFF_TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres_url: String,
+    /// Only SQLite.
+    #[arg(long)]
+    skip_postgres: bool,
+    /// Seconds per load step.
+    #[arg(long, default_value_t = 2.0)]
+    step_seconds: f64,
+    /// Rows per floor measurement.
+    #[arg(long, default_value_t = 2000)]
+    floor_rows: usize,
+    /// Pending requests for the memory measurement.
+    #[arg(long, default_value_t = 100_000)]
+    memory_requests: usize,
+    /// Internal: run a server on this config and print its address (memory measurement).
+    #[arg(long, hide = true)]
+    serve: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Some(config) = &args.serve {
+        return runtime.block_on(serve_for_measurement(config));
+    }
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let directory = tempfile_directory()?;
+    println!("# signoff-bench\n");
+    println!("machine: {} cores, {}", num_cpus(), cpu_model());
+    println!("latency: open loop, from intended send time; sustainable = no errors and p99 < {P99_CEILING:?}\n");
+
+    policy_evaluation();
+
+    let mut backends = vec![Backend::Sqlite];
+    if !args.skip_postgres {
+        backends.push(Backend::Postgres);
+    }
+    for backend in backends {
+        let database = Database::create(backend, &directory, &args.postgres_url).await?;
+        println!("## {backend:?}\n");
+        let floors = floors(backend, &database, args.floor_rows).await?;
+        let harness = Harness::start(backend, &database, &directory).await?;
+        println!("| measure | result | floor | ratio |\n|---|---|---|---|");
+        for (label, floor) in &floors {
+            println!("| floor: {label} | {floor:.0} rows/s | | |");
+        }
+        let floor = floors.iter().map(|(_, rate)| *rate).fold(0.0, f64::max);
+        for (name, body) in [
+            (
+                "auto-allowed intake",
+                json!({"action": "customers.get", "args": {"id": 42}}),
+            ),
+            (
+                "pending intake",
+                json!({"action": "email.send", "args": {"to": "a@example.com"}}),
+            ),
+        ] {
+            let max = harness.max_sustainable_rate(&body, args.step_seconds).await;
+            println!(
+                "| {name}: max sustainable | {max:.0} req/s | {floor:.0} rows/s | {:.2}x |",
+                max / floor
+            );
+            let at70 = harness
+                .run_load(&body, max * 0.7, args.step_seconds * 2.0)
+                .await;
+            println!(
+                "| {name} at 70 % ({:.0} req/s) | p50 {} · p99 {} · p99.9 {} · errors {} | | |",
+                max * 0.7,
+                micros(at70.histogram.value_at_quantile(0.5)),
+                micros(at70.histogram.value_at_quantile(0.99)),
+                micros(at70.histogram.value_at_quantile(0.999)),
+                at70.errors
+            );
+        }
+        let wake = harness.wake_latency(200).await?;
+        println!(
+            "| long-poll wake (commit to answer) | p50 {} · p99 {} | | |",
+            micros(wake.value_at_quantile(0.5)),
+            micros(wake.value_at_quantile(0.99))
+        );
+        let ack = harness.slack_ack_latency(200).await?;
+        println!(
+            "| Slack approve click to HTTP answer | p50 {} · p99 {} | | |\n",
+            micros(ack.value_at_quantile(0.5)),
+            micros(ack.value_at_quantile(0.99))
+        );
+        harness.server.shutdown(Duration::from_secs(10)).await;
+        database.drop_scratch().await;
+    }
+    memory(&directory, args.memory_requests).await?;
+    Ok(())
+}
+
+/// p50/p99 of one evaluation, for policies of 10, 100 and 1,000 rules.
+fn policy_evaluation() {
+    println!("## Policy evaluation\n\n| rules | p50 | p99 |\n|---|---|---|");
+    let args = json!({"amount": 2500, "currency": "EUR"});
+    let context = json!({"reversible": false});
+    for rules in [10, 100, 1000] {
+        let policy = policies::generated_policy(rules);
+        let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+        for _ in 0..20_000 {
+            let started = Instant::now();
+            let verdict = policy.evaluate(EvaluationInput {
+                action: "payments.refund",
+                args: &args,
+                agent: "finance-bot",
+                context: &context,
+            });
+            let elapsed = started.elapsed().as_nanos() as u64;
+            std::hint::black_box(verdict);
+            let _ = histogram.record(elapsed);
+        }
+        println!(
+            "| {rules} | {:.2} µs | {:.2} µs |",
+            histogram.value_at_quantile(0.5) as f64 / 1000.0,
+            histogram.value_at_quantile(0.99) as f64 / 1000.0
+        );
+    }
+    println!();
+}
+
+struct Database {
+    url: String,
+    scratch: Option<(String, String)>,
+}
+
+impl Database {
+    async fn create(
+        backend: Backend,
+        directory: &Path,
+        postgres_url: &str,
+    ) -> anyhow::Result<Self> {
+        match backend {
+            Backend::Sqlite => Ok(Self {
+                url: format!("sqlite://{}", directory.join("bench.db").display()),
+                scratch: None,
+            }),
+            Backend::Postgres => {
+                let name = format!("signoff_bench_{}", std::process::id());
+                let mut admin = sqlx::PgConnection::connect(postgres_url)
+                    .await
+                    .with_context(|| {
+                        format!("connecting to {postgres_url} (use --skip-postgres without one)")
+                    })?;
+                admin
+                    .execute(format!("DROP DATABASE IF EXISTS {name}").as_str())
+                    .await?;
+                admin
+                    .execute(format!("CREATE DATABASE {name}").as_str())
+                    .await?;
+                let mut url = url::Url::parse(postgres_url)?;
+                url.set_path(&format!("/{name}"));
+                Ok(Self {
+                    url: url.to_string(),
+                    scratch: Some((postgres_url.to_string(), name)),
+                })
+            }
+        }
+    }
+
+    async fn drop_scratch(&self) {
+        if let Some((admin_url, name)) = &self.scratch {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(admin_url).await {
+                let _ = admin
+                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await;
+            }
+        }
+    }
+}
+
+/// One request row exactly as intake stores it.
+fn sample_body(id: &str) -> Value {
+    json!({
+        "id": id, "agent": "bench", "action": "customers.get", "args": {"id": 42},
+        "context": {}, "on_behalf_of": null, "status": "approved", "tier": null,
+        "rule": "reads", "approvals_required": 0, "revision": 1, "votes": [],
+        "decision": {"outcome": "approved", "by": ["policy:reads"], "reason": null,
+                     "at": "2026-11-21T10:00:00.000Z", "modified": false, "args": {"id": 42}},
+        "action_hash": "sha256:0000", "policy_hash": "sha256:0000",
+        "created_at": "2026-11-21T10:00:00.000Z", "expires_at": null, "executed": null,
+        "original_args": {"id": 42}
+    })
+}
+
+const FLOOR_INSERT: &str = "INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body) VALUES ($1, 'bench', 'customers.get', 'approved', 1, 1, $2, NULL, $2, $3)";
+
+/// Raw inserts of the same rows, one row per commit, at the server's durability setting.
+async fn floors(
+    backend: Backend,
+    database: &Database,
+    rows: usize,
+) -> anyhow::Result<Vec<(String, f64)>> {
+    let config = bench_config(database, Path::new("unused"), "127.0.0.1:0");
+    let store = signoff::store::connect(&config).await?;
+    store.migrate().await?;
+    let agent = signoff::engine::Engine::new(
+        store,
+        signoff::policy::Policy::parse("version: 1").map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    agent
+        .create_agent("bench", Vec::new())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match backend {
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&database.url).await?;
+            connection.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").await?;
+            let started = Instant::now();
+            for index in 0..rows {
+                let id = format!("apr_floor_{index}");
+                sqlx::query(FLOOR_INSERT)
+                    .bind(&id)
+                    .bind(signoff::domain::now())
+                    .bind(sqlx::types::Json(sample_body(&id)))
+                    .execute(&mut connection)
+                    .await?;
+            }
+            Ok(vec![(
+                "SQLite, 1 row per commit, synchronous=FULL".into(),
+                rows as f64 / started.elapsed().as_secs_f64(),
+            )])
+        }
+        Backend::Postgres => {
+            let mut results = Vec::new();
+            for connections in [1usize, 64] {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(connections as u32)
+                    .connect(&database.url)
+                    .await?;
+                let started = Instant::now();
+                let mut tasks = JoinSet::new();
+                for worker in 0..connections {
+                    let pool = pool.clone();
+                    let share = rows / connections + usize::from(worker < rows % connections);
+                    tasks.spawn(async move {
+                        for index in 0..share {
+                            let id = format!("apr_floor_{connections}_{worker}_{index}");
+                            sqlx::query(FLOOR_INSERT)
+                                .bind(&id)
+                                .bind(signoff::domain::now())
+                                .bind(sqlx::types::Json(sample_body(&id)))
+                                .execute(&pool)
+                                .await?;
+                        }
+                        Ok::<_, sqlx::Error>(())
+                    });
+                }
+                while let Some(done) = tasks.join_next().await {
+                    done??;
+                }
+                results.push((
+                    format!("PostgreSQL, {connections} connection(s)"),
+                    rows as f64 / started.elapsed().as_secs_f64(),
+                ));
+                pool.close().await;
+            }
+            Ok(results)
+        }
+    }
+}
+
+const BENCH_POLICY: &str = r#"version: 1
+default: deny
+tiers:
+  medium:
+    route: ["slack:C0BENCH"]
+    approvers: ["slack:U0BENCH", "cli:bench"]
+    ttl: 1h
+rules:
+  - name: reads
+    match: ["*.get"]
+    effect: allow
+  - name: email
+    match: ["email.send"]
+    effect: require_approval
+    tier: medium
+"#;
+
+fn bench_config(database: &Database, policy: &Path, listen: &str) -> Config {
+    Config {
+        listen: listen.into(),
+        database_url: Secret::new(database.url.clone()),
+        policy: policy.to_path_buf(),
+        database_max_connections: 64,
+        ..Config::default()
+    }
+}
+
+struct Harness {
+    server: RunningServer,
+    base_url: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+struct LoadResult {
+    histogram: Histogram<u64>,
+    errors: u64,
+}
+
+impl Harness {
+    async fn start(
+        _backend: Backend,
+        database: &Database,
+        directory: &Path,
+    ) -> anyhow::Result<Self> {
+        let slack = fake_slack::start().await?;
+        let policy = directory.join("bench-policy.yaml");
+        std::fs::write(&policy, BENCH_POLICY)?;
+        let mut config = bench_config(database, &policy, "127.0.0.1:0");
+        config.slack = SlackConfig {
+            bot_token: Secret::new("xoxb-bench"),
+            signing_secret: Secret::new(SIGNING_SECRET),
+            api_url: slack,
+            command: "/signoff".into(),
+        };
+        let server = RunningServer::start(config).await?;
+        let credentials = server
+            .engine()
+            .create_agent(&format!("agent-{}", std::process::id()), Vec::new())
+            .await
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        Ok(Self {
+            base_url: format!("http://{}", server.address()),
+            server,
+            key: credentials.api_key,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(1024)
+                .build()?,
+        })
+    }
+
+    async fn submit(&self, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}/v1/requests", self.base_url))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await?;
+        if response.status() != reqwest::StatusCode::CREATED {
+            bail!("submit answered {}", response.status());
+        }
+        Ok(response.json().await?)
+    }
+
+    /// Sends at `rate` per second for `seconds`, never waiting for answers before sending
+    /// the next; latency counts from when each request was due.
+    async fn run_load(&self, body: &Value, rate: f64, seconds: f64) -> LoadResult {
+        let total = (rate * seconds).max(1.0) as u64;
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let started = tokio::time::Instant::now();
+        let mut tasks = JoinSet::new();
+        for index in 0..total {
+            let due = started + interval * index as u32;
+            tokio::time::sleep_until(due).await;
+            let request = self
+                .http
+                .post(format!("{}/v1/requests", self.base_url))
+                .bearer_auth(&self.key)
+                .json(body);
+            tasks.spawn(async move {
+                let answer = request.timeout(Duration::from_secs(10)).send().await;
+                let ok =
+                    answer.is_ok_and(|response| response.status() == reqwest::StatusCode::CREATED);
+                (ok, due.elapsed())
+            });
+        }
+        let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+        let mut errors = 0;
+        while let Some(result) = tasks.join_next().await {
+            match result {
+                Ok((true, latency)) => {
+                    let _ = histogram.record(latency.as_micros() as u64);
+                }
+                _ => errors += 1,
+            }
+        }
+        LoadResult { histogram, errors }
+    }
+
+    /// The highest rate, stepping up by about 1.4x, with no errors and p99 under the ceiling.
+    async fn max_sustainable_rate(&self, body: &Value, seconds: f64) -> f64 {
+        let mut rate = 50.0;
+        let mut best = 0.0;
+        loop {
+            let result = self.run_load(body, rate, seconds).await;
+            let p99 = Duration::from_micros(result.histogram.value_at_quantile(0.99));
+            if result.errors > 0 || p99 > P99_CEILING {
+                return best;
+            }
+            best = rate;
+            rate = (rate * 1.4).round();
+        }
+    }
+
+    /// From the vote's commit to the waiting agent's answer, sequentially.
+    async fn wake_latency(&self, samples: usize) -> anyhow::Result<Histogram<u64>> {
+        let mut histogram = Histogram::<u64>::new(3)?;
+        let voter = Voter::new(
+            "cli:bench"
+                .parse()
+                .map_err(|error| anyhow::anyhow!("{error}"))?,
+        );
+        for _ in 0..samples {
+            let request = self.submit(&json!({"action": "email.send"})).await?;
+            let id = request["id"].as_str().unwrap_or_default().to_string();
+            let poll = self
+                .http
+                .get(format!("{}/v1/requests/{id}?wait=30", self.base_url))
+                .bearer_auth(&self.key)
+                .send();
+            let waiting = tokio::spawn(async move {
+                let answered = poll.await.map(|_| Instant::now());
+                answered
+            });
+            // Give the long-poll time to register; what is measured starts at the commit.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.server
+                .engine()
+                .record_vote(&id, &voter, VoteRequest::Approve { note: None })
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            let committed = Instant::now();
+            let answered = waiting.await??;
+            let _ =
+                histogram.record(answered.saturating_duration_since(committed).as_micros() as u64);
+        }
+        Ok(histogram)
+    }
+
+    /// A signed Approve click on a fresh pending request, to the HTTP answer.
+    async fn slack_ack_latency(&self, samples: usize) -> anyhow::Result<Histogram<u64>> {
+        let mut histogram = Histogram::<u64>::new(3)?;
+        for _ in 0..samples {
+            let request = self.submit(&json!({"action": "email.send"})).await?;
+            let id = request["id"].as_str().unwrap_or_default();
+            let payload = json!({
+                "type": "block_actions", "user": {"id": "U0BENCH"}, "trigger_id": "1.2.3",
+                "channel": {"id": "C0BENCH"}, "container": {"channel_id": "C0BENCH"},
+                "actions": [{"action_id": "approve", "value": id, "type": "button"}]
+            });
+            let body = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("payload", &payload.to_string())
+                .finish();
+            let timestamp = chrono::Utc::now().timestamp();
+            let mut mac = Hmac::<Sha256>::new_from_slice(SIGNING_SECRET.as_bytes())?;
+            mac.update(format!("v0:{timestamp}:{body}").as_bytes());
+            let signature = format!("v0={}", hex::encode(mac.finalize().into_bytes()));
+            let started = Instant::now();
+            let response = self
+                .http
+                .post(format!("{}/slack/interactions", self.base_url))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-slack-signature", signature)
+                .header("x-slack-request-timestamp", timestamp.to_string())
+                .body(body)
+                .send()
+                .await?;
+            let elapsed = started.elapsed();
+            if !response.status().is_success() {
+                bail!("click answered {}", response.status());
+            }
+            let _ = histogram.record(elapsed.as_micros() as u64);
+        }
+        Ok(histogram)
+    }
+}
+
+/// Resident memory of a server process, idle and with many pending requests in its database.
+async fn memory(directory: &Path, pending: usize) -> anyhow::Result<()> {
+    let database = Database {
+        url: format!("sqlite://{}", directory.join("memory.db").display()),
+        scratch: None,
+    };
+    let policy = directory.join("memory-policy.yaml");
+    std::fs::write(&policy, BENCH_POLICY)?;
+    let config = directory.join("memory.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase_url = {:?}\npolicy = {:?}\n",
+            database.url,
+            policy.display().to_string()
+        ),
+    )?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let address = lines.next_line().await?.context("server address")?;
+    let pid = child.id().context("child pid")?;
+    let http = reqwest::Client::new();
+    http.get(format!("http://{address}/readyz")).send().await?;
+    let idle = resident_kib(pid)?;
+
+    // Load the pending rows in bulk (one transaction), then make the server look at them.
+    let mut connection = sqlx::SqliteConnection::connect(&database.url).await?;
+    let mut transaction = connection.begin().await?;
+    let expires = signoff::domain::now() + chrono::Duration::hours(1);
+    for index in 0..pending {
+        let id = format!("apr_memory_{index}");
+        let mut body = sample_body(&id);
+        body["status"] = json!("pending");
+        body["decision"] = Value::Null;
+        sqlx::query("INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body) VALUES ($1, 'bench', 'email.send', 'pending', 1, 1, $2, $3, $2, $4)")
+            .bind(&id)
+            .bind(signoff::domain::now())
+            .bind(expires)
+            .bind(sqlx::types::Json(body))
+            .execute(&mut *transaction)
+            .await?;
+    }
+    transaction.commit().await?;
+    for _ in 0..3 {
+        http.get(format!("http://{address}/metrics")).send().await?;
+    }
+    let loaded = resident_kib(pid)?;
+    println!("## Memory (server process, SQLite)\n\n| state | resident |\n|---|---|");
+    println!("| idle | {:.1} MB |", idle as f64 / 1024.0);
+    println!(
+        "| {pending} pending requests | {:.1} MB |\n",
+        loaded as f64 / 1024.0
+    );
+    child.kill().await?;
+    Ok(())
+}
+
+async fn serve_for_measurement(config: &Path) -> anyhow::Result<()> {
+    let server = RunningServer::start(Config::load(Some(config))?).await?;
+    println!("{}", server.address());
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+fn resident_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS not found")
+}
+
+fn micros(value: u64) -> String {
+    if value >= 1000 {
+        format!("{:.2} ms", value as f64 / 1000.0)
+    } else {
+        format!("{value} µs")
+    }
+}
+
+fn tempfile_directory() -> anyhow::Result<PathBuf> {
+    let directory = std::env::temp_dir().join(format!("signoff-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&directory)?;
+    Ok(directory)
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .map(|name| name.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
