@@ -31,7 +31,8 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     Ok(Engine::new(store, policy).with_card_channels(card_channels))
 }
 
-/// The one HTTP client for webhooks: no redirects (a receiver cannot bounce us elsewhere).
+/// The one HTTP client (webhooks, Slack response URLs): no redirects, so a receiver cannot
+/// bounce us elsewhere.
 fn http_client() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -66,8 +67,12 @@ impl RunningServer {
             engine: engine.clone(),
             config: config.clone(),
         };
+        let http = http_client()?;
         let slack = if config.slack_enabled() {
-            Some(Arc::new(SlackChannel::from_config(&config.slack)?))
+            Some(Arc::new(SlackChannel::from_config(
+                &config.slack,
+                http.clone(),
+            )?))
         } else {
             None
         };
@@ -78,7 +83,7 @@ impl RunningServer {
             None => axum::Router::new(),
         };
         let app = router(state, channel_routes);
-        let delivery = Arc::new(Delivery::new(engine.clone(), slack, http_client()?));
+        let delivery = Arc::new(Delivery::new(engine.clone(), slack, http));
         let mut http_shutdown = shutdown_signal.clone();
         let http = tokio::spawn(async move {
             let serving = axum::serve(listener, app).with_graceful_shutdown(async move {

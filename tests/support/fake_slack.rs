@@ -45,6 +45,8 @@ struct FakeState {
 pub struct FakeSlack {
     /// The Web API base, e.g. `http://127.0.0.1:PORT/api/`.
     pub api_url: String,
+    /// Where interactions' `response_url`s point; posts there are recorded as "response_url".
+    pub response_url: String,
     state: FakeState,
 }
 
@@ -57,6 +59,7 @@ impl FakeSlack {
         };
         let app = Router::new()
             .route("/api/{method}", any(handle))
+            .route("/response/{hook}", axum::routing::post(respond))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -67,6 +70,7 @@ impl FakeSlack {
         });
         Self {
             api_url: format!("http://{address}/api/"),
+            response_url: format!("http://{address}/response/T0FAKE-1-abc"),
             state,
         }
     }
@@ -146,6 +150,18 @@ impl FakeSlack {
             })
             .cloned()
     }
+}
+
+/// What signoff posts to an interaction's response_url.
+async fn respond(State(state): State<FakeState>, Json(body): Json<Value>) -> StatusCode {
+    state
+        .recorded
+        .lock()
+        .unwrap()
+        .calls
+        .push(("response_url".into(), body));
+    state.changed.notify_waiters();
+    StatusCode::OK
 }
 
 async fn handle(
@@ -248,6 +264,8 @@ pub struct SlackDriver {
     pub signing_secret: String,
     pub base_url: String,
     pub http: reqwest::Client,
+    /// The response_url clicks carry (the fake's).
+    pub response_url: String,
 }
 
 pub fn slack_signature(secret: &str, timestamp: i64, body: &str) -> String {
@@ -318,9 +336,9 @@ impl SlackDriver {
         action_id: &str,
         request_id: &str,
     ) -> StatusCode {
-        self.interact(click_payload(user, channel, action_id, request_id))
-            .await
-            .0
+        let mut payload = click_payload(user, channel, action_id, request_id);
+        payload["response_url"] = json!(self.response_url);
+        self.interact(payload).await.0
     }
 
     /// A modal submitted with one input value.

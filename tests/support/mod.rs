@@ -271,6 +271,7 @@ impl TestApp {
             signing_secret: SLACK_SIGNING_SECRET.into(),
             base_url: self.base_url.clone(),
             http: self.http.clone(),
+            response_url: self.slack.response_url.clone(),
         }
     }
 

@@ -22,6 +22,7 @@ use super::card::{
 };
 use super::SlackChannel;
 use crate::channels::{parse_modified_args, CardView, APPROVE, DENY, MODIFY};
+use crate::config::check_outbound_url;
 use crate::domain::{ApprovalRequest, Status, VoteEffect, VoteKindRequested, VoteRequest, Voter};
 use crate::engine::{Engine, EngineError};
 use crate::http::ApiError;
@@ -38,6 +39,7 @@ struct Interaction {
     channel: Option<Identified>,
     container: Container,
     trigger_id: String,
+    response_url: Option<String>,
     actions: Vec<Action>,
     view: Option<View>,
 }
@@ -179,69 +181,70 @@ async fn interactions(
     }
 }
 
-/// A button on a card: approve at once; deny and modify open a modal first.
+/// A button on a card: approve at once; deny and modify open a modal first. Anyone who
+/// may not do what they clicked is told why, only them, and nothing changes.
 async fn block_action(state: &SlackState, interaction: Interaction) -> Response {
-    let user = interaction.user.id.as_str();
-    let channel = interaction
-        .channel
-        .as_ref()
-        .map(|channel| channel.id.clone())
-        .or_else(|| interaction.container.channel_id.clone());
-    let Some(action) = interaction.actions.first() else {
+    let Some(text) = click_refusal(state, &interaction).await else {
         return StatusCode::OK.into_response();
     };
-    let request_id = action.value.clone().unwrap_or_default();
-    let tell = |text: String| tell_user(state, channel.clone(), user, text);
+    let answer = json!({"response_type": "ephemeral", "replace_original": false, "text": text});
+    tell_user(state, &interaction, answer.clone());
+    // Slack ignores this body for button clicks; it helps anyone calling us by hand.
+    Json(answer).into_response()
+}
 
+/// Acts on the click; returns the explanation for the user when nothing could be done.
+async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<String> {
+    let user = interaction.user.id.as_str();
+    let action = interaction.actions.first()?;
+    let request_id = action.value.clone().unwrap_or_default();
     let voter = match voter(state, &request_id, user).await {
         Ok((_, voter)) => voter,
-        Err(message) => {
-            tell(message);
-            return StatusCode::OK.into_response();
-        }
+        Err(message) => return Some(message),
     };
     match action.action_id.as_str() {
-        APPROVE => {
-            if let Err(error) = state
-                .engine
-                .record_vote(&request_id, &voter, VoteRequest::Approve { note: None })
-                .await
-            {
-                tell(explain(&error));
-            }
-        }
+        APPROVE => state
+            .engine
+            .record_vote(&request_id, &voter, VoteRequest::Approve { note: None })
+            .await
+            .err()
+            .map(|error| explain(&error)),
         action_id @ (DENY | MODIFY) => {
             let kind = if action_id == DENY {
                 VoteKindRequested::Deny
             } else {
                 VoteKindRequested::Modify
             };
-            match state.engine.check_voter(&request_id, &voter, kind).await {
-                Ok(request) => {
-                    let card = CardView::of(&request);
-                    let view = if kind == VoteKindRequested::Deny {
-                        Some(deny_modal(&card))
-                    } else {
-                        modify_modal(&card)
-                    };
-                    match view {
-                        Some(view) => {
-                            if let Err(error) = state.slack.api.open_view(&interaction.trigger_id, view).await {
-                                tracing::warn!(%error, "views.open failed");
-                                tell("Slack could not open the form; please click again.".into());
-                            }
-                        }
-                        None => tell(format!(
-                            "The args are too long to edit in Slack; use `signoff modify {request_id} --as slack:{user} --args …`."
-                        )),
-                    }
+            let request = match state.engine.check_voter(&request_id, &voter, kind).await {
+                Ok(request) => request,
+                Err(error) => return Some(explain(&error)),
+            };
+            let card = CardView::of(&request);
+            let view = if kind == VoteKindRequested::Deny {
+                Some(deny_modal(&card))
+            } else {
+                modify_modal(&card)
+            };
+            let Some(view) = view else {
+                return Some(format!(
+                    "The args are too long to edit in Slack; use `signoff modify {request_id} --as slack:{user} --args …`."
+                ));
+            };
+            match state
+                .slack
+                .api
+                .open_view(&interaction.trigger_id, view)
+                .await
+            {
+                Ok(()) => None,
+                Err(error) => {
+                    tracing::warn!(%error, "views.open failed");
+                    Some("Slack could not open the form; please click again.".into())
                 }
-                Err(error) => tell(explain(&error)),
             }
         }
-        _ => {}
+        _ => None,
     }
-    StatusCode::OK.into_response()
 }
 
 /// A deny reason or modified args submitted from a modal. Problems are shown inside the
@@ -300,17 +303,35 @@ async fn voter(
     Ok((request, voter))
 }
 
-/// An ephemeral message to the clicking user, sent after the interaction is answered.
-fn tell_user(state: &SlackState, channel: Option<String>, user: &str, text: String) {
-    let Some(channel) = channel else {
-        tracing::info!(user, text, "no channel to explain a refusal in");
-        return;
-    };
-    let api = state.slack.api.clone();
-    let user = user.to_string();
+/// Sends an ephemeral message to the clicking user after the click is answered: through
+/// the interaction's `response_url` when it has one, else chat.postEphemeral.
+fn tell_user(state: &SlackState, interaction: &Interaction, message: Value) {
+    let channel = interaction
+        .channel
+        .as_ref()
+        .map(|channel| channel.id.clone())
+        .or_else(|| interaction.container.channel_id.clone());
+    let response_url = interaction
+        .response_url
+        .clone()
+        .filter(|url| check_outbound_url(url).is_ok());
+    let slack = state.slack.clone();
+    let user = interaction.user.id.clone();
     tokio::spawn(async move {
-        if let Err(error) = api.post_ephemeral(&channel, &user, text).await {
-            tracing::warn!(%error, "chat.postEphemeral failed");
+        let sent = match (response_url, channel) {
+            (Some(url), _) => slack.respond(&url, &message).await,
+            (None, Some(channel)) => {
+                let text = message["text"].as_str().unwrap_or_default().to_string();
+                slack
+                    .api
+                    .post_ephemeral(&channel, &user, text)
+                    .await
+                    .map_err(|error| error.to_string())
+            }
+            (None, None) => Err("no response_url and no channel to answer in".into()),
+        };
+        if let Err(error) = sent {
+            tracing::warn!(%error, "could not tell a Slack user why nothing changed");
         }
     });
 }

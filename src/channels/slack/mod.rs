@@ -24,6 +24,8 @@ pub use handlers::router;
 /// request verifier and the slash command's name.
 pub struct SlackChannel {
     pub api: Arc<SlackApi>,
+    /// The process's shared HTTP client, for posting to interactions' response URLs.
+    http: reqwest::Client,
     directory: Directory,
     verifier: SlackEventSignatureVerifier,
     command: String,
@@ -37,9 +39,10 @@ pub enum CardSync {
 }
 
 impl SlackChannel {
-    pub fn from_config(config: &SlackConfig) -> anyhow::Result<Self> {
+    pub fn from_config(config: &SlackConfig, http: reqwest::Client) -> anyhow::Result<Self> {
         let api = Arc::new(SlackApi::new(&config.api_url, config.bot_token.expose())?);
         Ok(Self {
+            http,
             directory: Directory::new(api.clone()),
             api,
             verifier: SlackEventSignatureVerifier::new(&SlackSigningSecret::from(
@@ -82,6 +85,27 @@ impl SlackChannel {
                     .map_err(EngineError::from)?;
                 Ok(CardSync::Posted)
             }
+        }
+    }
+
+    /// Posts a message to an interaction's `response_url` (Slack shows it to that user).
+    pub async fn respond(
+        &self,
+        response_url: &str,
+        message: &serde_json::Value,
+    ) -> Result<(), String> {
+        let response = self
+            .http
+            .post(response_url)
+            .timeout(std::time::Duration::from_secs(5))
+            .json(message)
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("response_url answered {}", response.status()))
         }
     }
 
