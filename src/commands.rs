@@ -15,12 +15,25 @@ use crate::policy::{EvaluationInput, Policy};
 use crate::server::{build_engine, RunningServer};
 use crate::store::{self, RequestFilter};
 
+/// `println!` that returns write errors (a closed pipe) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
+
+/// Prints a line to stdout; a closed pipe is an error the caller can ignore.
+pub fn print(text: &str) -> anyhow::Result<()> {
+    writeln!(std::io::stdout(), "{text}")?;
+    Ok(())
+}
+
 /// How long in-flight requests get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let server = RunningServer::start(config).await?;
-    println!("signoff listening on http://{}", server.address());
+    out!("signoff listening on http://{}", server.address());
     wait_for_termination(&server).await?;
     tracing::info!("shutting down");
     server.shutdown(SHUTDOWN_GRACE).await;
@@ -51,7 +64,7 @@ pub async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
         .migrate()
         .await
         .context("applying database migrations")?;
-    println!("migrations applied");
+    out!("migrations applied");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -60,7 +73,7 @@ pub fn policy_check(path: &Path) -> anyhow::Result<ExitCode> {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     match Policy::parse(&source) {
         Ok(policy) => {
-            println!(
+            out!(
                 "{}: ok ({} rules, {} tiers, {})",
                 path.display(),
                 policy.rule_count(),
@@ -95,7 +108,7 @@ pub fn policy_explain(
         agent: agent.unwrap_or(""),
         context: &context,
     });
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(&verdict.explain(policy.hash()))?
     );
@@ -116,7 +129,7 @@ pub async fn agents_add(config: Config, name: &str, owners: &[String]) -> anyhow
         .create_agent(name, owners)
         .await
         .map_err(user_error)?;
-    println!("{}", serde_json::to_string(&credentials)?);
+    out!("{}", serde_json::to_string(&credentials)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -135,11 +148,11 @@ pub async fn agents_list(config: Config, as_json: bool) -> anyhow::Result<ExitCo
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&listed)?);
+        out!("{}", serde_json::to_string_pretty(&listed)?);
         return Ok(ExitCode::SUCCESS);
     }
     if agents.is_empty() {
-        println!("no agents; create one with `signoff agents add NAME`");
+        out!("no agents; create one with `signoff agents add NAME`");
     }
     for agent in agents {
         let owners: Vec<&str> = agent.owners.iter().map(Principal::as_str).collect();
@@ -147,7 +160,7 @@ pub async fn agents_list(config: Config, as_json: bool) -> anyhow::Result<ExitCo
             Some(at) => format!("revoked {}", at.to_rfc3339()),
             None => "active".into(),
         };
-        println!(
+        out!(
             "{}\t{}\towners: {}\tcreated {}",
             agent.name,
             state,
@@ -165,7 +178,7 @@ pub async fn agents_list(config: Config, as_json: bool) -> anyhow::Result<ExitCo
 pub async fn agents_revoke(config: Config, name: &str) -> anyhow::Result<ExitCode> {
     let engine = operator_engine(&config).await?;
     engine.revoke_agent(name).await.map_err(user_error)?;
-    println!("agent {name} revoked; its API key no longer works");
+    out!("agent {name} revoked; its API key no longer works");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -179,19 +192,23 @@ pub async fn pending(config: Config, as_json: bool) -> anyhow::Result<ExitCode> 
         })
         .await?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&requests)?);
+        out!("{}", serde_json::to_string_pretty(&requests)?);
         return Ok(ExitCode::SUCCESS);
     }
     if requests.is_empty() {
-        println!("no pending requests");
+        out!("no pending requests");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "{:<30}  {:<16}  {:<24}  {:<8}  {:<9}  EXPIRES",
-        "ID", "AGENT", "ACTION", "TIER", "APPROVALS"
+        "ID",
+        "AGENT",
+        "ACTION",
+        "TIER",
+        "APPROVALS"
     );
     for request in requests {
-        println!(
+        out!(
             "{:<30}  {:<16}  {:<24}  {:<8}  {:<9}  {}",
             request.id,
             request.agent,
@@ -214,7 +231,7 @@ pub async fn pending(config: Config, as_json: bool) -> anyhow::Result<ExitCode> 
 pub async fn show(config: Config, id: &str) -> anyhow::Result<ExitCode> {
     let engine = operator_engine(&config).await?;
     let request = engine.request(id).await.map_err(user_error)?;
-    println!("{}", serde_json::to_string_pretty(&request)?);
+    out!("{}", serde_json::to_string_pretty(&request)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -237,14 +254,12 @@ pub async fn vote(
         VoteEffect::Counted {
             approvals,
             required,
-        } => println!(
-            "{principal} approved {id}: {approvals} of {required} approvals; still pending"
-        ),
-        VoteEffect::Decided(status) => println!("{id} is now {}", status.as_str()),
+        } => out!("{principal} approved {id}: {approvals} of {required} approvals; still pending"),
+        VoteEffect::Decided(status) => out!("{id} is now {}", status.as_str()),
     }
     if let Some(decision) = &request.decision {
         if decision.modified {
-            println!("final args: {}", decision.args);
+            out!("final args: {}", decision.args);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -254,12 +269,12 @@ pub async fn audit_verify(config: Config) -> anyhow::Result<ExitCode> {
     let engine = operator_engine(&config).await?;
     match engine.verify_audit_chain().await? {
         Ok(count) => {
-            println!("audit chain intact: {count} events verified");
+            out!("audit chain intact: {count} events verified");
             Ok(ExitCode::SUCCESS)
         }
         Err(broken) => {
-            println!("{broken}");
-            println!("first bad seq: {}", broken.seq);
+            out!("{broken}");
+            out!("first bad seq: {}", broken.seq);
             Ok(ExitCode::FAILURE)
         }
     }

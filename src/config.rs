@@ -11,9 +11,29 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// A string that never shows up in logs or Debug output.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    /// Environment values that look like numbers or booleans still are secrets.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Text(String),
+            Integer(i128),
+            Float(f64),
+            Boolean(bool),
+        }
+        Ok(Secret(match Scalar::deserialize(deserializer)? {
+            Scalar::Text(text) => text,
+            Scalar::Integer(number) => number.to_string(),
+            Scalar::Float(number) => number.to_string(),
+            Scalar::Boolean(flag) => flag.to_string(),
+        }))
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -153,11 +173,35 @@ impl Config {
         let mut config: Config = figment
             .extract()
             .map_err(|error| anyhow::anyhow!("invalid configuration: {error}"))?;
+        config.take_secrets_verbatim();
         if let Some(path) = &path {
             config.resolve_relative_paths(path);
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The environment layer reads `0123` as the number 123; secrets are taken as written.
+    fn take_secrets_verbatim(&mut self) {
+        let raw = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|name| std::env::var(name).ok())
+                .map(Secret)
+        };
+        // SLACK_* wins over SIGNOFF_SLACK__*, as in the layering above.
+        if let Some(url) = raw(&["SIGNOFF_DATABASE_URL"]) {
+            self.database_url = url;
+        }
+        if let Some(token) = raw(&["SIGNOFF_ADMIN_TOKEN"]) {
+            self.admin_token = token;
+        }
+        if let Some(token) = raw(&["SLACK_BOT_TOKEN", "SIGNOFF_SLACK__BOT_TOKEN"]) {
+            self.slack.bot_token = token;
+        }
+        if let Some(secret) = raw(&["SLACK_SIGNING_SECRET", "SIGNOFF_SLACK__SIGNING_SECRET"]) {
+            self.slack.signing_secret = secret;
+        }
     }
 
     /// A relative `policy` path is taken relative to the config file when the file is
@@ -202,9 +246,16 @@ impl Config {
         Ok(())
     }
 
+    /// `host:port`, `[::1]:port`, a host name, or `:port` for every interface.
     pub fn listen_address(&self) -> anyhow::Result<SocketAddr> {
-        self.listen
-            .parse()
+        use std::net::ToSocketAddrs;
+        let text = match self.listen.strip_prefix(':') {
+            Some(port) => format!("0.0.0.0:{port}"),
+            None => self.listen.clone(),
+        };
+        text.to_socket_addrs()
+            .ok()
+            .and_then(|mut addresses| addresses.next())
             .with_context(|| format!("listen address {:?} is not host:port", self.listen))
     }
 

@@ -20,6 +20,9 @@ use crate::engine::Engine;
 use crate::store::{OutboxMessage, OutboxOutcome};
 use crate::telemetry;
 
+/// Why a message for a channel this server does not run is dropped (quietly: expected).
+const NOT_CONFIGURED: &str = "is not configured on this server";
+
 /// A claimed message is ours this long; every call inside has a shorter timeout.
 const LEASE: Duration = Duration::from_secs(60);
 const CLAIM_BATCH: i64 = 32;
@@ -119,7 +122,11 @@ impl Delivery {
     }
 
     async fn finish(&self, message: &OutboxMessage, outcome: OutboxOutcome) {
-        if let OutboxOutcome::Retry { error, .. } | OutboxOutcome::Abandon { error } = &outcome {
+        let unconfigured =
+            matches!(&outcome, OutboxOutcome::Abandon { error } if error.ends_with(NOT_CONFIGURED));
+        if let (false, OutboxOutcome::Retry { error, .. } | OutboxOutcome::Abandon { error }) =
+            (unconfigured, &outcome)
+        {
             let destination_kind = if message.kind == "webhook" {
                 "webhook"
             } else {
@@ -160,7 +167,7 @@ impl Delivery {
     async fn deliver_slack_card(&self, message: &OutboxMessage, channel: &str) -> OutboxOutcome {
         let Some(slack) = &self.slack else {
             return OutboxOutcome::Abandon {
-                error: "Slack is not configured".into(),
+                error: format!("Slack {NOT_CONFIGURED}"),
             };
         };
         let result = slack
@@ -182,7 +189,7 @@ impl Delivery {
     async fn deliver_slack_reminder(&self, message: &OutboxMessage) -> OutboxOutcome {
         let Some(slack) = &self.slack else {
             return OutboxOutcome::Abandon {
-                error: "Slack is not configured".into(),
+                error: format!("Slack {NOT_CONFIGURED}"),
             };
         };
         let result = slack

@@ -1093,12 +1093,16 @@ fn validate_submission(submission: &Submission) -> EngineResult<()> {
         check_outbound_url(url)
             .map_err(|error| EngineError::Invalid(format!("callback_url: {error}")))?;
     }
-    for link in &submission.context.links {
-        if !(link.starts_with("https://") || link.starts_with("http://")) {
-            return Err(EngineError::Invalid(format!(
-                "context link {link:?} is not an http(s) URL"
-            )));
-        }
+    // Links are evidence, not fetched: any text is kept; cards link only http(s) ones.
+    if submission
+        .context
+        .links
+        .iter()
+        .any(|link| link.len() > 2000)
+    {
+        return Err(EngineError::Invalid(
+            "context links must be at most 2000 characters".into(),
+        ));
     }
     Ok(())
 }

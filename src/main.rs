@@ -143,7 +143,18 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1 (clap's own default, 2, means "denied" for `signoff request`).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -156,6 +167,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        // A closed pipe (`signoff pending --json | head`) is the reader's choice, not an error.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -163,7 +176,19 @@ fn main() -> ExitCode {
     }
 }
 
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(format) = cli.log_format.as_deref() {
+        if !matches!(format, "text" | "json") {
+            anyhow::bail!("--log-format must be text or json, not {format:?}");
+        }
+    }
     // Commands that need no config must not fail on a broken one.
     match &cli.command {
         Command::Policy(PolicyCommand::Check { file }) => return commands::policy_check(file),
@@ -208,7 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wait,
             })
             .await?;
-            println!("{}", serde_json::to_string_pretty(&request)?);
+            commands::print(&serde_json::to_string_pretty(&request)?)?;
             return Ok(ExitCode::from(commands::request_exit_code(&request)));
         }
         _ => {}
@@ -263,14 +288,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `30s`, `5m`, `1h`, or a plain number of seconds.
 fn parse_wait(text: &str) -> anyhow::Result<Duration> {
     if let Ok(seconds) = text.parse::<f64>() {
-        if seconds.is_finite() && seconds >= 0.0 {
-            return Ok(Duration::from_secs_f64(seconds));
-        }
+        return Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|wait| *wait <= MAX_WAIT)
+            .ok_or_else(|| anyhow::anyhow!("--wait {text:?} must be between 0 and 30 days"));
     }
-    humantime::parse_duration(text).map_err(|error| {
+    let wait = humantime::parse_duration(text).map_err(|error| {
         anyhow::anyhow!("--wait {text:?} is not a duration like 30s or 5m: {error}")
-    })
+    })?;
+    if wait > MAX_WAIT {
+        anyhow::bail!("--wait {text:?} must be at most 30 days");
+    }
+    Ok(wait)
 }
+
+/// No agent waits longer than this for one decision.
+const MAX_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn init_logging(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

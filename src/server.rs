@@ -24,11 +24,11 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         .migrate()
         .await
         .context("applying database migrations")?;
-    let mut card_channels = Vec::new();
-    if config.slack_enabled() {
-        card_channels.push(channels::SLACK);
-    }
-    Ok(Engine::new(store, policy).with_card_channels(card_channels))
+    // Cards are written for every chat destination whatever this process's own config says:
+    // a vote cast from the CLI must still update the cards the servers posted. A server
+    // without that channel configured drops the message.
+    let _ = config;
+    Ok(Engine::new(store, policy).with_card_channels(vec![channels::SLACK]))
 }
 
 /// The one HTTP client (webhooks, Slack response URLs): no redirects, so a receiver cannot

@@ -130,8 +130,9 @@ pub struct Execution {
 }
 
 /// What the agent says about the action, shown to approvers as evidence.
+/// The four known fields are shown on cards; any other field is kept, passed to `when`
+/// conditions as `context.<field>`, and returned to the agent.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct RequestContext {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
@@ -141,6 +142,9 @@ pub struct RequestContext {
     pub reversible: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<String>,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 // DESIGN §6. Every `Option` but `callback_url` is always serialized (as null when absent),

@@ -31,11 +31,12 @@ pub struct SubmitBody {
     #[schema(example = "payments.refund")]
     action: String,
     /// A JSON object; `{}` when left out.
-    #[serde(default = "empty_object")]
-    #[schema(value_type = Object)]
-    args: Value,
     #[serde(default)]
-    context: RequestContext,
+    #[schema(value_type = Object)]
+    args: Option<Value>,
+    /// Evidence for approvers; `null` is the same as leaving it out.
+    #[serde(default)]
+    context: Option<RequestContext>,
     /// The person the agent acts for: `slack:U…`, `email:…`, `teams:…` or `cli:…`. They
     /// cannot approve the request.
     #[serde(default)]
@@ -95,8 +96,12 @@ pub async fn submit_request(
         })?;
     let submission = Submission {
         action: body.action,
-        args: body.args,
-        context: body.context,
+        // `null` is the same as leaving it out.
+        args: body
+            .args
+            .filter(|args| !args.is_null())
+            .unwrap_or_else(empty_object),
+        context: body.context.unwrap_or_default(),
         on_behalf_of,
         callback_url: body.callback_url,
     };

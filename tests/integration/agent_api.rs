@@ -170,8 +170,8 @@ async fn bad_input_is_refused_and_changes_nothing(
             "invalid_request",
         ),
         (
-            "unknown context field",
-            r#"{"action":"users.get","context":{"sumary":"x"}}"#.into(),
+            "context not an object",
+            r#"{"action":"users.get","context":[1]}"#.into(),
             StatusCode::BAD_REQUEST,
             "invalid_request",
         ),
@@ -490,4 +490,46 @@ async fn health_and_readiness(#[values(Backend::Sqlite, Backend::Postgres)] back
     let response = app.http.get(app.url("/nope")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(&response.json().await.unwrap()), "not_found");
+}
+
+#[rstest]
+#[tokio::test]
+async fn context_is_open_and_nulls_mean_absent(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+
+    let plain = app
+        .submit_ok(
+            &agent,
+            json!({"action": "users.get", "args": null, "context": null}),
+        )
+        .await;
+    assert_eq!(plain["status"], "approved");
+    assert_eq!(plain["args"], json!({}));
+
+    // Fields beyond summary/reason/reversible/links are kept and reach `when` conditions.
+    let vip = app
+        .submit_ok(
+            &agent,
+            json!({"action": "crm.update", "context": {"summary": "Upgrade", "customer_tier": "vip", "links": ["..."]}}),
+        )
+        .await;
+    assert_eq!(
+        (vip["status"].as_str(), vip["rule"].as_str()),
+        (Some("pending"), Some("vip-customers"))
+    );
+    assert_eq!(vip["context"]["customer_tier"], "vip");
+    assert_eq!(vip["context"]["links"], json!(["..."]));
+    let basic = app
+        .submit_ok(
+            &agent,
+            json!({"action": "crm.update", "context": {"customer_tier": "basic"}}),
+        )
+        .await;
+    assert_eq!(
+        basic["status"], "denied",
+        "no rule matches, so the default applies"
+    );
 }

@@ -74,6 +74,11 @@ rules:
     match: ["flash.*"]
     effect: require_approval
     tier: flash
+  - name: vip-customers
+    match: ["crm.*"]
+    when: "context.customer_tier == 'vip'"
+    effect: require_approval
+    tier: high
   - name: no-drop
     match: ["db.drop_*"]
     effect: deny

@@ -162,7 +162,13 @@ fn evidence_text(card: &CardView) -> String {
         let links: Vec<String> = card
             .links
             .iter()
-            .map(|link| format!("<{}>", link.replace(['<', '>', '|'], "")))
+            .map(|link| {
+                if link.starts_with("https://") || link.starts_with("http://") {
+                    format!("<{}>", link.replace(['<', '>', '|'], ""))
+                } else {
+                    escape(link)
+                }
+            })
             .collect();
         lines.push(format!("*Links:* {}", links.join(" · ")));
     }
@@ -385,6 +391,7 @@ mod tests {
                 reason: Some("Item arrived broken & customer asked twice".into()),
                 reversible: Some(false),
                 links: vec!["https://shop.example.com/orders/A-1042".into()],
+                extra: serde_json::Map::new(),
             },
             on_behalf_of: Some("slack:U0REQUESTER".parse().unwrap()),
             callback_url: None,
