@@ -98,21 +98,25 @@ pub struct ChainVerifier {
 
 impl ChainVerifier {
     pub fn check(&mut self, event: &AuditEvent) -> Result<(), ChainBreak> {
-        let broken = |problem: String| ChainBreak {
-            seq: event.seq,
-            problem,
-        };
+        let broken_at = |seq: i64, problem: String| ChainBreak { seq, problem };
         let expected_previous = self.previous_hash.as_deref().unwrap_or(GENESIS_HASH);
-        if let Some(previous_seq) = self.previous_seq {
+        let previous_seq = self.previous_seq.unwrap_or(0);
+        {
             if event.seq != previous_seq + 1 {
-                return Err(broken(format!(
-                    "expected seq {} after {previous_seq} (an event is missing)",
-                    previous_seq + 1
-                )));
+                // The first bad sequence number is the one that is missing.
+                return Err(broken_at(
+                    previous_seq + 1,
+                    format!(
+                        "event {} is missing (the next is {})",
+                        previous_seq + 1,
+                        event.seq
+                    ),
+                ));
             }
         }
         if event.prev_hash != expected_previous {
-            return Err(broken(
+            return Err(broken_at(
+                event.seq,
                 "prev_hash does not match the previous event's hash".into(),
             ));
         }
@@ -126,7 +130,8 @@ impl ChainVerifier {
             &event.payload,
         );
         if recomputed != event.hash {
-            return Err(broken(
+            return Err(broken_at(
+                event.seq,
                 "content does not match its hash (the row was altered)".into(),
             ));
         }
@@ -196,7 +201,7 @@ mod tests {
                 |events| {
                     events.remove(3);
                 },
-                5,
+                4,
             ),
             (
                 "hash rewritten",

@@ -247,14 +247,21 @@ pub async fn vote(
         .map_err(|error| anyhow::anyhow!("--as: {error}"))?;
     let engine = build_engine(&config).await?;
     let (request, effect) = engine
-        .record_vote(id, &Voter::new(principal.clone()), vote)
+        .record_vote(id, &Voter::new(principal.clone()), vote.clone())
         .await
         .map_err(user_error)?;
     match effect {
         VoteEffect::Counted {
             approvals,
             required,
-        } => out!("{principal} approved {id}: {approvals} of {required} approvals; still pending"),
+        } => {
+            let verb = if matches!(vote, VoteRequest::Modify { .. }) {
+                "modified (a new revision; this counts as your approval)"
+            } else {
+                "approved"
+            };
+            out!("{principal} {verb} {id}: {approvals} of {required} approvals; still pending")
+        }
         VoteEffect::Decided(status) => out!("{id} is now {}", status.as_str()),
     }
     if let Some(decision) = &request.decision {

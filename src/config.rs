@@ -157,6 +157,7 @@ impl Config {
             if !path.is_file() {
                 bail!("config file {} does not exist", path.display());
             }
+            refuse_unknown_keys(path)?;
             figment = figment.merge(Toml::file(path));
         }
         figment = figment
@@ -272,6 +273,65 @@ impl Config {
     }
 }
 
+/// A misspelt key would silently fall back to its default (a different database!), so
+/// keys the file does not need to have, it must not have wrong.
+fn refuse_unknown_keys(path: &Path) -> anyhow::Result<()> {
+    use figment::value::{Dict, Value};
+    let file: Dict = Figment::from(Toml::file(path))
+        .extract()
+        .map_err(|error| anyhow::anyhow!("config file {}: {error}", path.display()))?;
+    let known = |section: &str| -> &'static [&'static str] {
+        match section {
+            "" => &[
+                "listen",
+                "database_url",
+                "policy",
+                "public_url",
+                "max_body_bytes",
+                "database_max_connections",
+                "sqlite_synchronous",
+                "sweep_interval_ms",
+                "watch_interval_ms",
+                "log_format",
+                "admin_token",
+                "slack",
+                "teams",
+            ],
+            "slack" => &["bot_token", "signing_secret", "api_url", "command"],
+            "teams" => &[
+                "app_id",
+                "app_password",
+                "tenant_id",
+                "openid_metadata_url",
+                "token_url",
+                "allowed_service_urls",
+            ],
+            _ => &[],
+        }
+    };
+    let mut unknown = Vec::new();
+    for (key, value) in &file {
+        if !known("").contains(&key.as_str()) {
+            unknown.push(key.clone());
+        } else if let Value::Dict(_, section) = value {
+            for inner in section.keys() {
+                if !known(key).contains(&inner.as_str()) {
+                    unknown.push(format!("{key}.{inner}"));
+                }
+            }
+        }
+    }
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "config file {}: unknown key(s): {}",
+            path.display(),
+            unknown.join(", ")
+        )
+    }
+}
+
 /// Outbound URLs (Slack and Teams base URLs, agents' callback URLs) must be https; plain
 /// http is allowed only to loopback addresses, for local receivers and test fakes.
 pub fn check_outbound_url(text: &str) -> Result<url::Url, String> {
@@ -321,6 +381,30 @@ mod tests {
         for (url, allowed) in table {
             assert_eq!(check_outbound_url(url).is_ok(), allowed, "{url}");
         }
+    }
+
+    #[test]
+    fn misspelt_keys_are_refused() {
+        let directory = std::env::temp_dir().join(format!("signoff-config-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let path = directory.join("signoff.toml");
+        std::fs::write(
+            &path,
+            "databse_url = \"sqlite://x.db\"\n[slack]\nbot_tokn = \"x\"\n",
+        )
+        .unwrap();
+        let error = refuse_unknown_keys(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("databse_url") && error.contains("slack.bot_tokn"),
+            "{error}"
+        );
+        std::fs::write(
+            &path,
+            "database_url = \"sqlite://x.db\"\n[slack]\nbot_token = \"x\"\n",
+        )
+        .unwrap();
+        assert!(refuse_unknown_keys(&path).is_ok());
+        std::fs::remove_dir_all(&directory).unwrap();
     }
 
     #[test]

@@ -216,7 +216,8 @@ impl Delivery {
             }
         };
         let body = serde_json::to_vec(&message.payload).unwrap_or_default();
-        let id = format!("msg_{}", message.id);
+        // Stable across retries, unique across databases (the request id is random).
+        let id = format!("msg_{}_{}", message.request_id, message.id);
         let timestamp = Utc::now().timestamp();
         let signature = match sign_webhook(&secret, &id, timestamp, &body) {
             Ok(signature) => signature,

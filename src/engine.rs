@@ -414,7 +414,10 @@ impl Engine {
             Effect::RequireApproval => {
                 let ttl = verdict.ttl.unwrap_or(Duration::from_secs(3600));
                 let after = |duration: Duration| {
-                    chrono::Duration::from_std(duration).map(|offset| at + offset)
+                    chrono::Duration::from_std(duration)
+                        .ok()
+                        .and_then(|offset| at.checked_add_signed(offset))
+                        .context("duration out of range")
                 };
                 request.expires_at = Some(after(ttl).context("ttl out of range")?);
                 if let Some(tier) = verdict.tier.as_deref().and_then(|tier| policy.tier(tier)) {
@@ -537,6 +540,7 @@ impl Engine {
                 .is_some_and(|requester| voter.is(requester));
         Ok(VoteContext {
             principal: &voter.principal,
+            aliases: &voter.aliases,
             eligible,
             is_requester,
             now: now(),

@@ -86,7 +86,8 @@ impl RunningServer {
         let delivery = Arc::new(Delivery::new(engine.clone(), slack, http));
         let mut http_shutdown = shutdown_signal.clone();
         let http = tokio::spawn(async move {
-            let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let service = app.into_make_service_with_connect_info::<SocketAddr>();
+            let serving = axum::serve(listener, service).with_graceful_shutdown(async move {
                 let _ = http_shutdown.wait_for(|stop| *stop).await;
             });
             if let Err(error) = serving.await {

@@ -96,6 +96,20 @@ pub struct Vote {
     pub at: DateTime<Utc>,
     /// The args revision this vote was cast on; votes on earlier revisions no longer count.
     pub revision: u32,
+    /// Other identities of the voter (e.g. the email behind a Slack user), so one person
+    /// cannot count twice under two names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<Principal>,
+}
+
+impl Vote {
+    fn identities(&self) -> impl Iterator<Item = &Principal> + Clone {
+        std::iter::once(&self.principal).chain(self.aliases.iter())
+    }
+
+    fn shares_identity<'a>(&self, mut others: impl Iterator<Item = &'a Principal>) -> bool {
+        others.any(|other| self.identities().any(|mine| mine == other))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -206,18 +220,33 @@ pub struct ApprovalRequest {
 }
 
 impl ApprovalRequest {
-    /// Distinct principals whose approvals count on the current revision.
+    /// The people whose approvals count on the current revision: one vote per person, even
+    /// when they voted under two of their identities.
     pub fn current_approvers(&self) -> Vec<&Principal> {
-        let mut approvers: Vec<&Principal> = Vec::new();
+        let mut counted: Vec<&Vote> = Vec::new();
         for vote in &self.votes {
             if vote.revision == self.revision
                 && vote.vote == VoteKind::Approve
-                && !approvers.contains(&&vote.principal)
+                && !counted
+                    .iter()
+                    .any(|earlier| earlier.shares_identity(vote.identities()))
             {
-                approvers.push(&vote.principal);
+                counted.push(vote);
             }
         }
-        approvers
+        counted.into_iter().map(|vote| &vote.principal).collect()
+    }
+
+    /// Has someone with any of these identities approved the current revision?
+    pub fn approved_by_any<'a>(
+        &self,
+        identities: impl Iterator<Item = &'a Principal> + Clone,
+    ) -> bool {
+        self.votes.iter().any(|vote| {
+            vote.revision == self.revision
+                && vote.vote == VoteKind::Approve
+                && vote.shares_identity(identities.clone())
+        })
     }
 
     pub fn is_overdue(&self, at: DateTime<Utc>) -> bool {

@@ -38,6 +38,8 @@ impl Voter {
 #[derive(Clone, Copy, Debug)]
 pub struct VoteContext<'a> {
     pub principal: &'a Principal,
+    /// The voter's other identities.
+    pub aliases: &'a [Principal],
     /// In the approvers of the request's tier.
     pub eligible: bool,
     /// The request's `on_behalf_of`, or an owner of the requesting agent.
@@ -111,8 +113,8 @@ pub fn check_voter(
     if !voter.eligible {
         return Err(VoteRefusal::NotEligible(voter.principal.to_string(), tier));
     }
-    if kind == VoteKindRequested::Approve && request.current_approvers().contains(&voter.principal)
-    {
+    let identities = std::iter::once(voter.principal).chain(voter.aliases.iter());
+    if kind == VoteKindRequested::Approve && request.approved_by_any(identities) {
         return Err(VoteRefusal::AlreadyApproved(voter.principal.to_string()));
     }
     Ok(())
@@ -184,6 +186,7 @@ fn record(
         note: note.filter(|text| !text.trim().is_empty()),
         at: voter.now,
         revision: request.revision,
+        aliases: voter.aliases.to_vec(),
     });
 }
 
@@ -246,6 +249,7 @@ mod tests {
     fn voter(principal: &Principal) -> VoteContext<'_> {
         VoteContext {
             principal,
+            aliases: &[],
             eligible: true,
             is_requester: false,
             now: now(),
@@ -390,6 +394,27 @@ mod tests {
                 Err(VoteRefusal::NotPending(status))
             );
         }
+    }
+
+    #[test]
+    fn one_person_under_two_names_counts_once() {
+        let slack_alice: Principal = "slack:U01ALICE".parse().unwrap();
+        let email_alice: Principal = "email:alice@example.com".parse().unwrap();
+        let mut request = pending(2);
+        let aliases = [email_alice.clone()];
+        let in_slack = VoteContext {
+            aliases: &aliases,
+            ..voter(&slack_alice)
+        };
+        plan_vote(&mut request, approve(), in_slack).unwrap();
+        // The same person, now by email address (say, from the CLI): refused.
+        assert_eq!(
+            plan_vote(&mut request, approve(), voter(&email_alice)),
+            Err(VoteRefusal::AlreadyApproved(
+                "email:alice@example.com".into()
+            ))
+        );
+        assert_eq!(request.current_approvers().len(), 1);
     }
 
     #[test]

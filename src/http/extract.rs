@@ -23,7 +23,11 @@ impl FromRequestParts<AppState> for AuthenticatedAgent {
         let key = header
             .to_str()
             .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(|value| {
+                // The scheme is case-insensitive (RFC 9110); the key is not.
+                let (scheme, key) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(key)
+            })
             .map(str::trim)
             .filter(|key| !key.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <api key>"))?;

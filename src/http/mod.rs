@@ -81,6 +81,7 @@ pub fn router(state: AppState, channel_routes: Router) -> Router {
         .route("/admin/reload", post(admin::reload_policy))
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(health::not_found)
+        .method_not_allowed_fallback(health::method_not_allowed)
         .with_state(state)
         .merge(channel_routes)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -73,11 +73,11 @@ struct RawTier {
     #[serde(default)]
     approvals: Option<u32>,
     #[serde(default)]
-    ttl: Option<String>,
+    ttl: Option<DurationText>,
     #[serde(default)]
-    remind_after: Option<String>,
+    remind_after: Option<DurationText>,
     #[serde(default)]
-    escalate_after: Option<String>,
+    escalate_after: Option<DurationText>,
     #[serde(default)]
     escalate_to: Vec<String>,
 }
@@ -98,6 +98,26 @@ struct RawRule {
     #[serde(default)]
     reason: Option<String>,
 }
+
+/// `30m`, `1h 30m`, or a bare number of seconds.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DurationText {
+    Text(String),
+    Seconds(u64),
+}
+
+impl DurationText {
+    fn text(&self) -> String {
+        match self {
+            DurationText::Text(text) => text.clone(),
+            DurationText::Seconds(seconds) => format!("{seconds}s"),
+        }
+    }
+}
+
+/// No tier waits longer than a year; it also keeps every computed time representable.
+const LONGEST_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// `match` takes one glob or a list of globs.
 #[derive(Deserialize)]
@@ -389,13 +409,6 @@ impl Checker {
                 }
             }
         }
-        if raw.approvers.is_empty() {
-            self.issue(
-                line,
-                None,
-                format!("{context}: needs at least one approver"),
-            );
-        }
         let approvals = raw.approvals.unwrap_or(1);
         if approvals == 0 {
             self.issue(
@@ -404,26 +417,24 @@ impl Checker {
                 format!("{context}: approvals must be at least 1"),
             );
         }
-        // Slack user groups can hold any number of people, so only a list of plain
-        // principals can be too short for the quorum.
-        if approvers.slack_groups.is_empty() && (approvals as usize) > approvers.principals.len() {
-            self.issue(
-                line,
-                None,
-                format!(
-                    "{context}: approvals is {approvals} but only {} approver(s) are listed",
-                    approvers.principals.len()
-                ),
-            );
-        }
+        // A tier with too few approvers for its quorum (or none) is allowed: its requests
+        // can only expire, which fails closed.
         for destination in raw.route.iter().chain(&raw.escalate_to) {
             if let Err(error) = validate_destination(destination) {
                 self.issue(line, None, format!("{context}: {error}"));
             }
         }
-        let mut duration = |field: &str, value: &Option<String>| -> Option<Duration> {
-            let text = value.as_ref()?;
-            match humantime::parse_duration(text) {
+        let mut duration = |field: &str, value: &Option<DurationText>| -> Option<Duration> {
+            let text = value.as_ref()?.text();
+            match humantime::parse_duration(&text) {
+                Ok(parsed) if parsed > LONGEST_DURATION => {
+                    self.issue(
+                        line,
+                        None,
+                        format!("{context}: {field} {text:?} is longer than a year"),
+                    );
+                    None
+                }
                 Ok(parsed) if !parsed.is_zero() => Some(parsed),
                 Ok(_) => {
                     self.issue(

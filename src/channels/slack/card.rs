@@ -406,6 +406,7 @@ mod tests {
                 note: None,
                 at: at(5),
                 revision: 1,
+                aliases: vec![],
             }],
             decision: None,
             action_hash: action_hash("payments.refund", &json!({})),
@@ -441,6 +442,7 @@ mod tests {
             note: Some("cap at 150".into()),
             at: at(7),
             revision: 2,
+            aliases: vec![],
         });
         request.votes.push(Vote {
             principal: "slack:U02CAROL".parse().unwrap(),
@@ -448,6 +450,7 @@ mod tests {
             note: None,
             at: at(8),
             revision: 2,
+            aliases: vec![],
         });
         request.status = Status::Approved;
         request.decision = Some(Decision {

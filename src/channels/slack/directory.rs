@@ -46,12 +46,18 @@ impl Directory {
         &self,
         user: &str,
         slack_groups: &[String],
+        needs_email: bool,
     ) -> Result<Voter, SlackCallError> {
         let principal: Principal = format!("slack:{user}")
             .parse()
             .map_err(|_| SlackCallError::Permanent(format!("{user:?} is not a Slack user id")))?;
         let mut voter = Voter::new(principal);
-        if let Some(email) = self.email(user).await? {
+        let email = if needs_email {
+            self.email(user).await?
+        } else {
+            None
+        };
+        if let Some(email) = email {
             if let Ok(alias) = format!("email:{email}").parse() {
                 voter.aliases.push(alias);
             }

@@ -156,13 +156,32 @@ impl SlackChannel {
         user: &str,
     ) -> Result<Voter, SlackCallError> {
         let policy = engine.policy();
-        let groups = request
-            .tier
-            .as_deref()
-            .and_then(|tier| policy.tier(tier))
+        let tier = request.tier.as_deref().and_then(|tier| policy.tier(tier));
+        let groups = tier
             .map(|tier| tier.approvers.slack_groups.clone())
             .unwrap_or_default();
-        self.directory.voter(user, &groups).await
+        // The email (users.info) matters only where someone is named by email: an approver,
+        // the requester, or an owner of the agent. Elsewhere a Slack outage cannot block votes.
+        let is_email = |principal: &str| principal.starts_with("email:");
+        let owners_by_email = match engine.store().agent(&request.agent).await {
+            Ok(agent) => {
+                agent.is_some_and(|agent| agent.owners.iter().any(|owner| is_email(owner.as_str())))
+            }
+            // Unknown: look the email up rather than risk missing a separation-of-duties match.
+            Err(_) => true,
+        };
+        let needs_email = owners_by_email
+            || request
+                .on_behalf_of
+                .as_ref()
+                .is_some_and(|requester| is_email(requester.as_str()))
+            || tier.is_some_and(|tier| {
+                tier.approvers
+                    .principals
+                    .iter()
+                    .any(|approver| is_email(approver))
+            });
+        self.directory.voter(user, &groups, needs_email).await
     }
 }
 
