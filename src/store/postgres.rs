@@ -66,6 +66,20 @@ impl PostgresStore {
         Ok(transaction)
     }
 
+    async fn insert_new_request(&self, new: super::NewRequest<'_>) -> StoreResult<()> {
+        let mut transaction = self.begin_write().await?;
+        Self::write_new_request(
+            &mut transaction,
+            new.request,
+            new.audit,
+            new.outbox,
+            new.idempotency,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
     /// Delivered to listeners only if the transaction commits.
     async fn notify_finalized(
         transaction: &mut Transaction<'_, Postgres>,

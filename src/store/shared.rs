@@ -76,7 +76,7 @@ macro_rules! implement_store {
     ($store:ty, $database:ty) => {
         impl $store {
             async fn append_audit_events(
-                transaction: &mut sqlx::Transaction<'_, $database>,
+                connection: &mut <$database as sqlx::Database>::Connection,
                 events: Vec<$crate::audit::NewAuditEvent>,
             ) -> $crate::store::StoreResult<()> {
                 if events.is_empty() {
@@ -85,7 +85,7 @@ macro_rules! implement_store {
                 let last: Option<(i64, String)> = sqlx::query_as(
                     "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
                 )
-                .fetch_optional(&mut **transaction)
+                .fetch_optional(&mut *connection)
                 .await?;
                 let (mut seq, mut previous) =
                     last.unwrap_or((0, $crate::audit::GENESIS_HASH.to_string()));
@@ -104,7 +104,7 @@ macro_rules! implement_store {
                     .bind(sqlx::types::Json(&sealed.payload))
                     .bind(&sealed.prev_hash)
                     .bind(&sealed.hash)
-                    .execute(&mut **transaction)
+                    .execute(&mut *connection)
                     .await?;
                     previous = sealed.hash;
                 }
@@ -112,7 +112,7 @@ macro_rules! implement_store {
             }
 
             async fn append_outbox(
-                transaction: &mut sqlx::Transaction<'_, $database>,
+                connection: &mut <$database as sqlx::Database>::Connection,
                 messages: Vec<$crate::store::NewOutboxMessage>,
             ) -> $crate::store::StoreResult<()> {
                 for message in messages {
@@ -128,7 +128,51 @@ macro_rules! implement_store {
                     .bind(&message.destination)
                     .bind(sqlx::types::Json(&message.payload))
                     .bind(message.available_at)
-                    .execute(&mut **transaction)
+                    .execute(&mut *connection)
+                    .await?;
+                }
+                Ok(())
+            }
+
+            /// Writes a new request with its audit events, outbox messages and answered
+            /// Idempotency-Key, inside the caller's transaction.
+            async fn write_new_request(
+                connection: &mut <$database as sqlx::Database>::Connection,
+                request: &$crate::domain::ApprovalRequest,
+                audit: Vec<$crate::audit::NewAuditEvent>,
+                outbox: Vec<$crate::store::NewOutboxMessage>,
+                idempotency: Option<(&$crate::store::IdempotencyKey, serde_json::Value)>,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body, remind_at, escalate_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11)",
+                )
+                .bind(&request.id)
+                .bind(&request.agent)
+                .bind(&request.action)
+                .bind(request.status.as_str())
+                .bind(i64::from(request.revision))
+                .bind(request.version)
+                .bind(request.created_at)
+                .bind(request.expires_at)
+                .bind(sqlx::types::Json(super::shared::StoredRequest::from_request(request)))
+                .bind(request.remind_at)
+                .bind(request.escalate_at)
+                .execute(&mut *connection)
+                .await
+                .map_err(|error| super::shared::conflict_on_unique(error, "request id already exists"))?;
+                Self::append_audit_events(&mut *connection, audit).await?;
+                Self::append_outbox(&mut *connection, outbox).await?;
+                if let Some((key, response)) = idempotency {
+                    sqlx::query(
+                        "UPDATE idempotency_keys SET request_id = $3, response = $4 \
+                         WHERE agent = $1 AND idempotency_key = $2",
+                    )
+                    .bind(&key.agent)
+                    .bind(&key.key)
+                    .bind(&request.id)
+                    .bind(sqlx::types::Json(&response))
+                    .execute(&mut *connection)
                     .await?;
                 }
                 Ok(())
@@ -219,7 +263,7 @@ macro_rules! implement_store {
                         &format!("an agent named {:?} already exists", agent.name),
                     )
                 })?;
-                Self::append_audit_events(&mut transaction, vec![audit]).await?;
+                Self::append_audit_events(&mut *transaction, vec![audit]).await?;
                 transaction.commit().await?;
                 Ok(())
             }
@@ -281,7 +325,7 @@ macro_rules! implement_store {
                 .rows_affected()
                     == 1;
                 if revoked {
-                    Self::append_audit_events(&mut transaction, vec![audit]).await?;
+                    Self::append_audit_events(&mut *transaction, vec![audit]).await?;
                     transaction.commit().await?;
                 }
                 Ok(revoked)
@@ -292,42 +336,7 @@ macro_rules! implement_store {
                 &self,
                 new: $crate::store::NewRequest<'_>,
             ) -> $crate::store::StoreResult<()> {
-                let request = new.request;
-                let mut transaction = self.begin_write().await?;
-                sqlx::query(
-                    "INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body, remind_at, escalate_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11)",
-                )
-                .bind(&request.id)
-                .bind(&request.agent)
-                .bind(&request.action)
-                .bind(request.status.as_str())
-                .bind(i64::from(request.revision))
-                .bind(request.version)
-                .bind(request.created_at)
-                .bind(request.expires_at)
-                .bind(sqlx::types::Json(super::shared::StoredRequest::from_request(request)))
-                .bind(request.remind_at)
-                .bind(request.escalate_at)
-                .execute(&mut *transaction)
-                .await
-                .map_err(|error| super::shared::conflict_on_unique(error, "request id already exists"))?;
-                Self::append_audit_events(&mut transaction, new.audit).await?;
-                Self::append_outbox(&mut transaction, new.outbox).await?;
-                if let Some((key, response)) = new.idempotency {
-                    sqlx::query(
-                        "UPDATE idempotency_keys SET request_id = $3, response = $4 \
-                         WHERE agent = $1 AND idempotency_key = $2",
-                    )
-                    .bind(&key.agent)
-                    .bind(&key.key)
-                    .bind(&request.id)
-                    .bind(sqlx::types::Json(&response))
-                    .execute(&mut *transaction)
-                    .await?;
-                }
-                transaction.commit().await?;
-                Ok(())
+                self.insert_new_request(new).await
             }
 
             async fn request(
@@ -379,8 +388,8 @@ macro_rules! implement_store {
                     .audit
                     .iter()
                     .any(|event| super::shared::FINAL_KINDS.contains(&event.kind));
-                Self::append_audit_events(&mut transaction, change.audit).await?;
-                Self::append_outbox(&mut transaction, change.outbox).await?;
+                Self::append_audit_events(&mut *transaction, change.audit).await?;
+                Self::append_outbox(&mut *transaction, change.outbox).await?;
                 if finalized {
                     Self::notify_finalized(&mut transaction, &request.id).await?;
                 }
@@ -589,7 +598,7 @@ macro_rules! implement_store {
                 events: Vec<$crate::audit::NewAuditEvent>,
             ) -> $crate::store::StoreResult<()> {
                 let mut transaction = self.begin_write().await?;
-                Self::append_audit_events(&mut transaction, events).await?;
+                Self::append_audit_events(&mut *transaction, events).await?;
                 transaction.commit().await?;
                 Ok(())
             }

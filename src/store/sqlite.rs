@@ -1,20 +1,58 @@
-//! The embedded SQLite backend: WAL, busy timeout, foreign keys, one writer at a time.
+//! The embedded SQLite backend: WAL, busy timeout, foreign keys, one writer at a time, and
+//! group commit for new requests.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+
+use serde_json::Value;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
 
 use super::shared::implement_store;
-use super::StoreResult;
+use super::{IdempotencyKey, NewOutboxMessage, StoreError, StoreResult};
+use crate::audit::NewAuditEvent;
 use crate::config::Config;
+use crate::domain::ApprovalRequest;
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// New requests are committed in groups: see `insert_new_request`.
+    group_commit: Arc<GroupCommit>,
 }
+
+#[derive(Debug, Default)]
+struct GroupCommit {
+    queue: std::sync::Mutex<Vec<QueuedRequest>>,
+    /// Held by the caller committing a group; the others wait for their outcome.
+    writer: tokio::sync::Mutex<()>,
+}
+
+/// A new request waiting for the group-commit writer, and where to send its outcome.
+struct QueuedRequest {
+    request: ApprovalRequest,
+    audit: Vec<NewAuditEvent>,
+    outbox: Vec<NewOutboxMessage>,
+    idempotency: Option<(IdempotencyKey, Value)>,
+    committed: oneshot::Sender<StoreResult<()>>,
+}
+
+impl std::fmt::Debug for QueuedRequest {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("QueuedRequest")
+            .field("id", &self.request.id)
+            .finish()
+    }
+}
+
+/// At most this many new requests share one commit.
+const GROUP_COMMIT_LIMIT: usize = 256;
 
 impl SqliteStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -42,7 +80,56 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .context("cannot open the SQLite database")?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            group_commit: Arc::default(),
+        })
+    }
+
+    /// Group commit: the request joins a queue; whoever holds the writer lock commits
+    /// everything queued so far in one transaction (one disk sync), one savepoint per
+    /// request so a refused one does not take the others with it. Each caller returns only
+    /// after the commit that holds its request, so `synchronous=FULL` still means an
+    /// acknowledged request survives power loss.
+    async fn insert_new_request(&self, new: super::NewRequest<'_>) -> StoreResult<()> {
+        let (committed, mut outcome) = oneshot::channel();
+        let queued = QueuedRequest {
+            request: new.request.clone(),
+            audit: new.audit,
+            outbox: new.outbox,
+            idempotency: new
+                .idempotency
+                .map(|(key, response)| (key.clone(), response)),
+            committed,
+        };
+        self.queue().push(queued);
+        let _writer = self.group_commit.writer.lock().await;
+        // The previous writer may have committed ours along with its own.
+        if let Ok(result) = outcome.try_recv() {
+            return result;
+        }
+        loop {
+            let batch: Vec<QueuedRequest> = {
+                let mut queue = self.queue();
+                let take = queue.len().min(GROUP_COMMIT_LIMIT);
+                queue.drain(..take).collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            commit_batch(&self.pool, batch).await;
+            if let Ok(result) = outcome.try_recv() {
+                return result;
+            }
+        }
+        Err(StoreError::Database(sqlx::Error::PoolClosed))
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<QueuedRequest>> {
+        self.group_commit
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// `BEGIN IMMEDIATE` takes the write lock up front, so a transaction that reads and
@@ -65,3 +152,79 @@ impl SqliteStore {
 }
 
 implement_store!(SqliteStore, sqlx::Sqlite);
+
+async fn commit_batch(pool: &SqlitePool, batch: Vec<QueuedRequest>) {
+    let mut connection = match pool.acquire().await {
+        Ok(connection) => connection,
+        Err(error) => return refuse_all(batch.into_iter().map(|queued| queued.committed), &error),
+    };
+    if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *connection)
+        .await
+    {
+        return refuse_all(batch.into_iter().map(|queued| queued.committed), &error);
+    }
+    let mut written = Vec::with_capacity(batch.len());
+    for queued in batch {
+        match write_with_savepoint(&mut connection, &queued).await {
+            Ok(()) => written.push(queued.committed),
+            Err(error) => {
+                let _ = queued.committed.send(Err(error));
+            }
+        }
+    }
+    match sqlx::query("COMMIT").execute(&mut *connection).await {
+        Ok(_) => {
+            for committed in written {
+                let _ = committed.send(Ok(()));
+            }
+        }
+        Err(error) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+            refuse_all(written.into_iter(), &error);
+        }
+    }
+}
+
+/// Nothing in the group was committed; every waiting caller hears so.
+fn refuse_all(
+    waiting: impl Iterator<Item = oneshot::Sender<StoreResult<()>>>,
+    error: &sqlx::Error,
+) {
+    for committed in waiting {
+        let _ = committed.send(Err(StoreError::Database(sqlx::Error::Protocol(
+            error.to_string(),
+        ))));
+    }
+}
+
+async fn write_with_savepoint(
+    connection: &mut SqliteConnection,
+    queued: &QueuedRequest,
+) -> StoreResult<()> {
+    {
+        sqlx::query("SAVEPOINT new_request")
+            .execute(&mut *connection)
+            .await?;
+        let written = SqliteStore::write_new_request(
+            &mut *connection,
+            &queued.request,
+            queued.audit.clone(),
+            queued.outbox.clone(),
+            queued
+                .idempotency
+                .as_ref()
+                .map(|(key, response)| (key, response.clone())),
+        )
+        .await;
+        if written.is_err() {
+            sqlx::query("ROLLBACK TO new_request")
+                .execute(&mut *connection)
+                .await?;
+        }
+        sqlx::query("RELEASE new_request")
+            .execute(&mut *connection)
+            .await?;
+        written
+    }
+}

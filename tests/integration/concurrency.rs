@@ -161,3 +161,36 @@ async fn twenty_concurrent_submissions_with_one_key_create_one_request(
     assert_eq!(ids.len(), 1, "every success names the same request");
     assert_eq!(app.request_count().await, 1);
 }
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submissions_are_committed_together_and_all_kept(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend);
+    let agent = app.create_agent("bot", &[]).await;
+    let submissions: Vec<_> = (0..60)
+        .map(|n| {
+            let request = app
+                .http
+                .post(app.url("/v1/requests"))
+                .bearer_auth(&agent.key)
+                .json(&json!({"action": if n % 2 == 0 { "users.get" } else { "email.send" }, "args": {"n": n}}));
+            tokio::spawn(async move { request.send().await.unwrap().json::<serde_json::Value>().await.unwrap() })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for submission in submissions {
+        let body = submission.await.unwrap();
+        let id = body["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{body}"))
+            .to_string();
+        // Acknowledged means stored.
+        assert_eq!(app.stored(&id).await.id, id);
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 60);
+    assert_eq!(app.request_count().await, 60);
+    assert!(app.engine().verify_audit_chain().await.unwrap().is_ok());
+}
