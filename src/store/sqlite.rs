@@ -77,6 +77,8 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(config.database_max_connections.max(2))
+            // A local file does not drop connections; a ping per checkout only adds latency.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .context("cannot open the SQLite database")?;

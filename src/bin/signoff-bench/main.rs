@@ -48,6 +48,9 @@ struct Args {
     /// Pending requests for the memory measurement.
     #[arg(long, default_value_t = 100_000)]
     memory_requests: usize,
+    /// Only the memory measurement.
+    #[arg(long)]
+    memory_only: bool,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
     serve: Option<PathBuf>,
@@ -76,6 +79,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("machine: {} cores, {}", num_cpus(), cpu_model());
     println!("latency: open loop, from intended send time; sustainable = no errors and p99 < {P99_CEILING:?}\n");
 
+    if args.memory_only {
+        return memory(&directory, args.memory_requests).await;
+    }
     policy_evaluation();
 
     let mut backends = vec![Backend::Sqlite];
@@ -107,6 +113,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "| {name}: max sustainable | {max:.0} req/s | {floor:.0} rows/s | {:.2}x |",
                 max / floor
             );
+            if max == 0.0 {
+                println!("| {name} | not sustainable at the lowest step (50 req/s) | | |");
+                continue;
+            }
             let at70 = harness
                 .run_load(&body, max * 0.7, args.step_seconds * 2.0)
                 .await;
@@ -435,6 +445,12 @@ impl Harness {
         loop {
             let result = self.run_load(body, rate, seconds).await;
             let p99 = Duration::from_micros(result.histogram.value_at_quantile(0.99));
+            eprintln!(
+                "  {rate:.0} req/s: p50 {} p99 {} errors {}",
+                micros(result.histogram.value_at_quantile(0.5)),
+                micros(p99.as_micros() as u64),
+                result.errors
+            );
             if result.errors > 0 || p99 > P99_CEILING {
                 return best;
             }
@@ -550,6 +566,10 @@ async fn memory(directory: &Path, pending: usize) -> anyhow::Result<()> {
     // Load the pending rows in bulk (one transaction), then make the server look at them.
     let mut connection = sqlx::SqliteConnection::connect(&database.url).await?;
     let mut transaction = connection.begin().await?;
+    sqlx::query("INSERT INTO agents (name, api_key_hash, webhook_secret, owners, created_at) VALUES ('bench', 'unused', 'whsec_unused', '[]', $1) ON CONFLICT DO NOTHING")
+        .bind(signoff::domain::now())
+        .execute(&mut *transaction)
+        .await?;
     let expires = signoff::domain::now() + chrono::Duration::hours(1);
     for index in 0..pending {
         let id = format!("apr_memory_{index}");
