@@ -432,6 +432,8 @@ impl Engine {
             outbox.extend(webhook_message(&request, at));
         }
         let response = serde_json::to_value(&request).context("serialising the request")?;
+        // Waking the worker for nothing would cost it a claim query per submission.
+        let wrote_outbox = !outbox.is_empty();
         self.store
             .insert_request(NewRequest {
                 request: &request,
@@ -440,7 +442,9 @@ impl Engine {
                 idempotency: key.map(|key| (key, response)),
             })
             .await?;
-        self.outbox_signal.notify_one();
+        if wrote_outbox {
+            self.outbox_signal.notify_one();
+        }
         metrics::counter!(
             telemetry::REQUESTS,
             "effect" => verdict.effect.as_str(),
