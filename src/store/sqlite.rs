@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
@@ -30,7 +31,9 @@ pub struct SqliteStore {
 struct GroupCommit {
     queue: std::sync::Mutex<Vec<QueuedRequest>>,
     /// Held by the caller committing a group; the others wait for their outcome.
-    writer: tokio::sync::Mutex<()>,
+    /// Its connection is kept between groups: statements stay prepared and no pool
+    /// checkout sits on the commit path.
+    writer: tokio::sync::Mutex<Option<PoolConnection<Sqlite>>>,
 }
 
 /// A new request waiting for the group-commit writer, and where to send its outcome.
@@ -105,7 +108,7 @@ impl SqliteStore {
             committed,
         };
         self.queue().push(queued);
-        let _writer = self.group_commit.writer.lock().await;
+        let mut writer = self.group_commit.writer.lock().await;
         // The previous writer may have committed ours along with its own.
         if let Ok(result) = outcome.try_recv() {
             return result;
@@ -119,7 +122,23 @@ impl SqliteStore {
             if batch.is_empty() {
                 break;
             }
-            commit_batch(&self.pool, batch).await;
+            let connection = match writer.as_mut() {
+                Some(connection) => connection,
+                None => match self.pool.acquire().await {
+                    Ok(connection) => writer.insert(connection),
+                    Err(error) => {
+                        refuse_all(batch.into_iter().map(|queued| queued.committed), &error);
+                        if let Ok(result) = outcome.try_recv() {
+                            return result;
+                        }
+                        continue;
+                    }
+                },
+            };
+            if !commit_batch(connection, batch).await {
+                // Something is wrong with the connection; take a fresh one next time.
+                *writer = None;
+            }
             if let Ok(result) = outcome.try_recv() {
                 return result;
             }
@@ -155,20 +174,18 @@ impl SqliteStore {
 
 implement_store!(SqliteStore, sqlx::Sqlite);
 
-async fn commit_batch(pool: &SqlitePool, batch: Vec<QueuedRequest>) {
-    let mut connection = match pool.acquire().await {
-        Ok(connection) => connection,
-        Err(error) => return refuse_all(batch.into_iter().map(|queued| queued.committed), &error),
-    };
+/// Commits one group on `connection`; returns false if the connection misbehaved.
+async fn commit_batch(connection: &mut SqliteConnection, batch: Vec<QueuedRequest>) -> bool {
     if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *connection)
         .await
     {
-        return refuse_all(batch.into_iter().map(|queued| queued.committed), &error);
+        refuse_all(batch.into_iter().map(|queued| queued.committed), &error);
+        return false;
     }
     let mut written = Vec::with_capacity(batch.len());
     for queued in batch {
-        match write_with_savepoint(&mut connection, &queued).await {
+        match write_with_savepoint(connection, &queued).await {
             Ok(()) => written.push(queued.committed),
             Err(error) => {
                 let _ = queued.committed.send(Err(error));
@@ -180,10 +197,12 @@ async fn commit_batch(pool: &SqlitePool, batch: Vec<QueuedRequest>) {
             for committed in written {
                 let _ = committed.send(Ok(()));
             }
+            true
         }
         Err(error) => {
             let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
             refuse_all(written.into_iter(), &error);
+            false
         }
     }
 }
