@@ -25,6 +25,8 @@ use tokio::task::JoinSet;
 const SIGNING_SECRET: &str = "bench-signing-secret";
 /// The latency ceiling a rate must stay under to count as sustainable.
 const P99_CEILING: Duration = Duration::from_millis(5);
+/// A looser ceiling, to see throughput against the floor when latency may grow.
+const THROUGHPUT_CEILING: Duration = Duration::from_millis(100);
 
 #[derive(Parser, Clone)]
 #[command(about = "Benchmarks signoff against its floors; prints a Markdown report")]
@@ -108,10 +110,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 json!({"action": "email.send", "args": {"to": "a@example.com"}}),
             ),
         ] {
-            let max = harness.max_sustainable_rate(&body, args.step_seconds).await;
+            let max = harness
+                .max_sustainable_rate(&body, args.step_seconds, P99_CEILING)
+                .await;
             println!(
-                "| {name}: max sustainable | {max:.0} req/s | {floor:.0} rows/s | {:.2}x |",
+                "| {name}: max sustainable (p99 < 5 ms) | {max:.0} req/s | {floor:.0} rows/s | {:.2}x |",
                 max / floor
+            );
+            // Throughput when latency may grow: what group commit buys against the floor.
+            let throughput = harness
+                .max_sustainable_rate(&body, args.step_seconds, THROUGHPUT_CEILING)
+                .await;
+            println!(
+                "| {name}: max with p99 < {} ms | {throughput:.0} req/s | {floor:.0} rows/s | {:.2}x |",
+                THROUGHPUT_CEILING.as_millis(),
+                throughput / floor
             );
             if max == 0.0 {
                 println!("| {name} | not sustainable at the lowest step (50 req/s) | | |");
@@ -438,8 +451,8 @@ impl Harness {
         LoadResult { histogram, errors }
     }
 
-    /// The highest rate, stepping up by about 1.4x, with no errors and p99 under the ceiling.
-    async fn max_sustainable_rate(&self, body: &Value, seconds: f64) -> f64 {
+    /// The highest rate, stepping up by about 1.4x, with no errors and p99 under `ceiling`.
+    async fn max_sustainable_rate(&self, body: &Value, seconds: f64, ceiling: Duration) -> f64 {
         let mut rate = 50.0;
         let mut best = 0.0;
         loop {
@@ -451,7 +464,7 @@ impl Harness {
                 micros(p99.as_micros() as u64),
                 result.errors
             );
-            if result.errors > 0 || p99 > P99_CEILING {
+            if result.errors > 0 || p99 > ceiling {
                 return best;
             }
             best = rate;
