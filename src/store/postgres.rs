@@ -13,8 +13,8 @@ use crate::config::Config;
 /// The NOTIFY channel on which a committed decision names its request id.
 pub const FINALIZED_CHANNEL: &str = "signoff_finalized";
 
-/// Held for the rest of a writing transaction, so audit sequence numbers and hashes are
-/// appended one transaction at a time across every replica.
+/// Held from the audit append to the end of the transaction, so audit sequence numbers and
+/// hashes are appended one transaction at a time across every replica.
 const AUDIT_APPEND_LOCK: i64 = 0x5167_0ff0_a0d1;
 
 #[derive(Clone, Debug)]
@@ -58,12 +58,17 @@ impl PostgresStore {
     }
 
     async fn begin_write(&self) -> StoreResult<Transaction<'static, Postgres>> {
-        let mut transaction = self.pool.begin().await?;
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Taken just before the audit head is read and held to commit: writers queue only for
+    /// the append and the commit, not for their whole transaction.
+    async fn serialize_audit_appends(connection: &mut sqlx::PgConnection) -> StoreResult<()> {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(AUDIT_APPEND_LOCK)
-            .execute(&mut *transaction)
+            .execute(&mut *connection)
             .await?;
-        Ok(transaction)
+        Ok(())
     }
 
     async fn insert_new_request(&self, new: super::NewRequest<'_>) -> StoreResult<()> {

@@ -82,6 +82,7 @@ macro_rules! implement_store {
                 if events.is_empty() {
                     return Ok(());
                 }
+                Self::serialize_audit_appends(&mut *connection).await?;
                 let last: Option<(i64, String)> = sqlx::query_as(
                     "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
                 )

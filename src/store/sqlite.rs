@@ -159,6 +159,11 @@ impl SqliteStore {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
+    /// Writers already take the single write lock at `BEGIN IMMEDIATE`.
+    async fn serialize_audit_appends(_connection: &mut SqliteConnection) -> StoreResult<()> {
+        Ok(())
+    }
+
     async fn notifications(&self) -> StoreResult<Option<super::Notifications>> {
         Ok(None)
     }
