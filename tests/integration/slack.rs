@@ -63,6 +63,21 @@ fn text_of(call: &Value) -> String {
     call["blocks"].to_string()
 }
 
+/// Waits until the latest card for `id` in each of `channels` contains every one of `words`.
+async fn cards_show(app: &TestApp, channels: &[&str], id: &str, words: &[&str]) {
+    crate::support::eventually(WAIT, || async {
+        channels
+            .iter()
+            .all(|channel| {
+                app.slack
+                    .latest_card(channel, id)
+                    .is_some_and(|card| words.iter().all(|word| text_of(&card).contains(word)))
+            })
+            .then_some(())
+    })
+    .await;
+}
+
 /// The ephemeral explanations sent so far (through response_url), once there are `count`.
 async fn explanations(app: &TestApp, count: usize) -> Vec<String> {
     app.slack
@@ -277,11 +292,7 @@ async fn modify_validates_json_in_the_modal_and_starts_a_revision(
     assert_eq!(decision.args, json!({"amount": 100, "order": "A-1"}));
 
     // The card shows what changed.
-    crate::support::eventually(WAIT, || async {
-        let card = app.slack.latest_card("C0HIGH", &id)?;
-        (text_of(&card).contains("Modified") && text_of(&card).contains("Approved")).then_some(())
-    })
-    .await;
+    cards_show(&app, &["C0HIGH"], &id, &["Modified", "Approved"]).await;
 }
 
 #[rstest]
@@ -525,12 +536,7 @@ async fn every_copy_is_updated_after_the_decision(
     app.approve(&id, "slack:U01ALICE").await.unwrap();
     app.approve(&id, "slack:U02BOB").await.unwrap();
 
-    crate::support::eventually(WAIT, || async {
-        let high = app.slack.latest_card("C0HIGH", &id)?;
-        let audit = app.slack.latest_card("C0AUDIT", &id)?;
-        (text_of(&high).contains("Approved") && text_of(&audit).contains("Approved")).then_some(())
-    })
-    .await;
+    cards_show(&app, &["C0HIGH", "C0AUDIT"], &id, &["Approved"]).await;
 }
 
 #[rstest]
@@ -701,11 +707,7 @@ async fn reminders_and_escalation_follow_the_tier(
     assert!(text_of(escalated).contains("Escalated"));
 
     // The original card is updated to say so, too.
-    crate::support::eventually(WAIT, || async {
-        let card = app.slack.latest_card("C0SLOW", &id)?;
-        text_of(&card).contains("Escalated").then_some(())
-    })
-    .await;
+    cards_show(&app, &["C0SLOW"], &id, &["Escalated"]).await;
     let stored = app.stored(&id).await;
     assert!(stored.reminded_at.is_some() && stored.escalated_at.is_some());
     assert_eq!(
@@ -715,12 +717,7 @@ async fn reminders_and_escalation_follow_the_tier(
 
     // Deciding updates every copy, the escalation one included.
     app.approve(&id, "slack:U01ALICE").await.unwrap();
-    crate::support::eventually(WAIT, || async {
-        let oncall = app.slack.latest_card("C0ONCALL", &id)?;
-        let slow = app.slack.latest_card("C0SLOW", &id)?;
-        (text_of(&oncall).contains("Approved") && text_of(&slow).contains("Approved")).then_some(())
-    })
-    .await;
+    cards_show(&app, &["C0ONCALL", "C0SLOW"], &id, &["Approved"]).await;
 }
 
 #[rstest]
