@@ -6,9 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -117,35 +116,40 @@ pub fn router(engine: Engine, slack: Arc<SlackChannel>, body_limit: usize) -> Ro
         .layer(DefaultBodyLimit::max(body_limit))
 }
 
-/// The raw body, if it is within the limit and Slack signed it in the last five minutes.
-fn verified_body(
-    state: &SlackState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<String, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(state.body_limit)
-        } else {
-            ApiError::bad_request("invalid_body", rejection.body_text())
-        }
-    })?;
-    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    let (Some(signature), Some(timestamp)) = (
-        header("x-slack-signature"),
-        header("x-slack-request-timestamp"),
-    ) else {
-        return Err(ApiError::unauthorized("missing Slack signature headers"));
-    };
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::unauthorized("invalid Slack signature"))?;
-    // Constant-time comparison, and the timestamp must be within 300 s of now.
-    state
-        .slack
-        .verifier
-        .verify(signature, text, timestamp)
-        .map_err(|_| ApiError::unauthorized("invalid or stale Slack signature"))?;
-    Ok(text.to_string())
+/// A request body Slack signed: within the body limit, signature verified in constant time,
+/// timestamp within 300 s of now — all before anything is parsed.
+struct SignedBody(String);
+
+impl FromRequest<SlackState> for SignedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &SlackState) -> Result<Self, ApiError> {
+        let headers = request.headers().clone();
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::payload_too_large(state.body_limit)
+                } else {
+                    ApiError::bad_request("invalid_body", rejection.body_text())
+                }
+            })?;
+        let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+        let (Some(signature), Some(timestamp)) = (
+            header("x-slack-signature"),
+            header("x-slack-request-timestamp"),
+        ) else {
+            return Err(ApiError::unauthorized("missing Slack signature headers"));
+        };
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| ApiError::unauthorized("invalid Slack signature"))?;
+        state
+            .slack
+            .verifier
+            .verify(signature, text, timestamp)
+            .map_err(|_| ApiError::unauthorized("invalid or stale Slack signature"))?;
+        Ok(Self(text.to_string()))
+    }
 }
 
 fn form_fields(body: &str) -> HashMap<String, String> {
@@ -154,15 +158,7 @@ fn form_fields(body: &str) -> HashMap<String, String> {
         .collect()
 }
 
-async fn interactions(
-    State(state): State<SlackState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match verified_body(&state, &headers, body) {
-        Ok(body) => body,
-        Err(error) => return error.into_response(),
-    };
+async fn interactions(State(state): State<SlackState>, SignedBody(body): SignedBody) -> Response {
     let Some(payload) = form_fields(&body).remove("payload") else {
         return ApiError::bad_request("invalid_request", "no payload field").into_response();
     };
@@ -359,15 +355,7 @@ const HELP: &str = "*signoff* — approve what your AI agents want to do.\n\
 • `help` — this message";
 
 /// The slash command. Every answer is ephemeral.
-async fn commands(
-    State(state): State<SlackState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match verified_body(&state, &headers, body) {
-        Ok(body) => body,
-        Err(error) => return error.into_response(),
-    };
+async fn commands(State(state): State<SlackState>, SignedBody(body): SignedBody) -> Response {
     let fields = form_fields(&body);
     let user = fields.get("user_id").cloned().unwrap_or_default();
     let text = fields.get("text").cloned().unwrap_or_default();
@@ -491,15 +479,7 @@ fn ephemeral_blocks(text: String, blocks: Vec<SlackBlock>) -> Value {
 }
 
 /// Events API: answers the URL verification handshake; other events are acknowledged.
-async fn events(
-    State(state): State<SlackState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match verified_body(&state, &headers, body) {
-        Ok(body) => body,
-        Err(error) => return error.into_response(),
-    };
+async fn events(SignedBody(body): SignedBody) -> Response {
     let event: Value = match serde_json::from_str(&body) {
         Ok(event) => event,
         Err(error) => {
