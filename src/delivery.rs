@@ -17,7 +17,7 @@ use crate::channels::slack::api::SlackCallError;
 use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
 use crate::domain::now;
 use crate::engine::Engine;
-use crate::store::{OutboxMessage, OutboxOutcome};
+use crate::store::{OutboxMessage, OutboxOutcome, Pacing};
 use crate::telemetry;
 
 /// Why a message for a channel this server does not run is dropped (quietly: expected).
@@ -28,6 +28,9 @@ const LEASE: Duration = Duration::from_secs(60);
 const CLAIM_BATCH: i64 = 32;
 /// How often the worker looks for due work when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// After a claim finds nothing, the next waits at least this long: under a burst of
+/// submissions every one of them wakes the worker, and each claim is a write.
+const EMPTY_CLAIM_PAUSE: Duration = Duration::from_millis(20);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Webhooks are retried at least 24 h (DESIGN §10); give up after three days.
 const WEBHOOK_GIVE_UP: chrono::Duration = chrono::Duration::days(3);
@@ -67,10 +70,17 @@ impl Delivery {
             if *shutdown.borrow() {
                 break;
             }
+            // A destination out of pacing tokens is not claimed for at all, so a backlog
+            // for one busy channel costs no writes until it may be sent to again.
+            let waiting = self.waiting_destinations();
+            let pacing = Pacing {
+                waiting: &waiting,
+                per_destination: 1,
+            };
             match self
                 .engine
                 .store()
-                .claim_outbox(now(), now() + lease(), CLAIM_BATCH)
+                .claim_outbox(now(), now() + lease(), CLAIM_BATCH, &pacing)
                 .await
             {
                 Ok(messages) if !messages.is_empty() => {
@@ -82,6 +92,7 @@ impl Delivery {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "claiming outbox messages failed"),
             }
+            tokio::time::sleep(EMPTY_CLAIM_PAUSE).await;
             tokio::select! {
                 _ = signal.notified() => {}
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -280,6 +291,19 @@ impl Delivery {
         Ok(agent.webhook_secret)
     }
 
+    /// Paced destinations with no token to spend now.
+    fn waiting_destinations(&self) -> Vec<String> {
+        let pacing = self
+            .pacing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pacing
+            .iter()
+            .filter(|(_, bucket)| !bucket.has_token())
+            .map(|(destination, _)| destination.clone())
+            .collect()
+    }
+
     /// `None` when `destination` may be sent to now, else how long to wait.
     fn pace(&self, destination: &str) -> Option<Duration> {
         let mut pacing = self
@@ -358,6 +382,10 @@ impl TokenBucket {
             tokens: BURST,
             updated: Instant::now(),
         }
+    }
+
+    fn has_token(&self) -> bool {
+        self.tokens + self.updated.elapsed().as_secs_f64() * PER_SECOND >= 1.0
     }
 
     fn take(&mut self) -> Option<Duration> {

@@ -24,16 +24,17 @@ pub fn card_destinations(
         return Vec::new();
     };
     let escalated = request.escalated_at.is_some().then_some(&tier.escalate_to);
-    tier.route
-        .iter()
-        .chain(escalated.into_iter().flatten())
-        .filter(|destination| {
-            destination
-                .split_once(':')
-                .is_some_and(|(kind, _)| enabled.contains(&kind))
-        })
-        .cloned()
-        .collect()
+    let mut destinations: Vec<String> = Vec::new();
+    for destination in tier.route.iter().chain(escalated.into_iter().flatten()) {
+        let enabled_here = destination
+            .split_once(':')
+            .is_some_and(|(kind, _)| enabled.contains(&kind));
+        // A channel both routed to and escalated to gets one card.
+        if enabled_here && !destinations.contains(destination) {
+            destinations.push(destination.clone());
+        }
+    }
+    destinations
 }
 
 /// Everything a card shows, independent of the platform that draws it.

@@ -1,5 +1,6 @@
 //! Durable state: the `Store` trait and its SQLite and PostgreSQL implementations (all SQL lives here).
 
+mod group_commit;
 mod postgres;
 mod shared;
 mod sqlite;
@@ -103,6 +104,15 @@ pub enum OutboxOutcome {
     Abandon {
         error: String,
     },
+}
+
+/// What a worker's per-destination pacing lets it claim now.
+#[derive(Clone, Debug)]
+pub struct Pacing<'a> {
+    /// Destinations with no token to spend: none of their messages.
+    pub waiting: &'a [String],
+    /// At most this many messages per destination (webhooks are not paced).
+    pub per_destination: i64,
 }
 
 /// Pending outbox messages by kind, and the oldest one's age.
@@ -226,6 +236,7 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: i64,
+        pacing: &Pacing<'_>,
     ) -> StoreResult<Vec<OutboxMessage>>;
     async fn finish_outbox(
         &self,

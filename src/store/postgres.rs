@@ -1,13 +1,15 @@
 //! The PostgreSQL backend for several replicas: audit appends serialised by an advisory lock,
-//! decisions announced with NOTIFY.
+//! decisions announced with NOTIFY, new requests committed in groups.
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 
-use super::shared::implement_store;
-use super::StoreResult;
+use super::group_commit::{GroupCommit, QueuedRequest};
+use super::shared::{conflict_on_unique, implement_store};
+use super::{NewOutboxMessage, StoreResult};
 use crate::config::Config;
 
 /// The NOTIFY channel on which a committed decision names its request id.
@@ -20,25 +22,43 @@ const AUDIT_APPEND_LOCK: i64 = 0x5167_0ff0_a0d1;
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// New requests are committed in groups: the audit lock is held to commit, so one
+    /// transaction per request would flush the WAL once per request, one after another.
+    /// `None` inside the group-commit task itself.
+    group_commit: Option<GroupCommit>,
 }
 
 impl PostgresStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-    /// `SKIP LOCKED`: replicas claiming at once take different messages.
-    const CLAIM_OUTBOX: &'static str = "UPDATE outbox SET lease_until = $2 WHERE id IN (\
-         SELECT id FROM outbox WHERE state = 'pending' AND available_at <= $1 \
-         AND (lease_until IS NULL OR lease_until <= $1) ORDER BY available_at, id LIMIT $3 \
-         FOR UPDATE SKIP LOCKED) \
+    /// `SKIP LOCKED`: replicas claiming at once take different messages. At most `$5`
+    /// messages per paced destination, none for the destinations in the JSON array `$4`.
+    const CLAIM_OUTBOX: &'static str = "WITH due AS (\
+         SELECT id, kind, destination, available_at FROM outbox \
+         WHERE state = 'pending' AND available_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1) \
+         AND destination NOT IN (SELECT jsonb_array_elements_text($4::jsonb)) \
+         ORDER BY available_at, id LIMIT 512 FOR UPDATE SKIP LOCKED), \
+         ranked AS (SELECT id, kind, available_at, \
+         ROW_NUMBER() OVER (PARTITION BY destination ORDER BY available_at, id) AS place FROM due) \
+         UPDATE outbox SET lease_until = $2 WHERE id IN (\
+         SELECT id FROM ranked WHERE place <= $5 OR kind = 'webhook' ORDER BY available_at, id LIMIT $3) \
          RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at";
 
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections.max(2))
+            // No ping per checkout: it doubles the round trips of every query. A connection
+            // broken by a database restart fails one statement and is then replaced.
+            .test_before_acquire(false)
             .connect(config.database_url.expose())
             .await
             .context("cannot connect to PostgreSQL")?;
-        Ok(Self { pool })
+        let store = Self {
+            pool,
+            group_commit: None,
+        };
+        Ok(store.with_group_commit())
     }
 
     /// Decisions committed by any replica or CLI. The listener reconnects by itself; what
@@ -61,6 +81,41 @@ impl PostgresStore {
         Ok(self.pool.begin().await?)
     }
 
+    /// PostgreSQL runs concurrent single statements itself.
+    async fn write_connection(&self) -> StoreResult<PoolConnection<Postgres>> {
+        Ok(self.pool.acquire().await?)
+    }
+
+    /// One transaction per group: the rows first, then the audit lock, the audit append and
+    /// the commit, so the lock that orders every replica's appends is held briefly.
+    async fn write_group(&self, group: &[QueuedRequest]) -> StoreResult<()> {
+        let mut transaction = self.begin_write().await?;
+        let mut requests = QueryBuilder::new("");
+        Self::push_request_rows(&mut requests, group);
+        requests
+            .build()
+            .execute(&mut *transaction)
+            .await
+            .map_err(|error| conflict_on_unique(error, "request id already exists"))?;
+        let outbox: Vec<&NewOutboxMessage> =
+            group.iter().flat_map(|queued| &queued.outbox).collect();
+        Self::append_outbox(&mut transaction, &outbox).await?;
+        for queued in group {
+            if let Some((key, response)) = &queued.idempotency {
+                let mut answer = QueryBuilder::new("");
+                Self::push_idempotency_answer(&mut answer, &queued.request.id, key, response);
+                answer.build().execute(&mut *transaction).await?;
+            }
+        }
+        let audit = group
+            .iter()
+            .flat_map(|queued| queued.audit.iter().cloned())
+            .collect();
+        Self::append_audit_events(&mut transaction, audit).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
     /// Taken just before the audit head is read and held to commit: writers queue only for
     /// the append and the commit, not for their whole transaction.
     async fn serialize_audit_appends(connection: &mut sqlx::PgConnection) -> StoreResult<()> {
@@ -71,29 +126,15 @@ impl PostgresStore {
         Ok(())
     }
 
-    async fn insert_new_request(&self, new: super::NewRequest<'_>) -> StoreResult<()> {
-        let mut transaction = self.begin_write().await?;
-        Self::write_new_request(
-            &mut transaction,
-            new.request,
-            new.audit,
-            new.outbox,
-            new.idempotency,
-        )
-        .await?;
-        transaction.commit().await?;
-        Ok(())
-    }
-
     /// Delivered to listeners only if the transaction commits.
     async fn notify_finalized(
-        transaction: &mut Transaction<'_, Postgres>,
+        connection: &mut sqlx::PgConnection,
         request_id: &str,
     ) -> StoreResult<()> {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(FINALIZED_CHANNEL)
             .bind(request_id)
-            .execute(&mut **transaction)
+            .execute(&mut *connection)
             .await?;
         Ok(())
     }

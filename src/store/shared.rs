@@ -1,10 +1,12 @@
 //! The SQL both backends share: both accept `$N` placeholders and the same column types
 //! through sqlx, so one implementation is instantiated per backend by `implement_store!`.
-//! Each backend supplies `begin_write` (how writers serialise) and `notify_finalized`.
+//! Each backend supplies `begin_write` and `write_connection` (how writers serialise),
+//! `serialize_audit_appends` and `notify_finalized`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::audit::{AuditEvent, NewAuditEvent, GENESIS_HASH};
 use crate::domain::ApprovalRequest;
 
 use super::StoreError;
@@ -43,6 +45,26 @@ pub(super) type RequestColumns = (
     Option<chrono::DateTime<chrono::Utc>>,
     Option<chrono::DateTime<chrono::Utc>>,
 );
+
+/// The last audit event: the next one's predecessor.
+pub(super) const AUDIT_HEAD: &str = "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1";
+
+/// Chains `events` onto `head` (or the genesis hash): sequence numbers and hashes.
+pub(super) fn seal_events(
+    head: Option<(i64, String)>,
+    events: Vec<NewAuditEvent>,
+) -> Vec<AuditEvent> {
+    let (mut seq, mut previous) = head.unwrap_or((0, GENESIS_HASH.to_string()));
+    events
+        .into_iter()
+        .map(|event| {
+            seq += 1;
+            let sealed = event.seal(seq, std::mem::take(&mut previous));
+            previous.clone_from(&sealed.hash);
+            sealed
+        })
+        .collect()
+}
 
 /// Which due work to look for.
 pub(super) fn due_query(kind: super::Due) -> &'static str {
@@ -83,100 +105,145 @@ macro_rules! implement_store {
                     return Ok(());
                 }
                 Self::serialize_audit_appends(&mut *connection).await?;
-                let last: Option<(i64, String)> = sqlx::query_as(
-                    "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
-                )
-                .fetch_optional(&mut *connection)
-                .await?;
-                let (mut seq, mut previous) =
-                    last.unwrap_or((0, $crate::audit::GENESIS_HASH.to_string()));
-                for event in events {
-                    seq += 1;
-                    let sealed = event.seal(seq, previous);
-                    sqlx::query(
-                        "INSERT INTO audit_events (seq, at, request_id, kind, actor, payload, prev_hash, hash) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    )
-                    .bind(sealed.seq)
-                    .bind(sealed.at)
-                    .bind(&sealed.request_id)
-                    .bind(&sealed.kind)
-                    .bind(&sealed.actor)
-                    .bind(sqlx::types::Json(&sealed.payload))
-                    .bind(&sealed.prev_hash)
-                    .bind(&sealed.hash)
-                    .execute(&mut *connection)
+                let head: Option<(i64, String)> = sqlx::query_as(super::shared::AUDIT_HEAD)
+                    .fetch_optional(&mut *connection)
                     .await?;
-                    previous = sealed.hash;
-                }
+                let sealed = super::shared::seal_events(head, events);
+                // One statement for all of them: one round trip however many there are.
+                let mut insert = sqlx::QueryBuilder::<$database>::new("");
+                Self::push_audit_rows(&mut insert, &sealed);
+                insert.build().execute(&mut *connection).await?;
                 Ok(())
+            }
+
+            fn push_audit_rows<'rows>(
+                sql: &mut sqlx::QueryBuilder<'rows, $database>,
+                sealed: &'rows [$crate::audit::AuditEvent],
+            ) {
+                sql.push("INSERT INTO audit_events (seq, at, request_id, kind, actor, payload, prev_hash, hash) ");
+                sql.push_values(sealed, |mut row, event| {
+                    row.push_bind(event.seq)
+                        .push_bind(event.at)
+                        .push_bind(&event.request_id)
+                        .push_bind(&event.kind)
+                        .push_bind(&event.actor)
+                        .push_bind(sqlx::types::Json(&event.payload))
+                        .push_bind(&event.prev_hash)
+                        .push_bind(&event.hash);
+                });
             }
 
             async fn append_outbox(
                 connection: &mut <$database as sqlx::Database>::Connection,
-                messages: Vec<$crate::store::NewOutboxMessage>,
+                messages: &[&$crate::store::NewOutboxMessage],
             ) -> $crate::store::StoreResult<()> {
-                for message in messages {
-                    // A pending card message for the same destination absorbs the new change.
-                    sqlx::query(
-                        "INSERT INTO outbox (request_id, kind, destination, payload, available_at, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $5) \
-                         ON CONFLICT (request_id, kind, destination) WHERE state = 'pending' AND kind = 'card' \
-                         DO UPDATE SET generation = outbox.generation + 1",
-                    )
-                    .bind(&message.request_id)
-                    .bind(message.kind)
-                    .bind(&message.destination)
-                    .bind(sqlx::types::Json(&message.payload))
-                    .bind(message.available_at)
-                    .execute(&mut *connection)
-                    .await?;
+                if messages.is_empty() {
+                    return Ok(());
                 }
+                let mut insert = sqlx::QueryBuilder::<$database>::new("");
+                Self::push_outbox_rows(&mut insert, messages);
+                insert.build().execute(&mut *connection).await?;
                 Ok(())
             }
 
-            /// Writes a new request with its audit events, outbox messages and answered
-            /// Idempotency-Key, inside the caller's transaction.
-            async fn write_new_request(
-                connection: &mut <$database as sqlx::Database>::Connection,
-                request: &$crate::domain::ApprovalRequest,
-                audit: Vec<$crate::audit::NewAuditEvent>,
-                outbox: Vec<$crate::store::NewOutboxMessage>,
-                idempotency: Option<(&$crate::store::IdempotencyKey, serde_json::Value)>,
-            ) -> $crate::store::StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body, remind_at, escalate_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11)",
-                )
-                .bind(&request.id)
-                .bind(&request.agent)
-                .bind(&request.action)
-                .bind(request.status.as_str())
-                .bind(i64::from(request.revision))
-                .bind(request.version)
-                .bind(request.created_at)
-                .bind(request.expires_at)
-                .bind(sqlx::types::Json(super::shared::StoredRequest::from_request(request)))
-                .bind(request.remind_at)
-                .bind(request.escalate_at)
-                .execute(&mut *connection)
-                .await
-                .map_err(|error| super::shared::conflict_on_unique(error, "request id already exists"))?;
-                Self::append_audit_events(&mut *connection, audit).await?;
-                Self::append_outbox(&mut *connection, outbox).await?;
-                if let Some((key, response)) = idempotency {
-                    sqlx::query(
-                        "UPDATE idempotency_keys SET request_id = $3, response = $4 \
-                         WHERE agent = $1 AND idempotency_key = $2",
-                    )
-                    .bind(&key.agent)
-                    .bind(&key.key)
-                    .bind(&request.id)
-                    .bind(sqlx::types::Json(&response))
-                    .execute(&mut *connection)
-                    .await?;
+            fn push_outbox_rows<'rows>(
+                sql: &mut sqlx::QueryBuilder<'rows, $database>,
+                messages: &'rows [&'rows $crate::store::NewOutboxMessage],
+            ) {
+                sql.push("INSERT INTO outbox (request_id, kind, destination, payload, available_at, created_at) ");
+                sql.push_values(messages, |mut row, message| {
+                    row.push_bind(&message.request_id)
+                        .push_bind(message.kind)
+                        .push_bind(&message.destination)
+                        .push_bind(sqlx::types::Json(&message.payload))
+                        .push_bind(message.available_at)
+                        .push_bind(message.available_at);
+                });
+                // A pending card message for the same destination absorbs the new change.
+                sql.push(
+                    " ON CONFLICT (request_id, kind, destination) WHERE state = 'pending' AND kind = 'card' \
+                     DO UPDATE SET generation = outbox.generation + 1",
+                );
+            }
+
+            /// One multi-row insert of a group's new requests.
+            fn push_request_rows<'rows>(
+                sql: &mut sqlx::QueryBuilder<'rows, $database>,
+                group: &'rows [super::group_commit::QueuedRequest],
+            ) {
+                sql.push("INSERT INTO requests (id, agent, action, status, revision, version, created_at, expires_at, updated_at, body, remind_at, escalate_at) ");
+                sql.push_values(group, |mut row, queued| {
+                    let request = &queued.request;
+                    row.push_bind(&request.id)
+                        .push_bind(&request.agent)
+                        .push_bind(&request.action)
+                        .push_bind(request.status.as_str())
+                        .push_bind(i64::from(request.revision))
+                        .push_bind(request.version)
+                        .push_bind(request.created_at)
+                        .push_bind(request.expires_at)
+                        .push_bind(request.created_at)
+                        .push_bind(sqlx::types::Json(super::shared::StoredRequest::from_request(request)))
+                        .push_bind(request.remind_at)
+                        .push_bind(request.escalate_at);
+                });
+            }
+
+            /// Keeps the answer for a new request's Idempotency-Key.
+            fn push_idempotency_answer<'rows>(
+                sql: &mut sqlx::QueryBuilder<'rows, $database>,
+                request_id: &'rows str,
+                key: &'rows $crate::store::IdempotencyKey,
+                response: &'rows serde_json::Value,
+            ) {
+                sql.push("UPDATE idempotency_keys SET request_id = ")
+                    .push_bind(request_id)
+                    .push(", response = ")
+                    .push_bind(sqlx::types::Json(response))
+                    .push(" WHERE agent = ")
+                    .push_bind(&key.agent)
+                    .push(" AND idempotency_key = ")
+                    .push_bind(&key.key);
+            }
+
+            /// Starts the group-commit writer task, on a copy of this store without one.
+            fn with_group_commit(self) -> Self {
+                let group_commit = super::group_commit::GroupCommit::start({
+                    let store = self.clone();
+                    move |group| {
+                        let store = store.clone();
+                        async move { store.commit_group(group).await }
+                    }
+                });
+                Self {
+                    group_commit: Some(group_commit),
+                    ..self
                 }
-                Ok(())
+            }
+
+            /// Commits a group of new requests in one transaction and answers each. If the
+            /// group is refused (a duplicate id, say), each request is tried on its own, so
+            /// one bad request never takes the others with it.
+            async fn commit_group(&self, group: Vec<super::group_commit::QueuedRequest>) {
+                let result = self.write_group(&group).await;
+                match result {
+                    Ok(()) => {
+                        for queued in group {
+                            let _ = queued.committed.send(Ok(()));
+                        }
+                    }
+                    Err(error) if group.len() == 1 => {
+                        if let Some(queued) = group.into_iter().next() {
+                            let _ = queued.committed.send(Err(error));
+                        }
+                    }
+                    Err(_) => {
+                        for queued in group {
+                            let result = self.write_group(std::slice::from_ref(&queued)).await;
+                            let _ = queued.committed.send(result);
+                        }
+                    }
+                }
             }
 
             #[allow(clippy::type_complexity)]
@@ -337,7 +404,12 @@ macro_rules! implement_store {
                 &self,
                 new: $crate::store::NewRequest<'_>,
             ) -> $crate::store::StoreResult<()> {
-                self.insert_new_request(new).await
+                let (queued, outcome) = super::group_commit::QueuedRequest::new(new);
+                match &self.group_commit {
+                    Some(group_commit) => group_commit.queue(queued)?,
+                    None => self.commit_group(vec![queued]).await,
+                }
+                super::group_commit::committed(outcome).await
             }
 
             async fn request(
@@ -390,9 +462,10 @@ macro_rules! implement_store {
                     .iter()
                     .any(|event| super::shared::FINAL_KINDS.contains(&event.kind));
                 Self::append_audit_events(&mut *transaction, change.audit).await?;
-                Self::append_outbox(&mut *transaction, change.outbox).await?;
+                let outbox: Vec<_> = change.outbox.iter().collect();
+                Self::append_outbox(&mut *transaction, &outbox).await?;
                 if finalized {
-                    Self::notify_finalized(&mut transaction, &request.id).await?;
+                    Self::notify_finalized(&mut *transaction, &request.id).await?;
                 }
                 transaction.commit().await?;
                 Ok(())
@@ -449,6 +522,7 @@ macro_rules! implement_store {
                 key: &$crate::store::IdempotencyKey,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> $crate::store::StoreResult<$crate::store::Reservation> {
+                let mut connection = self.write_connection().await?;
                 let inserted = sqlx::query(
                     "INSERT INTO idempotency_keys (agent, idempotency_key, body_hash, created_at) \
                      VALUES ($1, $2, $3, $4) ON CONFLICT (agent, idempotency_key) DO NOTHING",
@@ -457,7 +531,7 @@ macro_rules! implement_store {
                 .bind(&key.key)
                 .bind(&key.body_hash)
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&mut *connection)
                 .await?
                 .rows_affected();
                 if inserted == 1 {
@@ -473,10 +547,11 @@ macro_rules! implement_store {
                 )
                 .bind(&key.agent)
                 .bind(&key.key)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *connection)
                 .await?;
                 let Some((body_hash, response, created_at)) = existing else {
                     // Released between our insert and select: someone else may take it; so may we.
+                    drop(connection);
                     return Box::pin(self.reserve_idempotency_key(key, now)).await;
                 };
                 if let Some(response) = response {
@@ -495,7 +570,7 @@ macro_rules! implement_store {
                     .bind(now)
                     .bind(&key.body_hash)
                     .bind(created_at)
-                    .execute(&self.pool)
+                    .execute(&mut *connection)
                     .await?
                     .rows_affected();
                     if taken == 1 {
@@ -509,13 +584,14 @@ macro_rules! implement_store {
                 &self,
                 key: &$crate::store::IdempotencyKey,
             ) -> $crate::store::StoreResult<()> {
+                let mut connection = self.write_connection().await?;
                 sqlx::query(
                     "DELETE FROM idempotency_keys \
                      WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL",
                 )
                 .bind(&key.agent)
                 .bind(&key.key)
-                .execute(&self.pool)
+                .execute(&mut *connection)
                 .await?;
                 Ok(())
             }
@@ -524,11 +600,12 @@ macro_rules! implement_store {
                 &self,
                 before: chrono::DateTime<chrono::Utc>,
             ) -> $crate::store::StoreResult<u64> {
+                let mut connection = self.write_connection().await?;
                 Ok(sqlx::query(
                     "DELETE FROM idempotency_keys WHERE created_at < $1",
                 )
                 .bind(before)
-                .execute(&self.pool)
+                .execute(&mut *connection)
                 .await?
                 .rows_affected())
             }
@@ -637,12 +714,16 @@ macro_rules! implement_store {
                 now: chrono::DateTime<chrono::Utc>,
                 lease_until: chrono::DateTime<chrono::Utc>,
                 limit: i64,
+                paced: &$crate::store::Pacing<'_>,
             ) -> $crate::store::StoreResult<Vec<$crate::store::OutboxMessage>> {
+                let mut connection = self.write_connection().await?;
                 let rows = sqlx::query_as(Self::CLAIM_OUTBOX)
                     .bind(now)
                     .bind(lease_until)
                     .bind(limit)
-                    .fetch_all(&self.pool)
+                    .bind(serde_json::Value::from(paced.waiting.to_vec()).to_string())
+                    .bind(paced.per_destination)
+                    .fetch_all(&mut *connection)
                     .await?;
                 Ok(rows.into_iter().map(Self::outbox_from_row).collect())
             }
@@ -653,6 +734,7 @@ macro_rules! implement_store {
                 message: &$crate::store::OutboxMessage,
                 outcome: $crate::store::OutboxOutcome,
             ) -> $crate::store::StoreResult<()> {
+                let mut connection = self.write_connection().await?;
                 use $crate::store::OutboxOutcome;
                 let now = $crate::domain::now();
                 match outcome {
@@ -664,7 +746,7 @@ macro_rules! implement_store {
                         .bind(message.id)
                         .bind(now)
                         .bind(message.generation)
-                        .execute(&self.pool)
+                        .execute(&mut *connection)
                         .await?
                         .rows_affected();
                         if finished == 0 {
@@ -672,7 +754,7 @@ macro_rules! implement_store {
                             // slate, since this attempt succeeded.
                             sqlx::query("UPDATE outbox SET lease_until = NULL, attempts = 0 WHERE id = $1")
                                 .bind(message.id)
-                                .execute(&self.pool)
+                                .execute(&mut *connection)
                                 .await?;
                         }
                     }
@@ -684,14 +766,14 @@ macro_rules! implement_store {
                         .bind(message.id)
                         .bind(at)
                         .bind(error)
-                        .execute(&self.pool)
+                        .execute(&mut *connection)
                         .await?;
                     }
                     OutboxOutcome::Defer { at } => {
                         sqlx::query("UPDATE outbox SET available_at = $2, lease_until = NULL WHERE id = $1")
                             .bind(message.id)
                             .bind(at)
-                            .execute(&self.pool)
+                            .execute(&mut *connection)
                             .await?;
                     }
                     OutboxOutcome::Abandon { error } => {
@@ -702,7 +784,7 @@ macro_rules! implement_store {
                         .bind(message.id)
                         .bind(now)
                         .bind(error)
-                        .execute(&self.pool)
+                        .execute(&mut *connection)
                         .await?;
                     }
                 }
@@ -739,6 +821,7 @@ macro_rules! implement_store {
                 destination: &str,
                 message: &serde_json::Value,
             ) -> $crate::store::StoreResult<()> {
+                let mut connection = self.write_connection().await?;
                 sqlx::query(
                     "INSERT INTO chat_messages (request_id, destination, message, created_at) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (request_id, destination) DO UPDATE SET message = excluded.message",
@@ -747,7 +830,7 @@ macro_rules! implement_store {
                 .bind(destination)
                 .bind(sqlx::types::Json(message))
                 .bind($crate::domain::now())
-                .execute(&self.pool)
+                .execute(&mut *connection)
                 .await?;
                 Ok(())
             }

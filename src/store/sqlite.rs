@@ -1,69 +1,85 @@
-//! The embedded SQLite backend: WAL, busy timeout, foreign keys, one writer at a time, and
-//! group commit for new requests.
+//! The embedded SQLite backend: WAL, busy timeout, foreign keys, one writer connection
+//! taken in turn by every write of this process, and group commit for new requests.
 
+use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{Connection as _, QueryBuilder, SqliteConnection, SqlitePool};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use serde_json::Value;
-use std::sync::Arc;
-
-use tokio::sync::oneshot;
-
-use super::shared::implement_store;
-use super::{IdempotencyKey, NewOutboxMessage, StoreError, StoreResult};
-use crate::audit::NewAuditEvent;
+use super::group_commit::{GroupCommit, QueuedRequest};
+use super::shared::{conflict_on_unique, implement_store, seal_events};
+use super::{NewOutboxMessage, StoreResult};
 use crate::config::Config;
-use crate::domain::ApprovalRequest;
+
+/// Opens a write transaction and reads the audit head in one round trip.
+const BEGIN_WITH_AUDIT_HEAD: &str =
+    "BEGIN IMMEDIATE; SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1";
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// Readers; WAL lets them run beside the writer.
     pool: SqlitePool,
-    /// New requests are committed in groups: see `insert_new_request`.
-    group_commit: Arc<GroupCommit>,
+    writer: Arc<Mutex<Writer>>,
+    /// New requests are committed in groups; `None` inside the group-commit task itself.
+    group_commit: Option<GroupCommit>,
 }
 
-#[derive(Debug, Default)]
-struct GroupCommit {
-    queue: std::sync::Mutex<Vec<QueuedRequest>>,
-    /// Held by the caller committing a group; the others wait for their outcome.
-    /// Its connection is kept between groups: statements stay prepared and no pool
-    /// checkout sits on the commit path.
-    writer: tokio::sync::Mutex<Option<PoolConnection<Sqlite>>>,
+/// The one connection this process writes through. Writes queue for it in order (a fair
+/// async mutex), so they never meet SQLite's busy handler, which sleeps and polls; its
+/// statements stay prepared, and no pool checkout sits on the commit path.
+#[derive(Debug)]
+struct Writer {
+    connection: SqliteConnection,
+    /// A write that began a transaction and never finished it (its caller went away):
+    /// the next one rolls it back first.
+    in_transaction: bool,
 }
 
-/// A new request waiting for the group-commit writer, and where to send its outcome.
-struct QueuedRequest {
-    request: ApprovalRequest,
-    audit: Vec<NewAuditEvent>,
-    outbox: Vec<NewOutboxMessage>,
-    idempotency: Option<(IdempotencyKey, Value)>,
-    committed: oneshot::Sender<StoreResult<()>>,
-}
+/// The writer, held: `Deref`s to its connection. From `begin_write` it is inside
+/// `BEGIN IMMEDIATE` until `commit`; from `write_connection` each statement commits alone.
+#[derive(Debug)]
+pub(super) struct HeldWriter(OwnedMutexGuard<Writer>);
 
-impl std::fmt::Debug for QueuedRequest {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("QueuedRequest")
-            .field("id", &self.request.id)
-            .finish()
+impl HeldWriter {
+    pub async fn commit(mut self) -> StoreResult<()> {
+        sqlx::query("COMMIT")
+            .execute(&mut self.0.connection)
+            .await?;
+        self.0.in_transaction = false;
+        Ok(())
     }
 }
 
-/// At most this many new requests share one commit.
-const GROUP_COMMIT_LIMIT: usize = 256;
+impl Deref for HeldWriter {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.0.connection
+    }
+}
+
+impl DerefMut for HeldWriter {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.0.connection
+    }
+}
 
 impl SqliteStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-    /// One statement: SQLite runs it under its single writer lock.
+    /// One statement: SQLite runs it under its single writer lock. At most `$5` messages
+    /// per paced destination, none for the destinations in the JSON array `$4`.
     const CLAIM_OUTBOX: &'static str = "UPDATE outbox SET lease_until = $2 WHERE id IN (\
-         SELECT id FROM outbox WHERE state = 'pending' AND available_at <= $1 \
-         AND (lease_until IS NULL OR lease_until <= $1) ORDER BY available_at, id LIMIT $3) \
+         SELECT id FROM (SELECT id, kind, available_at, \
+         ROW_NUMBER() OVER (PARTITION BY destination ORDER BY available_at, id) AS place \
+         FROM outbox WHERE state = 'pending' AND available_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1) \
+         AND destination NOT IN (SELECT value FROM json_each($4))) \
+         WHERE place <= $5 OR kind = 'webhook' ORDER BY available_at, id LIMIT $3) \
          RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at";
 
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
@@ -82,81 +98,89 @@ impl SqliteStore {
             .max_connections(config.database_max_connections.max(2))
             // A local file does not drop connections; a ping per checkout only adds latency.
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .context("cannot open the SQLite database")?;
-        Ok(Self {
+        let connection = SqliteConnection::connect_with(&options)
+            .await
+            .context("cannot open the SQLite database for writing")?;
+        let store = Self {
             pool,
-            group_commit: Arc::default(),
-        })
-    }
-
-    /// Group commit: the request joins a queue; whoever holds the writer lock commits
-    /// everything queued so far in one transaction (one disk sync), one savepoint per
-    /// request so a refused one does not take the others with it. Each caller returns only
-    /// after the commit that holds its request, so `synchronous=FULL` still means an
-    /// acknowledged request survives power loss.
-    async fn insert_new_request(&self, new: super::NewRequest<'_>) -> StoreResult<()> {
-        let (committed, mut outcome) = oneshot::channel();
-        let queued = QueuedRequest {
-            request: new.request.clone(),
-            audit: new.audit,
-            outbox: new.outbox,
-            idempotency: new
-                .idempotency
-                .map(|(key, response)| (key.clone(), response)),
-            committed,
+            writer: Arc::new(Mutex::new(Writer {
+                connection,
+                in_transaction: false,
+            })),
+            group_commit: None,
         };
-        self.queue().push(queued);
-        let mut writer = self.group_commit.writer.lock().await;
-        // The previous writer may have committed ours along with its own.
-        if let Ok(result) = outcome.try_recv() {
-            return result;
-        }
-        loop {
-            let batch: Vec<QueuedRequest> = {
-                let mut queue = self.queue();
-                let take = queue.len().min(GROUP_COMMIT_LIMIT);
-                queue.drain(..take).collect()
-            };
-            if batch.is_empty() {
-                break;
-            }
-            let connection = match writer.as_mut() {
-                Some(connection) => connection,
-                None => match self.pool.acquire().await {
-                    Ok(connection) => writer.insert(connection),
-                    Err(error) => {
-                        refuse_all(batch.into_iter().map(|queued| queued.committed), &error);
-                        if let Ok(result) = outcome.try_recv() {
-                            return result;
-                        }
-                        continue;
-                    }
-                },
-            };
-            if !commit_batch(connection, batch).await {
-                // Something is wrong with the connection; take a fresh one next time.
-                *writer = None;
-            }
-            if let Ok(result) = outcome.try_recv() {
-                return result;
-            }
-        }
-        Err(StoreError::Database(sqlx::Error::PoolClosed))
+        Ok(store.with_group_commit())
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<QueuedRequest>> {
-        self.group_commit
-            .queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The writer, outside any transaction: each statement commits on its own.
+    async fn write_connection(&self) -> StoreResult<HeldWriter> {
+        let mut writer = self.writer.clone().lock_owned().await;
+        if writer.in_transaction {
+            // Fails harmlessly if the transaction never began; a real problem shows at the
+            // next BEGIN.
+            let _ = sqlx::query("ROLLBACK")
+                .execute(&mut writer.connection)
+                .await;
+            writer.in_transaction = false;
+        }
+        Ok(HeldWriter(writer))
     }
 
-    /// `BEGIN IMMEDIATE` takes the write lock up front, so a transaction that reads and
-    /// then writes waits its turn (busy timeout) instead of failing on upgrade.
-    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// Two round trips to the writer connection's thread for a whole group: `BEGIN
+    /// IMMEDIATE` with the audit head, then every insert and the `COMMIT` as one batch of
+    /// statements. Each round trip wakes that thread and then ours, which on an idle
+    /// virtual machine costs more than the statements themselves.
+    async fn write_group(&self, group: &[QueuedRequest]) -> StoreResult<()> {
+        let mut writer = self.write_connection().await?;
+        writer.0.in_transaction = true;
+        let head: Option<(i64, String)> = sqlx::query_as(BEGIN_WITH_AUDIT_HEAD)
+            .fetch_optional(&mut *writer)
+            .await?;
+        let audit = group
+            .iter()
+            .flat_map(|queued| queued.audit.iter().cloned())
+            .collect();
+        let sealed = seal_events(head, audit);
+        let outbox: Vec<&NewOutboxMessage> =
+            group.iter().flat_map(|queued| &queued.outbox).collect();
+        let mut statements = QueryBuilder::new("");
+        Self::push_request_rows(&mut statements, group);
+        if !sealed.is_empty() {
+            statements.push("; ");
+            Self::push_audit_rows(&mut statements, &sealed);
+        }
+        if !outbox.is_empty() {
+            statements.push("; ");
+            Self::push_outbox_rows(&mut statements, &outbox);
+        }
+        for queued in group {
+            if let Some((key, response)) = &queued.idempotency {
+                statements.push("; ");
+                Self::push_idempotency_answer(&mut statements, &queued.request.id, key, response);
+            }
+        }
+        statements.push("; COMMIT");
+        statements
+            .build()
+            // Groups of one are the common shape when load is light: keep it prepared.
+            .persistent(group.len() == 1)
+            .execute(&mut *writer)
+            .await
+            .map_err(|error| conflict_on_unique(error, "request id already exists"))?;
+        writer.0.in_transaction = false;
+        Ok(())
+    }
+
+    /// `BEGIN IMMEDIATE` takes SQLite's write lock up front (other processes, such as the
+    /// CLI, wait for it under the busy timeout).
+    async fn begin_write(&self) -> StoreResult<HeldWriter> {
+        let mut writer = self.write_connection().await?;
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *writer).await?;
+        writer.0.in_transaction = true;
+        Ok(writer)
     }
 
     /// Writers already take the single write lock at `BEGIN IMMEDIATE`.
@@ -170,7 +194,7 @@ impl SqliteStore {
 
     /// Other processes learn of decisions from the audit table (see `watcher`).
     async fn notify_finalized(
-        _transaction: &mut Transaction<'_, Sqlite>,
+        _connection: &mut SqliteConnection,
         _request_id: &str,
     ) -> StoreResult<()> {
         Ok(())
@@ -178,79 +202,3 @@ impl SqliteStore {
 }
 
 implement_store!(SqliteStore, sqlx::Sqlite);
-
-/// Commits one group on `connection`; returns false if the connection misbehaved.
-async fn commit_batch(connection: &mut SqliteConnection, batch: Vec<QueuedRequest>) -> bool {
-    if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *connection)
-        .await
-    {
-        refuse_all(batch.into_iter().map(|queued| queued.committed), &error);
-        return false;
-    }
-    let mut written = Vec::with_capacity(batch.len());
-    for queued in batch {
-        match write_with_savepoint(connection, &queued).await {
-            Ok(()) => written.push(queued.committed),
-            Err(error) => {
-                let _ = queued.committed.send(Err(error));
-            }
-        }
-    }
-    match sqlx::query("COMMIT").execute(&mut *connection).await {
-        Ok(_) => {
-            for committed in written {
-                let _ = committed.send(Ok(()));
-            }
-            true
-        }
-        Err(error) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
-            refuse_all(written.into_iter(), &error);
-            false
-        }
-    }
-}
-
-/// Nothing in the group was committed; every waiting caller hears so.
-fn refuse_all(
-    waiting: impl Iterator<Item = oneshot::Sender<StoreResult<()>>>,
-    error: &sqlx::Error,
-) {
-    for committed in waiting {
-        let _ = committed.send(Err(StoreError::Database(sqlx::Error::Protocol(
-            error.to_string(),
-        ))));
-    }
-}
-
-async fn write_with_savepoint(
-    connection: &mut SqliteConnection,
-    queued: &QueuedRequest,
-) -> StoreResult<()> {
-    {
-        sqlx::query("SAVEPOINT new_request")
-            .execute(&mut *connection)
-            .await?;
-        let written = SqliteStore::write_new_request(
-            &mut *connection,
-            &queued.request,
-            queued.audit.clone(),
-            queued.outbox.clone(),
-            queued
-                .idempotency
-                .as_ref()
-                .map(|(key, response)| (key, response.clone())),
-        )
-        .await;
-        if written.is_err() {
-            sqlx::query("ROLLBACK TO new_request")
-                .execute(&mut *connection)
-                .await?;
-        }
-        sqlx::query("RELEASE new_request")
-            .execute(&mut *connection)
-            .await?;
-        written
-    }
-}
