@@ -13,4 +13,5 @@ mod openapi;
 mod operations;
 mod replicas;
 mod slack;
+mod store;
 mod webhooks;

@@ -155,6 +155,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             micros(ack.value_at_quantile(0.99))
         );
         harness.server.shutdown(Duration::from_secs(10)).await;
+        harness.server_runtime.shutdown_background();
         database.drop_scratch().await;
     }
     memory(&directory, args.memory_requests).await?;
@@ -360,6 +361,9 @@ fn bench_config(database: &Database, policy: &Path, listen: &str) -> Config {
 
 struct Harness {
     server: RunningServer,
+    /// The server runs on its own runtime, so the load generator's timers and tasks do
+    /// not queue behind the server's (they still share the machine's cores).
+    server_runtime: tokio::runtime::Runtime,
     base_url: String,
     key: String,
     http: reqwest::Client,
@@ -386,7 +390,11 @@ impl Harness {
             api_url: slack,
             command: "/signoff".into(),
         };
-        let server = RunningServer::start(config).await?;
+        let server_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(num_cpus())
+            .enable_all()
+            .build()?;
+        let server = server_runtime.spawn(RunningServer::start(config)).await??;
         let credentials = server
             .engine()
             .create_agent(&format!("agent-{}", std::process::id()), Vec::new())
@@ -395,6 +403,7 @@ impl Harness {
         Ok(Self {
             base_url: format!("http://{}", server.address()),
             server,
+            server_runtime,
             key: credentials.api_key,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(1024)
@@ -421,11 +430,24 @@ impl Harness {
     async fn run_load(&self, body: &Value, rate: f64, seconds: f64) -> LoadResult {
         let total = (rate * seconds).max(1.0) as u64;
         let interval = Duration::from_secs_f64(1.0 / rate);
-        let started = tokio::time::Instant::now();
+        // A thread of its own keeps the schedule: a thread's sleep is accurate to tens of
+        // microseconds, tokio's timers only to the millisecond, and a late send would be
+        // counted against the server.
+        let (schedule, mut due_times) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            for index in 0..total {
+                let due = started + interval * index as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if schedule.send(due).is_err() {
+                    break;
+                }
+            }
+        });
         let mut tasks = JoinSet::new();
-        for index in 0..total {
-            let due = started + interval * index as u32;
-            tokio::time::sleep_until(due).await;
+        while let Some(due) = due_times.recv().await {
             let request = self
                 .http
                 .post(format!("{}/v1/requests", self.base_url))

@@ -1,0 +1,223 @@
+//! The store under the engine: group commit keeps each request's fate its own, and outbox
+//! claims respect the worker's pacing.
+
+use std::sync::Arc;
+
+use rstest::rstest;
+use serde_json::json;
+use signoff::audit::NewAuditEvent;
+use signoff::config::{Config, Secret};
+use signoff::domain::{now, ApprovalRequest};
+use signoff::engine::Engine;
+use signoff::store::{NewOutboxMessage, NewRequest, Pacing, Store, StoreError};
+
+use crate::support::{Backend, TestDatabase};
+
+/// A migrated store on a fresh database with an agent `bot`, and a stored request of that
+/// agent to copy. No server: nothing else claims from its outbox.
+async fn store_with_request(
+    backend: Backend,
+    directory: &tempfile::TempDir,
+) -> Option<(TestDatabase, Arc<dyn Store>, ApprovalRequest)> {
+    let database = TestDatabase::create(backend, directory).await?;
+    let config = Config {
+        database_url: Secret::new(database.url.clone()),
+        ..Config::default()
+    };
+    let store = signoff::store::connect(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    let policy = signoff::policy::Policy::parse(
+        "version: 1\ndefault: deny\nrules:\n  - name: reads\n    match: [\"*.get\"]\n    effect: allow\n",
+    )
+    .unwrap();
+    let engine = Engine::new(store.clone(), policy);
+    let credentials = engine.create_agent("bot", Vec::new()).await.unwrap();
+    let agent = engine
+        .authenticate_agent(&credentials.api_key)
+        .await
+        .unwrap()
+        .unwrap();
+    let submission = signoff::engine::Submission {
+        action: "users.get".into(),
+        args: json!({}),
+        context: Default::default(),
+        on_behalf_of: None,
+        callback_url: None,
+    };
+    let submitted = engine
+        .submit_request(&agent, submission, None)
+        .await
+        .unwrap();
+    let id = match submitted {
+        signoff::engine::Submitted::Created(request) => request.id,
+        other => panic!("not created: {other:?}"),
+    };
+    let template = store.request(&id).await.unwrap().unwrap();
+    Some((database, store, template))
+}
+
+fn copy_with_id(template: &ApprovalRequest, id: &str) -> ApprovalRequest {
+    ApprovalRequest {
+        id: id.to_string(),
+        ..template.clone()
+    }
+}
+
+async fn insert(
+    store: &Arc<dyn Store>,
+    request: ApprovalRequest,
+    outbox: Vec<NewOutboxMessage>,
+) -> Result<(), StoreError> {
+    let audit = vec![NewAuditEvent {
+        at: now(),
+        request_id: Some(request.id.clone()),
+        kind: "submitted",
+        actor: "agent:bot".into(),
+        payload: json!({}),
+    }];
+    store
+        .insert_request(NewRequest {
+            request: &request,
+            audit,
+            outbox,
+            idempotency: None,
+        })
+        .await
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_request_does_not_take_its_group_with_it(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    // Eighteen new ids, one id twice, and one that is already stored, all at once: they
+    // share commits, and only the two duplicates may fail.
+    let mut ids: Vec<String> = (0..18).map(|n| format!("apr_group_{n}")).collect();
+    ids.extend(["apr_group_twice".to_string(), "apr_group_twice".to_string()]);
+    ids.push(template.id.clone());
+    let inserts = ids.iter().map(|id| {
+        let store = store.clone();
+        let request = copy_with_id(&template, id);
+        tokio::spawn(async move { insert(&store, request, Vec::new()).await })
+    });
+    let results: Vec<_> = futures::future::join_all(inserts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let refused: Vec<_> = ids
+        .iter()
+        .zip(&results)
+        .filter(|(_, result)| result.is_err())
+        .map(|(id, result)| (id.clone(), result.as_ref().unwrap_err().to_string()))
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused.iter().all(
+        |(id, error)| (id == "apr_group_twice" || *id == template.id)
+            && error.contains("already exists")
+    ));
+    for n in 0..18 {
+        assert!(store
+            .request(&format!("apr_group_{n}"))
+            .await
+            .unwrap()
+            .is_some());
+    }
+    assert!(store.request("apr_group_twice").await.unwrap().is_some());
+    let events = store.audit_events(0, 1000).await.unwrap();
+    let mut chain = signoff::audit::ChainVerifier::default();
+    for event in &events {
+        chain.check(event).unwrap();
+    }
+    // The agent, the template's own events, then one event per stored copy.
+    assert_eq!(
+        events
+            .iter()
+            .filter(|event| event
+                .request_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with("apr_group_")))
+            .count(),
+        19
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn claims_skip_destinations_out_of_pacing_tokens(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    for n in 0..3 {
+        let request = copy_with_id(&template, &format!("apr_paced_{n}"));
+        let message = |kind: &'static str, destination: &str| NewOutboxMessage {
+            request_id: request.id.clone(),
+            kind,
+            destination: destination.to_string(),
+            payload: json!({}),
+            available_at: now(),
+        };
+        let outbox = vec![
+            message("card", "slack:CBUSY"),
+            message("card", "slack:CQUIET"),
+            message("webhook", "https://hooks.example.com/signoff"),
+        ];
+        insert(&store, request, outbox).await.unwrap();
+    }
+    let claim = |waiting: Vec<String>| {
+        let store = store.clone();
+        async move {
+            let pacing = Pacing {
+                waiting: &waiting,
+                per_destination: 1,
+            };
+            let lease_until = now() + chrono::Duration::seconds(60);
+            store
+                .claim_outbox(now(), lease_until, 32, &pacing)
+                .await
+                .unwrap()
+        }
+    };
+    let claimed = claim(vec!["slack:CBUSY".to_string()]).await;
+    let mut destinations: Vec<_> = claimed.iter().map(|m| m.destination.as_str()).collect();
+    destinations.sort_unstable();
+    // No message for the waiting channel, one for the other, and every webhook (not paced).
+    assert_eq!(
+        destinations,
+        [
+            "https://hooks.example.com/signoff",
+            "https://hooks.example.com/signoff",
+            "https://hooks.example.com/signoff",
+            "slack:CQUIET"
+        ]
+    );
+    assert_eq!(
+        claimed
+            .iter()
+            .find(|m| m.kind == "card")
+            .unwrap()
+            .request_id,
+        "apr_paced_0"
+    );
+
+    let claimed = claim(Vec::new()).await;
+    let mut claimed: Vec<_> = claimed
+        .iter()
+        .map(|m| (m.destination.as_str(), m.request_id.as_str()))
+        .collect();
+    claimed.sort_unstable();
+    assert_eq!(
+        claimed,
+        [
+            ("slack:CBUSY", "apr_paced_0"),
+            ("slack:CQUIET", "apr_paced_1")
+        ]
+    );
+}
