@@ -28,8 +28,9 @@ const LEASE: Duration = Duration::from_secs(60);
 const CLAIM_BATCH: i64 = 32;
 /// How often the worker looks for due work when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
-/// After a claim finds nothing, the next waits at least this long: under a burst of
-/// submissions every one of them wakes the worker, and each claim is a write.
+/// After a claim finds nothing while some channel waits for pacing, the next waits at
+/// least this long: under a burst of submissions every one of them wakes the worker, and
+/// each claim is a write.
 const EMPTY_CLAIM_PAUSE: Duration = Duration::from_millis(20);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Webhooks are retried at least 24 h (DESIGN §10); give up after three days.
@@ -92,7 +93,9 @@ impl Delivery {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "claiming outbox messages failed"),
             }
-            tokio::time::sleep(EMPTY_CLAIM_PAUSE).await;
+            if !waiting.is_empty() {
+                tokio::time::sleep(EMPTY_CLAIM_PAUSE).await;
+            }
             tokio::select! {
                 _ = signal.notified() => {}
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}

@@ -184,6 +184,8 @@ async fn deny_asks_for_a_reason_in_a_modal(
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
     let driver = app.slack_driver();
+    // Only a posted card can be clicked.
+    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
 
     assert_eq!(
         driver.click("U02BOB", "C0MEDIUM", "deny", &id).await,
