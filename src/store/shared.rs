@@ -47,7 +47,14 @@ pub(super) type RequestColumns = (
 );
 
 /// The last audit event: the next one's predecessor.
-pub(super) const AUDIT_HEAD: &str = "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1";
+/// (A macro as well, so SQLite can send it after `BEGIN IMMEDIATE` in one literal.)
+macro_rules! audit_head_sql {
+    () => {
+        "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
+    };
+}
+pub(super) use audit_head_sql;
+pub(super) const AUDIT_HEAD: &str = audit_head_sql!();
 
 /// Chains `events` onto `head` (or the genesis hash): sequence numbers and hashes.
 pub(super) fn seal_events(

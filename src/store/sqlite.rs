@@ -12,13 +12,12 @@ use sqlx::{Connection as _, QueryBuilder, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::group_commit::{GroupCommit, QueuedRequest};
-use super::shared::{conflict_on_unique, implement_store, seal_events};
+use super::shared::{audit_head_sql, conflict_on_unique, implement_store, seal_events};
 use super::{NewOutboxMessage, StoreResult};
 use crate::config::Config;
 
 /// Opens a write transaction and reads the audit head in one round trip.
-const BEGIN_WITH_AUDIT_HEAD: &str =
-    "BEGIN IMMEDIATE; SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1";
+const BEGIN_WITH_AUDIT_HEAD: &str = concat!("BEGIN IMMEDIATE; ", audit_head_sql!());
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
