@@ -16,10 +16,19 @@ pub fn now() -> DateTime<Utc> {
 
 /// `apr_` followed by 26 random base32 characters (130 bits).
 pub fn new_request_id() -> String {
+    request_id_at(now().timestamp_millis(), rand::thread_rng().gen())
+}
+
+/// `apr_` and a ULID in lower case: 48 bits of milliseconds, then 80 random bits, in
+/// Crockford's base 32. Ids made later sort later, so new rows land at the end of the
+/// primary-key index instead of on a random page of it: a commit rewrites fewer pages.
+fn request_id_at(milliseconds: i64, random: u128) -> String {
     const ALPHABET: &[u8] = b"0123456789abcdefghjkmnpqrstvwxyz";
-    let mut random = rand::thread_rng();
+    let milliseconds = u128::from(milliseconds.clamp(0, (1 << 48) - 1) as u64);
+    let value = (milliseconds << 80) | (random & ((1 << 80) - 1));
     let suffix: String = (0..26)
-        .map(|_| ALPHABET[random.gen_range(0..ALPHABET.len())] as char)
+        .rev()
+        .map(|place| ALPHABET[((value >> (place * 5)) & 31) as usize] as char)
         .collect();
     format!("apr_{suffix}")
 }
@@ -277,6 +286,34 @@ impl ApprovalRequest {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn request_ids_are_lower_case_ulids_that_sort_by_time() {
+        assert_eq!(request_id_at(0, 0), "apr_00000000000000000000000000");
+        // The largest ULID: 48 bits of time, 80 random bits, all set.
+        assert_eq!(
+            request_id_at((1 << 48) - 1, u128::MAX),
+            "apr_7zzzzzzzzzzzzzzzzzzzzzzzzz"
+        );
+        let cases = [
+            (1_700_000_000_000, u128::MAX),
+            (1_700_000_000_001, 0),
+            (1_800_000_000_000, 7),
+        ];
+        for pair in cases.windows(2) {
+            let (earlier, later) = (
+                request_id_at(pair[0].0, pair[0].1),
+                request_id_at(pair[1].0, pair[1].1),
+            );
+            assert!(earlier < later, "{earlier} should sort before {later}");
+        }
+        let id = new_request_id();
+        assert_eq!(id.len(), 30);
+        assert!(id[4..]
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || byte.is_ascii_lowercase()));
+        assert_ne!(id, new_request_id());
+    }
 
     #[test]
     fn action_hash_is_canonical() {
