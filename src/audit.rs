@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -41,39 +42,110 @@ pub fn link_hash(
     actor: &str,
     payload: &Value,
 ) -> String {
+    hash_link(
+        prev_hash,
+        &canonical_prefix(at, request_id, kind, actor, payload),
+        seq,
+    )
+}
+
+/// The canonical JSON (RFC 8785) of an event's content up to its sequence number. Keys
+/// sort, and `seq` sorts last, so the whole is this prefix, the number and `}`: the costly
+/// part can be worked out before the event's place in the chain is known.
+fn canonical_prefix(
+    at: &DateTime<Utc>,
+    request_id: Option<&str>,
+    kind: &str,
+    actor: &str,
+    payload: &Value,
+) -> Vec<u8> {
     let content = json!({
-        "seq": seq,
         "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "request_id": request_id,
         "kind": kind,
         "actor": actor,
         "payload": payload,
     });
-    let canonical = serde_json_canonicalizer::to_vec(&content).unwrap_or_default();
+    let mut canonical = serde_json_canonicalizer::to_vec(&content).unwrap_or_default();
+    // `{...}` becomes `{...,"seq":`.
+    canonical.pop();
+    canonical.extend_from_slice(br#","seq":"#);
+    canonical
+}
+
+fn hash_link(prev_hash: &str, canonical_prefix: &[u8], seq: i64) -> String {
     let mut hasher = Sha256::new();
     hasher.update(prev_hash.as_bytes());
-    hasher.update(&canonical);
+    hasher.update(canonical_prefix);
+    hasher.update(seq.to_string().as_bytes());
+    hasher.update(b"}");
     hex::encode(hasher.finalize())
 }
 
-impl NewAuditEvent {
-    pub fn seal(self, seq: i64, prev_hash: String) -> AuditEvent {
-        let hash = link_hash(
-            &prev_hash,
+/// An event whose serialisations are done: what remains is its place in the chain, which
+/// only the store knows, under its append lock. Preparing outside that lock keeps the
+/// serial part of a commit short.
+#[derive(Debug)]
+pub struct PreparedAuditEvent {
+    pub event: NewAuditEvent,
+    /// The payload as stored.
+    pub payload_json: Box<RawValue>,
+    canonical_prefix: Vec<u8>,
+}
+
+/// An event's place in the chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainLink {
+    pub seq: i64,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl PreparedAuditEvent {
+    /// The link that puts this event at `seq`, after the event whose hash is `prev_hash`.
+    pub fn link(&self, seq: i64, prev_hash: String) -> ChainLink {
+        let hash = hash_link(&prev_hash, &self.canonical_prefix, seq);
+        ChainLink {
             seq,
+            prev_hash,
+            hash,
+        }
+    }
+}
+
+impl NewAuditEvent {
+    pub fn prepare(self) -> PreparedAuditEvent {
+        let canonical_prefix = canonical_prefix(
             &self.at,
             self.request_id.as_deref(),
             self.kind,
             &self.actor,
             &self.payload,
         );
+        let payload_json = serde_json::value::to_raw_value(&self.payload)
+            .unwrap_or_else(|_| RawValue::NULL.to_owned());
+        PreparedAuditEvent {
+            event: self,
+            payload_json,
+            canonical_prefix,
+        }
+    }
+
+    pub fn seal(self, seq: i64, prev_hash: String) -> AuditEvent {
+        let prepared = self.prepare();
+        let ChainLink {
+            seq,
+            prev_hash,
+            hash,
+        } = prepared.link(seq, prev_hash);
+        let event = prepared.event;
         AuditEvent {
             seq,
-            at: self.at,
-            request_id: self.request_id,
-            kind: self.kind.to_string(),
-            actor: self.actor,
-            payload: self.payload,
+            at: event.at,
+            request_id: event.request_id,
+            kind: event.kind.to_string(),
+            actor: event.actor,
+            payload: event.payload,
             prev_hash,
             hash,
         }
@@ -166,6 +238,47 @@ mod tests {
                 event
             })
             .collect()
+    }
+
+    #[test]
+    fn the_link_hash_is_the_hash_of_the_whole_canonical_content() {
+        let at = crate::domain::now();
+        for (seq, request_id, payload) in [
+            (
+                1,
+                Some("apr_1"),
+                json!({"b": 1, "a": [1.5, "x"], "é": null}),
+            ),
+            (42, None, json!(null)),
+            (
+                9_007_199_254_740_991,
+                Some("apr_\u{1F600}"),
+                json!({"seq": 7}),
+            ),
+        ] {
+            let whole = json!({
+                "seq": seq,
+                "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "request_id": request_id,
+                "kind": "vote",
+                "actor": "cli:alice",
+                "payload": payload,
+            });
+            let mut hasher = Sha256::new();
+            hasher.update(GENESIS_HASH.as_bytes());
+            hasher.update(serde_json_canonicalizer::to_vec(&whole).expect("canonical"));
+            let expected = hex::encode(hasher.finalize());
+            let hash = link_hash(
+                GENESIS_HASH,
+                seq,
+                &at,
+                request_id,
+                "vote",
+                "cli:alice",
+                &payload,
+            );
+            assert_eq!(hash, expected, "seq {seq}");
+        }
     }
 
     fn verify(events: &[AuditEvent]) -> Result<u64, ChainBreak> {

@@ -53,6 +53,9 @@ pub enum EngineError {
     Conflict { code: &'static str, message: String },
     #[error("{message}")]
     Unprocessable { code: &'static str, message: String },
+    /// The key is unknown or its agent revoked.
+    #[error("invalid or revoked API key")]
+    Unauthorized,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -107,7 +110,14 @@ pub struct Engine {
     outbox_signal: Arc<Notify>,
     /// Turns true when the server stops: long-polls answer at once instead of holding it up.
     stopping: watch::Sender<bool>,
+    /// Agents that submitted lately, by API-key hash: a submission needs no read to know
+    /// its agent. Safe because the database refuses a revoked agent's request at insert.
+    submitters: Arc<Mutex<HashMap<String, AgentRecord>>>,
 }
+
+/// More cached submitters than this and the cache starts over (agents are few; this only
+/// bounds memory).
+const SUBMITTER_CACHE_LIMIT: usize = 10_000;
 
 impl Engine {
     pub fn new(store: Arc<dyn Store>, policy: Policy) -> Self {
@@ -118,6 +128,7 @@ impl Engine {
             card_channels: Arc::new(Vec::new()),
             outbox_signal: Arc::new(Notify::new()),
             stopping: watch::channel(false).0,
+            submitters: Arc::default(),
         }
     }
 
@@ -238,6 +249,7 @@ impl Engine {
             payload: json!({"agent": name}),
         };
         if self.store.revoke_agent(name, audit).await? {
+            self.forget_submitter(name);
             Ok(())
         } else {
             Err(EngineError::Invalid(format!(
@@ -256,6 +268,38 @@ impl Engine {
         let agent = self.store.agent_by_key_hash(&hash).await?;
         // The lookup is by hash; compare again in constant time so equality never short-circuits.
         Ok(agent.filter(|agent| bool::from(agent.api_key_hash.as_bytes().ct_eq(hash.as_bytes()))))
+    }
+
+    /// `authenticate_agent` for submissions, from the cache of recent submitters when it
+    /// can. A revoked agent found there still cannot submit: the insert is refused by the
+    /// database, and `submit_request` then answers `Unauthorized` and forgets it.
+    pub async fn authenticate_submitter(&self, api_key: &str) -> EngineResult<Option<AgentRecord>> {
+        let hash = hash_api_key(api_key);
+        let cached = self.lock_submitters().get(&hash).cloned();
+        if let Some(agent) = cached {
+            return Ok(Some(agent));
+        }
+        let agent = self.authenticate_agent(api_key).await?;
+        if let Some(agent) = &agent {
+            let mut submitters = self.lock_submitters();
+            if submitters.len() >= SUBMITTER_CACHE_LIMIT {
+                submitters.clear();
+            }
+            submitters.insert(hash, agent.clone());
+        }
+        Ok(agent)
+    }
+
+    fn forget_submitter(&self, name: &str) {
+        self.lock_submitters().retain(|_, agent| agent.name != name);
+    }
+
+    fn lock_submitters(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentRecord>> {
+        // The map is only ever read or replaced whole-entry: a panic elsewhere cannot
+        // leave it half-changed.
+        self.submitters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     // ---- requests -----------------------------------------------------------------------
@@ -298,7 +342,16 @@ impl Engine {
                 Reservation::Completed {
                     body_hash,
                     response,
-                } if body_hash == key.body_hash => return Ok(Submitted::Replayed(response)),
+                } if body_hash == key.body_hash => {
+                    // A replay inserts nothing, so the database cannot refuse it: check
+                    // here that the (possibly cached) agent is still active.
+                    let active = self.store.agent(&agent.name).await?;
+                    if active.is_none_or(|agent| agent.revoked_at.is_some()) {
+                        self.forget_submitter(&agent.name);
+                        return Err(EngineError::Unauthorized);
+                    }
+                    return Ok(Submitted::Replayed(response));
+                }
                 Reservation::InFlight => {
                     return Err(EngineError::Conflict {
                         code: "idempotency_in_flight",
@@ -314,6 +367,13 @@ impl Engine {
             }
         }
         let result = self.create_request(agent, submission, key.as_ref()).await;
+        if let Err(EngineError::Store(StoreError::AgentRevoked)) = &result {
+            self.forget_submitter(&agent.name);
+        }
+        let result = result.map_err(|error| match error {
+            EngineError::Store(StoreError::AgentRevoked) => EngineError::Unauthorized,
+            other => other,
+        });
         if let (Err(_), Some(key)) = (&result, &key) {
             // Free the key so a corrected retry is not stuck behind a failed attempt.
             if let Err(error) = self.store.release_idempotency_key(key).await {
@@ -431,7 +491,14 @@ impl Engine {
             audit.push(decided_event(&request, by_policy.as_str()));
             outbox.extend(webhook_message(&request, at));
         }
-        let response = serde_json::to_value(&request).context("serialising the request")?;
+        // The answer kept for the Idempotency-Key, if there is one.
+        let response = key
+            .map(|key| {
+                serde_json::to_value(&request)
+                    .map(|response| (key, response))
+                    .context("serialising the request")
+            })
+            .transpose()?;
         // Waking the worker for nothing would cost it a claim query per submission.
         let wrote_outbox = !outbox.is_empty();
         self.store
@@ -439,7 +506,7 @@ impl Engine {
                 request: &request,
                 audit,
                 outbox,
-                idempotency: key.map(|key| (key, response)),
+                idempotency: response,
             })
             .await?;
         if wrote_outbox {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppState, AuthenticatedAgent, ErrorBody, JsonBody};
+use super::{ApiError, AppState, AuthenticatedAgent, ErrorBody, JsonBody, SubmittingAgent};
 use crate::domain::{ApprovalRequest, ExecutionOutcome, Principal, RequestContext, Status};
 use crate::engine::{Submission, Submitted};
 use crate::policy::Explanation;
@@ -75,7 +75,7 @@ pub struct SubmitBody {
 )]
 pub async fn submit_request(
     State(state): State<AppState>,
-    AuthenticatedAgent(agent): AuthenticatedAgent,
+    SubmittingAgent(agent): SubmittingAgent,
     headers: HeaderMap,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> Result<Response, ApiError> {

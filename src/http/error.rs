@@ -109,6 +109,7 @@ impl From<EngineError> for ApiError {
         match error {
             EngineError::Invalid(message) => Self::bad_request("invalid_request", message),
             EngineError::NotFound => Self::not_found(),
+            EngineError::Unauthorized => Self::unauthorized("invalid or revoked API key"),
             EngineError::Refused(refusal) => refusal.into(),
             EngineError::Conflict { code, message } => {
                 Self::new(StatusCode::CONFLICT, code, message)

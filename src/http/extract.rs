@@ -9,33 +9,54 @@ use serde::de::DeserializeOwned;
 use super::{ApiError, AppState};
 use crate::store::AgentRecord;
 
-/// The agent whose API key authorised this request.
+/// The agent whose API key authorised this request, read from the database.
 pub struct AuthenticatedAgent(pub AgentRecord);
 
 impl FromRequestParts<AppState> for AuthenticatedAgent {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))?;
-        let key = header
-            .to_str()
-            .ok()
-            .and_then(|value| {
-                // The scheme is case-insensitive (RFC 9110); the key is not.
-                let (scheme, key) = value.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(key)
-            })
-            .map(str::trim)
-            .filter(|key| !key.is_empty())
-            .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <api key>"))?;
-        match state.engine.authenticate_agent(key).await? {
-            Some(agent) => Ok(Self(agent)),
-            None => Err(ApiError::unauthorized("invalid or revoked API key")),
-        }
+        let agent = state.engine.authenticate_agent(bearer_key(parts)?).await?;
+        agent.map(Self).ok_or_else(revoked_or_unknown)
     }
+}
+
+/// The agent behind a submission: `AuthenticatedAgent`, but from the engine's cache of
+/// recent submitters when it can (the database still refuses a revoked agent's insert).
+pub struct SubmittingAgent(pub AgentRecord);
+
+impl FromRequestParts<AppState> for SubmittingAgent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let agent = state
+            .engine
+            .authenticate_submitter(bearer_key(parts)?)
+            .await?;
+        agent.map(Self).ok_or_else(revoked_or_unknown)
+    }
+}
+
+fn revoked_or_unknown() -> ApiError {
+    ApiError::unauthorized("invalid or revoked API key")
+}
+
+fn bearer_key(parts: &Parts) -> Result<&str, ApiError> {
+    let header = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|value| {
+            // The scheme is case-insensitive (RFC 9110); the key is not.
+            let (scheme, key) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key)
+        })
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <api key>"))
 }
 
 /// A JSON body, read within the body limit before parsing. The content type is not

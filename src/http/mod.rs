@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
-pub use extract::{AuthenticatedAgent, JsonBody};
+pub use extract::{AuthenticatedAgent, JsonBody, SubmittingAgent};
 pub use openapi::ApiDoc;
 
 /// Everything a handler needs; cheap to clone.

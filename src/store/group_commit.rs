@@ -3,11 +3,13 @@
 
 use std::future::Future;
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::shared::StoredRequest;
 use super::{IdempotencyKey, NewOutboxMessage, NewRequest, StoreError, StoreResult};
-use crate::audit::NewAuditEvent;
+use crate::audit::{NewAuditEvent, PreparedAuditEvent};
 use crate::domain::ApprovalRequest;
 
 /// At most this many new requests share one commit (well under both backends' limits on
@@ -17,7 +19,9 @@ const GROUP_COMMIT_LIMIT: usize = 256;
 /// A new request waiting for the group-commit writer, and where to send its outcome.
 pub(super) struct QueuedRequest {
     pub request: ApprovalRequest,
-    pub audit: Vec<NewAuditEvent>,
+    /// The stored form of the request, serialised by the caller: the writer only copies it.
+    pub body: Box<RawValue>,
+    pub audit: Vec<PreparedAuditEvent>,
     pub outbox: Vec<NewOutboxMessage>,
     pub idempotency: Option<(IdempotencyKey, Value)>,
     pub committed: oneshot::Sender<StoreResult<()>>,
@@ -74,18 +78,21 @@ impl GroupCommit {
 
 impl QueuedRequest {
     /// The request ready for the writer, and where its outcome will arrive.
-    pub fn new(new: NewRequest<'_>) -> (Self, oneshot::Receiver<StoreResult<()>>) {
+    pub fn new(new: NewRequest<'_>) -> StoreResult<(Self, oneshot::Receiver<StoreResult<()>>)> {
         let (committed, outcome) = oneshot::channel();
+        let body = serde_json::value::to_raw_value(&StoredRequest::from_request(new.request))
+            .map_err(|error| StoreError::Database(sqlx::Error::Encode(Box::new(error))))?;
         let queued = Self {
             request: new.request.clone(),
-            audit: new.audit,
+            body,
+            audit: new.audit.into_iter().map(NewAuditEvent::prepare).collect(),
             outbox: new.outbox,
             idempotency: new
                 .idempotency
                 .map(|(key, response)| (key.clone(), response)),
             committed,
         };
-        (queued, outcome)
+        Ok((queued, outcome))
     }
 }
 

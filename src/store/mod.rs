@@ -30,6 +30,9 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
+    /// The database refused a request from a revoked agent.
+    #[error("the agent is revoked")]
+    AgentRevoked,
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

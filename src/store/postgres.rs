@@ -8,7 +8,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 
 use super::group_commit::{GroupCommit, QueuedRequest};
-use super::shared::{conflict_on_unique, implement_store};
+use super::shared::{implement_store, refused_request_insert};
 use super::{NewOutboxMessage, StoreResult};
 use crate::config::Config;
 
@@ -96,7 +96,7 @@ impl PostgresStore {
             .build()
             .execute(&mut *transaction)
             .await
-            .map_err(|error| conflict_on_unique(error, "request id already exists"))?;
+            .map_err(refused_request_insert)?;
         let outbox: Vec<&NewOutboxMessage> =
             group.iter().flat_map(|queued| &queued.outbox).collect();
         Self::append_outbox(&mut transaction, &outbox).await?;
@@ -107,11 +107,8 @@ impl PostgresStore {
                 answer.build().execute(&mut *transaction).await?;
             }
         }
-        let audit = group
-            .iter()
-            .flat_map(|queued| queued.audit.iter().cloned())
-            .collect();
-        Self::append_audit_events(&mut transaction, audit).await?;
+        let audit: Vec<_> = group.iter().flat_map(|queued| &queued.audit).collect();
+        Self::append_prepared_audit_events(&mut transaction, &audit).await?;
         transaction.commit().await?;
         Ok(())
     }

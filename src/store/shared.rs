@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::audit::{AuditEvent, NewAuditEvent, GENESIS_HASH};
+use crate::audit::{ChainLink, PreparedAuditEvent, GENESIS_HASH};
 use crate::domain::ApprovalRequest;
 
 use super::StoreError;
@@ -22,11 +22,19 @@ pub(super) struct StoredRequest {
     pub original_args: Value,
 }
 
+/// `StoredRequest` for writing, borrowed: serialising needs no copy of the request.
+#[derive(Serialize)]
+pub(super) struct StoredRequestRef<'a> {
+    #[serde(flatten)]
+    pub request: &'a ApprovalRequest,
+    pub original_args: &'a Value,
+}
+
 impl StoredRequest {
-    pub fn from_request(request: &ApprovalRequest) -> Self {
-        Self {
-            request: request.clone(),
-            original_args: request.original_args.clone(),
+    pub fn from_request(request: &ApprovalRequest) -> StoredRequestRef<'_> {
+        StoredRequestRef {
+            request,
+            original_args: &request.original_args,
         }
     }
 
@@ -57,18 +65,18 @@ pub(super) use audit_head_sql;
 pub(super) const AUDIT_HEAD: &str = audit_head_sql!();
 
 /// Chains `events` onto `head` (or the genesis hash): sequence numbers and hashes.
-pub(super) fn seal_events(
+pub(super) fn seal_events<'events>(
     head: Option<(i64, String)>,
-    events: Vec<NewAuditEvent>,
-) -> Vec<AuditEvent> {
+    events: impl IntoIterator<Item = &'events PreparedAuditEvent>,
+) -> Vec<(&'events PreparedAuditEvent, ChainLink)> {
     let (mut seq, mut previous) = head.unwrap_or((0, GENESIS_HASH.to_string()));
     events
         .into_iter()
         .map(|event| {
             seq += 1;
-            let sealed = event.seal(seq, std::mem::take(&mut previous));
-            previous.clone_from(&sealed.hash);
-            sealed
+            let link = event.link(seq, std::mem::take(&mut previous));
+            previous.clone_from(&link.hash);
+            (event, link)
         })
         .collect()
 }
@@ -98,6 +106,17 @@ pub(super) fn conflict_on_unique(error: sqlx::Error, what: &str) -> StoreError {
     }
 }
 
+/// Why the database refused new requests: a taken id, or a revoked agent (the
+/// `requests_from_active_agents` trigger of both backends raises this message).
+pub(super) fn refused_request_insert(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Database(database) if database.message().contains("agent revoked") => {
+            StoreError::AgentRevoked
+        }
+        _ => conflict_on_unique(error, "request id already exists"),
+    }
+}
+
 /// In-flight Idempotency-Key reservations older than this are taken over: their owner died.
 pub(super) const ABANDONED_RESERVATION: chrono::Duration = chrono::Duration::seconds(60);
 
@@ -108,6 +127,18 @@ macro_rules! implement_store {
                 connection: &mut <$database as sqlx::Database>::Connection,
                 events: Vec<$crate::audit::NewAuditEvent>,
             ) -> $crate::store::StoreResult<()> {
+                let prepared: Vec<_> = events
+                    .into_iter()
+                    .map($crate::audit::NewAuditEvent::prepare)
+                    .collect();
+                let prepared: Vec<_> = prepared.iter().collect();
+                Self::append_prepared_audit_events(connection, &prepared).await
+            }
+
+            async fn append_prepared_audit_events(
+                connection: &mut <$database as sqlx::Database>::Connection,
+                events: &[&$crate::audit::PreparedAuditEvent],
+            ) -> $crate::store::StoreResult<()> {
                 if events.is_empty() {
                     return Ok(());
                 }
@@ -115,7 +146,7 @@ macro_rules! implement_store {
                 let head: Option<(i64, String)> = sqlx::query_as(super::shared::AUDIT_HEAD)
                     .fetch_optional(&mut *connection)
                     .await?;
-                let sealed = super::shared::seal_events(head, events);
+                let sealed = super::shared::seal_events(head, events.iter().copied());
                 // One statement for all of them: one round trip however many there are.
                 let mut insert = sqlx::QueryBuilder::<$database>::new("");
                 Self::push_audit_rows(&mut insert, &sealed);
@@ -125,18 +156,19 @@ macro_rules! implement_store {
 
             fn push_audit_rows<'rows>(
                 sql: &mut sqlx::QueryBuilder<'rows, $database>,
-                sealed: &'rows [$crate::audit::AuditEvent],
+                sealed: &'rows [(&'rows $crate::audit::PreparedAuditEvent, $crate::audit::ChainLink)],
             ) {
                 sql.push("INSERT INTO audit_events (seq, at, request_id, kind, actor, payload, prev_hash, hash) ");
-                sql.push_values(sealed, |mut row, event| {
-                    row.push_bind(event.seq)
+                sql.push_values(sealed, |mut row, (prepared, link)| {
+                    let event = &prepared.event;
+                    row.push_bind(link.seq)
                         .push_bind(event.at)
                         .push_bind(&event.request_id)
-                        .push_bind(&event.kind)
+                        .push_bind(event.kind)
                         .push_bind(&event.actor)
-                        .push_bind(sqlx::types::Json(&event.payload))
-                        .push_bind(&event.prev_hash)
-                        .push_bind(&event.hash);
+                        .push_bind(sqlx::types::Json(&*prepared.payload_json))
+                        .push_bind(&link.prev_hash)
+                        .push_bind(&link.hash);
                 });
             }
 
@@ -190,7 +222,7 @@ macro_rules! implement_store {
                         .push_bind(request.created_at)
                         .push_bind(request.expires_at)
                         .push_bind(request.created_at)
-                        .push_bind(sqlx::types::Json(super::shared::StoredRequest::from_request(request)))
+                        .push_bind(sqlx::types::Json(&*queued.body))
                         .push_bind(request.remind_at)
                         .push_bind(request.escalate_at);
                 });
@@ -411,7 +443,7 @@ macro_rules! implement_store {
                 &self,
                 new: $crate::store::NewRequest<'_>,
             ) -> $crate::store::StoreResult<()> {
-                let (queued, outcome) = super::group_commit::QueuedRequest::new(new);
+                let (queued, outcome) = super::group_commit::QueuedRequest::new(new)?;
                 match &self.group_commit {
                     Some(group_commit) => group_commit.queue(queued)?,
                     None => self.commit_group(vec![queued]).await,

@@ -12,7 +12,7 @@ use sqlx::{Connection as _, QueryBuilder, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::group_commit::{GroupCommit, QueuedRequest};
-use super::shared::{audit_head_sql, conflict_on_unique, implement_store, seal_events};
+use super::shared::{audit_head_sql, implement_store, refused_request_insert, seal_events};
 use super::{NewOutboxMessage, StoreResult};
 use crate::config::Config;
 
@@ -37,6 +37,12 @@ struct Writer {
     /// A write that began a transaction and never finished it (its caller went away):
     /// the next one rolls it back first.
     in_transaction: bool,
+    /// The audit head as this writer's last group commit left it, so the next group need
+    /// not read it first. Another process (the CLI) may have appended since: then the
+    /// group's first audit row takes a `seq` that exists, the primary key refuses it, and
+    /// the group is written again the slow way. Other transactions of this process forget
+    /// it, since they may append.
+    audit_head: Option<(i64, String)>,
 }
 
 /// The writer, held: `Deref`s to its connection. From `begin_write` it is inside
@@ -108,6 +114,7 @@ impl SqliteStore {
             writer: Arc::new(Mutex::new(Writer {
                 connection,
                 in_transaction: false,
+                audit_head: None,
             })),
             group_commit: None,
         };
@@ -128,24 +135,44 @@ impl SqliteStore {
         Ok(HeldWriter(writer))
     }
 
-    /// Two round trips to the writer connection's thread for a whole group: `BEGIN
-    /// IMMEDIATE` with the audit head, then every insert and the `COMMIT` as one batch of
-    /// statements. Each round trip wakes that thread and then ours, which on an idle
-    /// virtual machine costs more than the statements themselves.
+    /// One round trip to the writer connection's thread for a whole group when the audit
+    /// head is known (`BEGIN IMMEDIATE`, every insert and the `COMMIT` as one batch of
+    /// statements), two when it must be read first. Each round trip wakes that thread and
+    /// then ours, which on an idle virtual machine costs more than the statements do.
     async fn write_group(&self, group: &[QueuedRequest]) -> StoreResult<()> {
         let mut writer = self.write_connection().await?;
+        if let Some(head) = writer.0.audit_head.take() {
+            match Self::write_group_batch(&mut writer, group, Some(head), "BEGIN IMMEDIATE; ").await
+            {
+                Ok(()) => return Ok(()),
+                // Most likely another process appended to the audit trail; if not, the
+                // slow way fails the same way and says why.
+                Err(_) => {
+                    // Fails harmlessly if the batch failed before its BEGIN took effect.
+                    let _ = sqlx::query("ROLLBACK").execute(&mut *writer).await;
+                    writer.0.in_transaction = false;
+                }
+            }
+        }
         writer.0.in_transaction = true;
         let head: Option<(i64, String)> = sqlx::query_as(BEGIN_WITH_AUDIT_HEAD)
             .fetch_optional(&mut *writer)
             .await?;
-        let audit = group
-            .iter()
-            .flat_map(|queued| queued.audit.iter().cloned())
-            .collect();
-        let sealed = seal_events(head, audit);
+        Self::write_group_batch(&mut writer, group, head, "").await
+    }
+
+    /// Every row of `group` chained onto `head`, and the `COMMIT`, as one batch after
+    /// `prefix`. Keeps the new audit head on success.
+    async fn write_group_batch(
+        writer: &mut HeldWriter,
+        group: &[QueuedRequest],
+        head: Option<(i64, String)>,
+        prefix: &str,
+    ) -> StoreResult<()> {
+        let sealed = seal_events(head, group.iter().flat_map(|queued| &queued.audit));
         let outbox: Vec<&NewOutboxMessage> =
             group.iter().flat_map(|queued| &queued.outbox).collect();
-        let mut statements = QueryBuilder::new("");
+        let mut statements = QueryBuilder::new(prefix);
         Self::push_request_rows(&mut statements, group);
         if !sealed.is_empty() {
             statements.push("; ");
@@ -162,14 +189,16 @@ impl SqliteStore {
             }
         }
         statements.push("; COMMIT");
+        writer.0.in_transaction = true;
         statements
             .build()
             // Groups of one are the common shape when load is light: keep it prepared.
             .persistent(group.len() == 1)
-            .execute(&mut *writer)
+            .execute(&mut **writer)
             .await
-            .map_err(|error| conflict_on_unique(error, "request id already exists"))?;
+            .map_err(refused_request_insert)?;
         writer.0.in_transaction = false;
+        writer.0.audit_head = sealed.last().map(|(_, link)| (link.seq, link.hash.clone()));
         Ok(())
     }
 
@@ -177,6 +206,7 @@ impl SqliteStore {
     /// CLI, wait for it under the busy timeout).
     async fn begin_write(&self) -> StoreResult<HeldWriter> {
         let mut writer = self.write_connection().await?;
+        writer.0.audit_head = None;
         sqlx::query("BEGIN IMMEDIATE").execute(&mut *writer).await?;
         writer.0.in_transaction = true;
         Ok(writer)

@@ -59,6 +59,11 @@ async fn agents_are_created_listed_and_revoked(
         key: key.clone(),
         webhook_secret: String::new(),
     };
+    // Two submissions: the second finds the agent in the server's cache of submitters.
+    let (status, first) = app
+        .submit_with_key(&bot, json!({"action": "users.get"}), Some("k-1"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
     let (status, _) = app.submit(&bot, json!({"action": "users.get"})).await;
     assert_eq!(status, StatusCode::CREATED);
 
@@ -72,12 +77,36 @@ async fn agents_are_created_listed_and_revoked(
     assert!(stdout(&output).contains("cli-bot"));
     assert!(!stdout(&output).contains(&key));
 
+    // Revoked by another process: the server learns nothing of it but what the database
+    // says, and every use of the key fails at once, cached or not.
     let output = app.cli(&["agents", "revoke", "cli-bot"]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let (status, body) = app.submit(&bot, json!({"action": "users.get"})).await;
+    let stored_before = app.engine().store().latest_audit_seq().await.unwrap();
+    for pending in [false, true] {
+        let action = if pending { "email.send" } else { "users.get" };
+        let (status, body) = app.submit(&bot, json!({"action": action})).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (StatusCode::UNAUTHORIZED, "unauthorized"),
+            "{action}: {body}"
+        );
+    }
+    let (status, body) = app
+        .submit_with_key(&bot, json!({"action": "users.get"}), Some("k-1"))
+        .await;
     assert_eq!(
         (status, error_code(&body)),
-        (StatusCode::UNAUTHORIZED, "unauthorized")
+        (StatusCode::UNAUTHORIZED, "unauthorized"),
+        "an Idempotency-Key replay: {body}"
+    );
+    let (status, _) = app
+        .get_request(&bot, first["id"].as_str().unwrap(), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.engine().store().latest_audit_seq().await.unwrap(),
+        stored_before,
+        "refused submissions must store nothing"
     );
     assert_eq!(
         app.cli(&["agents", "revoke", "cli-bot"]).status.code(),

@@ -1,5 +1,6 @@
-//! The store under the engine: group commit keeps each request's fate its own, and outbox
-//! claims respect the worker's pacing.
+//! The store under the engine: group commit keeps each request's fate its own and the
+//! audit chain whole, revoked agents are refused by the database, and outbox claims
+//! respect the worker's pacing.
 
 use std::sync::Arc;
 
@@ -85,6 +86,17 @@ async fn insert(
         .await
 }
 
+/// An event about no request, as the CLI writes them.
+fn operator_event(kind: &'static str, payload: serde_json::Value) -> NewAuditEvent {
+    NewAuditEvent {
+        at: now(),
+        request_id: None,
+        kind,
+        actor: "operator".into(),
+        payload,
+    }
+}
+
 #[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_request_does_not_take_its_group_with_it(
@@ -144,6 +156,92 @@ async fn a_refused_request_does_not_take_its_group_with_it(
             .count(),
         19
     );
+}
+
+#[rstest]
+#[tokio::test]
+async fn appends_by_another_process_between_commits_keep_the_chain_whole(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    // A second store on the same database stands for the CLI: its appends are unknown to
+    // the first, which remembers the audit head its last commit left.
+    let config = Config {
+        database_url: Secret::new(database.url.clone()),
+        ..Config::default()
+    };
+    let other_process = signoff::store::connect(&config).await.unwrap();
+    for round in 0..3 {
+        insert(
+            &store,
+            copy_with_id(&template, &format!("apr_turn_{round}")),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+        other_process
+            .append_audit(vec![operator_event(
+                "agent_created",
+                json!({"round": round}),
+            )])
+            .await
+            .unwrap();
+    }
+    insert(&store, copy_with_id(&template, "apr_turn_last"), Vec::new())
+        .await
+        .unwrap();
+    let events = store.audit_events(0, 1000).await.unwrap();
+    let mut chain = signoff::audit::ChainVerifier::default();
+    for event in &events {
+        chain.check(event).unwrap();
+    }
+    let kinds: Vec<_> = events
+        .iter()
+        .rev()
+        .take(7)
+        .map(|event| event.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "submitted",
+            "agent_created",
+            "submitted",
+            "agent_created",
+            "submitted",
+            "agent_created",
+            "submitted"
+        ]
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn the_database_refuses_requests_of_a_revoked_agent(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let revoked = operator_event("agent_revoked", json!({"agent": "bot"}));
+    assert!(store.revoke_agent("bot", revoked).await.unwrap());
+    let seq = store.latest_audit_seq().await.unwrap();
+    let refused = insert(
+        &store,
+        copy_with_id(&template, "apr_after_revoke"),
+        Vec::new(),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(StoreError::AgentRevoked)),
+        "{refused:?}"
+    );
+    assert!(store.request("apr_after_revoke").await.unwrap().is_none());
+    assert_eq!(store.latest_audit_seq().await.unwrap(), seq);
 }
 
 #[rstest]

@@ -340,7 +340,8 @@ fn explain(error: &EngineError) -> String {
         EngineError::Invalid(message)
         | EngineError::Conflict { message, .. }
         | EngineError::Unprocessable { message, .. } => message.clone(),
-        EngineError::Store(_) | EngineError::Internal(_) => {
+        // Only agents' keys are refused this way; a click never is, so it is a failure.
+        EngineError::Unauthorized | EngineError::Store(_) | EngineError::Internal(_) => {
             tracing::error!(%error, "Slack interaction failed");
             "signoff could not record that just now; please try again.".into()
         }
