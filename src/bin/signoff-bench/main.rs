@@ -25,6 +25,8 @@ use tokio::task::JoinSet;
 const SIGNING_SECRET: &str = "bench-signing-secret";
 /// The latency ceiling a rate must stay under to count as sustainable.
 const P99_CEILING: Duration = Duration::from_millis(5);
+/// Agents submitting back to back in the closed-loop throughput measurement.
+const SATURATION_CLIENTS: usize = 64;
 /// A looser ceiling, to see throughput against the floor when latency may grow.
 const THROUGHPUT_CEILING: Duration = Duration::from_millis(100);
 
@@ -50,6 +52,9 @@ struct Args {
     /// Pending requests for the memory measurement.
     #[arg(long, default_value_t = 100_000)]
     memory_requests: usize,
+    /// Only the closed-loop intake measurement (for profiling).
+    #[arg(long)]
+    saturation_only: bool,
     /// Only the memory measurement.
     #[arg(long)]
     memory_only: bool,
@@ -100,6 +105,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
             println!("| floor: {label} | {floor:.0} rows/s | | |");
         }
         let floor = floors.iter().map(|(_, rate)| *rate).fold(0.0, f64::max);
+        // The same criterion as intake's, applied to the raw inserts: what the disk itself
+        // sustains with p99 < 5 ms when work arrives on a schedule.
+        let floor_sustained = if args.saturation_only {
+            None
+        } else {
+            let sustained = max_sustainable_rate(
+                |rate| floor_under_load(&database, rate, args.step_seconds),
+                P99_CEILING,
+            )
+            .await;
+            println!(
+                "| floor: raw inserts under open-loop load, max with p99 < 5 ms | {sustained:.0} rows/s | | |"
+            );
+            if backend == Backend::Sqlite {
+                let directory = directory.clone();
+                let seconds = args.step_seconds * 2.0;
+                let probe = tokio::task::spawn_blocking(move || {
+                    disk_sync_under_load(&directory, 50.0, seconds)
+                })
+                .await??;
+                println!(
+                    "| floor: one 4 KiB write + fdatasync at 50/s, no database | p50 {} · p99 {} · p99.9 {} · max {} | | |",
+                    micros(probe.histogram.value_at_quantile(0.5)),
+                    micros(probe.histogram.value_at_quantile(0.99)),
+                    micros(probe.histogram.value_at_quantile(0.999)),
+                    micros(probe.histogram.max()),
+                );
+            }
+            // The disk's own tail, to set intake's low-rate latency against.
+            let light = floor_under_load(&database, 50.0, args.step_seconds * 2.0).await;
+            println!(
+                "| floor: raw inserts at 50/s, open loop | p50 {} · p99 {} · p99.9 {} · max {} · errors {} | | |",
+                micros(light.histogram.value_at_quantile(0.5)),
+                micros(light.histogram.value_at_quantile(0.99)),
+                micros(light.histogram.value_at_quantile(0.999)),
+                micros(light.histogram.max()),
+                light.errors
+            );
+            Some(sustained)
+        };
+        let health = harness
+            .saturate(
+                harness.http.get(format!("{}/healthz", harness.base_url)),
+                reqwest::StatusCode::OK,
+                SATURATION_CLIENTS,
+                args.step_seconds * 2.0,
+            )
+            .await;
+        println!(
+            "| HTTP ceiling: GET /healthz, {SATURATION_CLIENTS} clients back to back | {:.0} req/s (p50 {} · p99 {}) | | |",
+            health.rate,
+            micros(health.histogram.value_at_quantile(0.5)),
+            micros(health.histogram.value_at_quantile(0.99)),
+        );
         for (name, body) in [
             (
                 "auto-allowed intake",
@@ -110,11 +169,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 json!({"action": "email.send", "args": {"to": "a@example.com"}}),
             ),
         ] {
+            let saturated = harness
+                .saturation(&body, SATURATION_CLIENTS, args.step_seconds * 2.0)
+                .await;
+            println!(
+                "| {name}: {SATURATION_CLIENTS} clients back to back | {:.0} req/s (p50 {} · p99 {} · errors {}) | {floor:.0} rows/s | {:.2}x |",
+                saturated.rate,
+                micros(saturated.histogram.value_at_quantile(0.5)),
+                micros(saturated.histogram.value_at_quantile(0.99)),
+                saturated.errors,
+                saturated.rate / floor
+            );
+            if args.saturation_only {
+                continue;
+            }
             let max = harness
                 .max_sustainable_rate(&body, args.step_seconds, P99_CEILING)
                 .await;
             println!(
-                "| {name}: max sustainable (p99 < 5 ms) | {max:.0} req/s | {floor:.0} rows/s | {:.2}x |",
+                "| {name}: max sustainable (p99 < 5 ms) | {max:.0} req/s | {floor:.0} rows/s (open loop, p99 < 5 ms: {:.0}) | {:.2}x |",
+                floor_sustained.unwrap_or_default(),
                 max / floor
             );
             // Throughput when latency may grow: what group commit buys against the floor.
@@ -126,21 +200,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 THROUGHPUT_CEILING.as_millis(),
                 throughput / floor
             );
-            if max == 0.0 {
-                println!("| {name} | not sustainable at the lowest step (50 req/s) | | |");
-                continue;
-            }
-            let at70 = harness
-                .run_load(&body, max * 0.7, args.step_seconds * 2.0)
-                .await;
+            // At 70 % of the sustainable rate; at the floor's 50/s when none was.
+            let (label, rate) = if max == 0.0 {
+                ("not sustainable at 50 req/s; at", 50.0)
+            } else {
+                ("at 70 %", max * 0.7)
+            };
+            let at70 = harness.run_load(&body, rate, args.step_seconds * 2.0).await;
             println!(
-                "| {name} at 70 % ({:.0} req/s) | p50 {} · p99 {} · p99.9 {} · errors {} | | |",
-                max * 0.7,
+                "| {name} {label} ({rate:.0} req/s) | p50 {} · p99 {} · p99.9 {} · max {} · errors {} | | |",
                 micros(at70.histogram.value_at_quantile(0.5)),
                 micros(at70.histogram.value_at_quantile(0.99)),
                 micros(at70.histogram.value_at_quantile(0.999)),
+                micros(at70.histogram.max()),
                 at70.errors
             );
+        }
+        if args.saturation_only {
+            harness.server.shutdown(Duration::from_secs(10)).await;
+            harness.server_runtime.shutdown_background();
+            database.drop_scratch().await;
+            continue;
         }
         let wake = harness.wake_latency(200).await?;
         println!(
@@ -158,7 +238,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         harness.server_runtime.shutdown_background();
         database.drop_scratch().await;
     }
-    memory(&directory, args.memory_requests).await?;
+    if !args.saturation_only {
+        memory(&directory, args.memory_requests).await?;
+    }
     Ok(())
 }
 
@@ -241,6 +323,154 @@ impl Database {
     }
 }
 
+/// Due times at `rate` per second for `seconds`. A thread of its own keeps the schedule: a
+/// thread's sleep is accurate to tens of microseconds, tokio's timers only to the
+/// millisecond, and a late send would be counted against the server.
+fn schedule(rate: f64, seconds: f64) -> tokio::sync::mpsc::UnboundedReceiver<Instant> {
+    let total = (rate * seconds).max(1.0) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let (sender, due_times) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        for index in 0..total {
+            let due = started + interval * index as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if sender.send(due).is_err() {
+                break;
+            }
+        }
+    });
+    due_times
+}
+
+/// The highest rate, stepping up by about 1.4x from 50 per second, at which `run` has no
+/// errors and a p99 under `ceiling`.
+async fn max_sustainable_rate<Run, Running>(mut run: Run, ceiling: Duration) -> f64
+where
+    Run: FnMut(f64) -> Running,
+    Running: std::future::Future<Output = LoadResult>,
+{
+    let mut rate = 50.0;
+    let mut best = 0.0;
+    loop {
+        let result = run(rate).await;
+        let p99 = Duration::from_micros(result.histogram.value_at_quantile(0.99));
+        eprintln!(
+            "  {rate:.0}/s: p50 {} p99 {} errors {}",
+            micros(result.histogram.value_at_quantile(0.5)),
+            micros(p99.as_micros() as u64),
+            result.errors
+        );
+        if result.errors > 0 || p99 > ceiling {
+            return best;
+        }
+        best = rate;
+        rate = (rate * 1.4).round();
+    }
+}
+
+/// The floor under the same open-loop load as intake: one connection inserts one row per
+/// commit for each due time, in order, so a stall of the disk delays the ones behind it
+/// exactly as it would delay a server that commits each request alone.
+async fn floor_under_load(database: &Database, rate: f64, seconds: f64) -> LoadResult {
+    let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+    let mut errors = 0;
+    let connection = floor_connection(database).await;
+    let Ok(mut connection) = connection else {
+        return LoadResult {
+            histogram,
+            errors: 1,
+        };
+    };
+    let mut due_times = schedule(rate, seconds);
+    while let Some(due) = due_times.recv().await {
+        match insert_floor_row(&mut connection).await {
+            Ok(()) => {
+                let _ = histogram.record(due.elapsed().as_micros() as u64);
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    LoadResult { histogram, errors }
+}
+
+/// Below any database: one 4 KiB write and `fdatasync` per due time, in the directory the
+/// SQLite file lives in. Whatever tail this has, every durable commit inherits.
+fn disk_sync_under_load(directory: &Path, rate: f64, seconds: f64) -> anyhow::Result<LoadResult> {
+    use std::os::unix::fs::FileExt as _;
+    let path = directory.join("sync-probe.bin");
+    let file = std::fs::File::create(&path)?;
+    let page = [7u8; 4096];
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let total = (rate * seconds).max(1.0) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let started = Instant::now();
+    for index in 0..total {
+        let due = started + interval * index as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        // Sixteen pages written over and over: the file never grows, so no metadata is synced.
+        file.write_all_at(&page, (index % 16) * 4096)?;
+        file.sync_data()?;
+        let _ = histogram.record(due.elapsed().as_micros() as u64);
+    }
+    std::fs::remove_file(&path)?;
+    Ok(LoadResult {
+        histogram,
+        errors: 0,
+    })
+}
+
+/// A connection for raw inserts, at the server's durability setting.
+enum FloorConnection {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+async fn floor_connection(database: &Database) -> anyhow::Result<FloorConnection> {
+    if database.url.starts_with("sqlite:") {
+        let mut connection = sqlx::SqliteConnection::connect(&database.url).await?;
+        connection
+            .execute(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            )
+            .await?;
+        Ok(FloorConnection::Sqlite(connection))
+    } else {
+        Ok(FloorConnection::Postgres(
+            sqlx::PgConnection::connect(&database.url).await?,
+        ))
+    }
+}
+
+/// One request row as intake stores it, in a commit of its own. Ids sort by time, as the
+/// server's do.
+async fn insert_floor_row(connection: &mut FloorConnection) -> anyhow::Result<()> {
+    let id = format!("apr_floor_{}", signoff::domain::new_request_id());
+    macro_rules! insert_with {
+        ($connection:expr) => {
+            sqlx::query(FLOOR_INSERT)
+                .bind(&id)
+                .bind(signoff::domain::now())
+                .bind(sqlx::types::Json(sample_body(&id)))
+                .execute($connection)
+                .await?
+        };
+    }
+    match connection {
+        FloorConnection::Sqlite(connection) => {
+            insert_with!(&mut *connection);
+        }
+        FloorConnection::Postgres(connection) => {
+            insert_with!(&mut *connection);
+        }
+    }
+    Ok(())
+}
+
 /// One request row exactly as intake stores it.
 fn sample_body(id: &str) -> Value {
     json!({
@@ -274,62 +504,40 @@ async fn floors(
         .create_agent("bench", Vec::new())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    match backend {
-        Backend::Sqlite => {
-            let mut connection = sqlx::SqliteConnection::connect(&database.url).await?;
-            connection.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").await?;
-            let started = Instant::now();
-            for index in 0..rows {
-                let id = format!("apr_floor_{index}");
-                sqlx::query(FLOOR_INSERT)
-                    .bind(&id)
-                    .bind(signoff::domain::now())
-                    .bind(sqlx::types::Json(sample_body(&id)))
-                    .execute(&mut connection)
-                    .await?;
-            }
-            Ok(vec![(
-                "SQLite, 1 row per commit, synchronous=FULL".into(),
-                rows as f64 / started.elapsed().as_secs_f64(),
-            )])
+    let connection_counts: &[usize] = match backend {
+        Backend::Sqlite => &[1],
+        Backend::Postgres => &[1, 64],
+    };
+    let mut results = Vec::new();
+    for &connections in connection_counts {
+        let mut connected = Vec::new();
+        for _ in 0..connections {
+            connected.push(floor_connection(database).await?);
         }
-        Backend::Postgres => {
-            let mut results = Vec::new();
-            for connections in [1usize, 64] {
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(connections as u32)
-                    .connect(&database.url)
-                    .await?;
-                let started = Instant::now();
-                let mut tasks = JoinSet::new();
-                for worker in 0..connections {
-                    let pool = pool.clone();
-                    let share = rows / connections + usize::from(worker < rows % connections);
-                    tasks.spawn(async move {
-                        for index in 0..share {
-                            let id = format!("apr_floor_{connections}_{worker}_{index}");
-                            sqlx::query(FLOOR_INSERT)
-                                .bind(&id)
-                                .bind(signoff::domain::now())
-                                .bind(sqlx::types::Json(sample_body(&id)))
-                                .execute(&pool)
-                                .await?;
-                        }
-                        Ok::<_, sqlx::Error>(())
-                    });
+        let started = Instant::now();
+        let mut workers = JoinSet::new();
+        for (worker, mut connection) in connected.into_iter().enumerate() {
+            let share = rows / connections + usize::from(worker < rows % connections);
+            workers.spawn(async move {
+                for _ in 0..share {
+                    insert_floor_row(&mut connection).await?;
                 }
-                while let Some(done) = tasks.join_next().await {
-                    done??;
-                }
-                results.push((
-                    format!("PostgreSQL, {connections} connection(s)"),
-                    rows as f64 / started.elapsed().as_secs_f64(),
-                ));
-                pool.close().await;
-            }
-            Ok(results)
+                anyhow::Ok(())
+            });
         }
+        while let Some(done) = workers.join_next().await {
+            done??;
+        }
+        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        let label = match backend {
+            Backend::Sqlite => "SQLite, 1 row per commit, synchronous=FULL".to_string(),
+            Backend::Postgres => {
+                format!("PostgreSQL, 1 row per commit, {connections} connection(s)")
+            }
+        };
+        results.push((label, rate));
     }
+    Ok(results)
 }
 
 const BENCH_POLICY: &str = r#"version: 1
@@ -367,6 +575,12 @@ struct Harness {
     base_url: String,
     key: String,
     http: reqwest::Client,
+}
+
+struct Saturation {
+    rate: f64,
+    histogram: Histogram<u64>,
+    errors: u64,
 }
 
 struct LoadResult {
@@ -428,24 +642,7 @@ impl Harness {
     /// Sends at `rate` per second for `seconds`, never waiting for answers before sending
     /// the next; latency counts from when each request was due.
     async fn run_load(&self, body: &Value, rate: f64, seconds: f64) -> LoadResult {
-        let total = (rate * seconds).max(1.0) as u64;
-        let interval = Duration::from_secs_f64(1.0 / rate);
-        // A thread of its own keeps the schedule: a thread's sleep is accurate to tens of
-        // microseconds, tokio's timers only to the millisecond, and a late send would be
-        // counted against the server.
-        let (schedule, mut due_times) = tokio::sync::mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            for index in 0..total {
-                let due = started + interval * index as u32;
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                if schedule.send(due).is_err() {
-                    break;
-                }
-            }
-        });
+        let mut due_times = schedule(rate, seconds);
         let mut tasks = JoinSet::new();
         while let Some(due) = due_times.recv().await {
             let request = self
@@ -473,25 +670,83 @@ impl Harness {
         LoadResult { histogram, errors }
     }
 
-    /// The highest rate, stepping up by about 1.4x, with no errors and p99 under `ceiling`.
-    async fn max_sustainable_rate(&self, body: &Value, seconds: f64, ceiling: Duration) -> f64 {
-        let mut rate = 50.0;
-        let mut best = 0.0;
-        loop {
-            let result = self.run_load(body, rate, seconds).await;
-            let p99 = Duration::from_micros(result.histogram.value_at_quantile(0.99));
-            eprintln!(
-                "  {rate:.0} req/s: p50 {} p99 {} errors {}",
-                micros(result.histogram.value_at_quantile(0.5)),
-                micros(p99.as_micros() as u64),
-                result.errors
-            );
-            if result.errors > 0 || p99 > ceiling {
-                return best;
-            }
-            best = rate;
-            rate = (rate * 1.4).round();
+    /// Closed loop: `clients` agents each submit back to back for `seconds`. The most the
+    /// server can commit when it is never idle, to set against the one-row-per-commit floor.
+    /// The median of three runs: one stall of the disk (this VM's can last 300 ms) should
+    /// not decide the figure either way.
+    async fn saturation(&self, body: &Value, clients: usize, seconds: f64) -> Saturation {
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let request = self
+                .http
+                .post(format!("{}/v1/requests", self.base_url))
+                .bearer_auth(&self.key)
+                .json(body);
+            let run = self
+                .saturate(request, reqwest::StatusCode::CREATED, clients, seconds)
+                .await;
+            eprintln!("  saturation run: {:.0} req/s", run.rate);
+            runs.push(run);
         }
+        runs.sort_by(|first, second| first.rate.total_cmp(&second.rate));
+        runs.swap_remove(1)
+    }
+
+    /// Closed loop on any request: `clients` tasks send it back to back for `seconds`.
+    async fn saturate(
+        &self,
+        prototype: reqwest::RequestBuilder,
+        expected: reqwest::StatusCode,
+        clients: usize,
+        seconds: f64,
+    ) -> Saturation {
+        let until = Instant::now() + Duration::from_secs_f64(seconds);
+        let started = Instant::now();
+        let mut tasks = JoinSet::new();
+        for _ in 0..clients {
+            let request = prototype.try_clone().map(|builder| builder.build());
+            let request = match request {
+                Some(Ok(request)) => Ok(request),
+                _ => Err(()),
+            };
+            let http = self.http.clone();
+            tasks.spawn(async move {
+                let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+                let mut errors = 0u64;
+                let Ok(request) = request else {
+                    return (histogram, 1);
+                };
+                while Instant::now() < until {
+                    let Some(attempt) = request.try_clone() else {
+                        return (histogram, errors + 1);
+                    };
+                    let sent = Instant::now();
+                    match http.execute(attempt).await {
+                        Ok(response) if response.status() == expected => {
+                            let _ = response.bytes().await;
+                            let _ = histogram.record(sent.elapsed().as_micros() as u64);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (histogram, errors)
+            });
+        }
+        let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+        let mut errors = 0;
+        while let Some(Ok((part, part_errors))) = tasks.join_next().await {
+            let _ = histogram.add(&part);
+            errors += part_errors;
+        }
+        Saturation {
+            rate: histogram.len() as f64 / started.elapsed().as_secs_f64(),
+            histogram,
+            errors,
+        }
+    }
+
+    async fn max_sustainable_rate(&self, body: &Value, seconds: f64, ceiling: Duration) -> f64 {
+        max_sustainable_rate(|rate| self.run_load(body, rate, seconds), ceiling).await
     }
 
     /// From the vote's commit to the waiting agent's answer, sequentially.
