@@ -28,10 +28,6 @@ const LEASE: Duration = Duration::from_secs(60);
 const CLAIM_BATCH: i64 = 32;
 /// How often the worker looks for due work when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
-/// After a claim finds nothing while some channel waits for pacing, the next waits at
-/// least this long: under a burst of submissions every one of them wakes the worker, and
-/// each claim is a write.
-const EMPTY_CLAIM_PAUSE: Duration = Duration::from_millis(20);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Webhooks are retried at least 24 h (DESIGN §10); give up after three days.
 const WEBHOOK_GIVE_UP: chrono::Duration = chrono::Duration::days(3);
@@ -93,13 +89,26 @@ impl Delivery {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "claiming outbox messages failed"),
             }
-            if !waiting.is_empty() {
-                tokio::time::sleep(EMPTY_CLAIM_PAUSE).await;
-            }
-            tokio::select! {
-                _ = signal.notified() => {}
-                _ = tokio::time::sleep(POLL_INTERVAL) => {}
-                _ = shutdown.changed() => {}
+            // Nothing to send now. Look again when a waiting channel gets a token, when
+            // work arrives for a destination that is not waiting, or at the poll interval
+            // (work written by other processes, retries coming due). Work for a waiting
+            // channel alone is no reason to look: its messages could not be sent yet.
+            let look_again = tokio::time::Instant::now()
+                + self
+                    .next_token_in()
+                    .unwrap_or(POLL_INTERVAL)
+                    .min(POLL_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = signal.woken() => {
+                        let arrived = signal.take_destinations();
+                        if arrived.iter().any(|destination| !self.is_waiting(destination)) {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(look_again) => break,
+                    _ = shutdown.changed() => break,
+                }
             }
         }
         // Wait for deliveries already started, so their outcomes are recorded.
@@ -296,24 +305,36 @@ impl Delivery {
 
     /// Paced destinations with no token to spend now.
     fn waiting_destinations(&self) -> Vec<String> {
-        let pacing = self
-            .pacing
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        pacing
+        self.lock_pacing()
             .iter()
             .filter(|(_, bucket)| !bucket.has_token())
             .map(|(destination, _)| destination.clone())
             .collect()
     }
 
+    fn is_waiting(&self, destination: &str) -> bool {
+        self.lock_pacing()
+            .get(destination)
+            .is_some_and(|bucket| !bucket.has_token())
+    }
+
+    /// How soon the first waiting destination gets a token; `None` when none waits.
+    fn next_token_in(&self) -> Option<Duration> {
+        self.lock_pacing()
+            .values()
+            .filter_map(TokenBucket::next_token_in)
+            .min()
+    }
+
+    fn lock_pacing(&self) -> std::sync::MutexGuard<'_, HashMap<String, TokenBucket>> {
+        self.pacing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// `None` when `destination` may be sent to now, else how long to wait.
     fn pace(&self, destination: &str) -> Option<Duration> {
-        let mut pacing = self
-            .pacing
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        pacing
+        self.lock_pacing()
             .entry(destination.to_string())
             .or_insert_with(TokenBucket::full)
             .take()
@@ -388,7 +409,13 @@ impl TokenBucket {
     }
 
     fn has_token(&self) -> bool {
-        self.tokens + self.updated.elapsed().as_secs_f64() * PER_SECOND >= 1.0
+        self.next_token_in().is_none()
+    }
+
+    /// `None` when a token is there now.
+    fn next_token_in(&self) -> Option<Duration> {
+        let tokens = self.tokens + self.updated.elapsed().as_secs_f64() * PER_SECOND;
+        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) / PER_SECOND))
     }
 
     fn take(&mut self) -> Option<Duration> {
@@ -437,9 +464,37 @@ mod tests {
     fn pacing_allows_a_burst_then_about_one_per_second() {
         let mut bucket = TokenBucket::full();
         for _ in 0..3 {
+            assert!(bucket.has_token());
+            assert_eq!(bucket.next_token_in(), None);
             assert_eq!(bucket.take(), None);
         }
+        // Spent: the worker knows how long to sleep before this channel may be sent to.
+        assert!(!bucket.has_token());
+        let next = bucket.next_token_in().expect("no token left");
+        assert!(next > Duration::ZERO && next <= Duration::from_secs(1));
         let wait = bucket.take().expect("the burst is spent");
         assert!(wait <= Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn the_outbox_signal_says_which_destinations_have_work() {
+        let signal = crate::engine::OutboxSignal::default();
+        // No destinations, no wake-up.
+        signal.wake(Vec::new());
+        let nothing = tokio::time::timeout(Duration::from_millis(20), signal.woken()).await;
+        assert!(nothing.is_err());
+        signal.wake(vec!["slack:C1".into()]);
+        signal.wake(vec![
+            "slack:C1".into(),
+            "https://hooks.example.com/x".into(),
+        ]);
+        // Wake-ups coalesce; the destinations are all kept, each once.
+        tokio::time::timeout(Duration::from_secs(1), signal.woken())
+            .await
+            .expect("woken");
+        let mut arrived: Vec<_> = signal.take_destinations().into_iter().collect();
+        arrived.sort();
+        assert_eq!(arrived, ["https://hooks.example.com/x", "slack:C1"]);
+        assert!(signal.take_destinations().is_empty());
     }
 }

@@ -2,7 +2,7 @@
 //! copy of the request and stored with a compare-and-set, its audit events and its outbox
 //! messages in one transaction; a lost compare-and-set re-plans on fresh state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,12 +107,58 @@ pub struct Engine {
     /// Chat destination kinds (`slack`, ...) that get cards; others in a route are skipped.
     card_channels: Arc<Vec<&'static str>>,
     /// Wakes the local outbox worker after a commit that wrote outbox messages.
-    outbox_signal: Arc<Notify>,
+    outbox_signal: Arc<OutboxSignal>,
     /// Turns true when the server stops: long-polls answer at once instead of holding it up.
     stopping: watch::Sender<bool>,
     /// Agents that submitted lately, by API-key hash: a submission needs no read to know
     /// its agent. Safe because the database refuses a revoked agent's request at insert.
     submitters: Arc<Mutex<HashMap<String, AgentRecord>>>,
+}
+
+/// Wakes the local outbox worker after a commit that wrote outbox messages, and tells it
+/// for which destinations: a worker whose only backlog is for channels out of pacing
+/// tokens need not look again (each look is a query over that backlog) until one of them
+/// has a token or work arrives for another destination.
+#[derive(Debug, Default)]
+pub struct OutboxSignal {
+    notify: Notify,
+    destinations: Mutex<HashSet<String>>,
+}
+
+impl OutboxSignal {
+    pub fn destinations_of(outbox: &[NewOutboxMessage]) -> Vec<String> {
+        outbox
+            .iter()
+            .map(|message| message.destination.clone())
+            .collect()
+    }
+
+    /// Nothing happens for no destinations: waking the worker for nothing would cost it
+    /// a claim query.
+    pub fn wake(&self, destinations: Vec<String>) {
+        if destinations.is_empty() {
+            return;
+        }
+        self.lock_destinations().extend(destinations);
+        self.notify.notify_one();
+    }
+
+    /// Waits for the next wake-up.
+    pub async fn woken(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The destinations named since the last call.
+    pub fn take_destinations(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.lock_destinations())
+    }
+
+    fn lock_destinations(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // A set of names: a panic elsewhere cannot leave it half-changed.
+        self.destinations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// More cached submitters than this and the cache starts over (agents are few; this only
@@ -126,7 +172,7 @@ impl Engine {
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             waiters: Waiters::default(),
             card_channels: Arc::new(Vec::new()),
-            outbox_signal: Arc::new(Notify::new()),
+            outbox_signal: Arc::default(),
             stopping: watch::channel(false).0,
             submitters: Arc::default(),
         }
@@ -144,7 +190,7 @@ impl Engine {
         self
     }
 
-    pub fn outbox_signal(&self) -> Arc<Notify> {
+    pub fn outbox_signal(&self) -> Arc<OutboxSignal> {
         self.outbox_signal.clone()
     }
 
@@ -500,7 +546,7 @@ impl Engine {
             })
             .transpose()?;
         // Waking the worker for nothing would cost it a claim query per submission.
-        let wrote_outbox = !outbox.is_empty();
+        let destinations = OutboxSignal::destinations_of(&outbox);
         self.store
             .insert_request(NewRequest {
                 request: &request,
@@ -509,9 +555,7 @@ impl Engine {
                 idempotency: response,
             })
             .await?;
-        if wrote_outbox {
-            self.outbox_signal.notify_one();
-        }
+        self.outbox_signal.wake(destinations);
         metrics::counter!(
             telemetry::REQUESTS,
             "effect" => verdict.effect.as_str(),
@@ -967,7 +1011,7 @@ impl Engine {
         audit: Vec<NewAuditEvent>,
         outbox: Vec<NewOutboxMessage>,
     ) -> EngineResult<()> {
-        let wrote_outbox = !outbox.is_empty();
+        let destinations = OutboxSignal::destinations_of(&outbox);
         self.store
             .update_request(RequestChange {
                 request: next,
@@ -982,9 +1026,7 @@ impl Engine {
             self.waiters.wake(&next.id);
             record_decision_metrics(next);
         }
-        if wrote_outbox {
-            self.outbox_signal.notify_one();
-        }
+        self.outbox_signal.wake(destinations);
         Ok(())
     }
 
