@@ -66,6 +66,7 @@ fn canonical_prefix(
         "actor": actor,
         "payload": payload,
     });
+    // Canonicalising a `Value` cannot fail (its keys are strings, its numbers finite).
     let mut canonical = serde_json_canonicalizer::to_vec(&content).unwrap_or_default();
     // `{...}` becomes `{...,"seq":`.
     canonical.pop();

@@ -336,6 +336,16 @@ impl Engine {
         Ok(agent)
     }
 
+    /// `Unauthorized` (and forgotten) if `agent` was revoked since it was cached.
+    async fn ensure_still_active(&self, agent: &AgentRecord) -> EngineResult<()> {
+        let stored = self.store.agent(&agent.name).await?;
+        if stored.is_none_or(|stored| stored.revoked_at.is_some()) {
+            self.forget_submitter(&agent.name);
+            return Err(EngineError::Unauthorized);
+        }
+        Ok(())
+    }
+
     fn forget_submitter(&self, name: &str) {
         self.lock_submitters().retain(|_, agent| agent.name != name);
     }
@@ -383,21 +393,18 @@ impl Engine {
             })
             .transpose()?;
         if let Some(key) = &key {
-            match self.store.reserve_idempotency_key(key, now()).await? {
+            let reservation = self.store.reserve_idempotency_key(key, now()).await?;
+            if reservation != Reservation::Reserved {
+                // Every answer but a new insert is given without one, so the database
+                // cannot refuse it: check here that the (possibly cached) agent is active.
+                self.ensure_still_active(agent).await?;
+            }
+            match reservation {
                 Reservation::Reserved => {}
                 Reservation::Completed {
                     body_hash,
                     response,
-                } if body_hash == key.body_hash => {
-                    // A replay inserts nothing, so the database cannot refuse it: check
-                    // here that the (possibly cached) agent is still active.
-                    let active = self.store.agent(&agent.name).await?;
-                    if active.is_none_or(|agent| agent.revoked_at.is_some()) {
-                        self.forget_submitter(&agent.name);
-                        return Err(EngineError::Unauthorized);
-                    }
-                    return Ok(Submitted::Replayed(response));
-                }
+                } if body_hash == key.body_hash => return Ok(Submitted::Replayed(response)),
                 Reservation::InFlight => {
                     return Err(EngineError::Conflict {
                         code: "idempotency_in_flight",

@@ -14,7 +14,7 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
 }
 
-/// `apr_` followed by 26 random base32 characters (130 bits).
+/// A new request id: see `request_id_at`.
 pub fn new_request_id() -> String {
     request_id_at(now().timestamp_millis(), rand::thread_rng().gen())
 }
@@ -175,7 +175,8 @@ pub struct RequestContext {
 /// The request object of the agent API.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ApprovalRequest {
-    /// `apr_` and 26 random characters.
+    /// `apr_` and a lower-case ULID (48 bits of milliseconds, 80 random bits): ids made
+    /// later sort later.
     pub id: String,
     pub agent: String,
     pub action: String,

@@ -155,10 +155,20 @@ impl SqliteStore {
             }
         }
         writer.0.in_transaction = true;
-        let head: Option<(i64, String)> = sqlx::query_as(BEGIN_WITH_AUDIT_HEAD)
+        let written = match sqlx::query_as(BEGIN_WITH_AUDIT_HEAD)
             .fetch_optional(&mut *writer)
-            .await?;
-        Self::write_group_batch(&mut writer, group, head, "").await
+            .await
+        {
+            Ok(head) => Self::write_group_batch(&mut writer, group, head, "").await,
+            Err(error) => Err(error.into()),
+        };
+        if written.is_err() {
+            // Let go of SQLite's write lock now, not at this process's next write: the CLI
+            // may be waiting for it.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *writer).await;
+            writer.0.in_transaction = false;
+        }
+        written
     }
 
     /// Every row of `group` chained onto `head`, and the `COMMIT`, as one batch after

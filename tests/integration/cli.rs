@@ -82,6 +82,16 @@ async fn agents_are_created_listed_and_revoked(
     let output = app.cli(&["agents", "revoke", "cli-bot"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let stored_before = app.engine().store().latest_audit_seq().await.unwrap();
+    // First while the agent is still cached: a replay inserts nothing for the database to
+    // refuse, so the engine must check the agent itself.
+    let (status, body) = app
+        .submit_with_key(&bot, json!({"action": "users.get"}), Some("k-1"))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::UNAUTHORIZED, "unauthorized"),
+        "an Idempotency-Key replay: {body}"
+    );
     for pending in [false, true] {
         let action = if pending { "email.send" } else { "users.get" };
         let (status, body) = app.submit(&bot, json!({"action": action})).await;
@@ -91,14 +101,6 @@ async fn agents_are_created_listed_and_revoked(
             "{action}: {body}"
         );
     }
-    let (status, body) = app
-        .submit_with_key(&bot, json!({"action": "users.get"}), Some("k-1"))
-        .await;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::UNAUTHORIZED, "unauthorized"),
-        "an Idempotency-Key replay: {body}"
-    );
     let (status, _) = app
         .get_request(&bot, first["id"].as_str().unwrap(), None)
         .await;
