@@ -126,21 +126,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 })
                 .await??;
                 println!(
-                    "| floor: one 4 KiB write + fdatasync at 50/s, no database | p50 {} · p99 {} · p99.9 {} · max {} | | |",
-                    micros(probe.histogram.value_at_quantile(0.5)),
-                    micros(probe.histogram.value_at_quantile(0.99)),
-                    micros(probe.histogram.value_at_quantile(0.999)),
-                    micros(probe.histogram.max()),
+                    "| floor: one 4 KiB write + fdatasync at 50/s, no database | {} | | |",
+                    tail(&probe.histogram),
                 );
             }
             // The disk's own tail, to set intake's low-rate latency against.
             let light = floor_under_load(&database, 50.0, args.step_seconds * 2.0).await;
             println!(
-                "| floor: raw inserts at 50/s, open loop | p50 {} · p99 {} · p99.9 {} · max {} · errors {} | | |",
-                micros(light.histogram.value_at_quantile(0.5)),
-                micros(light.histogram.value_at_quantile(0.99)),
-                micros(light.histogram.value_at_quantile(0.999)),
-                micros(light.histogram.max()),
+                "| floor: raw inserts at 50/s, open loop | {} · errors {} | | |",
+                tail(&light.histogram),
                 light.errors
             );
             Some(sustained)
@@ -208,17 +202,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             let at70 = harness.run_load(&body, rate, args.step_seconds * 2.0).await;
             println!(
-                "| {name} {label} ({rate:.0} req/s) | p50 {} · p99 {} · p99.9 {} · max {} · errors {} | | |",
-                micros(at70.histogram.value_at_quantile(0.5)),
-                micros(at70.histogram.value_at_quantile(0.99)),
-                micros(at70.histogram.value_at_quantile(0.999)),
-                micros(at70.histogram.max()),
+                "| {name} {label} ({rate:.0} req/s) | {} · errors {} | | |",
+                tail(&at70.histogram),
                 at70.errors
             );
         }
         if args.saturation_only {
-            harness.server.shutdown(Duration::from_secs(10)).await;
-            harness.server_runtime.shutdown_background();
+            harness.stop().await;
             database.drop_scratch().await;
             continue;
         }
@@ -234,8 +224,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             micros(ack.value_at_quantile(0.5)),
             micros(ack.value_at_quantile(0.99))
         );
-        harness.server.shutdown(Duration::from_secs(10)).await;
-        harness.server_runtime.shutdown_background();
+        harness.stop().await;
         database.drop_scratch().await;
     }
     if !args.saturation_only {
@@ -625,6 +614,11 @@ impl Harness {
         })
     }
 
+    async fn stop(self) {
+        self.server.shutdown(Duration::from_secs(10)).await;
+        self.server_runtime.shutdown_background();
+    }
+
     async fn submit(&self, body: &Value) -> anyhow::Result<Value> {
         let response = self
             .http
@@ -903,6 +897,17 @@ fn resident_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .context("VmRSS not found")
+}
+
+/// `p50 · p99 · p99.9 · max` of a latency histogram in microseconds.
+fn tail(histogram: &Histogram<u64>) -> String {
+    format!(
+        "p50 {} · p99 {} · p99.9 {} · max {}",
+        micros(histogram.value_at_quantile(0.5)),
+        micros(histogram.value_at_quantile(0.99)),
+        micros(histogram.value_at_quantile(0.999)),
+        micros(histogram.max())
+    )
 }
 
 fn micros(value: u64) -> String {
