@@ -8,7 +8,9 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 
 use super::group_commit::{GroupCommit, QueuedRequest};
-use super::shared::{implement_store, refused_request_insert};
+use super::shared::{
+    claim_due_sql, implement_store, pending_destinations_sql, refused_request_insert,
+};
 use super::{NewOutboxMessage, StoreResult};
 use crate::config::Config;
 
@@ -31,19 +33,19 @@ pub struct PostgresStore {
 impl PostgresStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-    /// `SKIP LOCKED`: replicas claiming at once take different messages. At most `$5`
-    /// messages per paced destination, none for the destinations in the JSON array `$4`.
-    const CLAIM_OUTBOX: &'static str = "WITH due AS (\
+    /// Per destination not in the JSON array `$4`, its first `$3` due messages (an index
+    /// range each), then `claim_due_sql!`. `SKIP LOCKED`: replicas claiming at once take
+    /// different messages.
+    const CLAIM_OUTBOX: &'static str = concat!(
+        pending_destinations_sql!(),
+        "due AS (SELECT candidate.* FROM destinations CROSS JOIN LATERAL (\
          SELECT id, kind, destination, available_at FROM outbox \
-         WHERE state = 'pending' AND available_at <= $1 \
-         AND (lease_until IS NULL OR lease_until <= $1) \
-         AND destination NOT IN (SELECT jsonb_array_elements_text($4::jsonb)) \
-         ORDER BY available_at, id LIMIT 512 FOR UPDATE SKIP LOCKED), \
-         ranked AS (SELECT id, kind, available_at, \
-         ROW_NUMBER() OVER (PARTITION BY destination ORDER BY available_at, id) AS place FROM due) \
-         UPDATE outbox SET lease_until = $2 WHERE id IN (\
-         SELECT id FROM ranked WHERE place <= $5 OR kind = 'webhook' ORDER BY available_at, id LIMIT $3) \
-         RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at";
+         WHERE state = 'pending' AND destination = destinations.name \
+         AND available_at <= $1 AND (lease_until IS NULL OR lease_until <= $1) \
+         ORDER BY available_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) candidate \
+         WHERE destinations.name NOT IN (SELECT jsonb_array_elements_text($4::jsonb))), ",
+        claim_due_sql!()
+    );
 
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let pool = PgPoolOptions::new()

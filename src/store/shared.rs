@@ -64,6 +64,33 @@ macro_rules! audit_head_sql {
 pub(super) use audit_head_sql;
 pub(super) const AUDIT_HEAD: &str = audit_head_sql!();
 
+/// The destinations with pending outbox messages, one index probe each (a loose index scan:
+/// neither backend skips through an index by itself), as the CTE `destinations(name)`.
+/// A macro so each backend's claim can begin with it in one literal.
+macro_rules! pending_destinations_sql {
+    () => {
+        "WITH RECURSIVE destinations(name) AS (\
+         SELECT MIN(destination) FROM outbox WHERE state = 'pending' \
+         UNION ALL SELECT (SELECT MIN(destination) FROM outbox \
+         WHERE state = 'pending' AND destination > name) \
+         FROM destinations WHERE name IS NOT NULL), "
+    };
+}
+pub(super) use pending_destinations_sql;
+
+/// The end of both backends' claims: of the `due` candidates, at most `$5` per paced
+/// destination (webhooks are not paced), the oldest `$3` in all, leased until `$2`.
+macro_rules! claim_due_sql {
+    () => {
+        "ranked AS (SELECT id, kind, available_at, \
+         ROW_NUMBER() OVER (PARTITION BY destination ORDER BY available_at, id) AS place FROM due) \
+         UPDATE outbox SET lease_until = $2 WHERE id IN (\
+         SELECT id FROM ranked WHERE place <= $5 OR kind = 'webhook' ORDER BY available_at, id LIMIT $3) \
+         RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at"
+    };
+}
+pub(super) use claim_due_sql;
+
 /// Chains `events` onto `head` (or the genesis hash): sequence numbers and hashes.
 pub(super) fn seal_events<'events>(
     head: Option<(i64, String)>,

@@ -12,7 +12,10 @@ use sqlx::{Connection as _, QueryBuilder, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::group_commit::{GroupCommit, QueuedRequest};
-use super::shared::{audit_head_sql, implement_store, refused_request_insert, seal_events};
+use super::shared::{
+    audit_head_sql, claim_due_sql, implement_store, pending_destinations_sql,
+    refused_request_insert, seal_events,
+};
 use super::{NewOutboxMessage, StoreResult};
 use crate::config::Config;
 
@@ -76,16 +79,19 @@ impl DerefMut for HeldWriter {
 impl SqliteStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-    /// One statement: SQLite runs it under its single writer lock. At most `$5` messages
-    /// per paced destination, none for the destinations in the JSON array `$4`.
-    const CLAIM_OUTBOX: &'static str = "UPDATE outbox SET lease_until = $2 WHERE id IN (\
-         SELECT id FROM (SELECT id, kind, available_at, \
-         ROW_NUMBER() OVER (PARTITION BY destination ORDER BY available_at, id) AS place \
-         FROM outbox WHERE state = 'pending' AND available_at <= $1 \
-         AND (lease_until IS NULL OR lease_until <= $1) \
-         AND destination NOT IN (SELECT value FROM json_each($4))) \
-         WHERE place <= $5 OR kind = 'webhook' ORDER BY available_at, id LIMIT $3) \
-         RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at";
+    /// One statement: SQLite runs it under its single writer lock. Per destination not in
+    /// the JSON array `$4`, its first `$3` due messages (an index range each), then
+    /// `claim_due_sql!`.
+    const CLAIM_OUTBOX: &'static str = concat!(
+        pending_destinations_sql!(),
+        "due AS (SELECT outbox.id, outbox.kind, outbox.destination, outbox.available_at \
+         FROM destinations JOIN outbox ON outbox.id IN (\
+         SELECT id FROM outbox WHERE state = 'pending' AND destination = destinations.name \
+         AND available_at <= $1 AND (lease_until IS NULL OR lease_until <= $1) \
+         ORDER BY available_at, id LIMIT $3) \
+         WHERE destinations.name NOT IN (SELECT value FROM json_each($4))), ",
+        claim_due_sql!()
+    );
 
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let synchronous = match config.sqlite_synchronous.as_str() {

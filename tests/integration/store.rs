@@ -1,6 +1,6 @@
 //! The store under the engine: group commit keeps each request's fate its own and the
 //! audit chain whole, revoked agents are refused by the database, and outbox claims
-//! respect the worker's pacing.
+//! respect the worker's pacing without a backlog hiding other destinations.
 
 use std::sync::Arc;
 
@@ -244,6 +244,19 @@ async fn the_database_refuses_requests_of_a_revoked_agent(
     assert_eq!(store.latest_audit_seq().await.unwrap(), seq);
 }
 
+/// One claim as the worker makes it: one message per paced destination, 32 in all.
+async fn claim(store: &Arc<dyn Store>, waiting: Vec<String>) -> Vec<signoff::store::OutboxMessage> {
+    let pacing = Pacing {
+        waiting: &waiting,
+        per_destination: 1,
+    };
+    let lease_until = now() + chrono::Duration::seconds(60);
+    store
+        .claim_outbox(now(), lease_until, 32, &pacing)
+        .await
+        .unwrap()
+}
+
 #[rstest]
 #[tokio::test]
 async fn claims_skip_destinations_out_of_pacing_tokens(
@@ -269,21 +282,7 @@ async fn claims_skip_destinations_out_of_pacing_tokens(
         ];
         insert(&store, request, outbox).await.unwrap();
     }
-    let claim = |waiting: Vec<String>| {
-        let store = store.clone();
-        async move {
-            let pacing = Pacing {
-                waiting: &waiting,
-                per_destination: 1,
-            };
-            let lease_until = now() + chrono::Duration::seconds(60);
-            store
-                .claim_outbox(now(), lease_until, 32, &pacing)
-                .await
-                .unwrap()
-        }
-    };
-    let claimed = claim(vec!["slack:CBUSY".to_string()]).await;
+    let claimed = claim(&store, vec!["slack:CBUSY".to_string()]).await;
     let mut destinations: Vec<_> = claimed.iter().map(|m| m.destination.as_str()).collect();
     destinations.sort_unstable();
     // No message for the waiting channel, one for the other, and every webhook (not paced).
@@ -305,7 +304,7 @@ async fn claims_skip_destinations_out_of_pacing_tokens(
         "apr_paced_0"
     );
 
-    let claimed = claim(Vec::new()).await;
+    let claimed = claim(&store, Vec::new()).await;
     let mut claimed: Vec<_> = claimed
         .iter()
         .map(|m| (m.destination.as_str(), m.request_id.as_str()))
@@ -316,6 +315,61 @@ async fn claims_skip_destinations_out_of_pacing_tokens(
         [
             ("slack:CBUSY", "apr_paced_0"),
             ("slack:CQUIET", "apr_paced_1")
+        ]
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn a_long_backlog_for_one_channel_hides_no_other_destination(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    // More due messages for one channel than any fixed window of the oldest would hold,
+    // all older than the other destinations' work.
+    let hour_ago = now() - chrono::Duration::hours(1);
+    let backlog = (0..600)
+        .map(|n| NewOutboxMessage {
+            request_id: "apr_busy".into(),
+            kind: "reminder",
+            destination: "slack:CBUSY".into(),
+            payload: json!({"n": n}),
+            available_at: hour_ago + chrono::Duration::milliseconds(n),
+        })
+        .collect();
+    insert(&store, copy_with_id(&template, "apr_busy"), backlog)
+        .await
+        .unwrap();
+    let message = |kind: &'static str, destination: &str| NewOutboxMessage {
+        request_id: "apr_other".into(),
+        kind,
+        destination: destination.to_string(),
+        payload: json!({}),
+        available_at: now(),
+    };
+    let others = vec![
+        message("card", "slack:CQUIET"),
+        message("webhook", "https://hooks.example.com/signoff"),
+    ];
+    insert(&store, copy_with_id(&template, "apr_other"), others)
+        .await
+        .unwrap();
+
+    let claimed = claim(&store, Vec::new()).await;
+    let mut claimed: Vec<_> = claimed
+        .iter()
+        .map(|m| (m.destination.as_str(), m.payload["n"].as_i64()))
+        .collect();
+    claimed.sort_unstable();
+    assert_eq!(
+        claimed,
+        [
+            ("https://hooks.example.com/signoff", None),
+            ("slack:CBUSY", Some(0)),
+            ("slack:CQUIET", None)
         ]
     );
 }
