@@ -121,7 +121,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .await;
             println!(
-                "| floor: raw inserts under open-loop load, max with p99 < 5 ms | {sustained:.0} rows/s | | |"
+                "| floor: raw inserts under open-loop load, max with p99 < 5 ms | {:.0} rows/s in one of {ATTEMPTS_PER_STEP} attempts per step; {:.0} rows/s at the first attempt of every step | | |",
+                sustained.any_attempt, sustained.first_attempt
             );
             if backend == Backend::Sqlite {
                 let directory = directory.clone();
@@ -185,25 +186,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let max = harness
                 .max_sustainable_rate(&body, args.step_seconds, P99_CEILING)
                 .await;
+            let floor_sustained = floor_sustained.unwrap_or_default();
             println!(
-                "| {name}: max sustainable (p99 < 5 ms) | {max:.0} req/s | {floor:.0} rows/s (open loop, p99 < 5 ms: {:.0}) | {:.2}x |",
-                floor_sustained.unwrap_or_default(),
-                max / floor
+                "| {name}: max sustainable (p99 < 5 ms) | {} | {floor:.0} rows/s | |",
+                max.against(floor)
+            );
+            println!(
+                "| {name}: the same against raw inserts under the same criterion | | {:.0} rows/s | {} |",
+                floor_sustained.any_attempt,
+                if floor_sustained.any_attempt > 0.0 {
+                    format!("{:.2}x", max.any_attempt / floor_sustained.any_attempt)
+                } else {
+                    "(no floor rate sustained)".to_string()
+                }
             );
             // Throughput when latency may grow: what group commit buys against the floor.
             let throughput = harness
                 .max_sustainable_rate(&body, args.step_seconds, THROUGHPUT_CEILING)
                 .await;
             println!(
-                "| {name}: max with p99 < {} ms | {throughput:.0} req/s | {floor:.0} rows/s | {:.2}x |",
+                "| {name}: max with p99 < {} ms | {} | {floor:.0} rows/s | |",
                 THROUGHPUT_CEILING.as_millis(),
-                throughput / floor
+                throughput.against(floor)
             );
             // At 70 % of the sustainable rate; at the floor's 50/s when none was.
-            let (label, rate) = if max == 0.0 {
+            let (label, rate) = if max.any_attempt == 0.0 {
                 ("not sustainable at 50 req/s; at", 50.0)
             } else {
-                ("at 70 %", max * 0.7)
+                ("at 70 %", max.any_attempt * 0.7)
             };
             let at70 = harness.run_load(&body, rate, args.step_seconds * 2.0).await;
             println!(
@@ -339,28 +349,69 @@ fn schedule(rate: f64, seconds: f64) -> tokio::sync::mpsc::UnboundedReceiver<Ins
     due_times
 }
 
-/// The highest rate, stepping up by about 1.4x from 50 per second, at which `run` has no
-/// errors and a p99 under `ceiling`.
-async fn max_sustainable_rate<Run, Running>(mut run: Run, ceiling: Duration) -> f64
+/// Attempts per rate step: a step is sustained when one of them has no errors and its p99
+/// under the ceiling. This VM's disk stalls for 20-300 ms a few times every few seconds at
+/// any write rate; a stall fails one attempt, an overloaded server fails all of them.
+const ATTEMPTS_PER_STEP: usize = 3;
+
+/// What a rate search found: the highest step whose first attempt passed, with no failed
+/// step below it (one stall of the disk ends this search), and the highest step that passed
+/// in one of `ATTEMPTS_PER_STEP` attempts, with none below it failing every attempt.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sustained {
+    first_attempt: f64,
+    any_attempt: f64,
+}
+
+impl Sustained {
+    /// Both figures with their ratios to `floor`.
+    fn against(&self, floor: f64) -> String {
+        format!(
+            "{:.0} req/s ({:.2}x) in one of {ATTEMPTS_PER_STEP} attempts per step; {:.0} req/s ({:.2}x) at the first attempt of every step",
+            self.any_attempt,
+            self.any_attempt / floor,
+            self.first_attempt,
+            self.first_attempt / floor
+        )
+    }
+}
+
+/// Steps up by about 1.4x from 50 per second while `run` sustains the rate (no errors, p99
+/// under `ceiling`) in one of `ATTEMPTS_PER_STEP` attempts.
+async fn max_sustainable_rate<Run, Running>(mut run: Run, ceiling: Duration) -> Sustained
 where
     Run: FnMut(f64) -> Running,
     Running: std::future::Future<Output = LoadResult>,
 {
     let mut rate = 50.0;
-    let mut best = 0.0;
+    let mut found = Sustained::default();
+    let mut every_first_attempt_passed = true;
     loop {
-        let result = run(rate).await;
-        let p99 = Duration::from_micros(result.histogram.value_at_quantile(0.99));
-        eprintln!(
-            "  {rate:.0}/s: p50 {} p99 {} errors {}",
-            micros(result.histogram.value_at_quantile(0.5)),
-            micros(p99.as_micros() as u64),
-            result.errors
-        );
-        if result.errors > 0 || p99 > ceiling {
-            return best;
+        let mut passed = false;
+        for attempt in 1..=ATTEMPTS_PER_STEP {
+            let result = run(rate).await;
+            let p99 = Duration::from_micros(result.histogram.value_at_quantile(0.99));
+            eprintln!(
+                "  {rate:.0}/s attempt {attempt}: p50 {} p99 {} errors {}",
+                micros(result.histogram.value_at_quantile(0.5)),
+                micros(p99.as_micros() as u64),
+                result.errors
+            );
+            passed = result.errors == 0 && p99 <= ceiling;
+            if attempt == 1 && !passed {
+                every_first_attempt_passed = false;
+            }
+            if passed {
+                break;
+            }
         }
-        best = rate;
+        if !passed {
+            return found;
+        }
+        found.any_attempt = rate;
+        if every_first_attempt_passed {
+            found.first_attempt = rate;
+        }
         rate = (rate * 1.4).round();
     }
 }
@@ -744,7 +795,12 @@ impl Harness {
         }
     }
 
-    async fn max_sustainable_rate(&self, body: &Value, seconds: f64, ceiling: Duration) -> f64 {
+    async fn max_sustainable_rate(
+        &self,
+        body: &Value,
+        seconds: f64,
+        ceiling: Duration,
+    ) -> Sustained {
         max_sustainable_rate(|rate| self.run_load(body, rate, seconds), ceiling).await
     }
 
