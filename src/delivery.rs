@@ -13,11 +13,12 @@ use rand::Rng;
 use sha2::Sha256;
 use tokio::sync::{watch, Semaphore};
 
+use crate::audit::NewAuditEvent;
 use crate::channels::slack::api::SlackCallError;
 use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
 use crate::domain::now;
 use crate::engine::Engine;
-use crate::store::{OutboxMessage, OutboxOutcome, Pacing};
+use crate::store::{DeliveryRecord, OutboxMessage, OutboxOutcome, Pacing};
 use crate::telemetry;
 
 /// Why a message for a channel this server does not run is dropped (quietly: expected).
@@ -201,12 +202,16 @@ impl Delivery {
                 channel,
             )
             .await;
-        if result.as_ref().is_ok_and(|sync| *sync == CardSync::Posted) {
-            self.engine
-                .record_delivery(&message.request_id, "card", &message.destination)
-                .await;
-        }
-        card_outcome(message, result.map(|_| ()))
+        card_outcome(
+            message,
+            result.map(|sync| match sync {
+                CardSync::Posted { reference } => DeliveryRecord {
+                    chat_message: Some(reference),
+                    audit: Some(delivered_event(message, "card")),
+                },
+                CardSync::Updated => DeliveryRecord::default(),
+            }),
+        )
     }
 
     async fn deliver_slack_reminder(&self, message: &OutboxMessage) -> OutboxOutcome {
@@ -223,7 +228,7 @@ impl Delivery {
                 &message.payload,
             )
             .await;
-        card_outcome(message, result.map(|_| ()))
+        card_outcome(message, result.map(|()| DeliveryRecord::default()))
     }
 
     /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
@@ -259,10 +264,10 @@ impl Delivery {
             .await;
         let failure = match sent {
             Ok(response) if response.status().is_success() => {
-                self.engine
-                    .record_delivery(&message.request_id, "webhook", &message.destination)
-                    .await;
-                return OutboxOutcome::Delivered;
+                return OutboxOutcome::Delivered(DeliveryRecord {
+                    chat_message: None,
+                    audit: Some(delivered_event(message, "webhook")),
+                });
             }
             // 410 Gone: the receiver asks us to stop.
             Ok(response) if response.status() == reqwest::StatusCode::GONE => {
@@ -341,10 +346,24 @@ impl Delivery {
     }
 }
 
+/// The audit event for a card's first post or a webhook's delivery.
+fn delivered_event(message: &OutboxMessage, kind: &str) -> NewAuditEvent {
+    NewAuditEvent {
+        at: now(),
+        request_id: Some(message.request_id.clone()),
+        kind: "delivered",
+        actor: "system:delivery".into(),
+        payload: serde_json::json!({"kind": kind, "destination": message.destination}),
+    }
+}
+
 /// What a chat delivery's result means for its outbox message.
-fn card_outcome(message: &OutboxMessage, result: Result<(), CardSyncError>) -> OutboxOutcome {
+fn card_outcome(
+    message: &OutboxMessage,
+    result: Result<DeliveryRecord, CardSyncError>,
+) -> OutboxOutcome {
     match result {
-        Ok(()) => OutboxOutcome::Delivered,
+        Ok(record) => OutboxOutcome::Delivered(record),
         Err(CardSyncError::Slack(SlackCallError::Permanent(error))) => {
             OutboxOutcome::Abandon { error }
         }

@@ -209,19 +209,6 @@ impl Engine {
     }
 
     /// Records in the audit trail that a card was first posted or a webhook delivered.
-    pub async fn record_delivery(&self, request_id: &str, kind: &str, destination: &str) {
-        let event = NewAuditEvent {
-            at: now(),
-            request_id: Some(request_id.to_string()),
-            kind: "delivered",
-            actor: "system:delivery".into(),
-            payload: json!({"kind": kind, "destination": destination}),
-        };
-        if let Err(error) = self.store.append_audit(vec![event]).await {
-            tracing::warn!(%error, "could not audit a delivery");
-        }
-    }
-
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }

@@ -90,23 +90,27 @@ pub struct OutboxMessage {
     pub created_at: DateTime<Utc>,
 }
 
+/// What a successful delivery leaves behind, committed with the message's finish: a card
+/// whose reference was saved was also audited and marked done, never only some of these.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeliveryRecord {
+    /// Where a newly posted chat message lives, so later changes update it in place.
+    pub chat_message: Option<Value>,
+    /// The `delivered` audit event (a card's first post, each webhook).
+    pub audit: Option<NewAuditEvent>,
+}
+
 /// How an attempt at an outbox message ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum OutboxOutcome {
-    Delivered,
+    /// Done; what goes with it is recorded in the same transaction.
+    Delivered(DeliveryRecord),
     /// Failed; try again at `at` (counts as an attempt).
-    Retry {
-        at: DateTime<Utc>,
-        error: String,
-    },
+    Retry { at: DateTime<Utc>, error: String },
     /// Not attempted (rate limit); try at `at`.
-    Defer {
-        at: DateTime<Utc>,
-    },
+    Defer { at: DateTime<Utc> },
     /// Will never succeed (e.g. 410 Gone); stop.
-    Abandon {
-        error: String,
-    },
+    Abandon { error: String },
 }
 
 /// What a worker's per-destination pacing lets it claim now.
@@ -223,7 +227,7 @@ pub trait Store: Send + Sync + 'static {
     /// Requests that became final after audit seq `after`, and the highest seq seen.
     async fn finalized_since(&self, after: i64) -> StoreResult<(Vec<String>, i64)>;
     async fn latest_audit_seq(&self) -> StoreResult<i64>;
-    /// Appends events that go with no request change (deliveries).
+    /// Appends events that go with no other change.
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> StoreResult<()>;
 
     /// Request ids pushed the moment another process commits a decision (PostgreSQL
@@ -251,12 +255,6 @@ pub trait Store: Send + Sync + 'static {
     /// Where the card for `request_id` was posted at `destination`, if it was.
     async fn chat_message(&self, request_id: &str, destination: &str)
         -> StoreResult<Option<Value>>;
-    async fn save_chat_message(
-        &self,
-        request_id: &str,
-        destination: &str,
-        message: &Value,
-    ) -> StoreResult<()>;
 }
 
 /// Opens the database named by the config; does not migrate.

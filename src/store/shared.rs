@@ -162,6 +162,51 @@ macro_rules! implement_store {
                 Self::append_prepared_audit_events(connection, &prepared).await
             }
 
+            /// A delivery's finish and what goes with it (`DeliveryRecord`), in one transaction.
+            async fn finish_delivered(
+                &self,
+                message: &$crate::store::OutboxMessage,
+                record: $crate::store::DeliveryRecord,
+            ) -> $crate::store::StoreResult<()> {
+                let now = $crate::domain::now();
+                let mut transaction = self.begin_write().await?;
+                if let Some(reference) = &record.chat_message {
+                    sqlx::query(
+                        "INSERT INTO chat_messages (request_id, destination, message, created_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (request_id, destination) DO UPDATE SET message = excluded.message",
+                    )
+                    .bind(&message.request_id)
+                    .bind(&message.destination)
+                    .bind(sqlx::types::Json(reference))
+                    .bind(now)
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+                let finished = sqlx::query(
+                    "UPDATE outbox SET state = 'delivered', finished_at = $2, lease_until = NULL \
+                     WHERE id = $1 AND generation = $3",
+                )
+                .bind(message.id)
+                .bind(now)
+                .bind(message.generation)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected();
+                if finished == 0 {
+                    // A newer change arrived meanwhile: run again now, with a clean
+                    // slate, since this attempt succeeded.
+                    sqlx::query("UPDATE outbox SET lease_until = NULL, attempts = 0 WHERE id = $1")
+                        .bind(message.id)
+                        .execute(&mut *transaction)
+                        .await?;
+                }
+                // Last: the audit lock is held from here to the commit.
+                Self::append_audit_events(&mut *transaction, record.audit.into_iter().collect())
+                    .await?;
+                transaction.commit().await?;
+                Ok(())
+            }
+
             async fn append_prepared_audit_events(
                 connection: &mut <$database as sqlx::Database>::Connection,
                 events: &[&$crate::audit::PreparedAuditEvent],
@@ -527,9 +572,12 @@ macro_rules! implement_store {
                     .audit
                     .iter()
                     .any(|event| super::shared::FINAL_KINDS.contains(&event.kind));
-                Self::append_audit_events(&mut *transaction, change.audit).await?;
+                // Outbox rows before the audit lock, as every transaction that touches both
+                // does (a delivery's finish locks its outbox row first): the other order
+                // deadlocks against it on PostgreSQL.
                 let outbox: Vec<_> = change.outbox.iter().collect();
                 Self::append_outbox(&mut *transaction, &outbox).await?;
+                Self::append_audit_events(&mut *transaction, change.audit).await?;
                 if finalized {
                     Self::notify_finalized(&mut *transaction, &request.id).await?;
                 }
@@ -800,30 +848,17 @@ macro_rules! implement_store {
                 message: &$crate::store::OutboxMessage,
                 outcome: $crate::store::OutboxOutcome,
             ) -> $crate::store::StoreResult<()> {
-                let mut connection = self.write_connection().await?;
                 use $crate::store::OutboxOutcome;
                 let now = $crate::domain::now();
-                match outcome {
-                    OutboxOutcome::Delivered => {
-                        let finished = sqlx::query(
-                            "UPDATE outbox SET state = 'delivered', finished_at = $2, lease_until = NULL \
-                             WHERE id = $1 AND generation = $3",
-                        )
-                        .bind(message.id)
-                        .bind(now)
-                        .bind(message.generation)
-                        .execute(&mut *connection)
-                        .await?
-                        .rows_affected();
-                        if finished == 0 {
-                            // A newer change arrived meanwhile: run again now, with a clean
-                            // slate, since this attempt succeeded.
-                            sqlx::query("UPDATE outbox SET lease_until = NULL, attempts = 0 WHERE id = $1")
-                                .bind(message.id)
-                                .execute(&mut *connection)
-                                .await?;
-                        }
+                let mut connection = match outcome {
+                    OutboxOutcome::Delivered(record) => {
+                        return self.finish_delivered(message, record).await
                     }
+                    _ => self.write_connection().await?,
+                };
+                match outcome {
+                    // Returned above.
+                    OutboxOutcome::Delivered(_) => {}
                     OutboxOutcome::Retry { at, error } => {
                         sqlx::query(
                             "UPDATE outbox SET attempts = attempts + 1, available_at = $2, lease_until = NULL, \
@@ -879,26 +914,6 @@ macro_rules! implement_store {
                 .fetch_optional(&self.pool)
                 .await?;
                 Ok(row.map(|(message,)| message.0))
-            }
-
-            async fn save_chat_message(
-                &self,
-                request_id: &str,
-                destination: &str,
-                message: &serde_json::Value,
-            ) -> $crate::store::StoreResult<()> {
-                let mut connection = self.write_connection().await?;
-                sqlx::query(
-                    "INSERT INTO chat_messages (request_id, destination, message, created_at) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (request_id, destination) DO UPDATE SET message = excluded.message",
-                )
-                .bind(request_id)
-                .bind(destination)
-                .bind(sqlx::types::Json(message))
-                .bind($crate::domain::now())
-                .execute(&mut *connection)
-                .await?;
-                Ok(())
             }
         }
     };

@@ -173,6 +173,12 @@ async fn an_approve_click_decides_and_updates_the_card(
         !blocks.contains("\"actions\""),
         "buttons must be gone after the decision"
     );
+    // The update needed the saved reference, which was committed with the post's audit
+    // event; updates are not audited as deliveries.
+    assert_eq!(
+        app.deliveries(&id).await,
+        [json!({"kind": "card", "destination": "slack:C0MEDIUM"})]
+    );
 }
 
 #[rstest]

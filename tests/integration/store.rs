@@ -10,7 +10,9 @@ use signoff::audit::NewAuditEvent;
 use signoff::config::{Config, Secret};
 use signoff::domain::{now, ApprovalRequest};
 use signoff::engine::Engine;
-use signoff::store::{NewOutboxMessage, NewRequest, Pacing, Store, StoreError};
+use signoff::store::{
+    DeliveryRecord, NewOutboxMessage, NewRequest, OutboxOutcome, Pacing, Store, StoreError,
+};
 
 use crate::support::{Backend, TestDatabase};
 
@@ -372,4 +374,54 @@ async fn a_long_backlog_for_one_channel_hides_no_other_destination(
             ("slack:CQUIET", None)
         ]
     );
+}
+
+#[rstest]
+#[tokio::test]
+async fn a_delivery_finishes_with_its_chat_reference_and_audit_event(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let card = NewOutboxMessage {
+        request_id: "apr_card".into(),
+        kind: "card",
+        destination: "slack:CCARDS".into(),
+        payload: json!({}),
+        available_at: now(),
+    };
+    insert(&store, copy_with_id(&template, "apr_card"), vec![card])
+        .await
+        .unwrap();
+    let claimed = claim(&store, Vec::new()).await;
+    assert_eq!(claimed.len(), 1);
+    let seq = store.latest_audit_seq().await.unwrap();
+    let reference = json!({"channel": "CCARDS", "ts": "1700000000.000001"});
+    let record = DeliveryRecord {
+        chat_message: Some(reference.clone()),
+        audit: Some(NewAuditEvent {
+            at: now(),
+            request_id: Some("apr_card".into()),
+            kind: "delivered",
+            actor: "system:delivery".into(),
+            payload: json!({"kind": "card", "destination": "slack:CCARDS"}),
+        }),
+    };
+    store
+        .finish_outbox(&claimed[0], OutboxOutcome::Delivered(record))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store
+            .chat_message("apr_card", "slack:CCARDS")
+            .await
+            .unwrap(),
+        Some(reference)
+    );
+    assert_eq!(store.latest_audit_seq().await.unwrap(), seq + 1);
+    assert!(store.pending_outbox(10).await.unwrap().is_empty());
+    assert!(claim(&store, Vec::new()).await.is_empty());
 }

@@ -441,6 +441,21 @@ impl TestApp {
         kinds
     }
 
+    /// The payloads of the `delivered` events about `request_id`, in order.
+    pub async fn deliveries(&self, request_id: &str) -> Vec<serde_json::Value> {
+        let mut payloads = Vec::new();
+        self.engine()
+            .export_audit(|event| {
+                if event.request_id.as_deref() == Some(request_id) && event.kind == "delivered" {
+                    payloads.push(event.payload.clone());
+                }
+                Ok(())
+            })
+            .await
+            .expect("export");
+        payloads
+    }
+
     pub async fn audit_seq(&self) -> i64 {
         self.engine()
             .store()

@@ -32,9 +32,12 @@ pub struct SlackChannel {
 }
 
 /// What syncing a card did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum CardSync {
-    Posted,
+    /// A new message: where it lives, for the caller to keep with the delivery's finish.
+    Posted {
+        reference: serde_json::Value,
+    },
     Updated,
 }
 
@@ -53,7 +56,7 @@ impl SlackChannel {
     }
 
     /// Makes the card for `request_id` in `channel` show the request as it is now: posts it
-    /// the first time, updates that message afterwards.
+    /// the first time (the caller saves the reference), updates that message afterwards.
     pub async fn sync_card(
         &self,
         engine: &Engine,
@@ -79,11 +82,7 @@ impl SlackChannel {
             None => {
                 let posted = self.api.post_message(channel, text, blocks, None).await?;
                 let reference = serde_json::to_value(&posted).unwrap_or_default();
-                store
-                    .save_chat_message(request_id, destination, &reference)
-                    .await
-                    .map_err(EngineError::from)?;
-                Ok(CardSync::Posted)
+                Ok(CardSync::Posted { reference })
             }
         }
     }
