@@ -1,6 +1,5 @@
 //! The embedded SQLite backend: WAL, busy timeout, foreign keys, one writer connection
-//! taken in turn by every write of this process, group commit for new requests, and WAL
-//! checkpoints off the commit path.
+//! taken in turn by every write of this process, and group commit for new requests.
 
 use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
@@ -30,20 +29,6 @@ pub struct SqliteStore {
     writer: Arc<Mutex<Writer>>,
     /// New requests are committed in groups; `None` inside the group-commit task itself.
     group_commit: Option<GroupCommit>,
-    /// Stops the background checkpointer when the last copy of the store goes.
-    _checkpointer: Arc<AbortOnDrop>,
-}
-
-/// How often the background checkpointer copies committed WAL frames into the database.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
-
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The one connection this process writes through. Writes queue for it in order (a fair
@@ -127,14 +112,9 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .context("cannot open the SQLite database")?;
-        // The writer never checkpoints: SQLite's automatic checkpoint runs inside the commit
-        // that crosses 1,000 WAL pages and adds its copying and syncing of the database file
-        // to that commit's latency. A background task checkpoints instead, beside the writer.
-        let connection =
-            SqliteConnection::connect_with(&options.clone().pragma("wal_autocheckpoint", "0"))
-                .await
-                .context("cannot open the SQLite database for writing")?;
-        let checkpointer = tokio::spawn(Self::checkpoint_continuously(pool.clone()));
+        let connection = SqliteConnection::connect_with(&options)
+            .await
+            .context("cannot open the SQLite database for writing")?;
         let store = Self {
             pool,
             writer: Arc::new(Mutex::new(Writer {
@@ -143,26 +123,8 @@ impl SqliteStore {
                 audit_head: None,
             })),
             group_commit: None,
-            _checkpointer: Arc::new(AbortOnDrop(checkpointer.abort_handle())),
         };
         Ok(store.with_group_commit())
-    }
-
-    /// Copies committed WAL frames into the database file every `CHECKPOINT_INTERVAL`.
-    /// `PASSIVE` takes no lock that writers or readers wait for; frames a reader still
-    /// needs stay for the next round.
-    async fn checkpoint_continuously(pool: SqlitePool) {
-        let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&pool)
-                .await
-            {
-                tracing::warn!(%error, "WAL checkpoint failed; will retry");
-            }
-        }
     }
 
     /// The writer, outside any transaction: each statement commits on its own.

@@ -425,28 +425,3 @@ async fn a_delivery_finishes_with_its_chat_reference_and_audit_event(
     assert!(store.pending_outbox(10).await.unwrap().is_empty());
     assert!(claim(&store, Vec::new()).await.is_empty());
 }
-
-/// SQLite's writer does not checkpoint (its commits would wait for the copy); a task of the
-/// store's own copies the WAL into the database file in the background.
-#[tokio::test]
-async fn sqlite_checkpoints_the_wal_in_the_background() {
-    let directory = tempfile::tempdir().unwrap();
-    let Some((_database, store, template)) = store_with_request(Backend::Sqlite, &directory).await
-    else {
-        return;
-    };
-    let file = directory.path().join("signoff.db");
-    let size = || std::fs::metadata(&file).unwrap().len();
-    let before = size();
-    let large = json!({"padding": "x".repeat(4096)});
-    for n in 0..200 {
-        let mut request = copy_with_id(&template, &format!("apr_wal_{n}"));
-        request.args = large.clone();
-        insert(&store, request, Vec::new()).await.unwrap();
-    }
-    // 200 requests of 4 KiB reach the database file only by a checkpoint.
-    crate::support::eventually(std::time::Duration::from_secs(10), || async {
-        (size() > before + 200 * 4096).then_some(())
-    })
-    .await;
-}
