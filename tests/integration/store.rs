@@ -11,7 +11,8 @@ use signoff::config::{Config, Secret};
 use signoff::domain::{now, ApprovalRequest};
 use signoff::engine::Engine;
 use signoff::store::{
-    DeliveryRecord, NewOutboxMessage, NewRequest, OutboxOutcome, Pacing, Store, StoreError,
+    DeliveryRecord, NewOutboxMessage, NewRequest, OutboxOutcome, Pacing, RequestChange, Store,
+    StoreError,
 };
 
 use crate::support::{Backend, TestDatabase};
@@ -424,4 +425,67 @@ async fn a_delivery_finishes_with_its_chat_reference_and_audit_event(
     assert_eq!(store.latest_audit_seq().await.unwrap(), seq + 1);
     assert!(store.pending_outbox(10).await.unwrap().is_empty());
     assert!(claim(&store, Vec::new()).await.is_empty());
+}
+
+/// A vote and a delivery's finish touch the same outbox row and both append to the audit
+/// trail; they must take those locks in one order (on PostgreSQL the other order deadlocks
+/// and one of them fails after `deadlock_timeout`).
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_racing_a_delivery_finish_never_deadlocks(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    // A channel per request: a vote's new card for a delivered request stays pending.
+    let card = |id: &str| NewOutboxMessage {
+        request_id: id.to_string(),
+        kind: "card",
+        destination: format!("slack:{id}"),
+        payload: json!({}),
+        available_at: now(),
+    };
+    let event = |id: &str, kind: &'static str| NewAuditEvent {
+        at: now(),
+        request_id: Some(id.to_string()),
+        kind,
+        actor: "system:test".into(),
+        payload: json!({}),
+    };
+    for n in 0..40 {
+        let id = format!("apr_race_{n}");
+        insert(&store, copy_with_id(&template, &id), vec![card(&id)])
+            .await
+            .unwrap();
+        let claimed = claim(&store, Vec::new()).await;
+        let claimed = claimed
+            .into_iter()
+            .find(|message| message.request_id == id)
+            .unwrap();
+        let stored = store.request(&id).await.unwrap().unwrap();
+        let changed = ApprovalRequest {
+            version: stored.version + 1,
+            ..stored.clone()
+        };
+        let finish = store.finish_outbox(
+            &claimed,
+            OutboxOutcome::Delivered(DeliveryRecord {
+                chat_message: Some(json!({"channel": "CRACE", "ts": "1"})),
+                audit: Some(event(&id, "delivered")),
+            }),
+        );
+        let vote = store.update_request(RequestChange {
+            request: &changed,
+            expected_status: stored.status,
+            expected_revision: stored.revision,
+            expected_version: stored.version,
+            audit: vec![event(&id, "voted")],
+            outbox: vec![card(&id)],
+        });
+        let (finished, voted) = tokio::join!(finish, vote);
+        finished.unwrap();
+        voted.unwrap();
+    }
 }
