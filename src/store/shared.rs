@@ -850,15 +850,10 @@ macro_rules! implement_store {
             ) -> $crate::store::StoreResult<()> {
                 use $crate::store::OutboxOutcome;
                 let now = $crate::domain::now();
-                let mut connection = match outcome {
+                match outcome {
                     OutboxOutcome::Delivered(record) => {
                         return self.finish_delivered(message, record).await
                     }
-                    _ => self.write_connection().await?,
-                };
-                match outcome {
-                    // Returned above.
-                    OutboxOutcome::Delivered(_) => {}
                     OutboxOutcome::Retry { at, error } => {
                         sqlx::query(
                             "UPDATE outbox SET attempts = attempts + 1, available_at = $2, lease_until = NULL, \
@@ -867,14 +862,14 @@ macro_rules! implement_store {
                         .bind(message.id)
                         .bind(at)
                         .bind(error)
-                        .execute(&mut *connection)
+                        .execute(&mut *self.write_connection().await?)
                         .await?;
                     }
                     OutboxOutcome::Defer { at } => {
                         sqlx::query("UPDATE outbox SET available_at = $2, lease_until = NULL WHERE id = $1")
                             .bind(message.id)
                             .bind(at)
-                            .execute(&mut *connection)
+                            .execute(&mut *self.write_connection().await?)
                             .await?;
                     }
                     OutboxOutcome::Abandon { error } => {
@@ -885,7 +880,7 @@ macro_rules! implement_store {
                         .bind(message.id)
                         .bind(now)
                         .bind(error)
-                        .execute(&mut *connection)
+                        .execute(&mut *self.write_connection().await?)
                         .await?;
                     }
                 }
