@@ -154,10 +154,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .await;
         println!(
-            "| HTTP ceiling: GET /healthz, {SATURATION_CLIENTS} clients back to back | {:.0} req/s (p50 {} · p99 {}) | | |",
+            "| HTTP ceiling: GET /healthz, {SATURATION_CLIENTS} clients back to back | {:.0} req/s (p50 {} · p99 {}; {}) | | |",
             health.rate,
             micros(health.histogram.value_at_quantile(0.5)),
             micros(health.histogram.value_at_quantile(0.99)),
+            health.cpu(),
         );
         for (name, body) in [
             (
@@ -173,11 +174,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .saturation(&body, SATURATION_CLIENTS, args.step_seconds * 2.0)
                 .await;
             println!(
-                "| {name}: {SATURATION_CLIENTS} clients back to back | {:.0} req/s (p50 {} · p99 {} · errors {}) | {floor:.0} rows/s | {:.2}x |",
+                "| {name}: {SATURATION_CLIENTS} clients back to back | {:.0} req/s (p50 {} · p99 {} · errors {}; {}) | {floor:.0} rows/s | {:.2}x |",
                 saturated.rate,
                 micros(saturated.histogram.value_at_quantile(0.5)),
                 micros(saturated.histogram.value_at_quantile(0.99)),
                 saturated.errors,
+                saturated.cpu(),
                 saturated.rate / floor
             );
             if args.saturation_only {
@@ -626,6 +628,65 @@ struct Saturation {
     rate: f64,
     histogram: Histogram<u64>,
     errors: u64,
+    /// CPU time per answered request: on this VM the hypervisor takes a varying share of
+    /// the cores (steal), which moves every rate, while CPU time spent is what the code
+    /// costs whatever the neighbours do.
+    cpu_per_request: CpuTime,
+}
+
+impl Saturation {
+    fn cpu(&self) -> String {
+        format!(
+            "CPU per request: server {} · load generator {}",
+            micros(self.cpu_per_request.server.as_micros() as u64),
+            micros(self.cpu_per_request.generator.as_micros() as u64)
+        )
+    }
+}
+
+/// Name of the server runtime's threads, so their CPU time can be told apart.
+const SERVER_THREAD_NAME: &str = "signoff-server";
+
+/// CPU time used by this process's live threads, split into the server's (its runtime's
+/// threads and the SQLite connections' threads) and the rest (the load generator).
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuTime {
+    server: Duration,
+    generator: Duration,
+}
+
+impl CpuTime {
+    /// From each thread's `schedstat` (nanoseconds on a CPU); zero where there is no /proc.
+    fn now() -> Self {
+        let mut total = Self::default();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return total;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            let on_cpu = std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|stat| stat.split_whitespace().next()?.parse().ok())
+                .map(Duration::from_nanos)
+                .unwrap_or_default();
+            if name.starts_with(SERVER_THREAD_NAME) || name.starts_with("sqlx-sqlite") {
+                total.server += on_cpu;
+            } else {
+                total.generator += on_cpu;
+            }
+        }
+        total
+    }
+
+    /// CPU time since `earlier`, per one of `count` requests.
+    fn per_request_since(self, earlier: Self, count: u64) -> Self {
+        let count = count.max(1) as u32;
+        Self {
+            server: self.server.saturating_sub(earlier.server) / count,
+            generator: self.generator.saturating_sub(earlier.generator) / count,
+        }
+    }
 }
 
 struct LoadResult {
@@ -651,6 +712,7 @@ impl Harness {
         };
         let server_runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(num_cpus())
+            .thread_name(SERVER_THREAD_NAME)
             .enable_all()
             .build()?;
         let server = server_runtime.spawn(RunningServer::start(config)).await??;
@@ -754,7 +816,7 @@ impl Harness {
             let run = self
                 .saturate(request, reqwest::StatusCode::CREATED, clients, seconds)
                 .await;
-            eprintln!("  saturation run: {:.0} req/s", run.rate);
+            eprintln!("  saturation run: {:.0} req/s ({})", run.rate, run.cpu());
             runs.push(run);
         }
         runs.sort_by(|first, second| first.rate.total_cmp(&second.rate));
@@ -771,6 +833,7 @@ impl Harness {
     ) -> Saturation {
         let until = Instant::now() + Duration::from_secs_f64(seconds);
         let started = Instant::now();
+        let cpu_before = CpuTime::now();
         let mut tasks = JoinSet::new();
         for _ in 0..clients {
             let request = prototype.try_clone().map(|builder| builder.build());
@@ -809,6 +872,7 @@ impl Harness {
         }
         Saturation {
             rate: histogram.len() as f64 / started.elapsed().as_secs_f64(),
+            cpu_per_request: CpuTime::now().per_request_since(cpu_before, histogram.len()),
             histogram,
             errors,
         }
