@@ -3,8 +3,10 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::domain::canonical_json;
 
 /// `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -59,17 +61,24 @@ fn canonical_prefix(
     actor: &str,
     payload: &Value,
 ) -> Vec<u8> {
-    let content = json!({
-        "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "request_id": request_id,
-        "kind": kind,
-        "actor": actor,
-        "payload": payload,
-    });
-    // Canonicalising a `Value` cannot fail (its keys are strings, its numbers finite).
-    let mut canonical = serde_json_canonicalizer::to_vec(&content).unwrap_or_default();
-    // `{...}` becomes `{...,"seq":`.
-    canonical.pop();
+    // The keys in canonical order: actor, at, kind, payload, request_id, (seq).
+    let mut canonical = Vec::with_capacity(256);
+    canonical.extend_from_slice(br#"{"actor":"#);
+    canonical_json::write_string(&mut canonical, actor);
+    canonical.extend_from_slice(br#","at":"#);
+    canonical_json::write_string(
+        &mut canonical,
+        &at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    );
+    canonical.extend_from_slice(br#","kind":"#);
+    canonical_json::write_string(&mut canonical, kind);
+    canonical.extend_from_slice(br#","payload":"#);
+    canonical_json::write_value(&mut canonical, payload);
+    canonical.extend_from_slice(br#","request_id":"#);
+    match request_id {
+        Some(id) => canonical_json::write_string(&mut canonical, id),
+        None => canonical.extend_from_slice(b"null"),
+    }
     canonical.extend_from_slice(br#","seq":"#);
     canonical
 }
@@ -222,6 +231,7 @@ impl ChainVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn chain(length: usize) -> Vec<AuditEvent> {
         let mut previous = GENESIS_HASH.to_string();

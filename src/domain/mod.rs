@@ -1,5 +1,6 @@
 //! The approval request, its status state machine, votes, decisions, principals and ids — pure, no I/O.
 
+pub mod canonical_json;
 mod principal;
 mod request;
 mod voting;

@@ -7,7 +7,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
-use super::Principal;
+use super::{canonical_json, Principal};
 
 /// The current time at millisecond precision, so stored and echoed timestamps agree exactly.
 pub fn now() -> DateTime<Utc> {
@@ -35,11 +35,13 @@ fn request_id_at(milliseconds: i64, random: u128) -> String {
 
 /// SHA-256 over the RFC 8785 canonical JSON of `{"action","args"}`.
 pub fn action_hash(action: &str, args: &Value) -> String {
-    let canonical = serde_json_canonicalizer::to_vec(&serde_json::json!({
-        "action": action,
-        "args": args,
-    }))
-    .unwrap_or_default();
+    // The object `{"action","args"}`, keys already in canonical order.
+    let mut canonical = Vec::with_capacity(64);
+    canonical.extend_from_slice(br#"{"action":"#);
+    canonical_json::write_string(&mut canonical, action);
+    canonical.extend_from_slice(br#","args":"#);
+    canonical_json::write_value(&mut canonical, args);
+    canonical.push(b'}');
     format!("sha256:{}", hex::encode(Sha256::digest(canonical)))
 }
 
@@ -287,6 +289,30 @@ impl ApprovalRequest {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_action_hash_is_taken_over_the_canonical_action_and_args() {
+        for (action, args) in [
+            (
+                "payments.refund",
+                json!({"amount": 2000, "currency": "usd"}),
+            ),
+            ("email.send", json!({})),
+            (
+                "db.query",
+                json!({"z": [1.5, null], "a": "\u{1f600}", "\u{e000}": true}),
+            ),
+        ] {
+            let reference =
+                serde_json_canonicalizer::to_vec(&json!({"action": action, "args": args}))
+                    .expect("canonical");
+            assert_eq!(
+                action_hash(action, &args),
+                format!("sha256:{}", hex::encode(Sha256::digest(reference))),
+                "{action}"
+            );
+        }
+    }
 
     #[test]
     fn request_ids_are_lower_case_ulids_that_sort_by_time() {
