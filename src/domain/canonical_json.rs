@@ -52,38 +52,11 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
     }
 }
 
-/// Appends `text` as a JSON string: `"` and `\` escaped, control characters as `\b \t \n
-/// \f \r` or `\u00xx`, everything else as it is (RFC 8785 §3.2.2.2).
+/// Appends `text` as a JSON string. serde_json escapes exactly as RFC 8785 §3.2.2.2 asks:
+/// `"` and `\`, control characters as `\b \t \n \f \r` or `\u00xx`, nothing else.
 pub fn write_string(out: &mut Vec<u8>, text: &str) {
-    const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    let bytes = text.as_bytes();
-    let mut unescaped_from = 0;
-    for (index, &byte) in bytes.iter().enumerate() {
-        let escape: &[u8] = match byte {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            0x09 => b"\\t",
-            0x0a => b"\\n",
-            0x0c => b"\\f",
-            0x0d => b"\\r",
-            0x00..=0x1f => &[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX_DIGITS[usize::from(byte >> 4)],
-                HEX_DIGITS[usize::from(byte & 0x0f)],
-            ],
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[unescaped_from..index]);
-        out.extend_from_slice(escape);
-        unescaped_from = index + 1;
-    }
-    out.extend_from_slice(&bytes[unescaped_from..]);
-    out.push(b'"');
+    // Writing into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
 }
 
 /// Numbers as ECMAScript prints the nearest double (RFC 8785 §3.2.2.3). For integers a
