@@ -622,6 +622,11 @@ impl Engine {
         self.waiters.wake(id);
     }
 
+    /// The requests this process's long-polls are waiting on.
+    pub fn awaited_request_ids(&self) -> Vec<String> {
+        self.waiters.request_ids()
+    }
+
     pub async fn list_requests(&self, filter: RequestFilter) -> EngineResult<Vec<ApprovalRequest>> {
         Ok(self.store.list_requests(&filter).await?)
     }
@@ -1237,11 +1242,8 @@ struct Subscription {
 
 impl Waiters {
     fn subscribe(&self, id: &str) -> Subscription {
-        let mut channels = self
-            .channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let receiver = channels
+        let receiver = self
+            .lock_channels()
             .entry(id.to_string())
             .or_insert_with(|| watch::channel(0).0)
             .subscribe();
@@ -1253,13 +1255,20 @@ impl Waiters {
     }
 
     fn wake(&self, id: &str) {
-        let channels = self
-            .channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(sender) = channels.get(id) {
+        if let Some(sender) = self.lock_channels().get(id) {
             sender.send_modify(|generation| *generation += 1);
         }
+    }
+
+    fn request_ids(&self) -> Vec<String> {
+        self.lock_channels().keys().cloned().collect()
+    }
+
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
+        // Entries are only inserted or removed whole: a panic elsewhere leaves none half-made.
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -1278,11 +1287,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut channels = self
-            .waiters
-            .channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut channels = self.waiters.lock_channels();
         drop(self.receiver.take());
         if channels
             .get(&self.id)

@@ -1,6 +1,7 @@
 //! Wakes local long-polls for decisions committed by other processes (CLI, other replicas):
-//! PostgreSQL pushes them with NOTIFY; on every backend one indexed query over the audit
-//! table every interval finds them too (SQLite's only way, PostgreSQL's fallback).
+//! PostgreSQL pushes them with NOTIFY; on every backend one indexed query every interval
+//! looks up the requests this process's long-polls wait on (SQLite's only way,
+//! PostgreSQL's fallback).
 
 use std::time::Duration;
 
@@ -15,18 +16,6 @@ pub async fn run_decision_watcher(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let store = engine.store().clone();
-    let mut cursor = loop {
-        match store.latest_audit_seq().await {
-            Ok(seq) => break seq,
-            Err(error) => {
-                tracing::warn!(%error, "decision watcher cannot read the audit table; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = shutdown.changed() => return,
-                }
-            }
-        }
-    };
     let mut notifications = match store.finalized_notifications().await {
         Ok(stream) => stream,
         Err(error) => {
@@ -46,10 +35,15 @@ pub async fn run_decision_watcher(
                 }
             }
             _ = ticker.tick() => {
-                match store.finalized_since(cursor).await {
-                    Ok((request_ids, highest)) => {
-                        cursor = highest;
-                        for request_id in request_ids {
+                // Only what someone waits on: decisions nobody waits for (every
+                // auto-allowed request, say) cost this process nothing.
+                let awaited = engine.awaited_request_ids();
+                if awaited.is_empty() {
+                    continue;
+                }
+                match store.decided_among(&awaited).await {
+                    Ok(decided) => {
+                        for request_id in decided {
                             engine.announce_decision(&request_id);
                         }
                     }

@@ -224,8 +224,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Audit events with `seq > after`, in order, at most `limit`.
     async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>>;
-    /// Requests that became final after audit seq `after`, and the highest seq seen.
-    async fn finalized_since(&self, after: i64) -> StoreResult<(Vec<String>, i64)>;
+    /// Those of `request_ids` that are no longer pending (primary-key lookups).
+    async fn decided_among(&self, request_ids: &[String]) -> StoreResult<Vec<String>>;
     async fn latest_audit_seq(&self) -> StoreResult<i64>;
     /// Appends events that go with no other change.
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> StoreResult<()>;

@@ -47,6 +47,10 @@ impl PostgresStore {
         claim_due_sql!()
     );
 
+    /// Which of the ids in the JSON array `$1` are decided.
+    const DECIDED_AMONG: &'static str = "SELECT id FROM requests \
+         WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) AND status <> 'pending'";
+
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections.max(2))

@@ -11,7 +11,7 @@ use crate::domain::ApprovalRequest;
 
 use super::StoreError;
 
-/// Audit kinds that mean a request became final; the decision watcher looks for these.
+/// Audit kinds that mean a request became final: their commit announces the decision.
 pub(super) const FINAL_KINDS: [&str; 3] = ["decided", "expired", "cancelled"];
 
 /// How a request sits in the `body` column: the API object plus what the API does not show.
@@ -765,24 +765,26 @@ macro_rules! implement_store {
                     .collect())
             }
 
-            async fn finalized_since(
+            async fn decided_among(
                 &self,
-                after: i64,
-            ) -> $crate::store::StoreResult<(Vec<String>, i64)> {
-                // Reads every event once (a primary-key range), so the cursor always advances.
-                let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(
-                    "SELECT seq, kind, request_id FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT 10000",
-                )
-                .bind(after)
-                .fetch_all(&self.pool)
-                .await?;
-                let highest = rows.last().map_or(after, |(seq, _, _)| *seq);
-                let finalized = rows
-                    .into_iter()
-                    .filter(|(_, kind, _)| super::shared::FINAL_KINDS.contains(&kind.as_str()))
-                    .filter_map(|(_, _, request_id)| request_id)
-                    .collect();
-                Ok((finalized, highest))
+                request_ids: &[String],
+            ) -> $crate::store::StoreResult<Vec<String>> {
+                if request_ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let ids = serde_json::to_string(request_ids)
+                    .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+                Ok(sqlx::query_scalar(Self::DECIDED_AMONG)
+                    .bind(ids)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn latest_audit_seq(&self) -> $crate::store::StoreResult<i64> {
+                let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(seq.unwrap_or(0))
             }
 
             async fn append_audit(
@@ -793,13 +795,6 @@ macro_rules! implement_store {
                 Self::append_audit_events(&mut *transaction, events).await?;
                 transaction.commit().await?;
                 Ok(())
-            }
-
-            async fn latest_audit_seq(&self) -> $crate::store::StoreResult<i64> {
-                let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events")
-                    .fetch_one(&self.pool)
-                    .await?;
-                Ok(seq.unwrap_or(0))
             }
 
             async fn finalized_notifications(

@@ -93,6 +93,10 @@ impl SqliteStore {
         claim_due_sql!()
     );
 
+    /// Which of the ids in the JSON array `$1` are decided.
+    const DECIDED_AMONG: &'static str = "SELECT id FROM requests \
+         WHERE id IN (SELECT value FROM json_each($1)) AND status <> 'pending'";
+
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let synchronous = match config.sqlite_synchronous.as_str() {
             "normal" => SqliteSynchronous::Normal,

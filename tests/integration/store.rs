@@ -489,3 +489,31 @@ async fn a_vote_racing_a_delivery_finish_never_deadlocks(
         voted.unwrap();
     }
 }
+
+#[rstest]
+#[tokio::test]
+async fn the_decision_watcher_finds_which_awaited_requests_are_decided(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, decided)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let pending = ApprovalRequest {
+        status: signoff::domain::Status::Pending,
+        decision: None,
+        ..copy_with_id(&decided, "apr_still_pending")
+    };
+    insert(&store, pending, Vec::new()).await.unwrap();
+
+    let awaited = vec![
+        "apr_still_pending".to_string(),
+        decided.id.clone(),
+        "apr_unknown".to_string(),
+    ];
+    assert_eq!(
+        store.decided_among(&awaited).await.unwrap(),
+        vec![decided.id.clone()]
+    );
+    assert!(store.decided_among(&[]).await.unwrap().is_empty());
+}
