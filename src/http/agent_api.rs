@@ -105,15 +105,16 @@ pub async fn submit_request(
         on_behalf_of,
         callback_url: body.callback_url,
     };
+    // Serialised straight from the request: no intermediate `Value` tree per answer.
     let answer = match state
         .engine
         .submit_request(&agent, submission, idempotency_key)
         .await?
     {
-        Submitted::Created(request) => (StatusCode::CREATED, Json(json!(request))),
-        Submitted::Replayed(response) => (StatusCode::CREATED, Json(response)),
+        Submitted::Created(request) => (StatusCode::CREATED, Json(request)).into_response(),
+        Submitted::Replayed(response) => (StatusCode::CREATED, Json(response)).into_response(),
     };
-    Ok(answer.into_response())
+    Ok(answer)
 }
 
 #[utoipa::path(
