@@ -402,9 +402,9 @@ impl Sustained {
 /// Steps up by about 1.4x from 50 per second; a step is sustained when one of
 /// `ATTEMPTS_PER_STEP` attempts has no errors and p99 under `ceiling`. A step that is not
 /// sustained only ends the search when even its best attempt had errors or a median over
-/// half the ceiling: then the work is past what the machine keeps up with. Otherwise its
-/// tail was the disk's (a stall of the sync), which strikes at any rate, so higher rates
-/// are still tried.
+/// the ceiling: then the work is past what the machine keeps up with. Otherwise only its
+/// tail was late, as a stall of the disk's sync makes it at any rate, so higher rates are
+/// still tried.
 async fn max_sustainable_rate<Run, Running>(mut run: Run, ceiling: Duration) -> Sustained
 where
     Run: FnMut(f64) -> Running,
@@ -443,7 +443,7 @@ where
             if found.steps.iter().all(|(_, sustained, _, _)| *sustained) {
                 found.unbroken = rate;
             }
-        } else if errors > 0 || Duration::from_micros(p50) > ceiling / 2 {
+        } else if errors > 0 || Duration::from_micros(p50) > ceiling {
             return found;
         }
         rate = (rate * 1.4).round();
