@@ -2,10 +2,11 @@
 //! one, so many submissions cost one transaction and one disk sync.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::shared::StoredRequest;
 use super::{IdempotencyKey, NewOutboxMessage, NewRequest, StoreError, StoreResult};
@@ -36,44 +37,61 @@ impl std::fmt::Debug for QueuedRequest {
     }
 }
 
-/// The submitting side of the writer task.
+/// The submitting side of the writer tasks.
 #[derive(Clone, Debug)]
 pub(super) struct GroupCommit {
     queue: mpsc::UnboundedSender<QueuedRequest>,
 }
 
 impl GroupCommit {
-    /// Starts the writer task; it ends when the last `GroupCommit` clone is dropped.
-    /// `commit` writes one group in one transaction and answers each request in it.
-    pub fn start<Commit, Committing>(commit: Commit) -> Self
+    /// Starts `writers` writer tasks; they end when the last `GroupCommit` clone is dropped.
+    /// `commit` writes one group in one transaction and answers each request in it. A
+    /// writer takes whatever has queued as its group and commits it while the next writer
+    /// gathers the next group, so with two the work before one group's commit overlaps the
+    /// other's.
+    pub fn start<Commit, Committing>(writers: usize, commit: Commit) -> Self
     where
-        Commit: Fn(Vec<QueuedRequest>) -> Committing + Send + 'static,
+        Commit: Fn(Vec<QueuedRequest>) -> Committing + Clone + Send + 'static,
         Committing: Future<Output = ()> + Send,
     {
-        let (queue, mut arrivals) = mpsc::unbounded_channel::<QueuedRequest>();
-        tokio::spawn(async move {
-            // The writer runs apart from the callers, so a caller that goes away (a client
+        let (queue, arrivals) = mpsc::unbounded_channel::<QueuedRequest>();
+        let arrivals = Arc::new(Mutex::new(arrivals));
+        for _ in 0..writers.max(1) {
+            let arrivals = arrivals.clone();
+            let commit = commit.clone();
+            // The writers run apart from the callers, so a caller that goes away (a client
             // that disconnects) never leaves a group half written.
-            while let Some(first) = arrivals.recv().await {
-                let mut group = vec![first];
-                while group.len() < GROUP_COMMIT_LIMIT {
-                    match arrivals.try_recv() {
-                        Ok(next) => group.push(next),
-                        Err(_) => break,
-                    }
+            tokio::spawn(async move {
+                while let Some(group) = next_group(&arrivals).await {
+                    commit(group).await;
                 }
-                commit(group).await;
-            }
-        });
+            });
+        }
         Self { queue }
     }
 
-    /// Hands the request to the writer task.
+    /// Hands the request to the writer tasks.
     pub fn queue(&self, queued: QueuedRequest) -> StoreResult<()> {
         self.queue
             .send(queued)
             .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))
     }
+}
+
+/// The next arrival and whatever queued behind it, up to `GROUP_COMMIT_LIMIT`; `None` once
+/// every sender is gone.
+async fn next_group(
+    arrivals: &Mutex<mpsc::UnboundedReceiver<QueuedRequest>>,
+) -> Option<Vec<QueuedRequest>> {
+    let mut arrivals = arrivals.lock().await;
+    let mut group = vec![arrivals.recv().await?];
+    while group.len() < GROUP_COMMIT_LIMIT {
+        match arrivals.try_recv() {
+            Ok(next) => group.push(next),
+            Err(_) => break,
+        }
+    }
+    Some(group)
 }
 
 impl QueuedRequest {

@@ -47,6 +47,10 @@ impl PostgresStore {
         claim_due_sql!()
     );
 
+    /// Two groups in flight: one inserts its rows while the other holds the audit lock to
+    /// append and commit.
+    const GROUP_WRITERS: usize = 2;
+
     /// Which of the ids in the JSON array `$1` are decided.
     const DECIDED_AMONG: &'static str = "SELECT id FROM requests \
          WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) AND status <> 'pending'";

@@ -317,9 +317,9 @@ macro_rules! implement_store {
                     .push_bind(&key.key);
             }
 
-            /// Starts the group-commit writer task, on a copy of this store without one.
+            /// Starts the group-commit writer tasks, on a copy of this store without them.
             fn with_group_commit(self) -> Self {
-                let group_commit = super::group_commit::GroupCommit::start({
+                let group_commit = super::group_commit::GroupCommit::start(Self::GROUP_WRITERS, {
                     let store = self.clone();
                     move |group| {
                         let store = store.clone();

@@ -93,6 +93,9 @@ impl SqliteStore {
         claim_due_sql!()
     );
 
+    /// One connection writes, so one task commits groups.
+    const GROUP_WRITERS: usize = 1;
+
     /// Which of the ids in the JSON array `$1` are decided.
     const DECIDED_AMONG: &'static str = "SELECT id FROM requests \
          WHERE id IN (SELECT value FROM json_each($1)) AND status <> 'pending'";
