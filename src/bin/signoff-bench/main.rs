@@ -48,6 +48,9 @@ struct Args {
     /// Only SQLite.
     #[arg(long)]
     skip_postgres: bool,
+    /// Only PostgreSQL.
+    #[arg(long)]
+    skip_sqlite: bool,
     /// Seconds per load step.
     #[arg(long, default_value_t = 2.0)]
     step_seconds: f64,
@@ -97,7 +100,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     policy_evaluation();
 
-    let mut backends = vec![Backend::Sqlite];
+    let mut backends = Vec::new();
+    if !args.skip_sqlite {
+        backends.push(Backend::Sqlite);
+    }
     if !args.skip_postgres {
         backends.push(Backend::Postgres);
     }
