@@ -66,6 +66,17 @@ struct Args {
     /// Only the memory measurement.
     #[arg(long)]
     memory_only: bool,
+    /// Only auto-allowed intake, open loop at these rates (comma-separated, req/s), each
+    /// `--probe-attempts` times: for A/B comparisons of the latency tail.
+    #[arg(long, value_delimiter = ',')]
+    probe_rates: Vec<f64>,
+    /// Attempts per rate with `--probe-rates`.
+    #[arg(long, default_value_t = 3)]
+    probe_attempts: usize,
+    /// The server's SQLite `synchronous` setting ("full", the default, or "normal"): to
+    /// tell the disk's share of a latency from the server's.
+    #[arg(long, default_value = "full")]
+    sqlite_synchronous: String,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
     serve: Option<PathBuf>,
@@ -110,8 +121,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for backend in backends {
         let database = Database::create(backend, &directory, &args.postgres_url).await?;
         println!("## {backend:?}\n");
+        if !args.probe_rates.is_empty() {
+            probe(&args, backend, &database, &directory).await?;
+            database.drop_scratch().await;
+            continue;
+        }
         let floors = floors(backend, &database, args.floor_rows).await?;
-        let harness = Harness::start(backend, &database, &directory).await?;
+        let harness = Harness::start(&args, &database, &directory).await?;
         println!("| measure | result | floor | ratio |\n|---|---|---|---|");
         for (label, floor) in &floors {
             println!("| floor: {label} | {floor:.0} rows/s | | |");
@@ -254,9 +270,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
         harness.stop().await;
         database.drop_scratch().await;
     }
-    if !args.saturation_only {
+    if !args.saturation_only && args.probe_rates.is_empty() {
         memory(&directory, args.memory_requests).await?;
     }
+    Ok(())
+}
+
+/// Auto-allowed intake at each of `--probe-rates`, every attempt printed.
+async fn probe(
+    args: &Args,
+    backend: Backend,
+    database: &Database,
+    directory: &Path,
+) -> anyhow::Result<()> {
+    let harness = Harness::start(args, database, directory).await?;
+    // The raw inserts' agent.
+    harness
+        .server
+        .engine()
+        .create_agent("bench", Vec::new())
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let body = json!({"action": "customers.get", "args": {"id": 42}});
+    println!(
+        "{backend:?}, server synchronous={}:\n\n| rate | attempt | raw inserts (floor) | intake |\n|---|---|---|---|",
+        args.sqlite_synchronous
+    );
+    for &rate in &args.probe_rates {
+        for attempt in 1..=args.probe_attempts {
+            // Floor and intake back to back, so both meet the disk in the same mood.
+            settle_disk();
+            let floor = floor_under_load(database, rate, args.step_seconds).await;
+            settle_disk();
+            let load = harness.run_load(&body, rate, args.step_seconds).await;
+            println!(
+                "| {rate:.0} | {attempt} | {} | {} · errors {} |",
+                tail(&floor.histogram),
+                tail(&load.histogram),
+                load.errors
+            );
+        }
+    }
+    harness.stop().await;
     Ok(())
 }
 
@@ -744,15 +799,12 @@ struct LoadResult {
 }
 
 impl Harness {
-    async fn start(
-        _backend: Backend,
-        database: &Database,
-        directory: &Path,
-    ) -> anyhow::Result<Self> {
+    async fn start(args: &Args, database: &Database, directory: &Path) -> anyhow::Result<Self> {
         let slack = fake_slack::start().await?;
         let policy = directory.join("bench-policy.yaml");
         std::fs::write(&policy, BENCH_POLICY)?;
         let mut config = bench_config(database, &policy, "127.0.0.1:0");
+        config.sqlite_synchronous = args.sqlite_synchronous.clone();
         config.slack = SlackConfig {
             bot_token: Secret::new("xoxb-bench"),
             signing_secret: Secret::new(SIGNING_SECRET),
