@@ -8,7 +8,7 @@ use serde_json::json;
 use signoff::domain::action_hash;
 
 use crate::spawn_app;
-use crate::support::{error_code, Backend};
+use crate::support::{error_code, eventually, Backend};
 
 #[rstest]
 #[tokio::test]
@@ -342,8 +342,14 @@ async fn long_poll_answers_when_the_decision_commits(
     assert!(started.elapsed() >= Duration::from_millis(300));
 
     let waiting = app.spawn_long_poll(&agent, &id, 30);
-    // Let the long-poll register before deciding; it must not matter if it has not yet.
-    tokio::task::yield_now().await;
+    // Decide while the long-poll waits, so the wake is what answers it.
+    eventually(Duration::from_secs(5), || async {
+        app.engine()
+            .awaited_request_ids()
+            .contains(&id)
+            .then_some(())
+    })
+    .await;
     app.approve(&id, "cli:alice").await.unwrap();
     let decided_at = Instant::now();
     let (body, answered_at) = waiting.await.unwrap();
