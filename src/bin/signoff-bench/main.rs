@@ -75,7 +75,7 @@ struct Args {
     probe_attempts: usize,
     /// The server's SQLite `synchronous` setting ("full", the default, or "normal"): to
     /// tell the disk's share of a latency from the server's.
-    #[arg(long, default_value = "full")]
+    #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
     sqlite_synchronous: String,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
