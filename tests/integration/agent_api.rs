@@ -8,7 +8,7 @@ use serde_json::json;
 use signoff::domain::action_hash;
 
 use crate::spawn_app;
-use crate::support::{error_code, eventually, Backend};
+use crate::support::{error_code, Backend};
 
 #[rstest]
 #[tokio::test]
@@ -343,13 +343,7 @@ async fn long_poll_answers_when_the_decision_commits(
 
     let waiting = app.spawn_long_poll(&agent, &id, 30);
     // Decide while the long-poll waits, so the wake is what answers it.
-    eventually(Duration::from_secs(5), || async {
-        app.engine()
-            .awaited_request_ids()
-            .contains(&id)
-            .then_some(())
-    })
-    .await;
+    app.until_awaited(&id).await;
     app.approve(&id, "cli:alice").await.unwrap();
     let decided_at = Instant::now();
     let (body, answered_at) = waiting.await.unwrap();

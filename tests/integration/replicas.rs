@@ -24,13 +24,7 @@ async fn a_vote_on_one_replica_wakes_a_long_poll_on_another(
     // The long-poll waits on the first server; the vote lands on the replica.
     let waiting = app.spawn_long_poll(&agent, &id, 30);
     // The vote must land while the long-poll waits, or it would answer without a wake.
-    eventually(Duration::from_secs(5), || async {
-        app.engine()
-            .awaited_request_ids()
-            .contains(&id)
-            .then_some(())
-    })
-    .await;
+    app.until_awaited(&id).await;
     let voter = signoff::domain::Voter::new("cli:alice".parse().unwrap());
     replica
         .engine()

@@ -340,6 +340,19 @@ impl TestApp {
         request["id"].as_str().expect("id").to_string()
     }
 
+    /// Returns once a long-poll on this server waits on `id`: a decision after this is
+    /// answered by the wake, not by the long-poll's first read.
+    pub async fn until_awaited(&self, id: &str) {
+        eventually(Duration::from_secs(5), || async {
+            self.engine()
+                .awaited_request_ids()
+                .iter()
+                .any(|awaited| awaited == id)
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Starts a long-poll on `id` in the background; yields the answer and when it came.
     pub fn spawn_long_poll(
         &self,
