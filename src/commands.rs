@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 
 use crate::config::Config;
-use crate::domain::{ApprovalRequest, Principal, Status, VoteEffect, VoteRequest, Voter};
+use crate::domain::{ApprovalRequest, Principal, Status, VoteEffect, VoteKind, VoteRequest, Voter};
 use crate::engine::{Engine, EngineError};
 use crate::policy::{EvaluationInput, Policy};
 use crate::server::{build_engine, RunningServer};
@@ -235,39 +235,58 @@ pub async fn show(config: Config, id: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// approve / deny / modify from the command line, under the same rules as chat.
+/// approve / deny / modify from the command line, under the same rules as chat. Operators
+/// act as themselves (`cli:NAME`): a chat or email principal would let anyone with shell
+/// access vote as someone else.
 pub async fn vote(
     config: Config,
     id: &str,
     principal: &str,
     vote: VoteRequest,
+    revision: Option<u32>,
 ) -> anyhow::Result<ExitCode> {
     let principal: Principal = principal
         .parse()
         .map_err(|error| anyhow::anyhow!("--as: {error}"))?;
+    if principal.kind() != "cli" {
+        anyhow::bail!(
+            "--as {principal}: operators vote as themselves, with a cli: principal (--as cli:NAME); \
+             chat and email principals vote through their own channel"
+        );
+    }
     let engine = build_engine(&config).await?;
     let (request, effect) = engine
-        .record_vote(id, &Voter::new(principal.clone()), vote.clone())
+        .record_vote(id, &Voter::new(principal.clone()), vote.clone(), revision)
         .await
         .map_err(user_error)?;
+    let revision_note = format!("revision {}", request.revision);
     match effect {
         VoteEffect::Counted {
             approvals,
             required,
         } => {
-            let verb = if matches!(vote, VoteRequest::Modify { .. }) {
-                "modified (a new revision; this counts as your approval)"
-            } else {
-                "approved"
+            let verb = match (&vote, request.votes.last().map(|vote| vote.vote)) {
+                (VoteRequest::Modify { .. }, Some(VoteKind::Approve)) => {
+                    "modified (a new revision; this counts as your approval)"
+                }
+                (VoteRequest::Modify { .. }, _) => {
+                    "modified (a new revision; you do not approve its tier, so this is not an approval)"
+                }
+                _ => "approved",
             };
-            out!("{principal} {verb} {id}: {approvals} of {required} approvals; still pending")
+            out!("{principal} {verb} {id} ({revision_note}): {approvals} of {required} approvals; still pending")
         }
-        VoteEffect::Decided(status) => out!("{id} is now {}", status.as_str()),
+        VoteEffect::Decided(status) => out!("{id} is now {} ({revision_note})", status.as_str()),
     }
-    if let Some(decision) = &request.decision {
-        if decision.modified {
-            out!("final args: {}", decision.args);
+    if let Some(tier) = request.tier.as_deref() {
+        if matches!(vote, VoteRequest::Modify { .. }) {
+            out!("tier: {tier}");
         }
+    }
+    // What was voted on, so the operator sees exactly what they approved.
+    match request.status {
+        Status::Approved => out!("final args: {}", request.args),
+        _ => out!("args: {}", request.args),
     }
     Ok(ExitCode::SUCCESS)
 }

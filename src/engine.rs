@@ -24,8 +24,8 @@ use crate::channels::card_destinations;
 use crate::config::check_outbound_url;
 use crate::domain::{
     action_hash, check_voter, new_request_id, now, plan_vote, ApprovalRequest, Execution,
-    ExecutionOutcome, Principal, RequestContext, Status, VoteContext, VoteEffect,
-    VoteKindRequested, VoteRefusal, VoteRequest, Voter,
+    ExecutionOutcome, Principal, Reevaluation, RequestContext, Status, VoteContext, VoteEffect,
+    VoteKind, VoteKindRequested, VoteRefusal, VoteRequest, Voter,
 };
 use crate::policy::{Effect, EvaluationInput, Policy, PolicyError, Verdict};
 use crate::store::{
@@ -463,6 +463,7 @@ impl Engine {
             escalated_at: None,
             remind_at: None,
             escalate_at: None,
+            previous_tiers: Vec::new(),
             version: 1,
         };
         let by_policy = Principal::policy_rule(verdict.rule.as_deref().unwrap_or("default"));
@@ -631,63 +632,165 @@ impl Engine {
         Ok(self.store.list_requests(&filter).await?)
     }
 
-    /// What the engine needs to judge `voter` on `request`: eligibility in its tier under the
-    /// current policy, and whether they are its requester or an owner of its agent.
+    /// What the engine needs to judge `voter` (already identified through the policy's
+    /// `people`) on `request`: eligibility in its tier under the current policy, whether
+    /// they are its requester or an owner of its agent, and whether their email matters
+    /// but could not be read.
     async fn vote_context<'a>(
         &self,
+        policy: &Policy,
         request: &ApprovalRequest,
         voter: &'a Voter,
+        seen_revision: Option<u32>,
     ) -> EngineResult<VoteContext<'a>> {
-        let eligible = request
-            .tier
-            .as_deref()
-            .is_some_and(|tier| self.policy().admits(tier, voter));
-        let is_owner = self
+        let tier = request.tier.as_deref().and_then(|tier| policy.tier(tier));
+        let eligible = tier.is_some_and(|tier| tier.approvers.admits(voter));
+        let owners = self
             .store
             .agent(&request.agent)
             .await?
-            .is_some_and(|agent| agent.owners.iter().any(|owner| voter.is(owner)));
+            .map(|agent| agent.owners)
+            .unwrap_or_default();
+        let is_owner = owners.iter().any(|owner| voter.is(owner));
         let is_requester = is_owner
             || request
                 .on_behalf_of
                 .as_ref()
                 .is_some_and(|requester| voter.is(requester));
+        // Separation of duties fails closed: where anyone is named by email, a voter whose
+        // email is unknown could be the requester, an owner or someone else entirely.
+        let by_email = |principal: &Principal| principal.kind() == "email";
+        let names_people_by_email = owners.iter().any(by_email)
+            || request.on_behalf_of.as_ref().is_some_and(by_email)
+            || tier.is_some_and(|tier| {
+                tier.approvers
+                    .principals
+                    .iter()
+                    .any(|approver| approver.starts_with("email:"))
+            })
+            || policy.people().names_anyone_by_email();
         Ok(VoteContext {
             principal: &voter.principal,
             aliases: &voter.aliases,
             eligible,
             is_requester,
+            email_unreadable: voter.email_unreadable && names_people_by_email,
+            seen_revision,
+            modification: None,
             now: now(),
         })
     }
 
-    /// Could `voter` cast this kind of vote on `id` now? Lets a channel refuse at the click
-    /// instead of after asking for a reason or new args.
+    /// Could `voter` cast this kind of vote on `id`, at the revision they saw, now? Lets a
+    /// channel refuse at the click instead of after asking for a reason or new args.
     pub async fn check_voter(
         &self,
         id: &str,
         voter: &Voter,
         kind: VoteKindRequested,
+        seen_revision: Option<u32>,
     ) -> EngineResult<ApprovalRequest> {
+        let policy = self.policy();
+        let voter = policy.identify(voter);
         let request = self.request(id).await?;
-        let context = self.vote_context(&request, voter).await?;
+        let context = self
+            .vote_context(&policy, &request, &voter, seen_revision)
+            .await?;
         check_voter(&request, kind, &context)?;
         Ok(request)
     }
 
-    /// Approve, deny or modify, under the rules of DESIGN §7.
+    /// May `voter` see `request` in chat? Approvers of its tier (or a tier it moved up
+    /// from), its requester and the agent's owners may; nobody else.
+    pub async fn may_view(&self, request: &ApprovalRequest, voter: &Voter) -> EngineResult<bool> {
+        let policy = self.policy();
+        let voter = policy.identify(voter);
+        let approver = request
+            .tier
+            .iter()
+            .chain(&request.previous_tiers)
+            .any(|tier| policy.admits(tier, &voter));
+        let context = self.vote_context(&policy, request, &voter, None).await?;
+        Ok(approver || context.is_requester)
+    }
+
+    /// What the policy says of `args` as the new args of `request`: a deny refuses the
+    /// modification; a higher tier moves the request up; it never moves down.
+    fn reevaluate(
+        &self,
+        policy: &Policy,
+        request: &ApprovalRequest,
+        args: &Value,
+        voter: &Voter,
+    ) -> Reevaluation {
+        let context = serde_json::to_value(&request.context).unwrap_or(Value::Null);
+        let verdict = policy.evaluate(EvaluationInput {
+            action: &request.action,
+            args,
+            agent: &request.agent,
+            context: &context,
+        });
+        match verdict.effect {
+            Effect::Deny => Reevaluation::Denied {
+                reason: verdict
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "the policy denies these args".into()),
+                rule: verdict.rule,
+            },
+            Effect::Allow => Reevaluation::SameTier,
+            Effect::RequireApproval => {
+                let rank = |tier: Option<&str>| tier.and_then(|tier| policy.tier_rank(tier));
+                match verdict.tier {
+                    Some(tier) if rank(Some(&tier)) > rank(request.tier.as_deref()) => {
+                        Reevaluation::MovesUp {
+                            modifier_eligible: policy.admits(&tier, voter),
+                            tier,
+                            rule: verdict.rule,
+                            approvals_required: verdict.approvals_required,
+                        }
+                    }
+                    _ => Reevaluation::SameTier,
+                }
+            }
+        }
+    }
+
+    /// Approve, deny or modify, under the decision rules (ARCHITECTURE.md). `seen_revision`
+    /// is the revision the voter was shown; a vote on any other is refused.
     #[instrument(skip_all, fields(request_id = %id, principal = %voter.principal))]
     pub async fn record_vote(
         &self,
         id: &str,
         voter: &Voter,
         vote: VoteRequest,
+        seen_revision: Option<u32>,
     ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
         let principal = &voter.principal;
+        let policy = self.policy();
+        let voter = policy.identify(voter);
         for _ in 0..MAX_ATTEMPTS {
             let current = self.request(id).await?;
-            let context = self.vote_context(&current, voter).await?;
+            let mut context = self
+                .vote_context(&policy, &current, &voter, seen_revision)
+                .await?;
             let at = context.now;
+            // The new args go through the policy again, but only for someone who may
+            // modify: others learn nothing of the policy from a refusal.
+            let reevaluation = match &vote {
+                VoteRequest::Modify { args, .. } => {
+                    match check_voter(&current, VoteKindRequested::Modify, &context) {
+                        Ok(()) => Some(self.reevaluate(&policy, &current, args, &voter)),
+                        Err(VoteRefusal::Expired) => {
+                            self.expire_request(id).await?;
+                            return Err(VoteRefusal::Expired.into());
+                        }
+                        Err(refusal) => return Err(refusal.into()),
+                    }
+                }
+                _ => None,
+            };
+            context.modification = reevaluation.as_ref();
             let mut next = current.clone();
             let effect = match plan_vote(&mut next, vote.clone(), context) {
                 Ok(effect) => effect,
@@ -697,6 +800,9 @@ impl Engine {
                 }
                 Err(refusal) => return Err(refusal.into()),
             };
+            if next.tier != current.tier {
+                self.schedule_follow_ups(&policy, &mut next);
+            }
             next.version += 1;
             let mut audit = Vec::new();
             match &vote {
@@ -711,6 +817,11 @@ impl Engine {
                         "args": next.args,
                         "action_hash": next.action_hash,
                         "note": note,
+                        "tier": next.tier,
+                        "previous_tier": current.tier,
+                        "approvals_required": next.approvals_required,
+                        "counts_as_approval": next.votes.last().is_some_and(|vote| vote.vote == VoteKind::Approve),
+                        "channel": voter.channel,
                     }),
                 )),
                 VoteRequest::Approve { note } => audit.push(event(
@@ -720,6 +831,7 @@ impl Engine {
                     principal.as_str(),
                     json!({
                         "vote": "approve", "note": note, "revision": next.revision,
+                        "channel": voter.channel,
                     }),
                 )),
                 VoteRequest::Deny { reason } => audit.push(event(
@@ -729,6 +841,7 @@ impl Engine {
                     principal.as_str(),
                     json!({
                         "vote": "deny", "reason": reason.trim(), "revision": next.revision,
+                        "channel": voter.channel,
                     }),
                 )),
             }
@@ -744,6 +857,25 @@ impl Engine {
             }
         }
         Err(too_contended())
+    }
+
+    /// After a move to another tier: reminders and escalation as that tier has them,
+    /// counted from the submission, unless they already happened.
+    fn schedule_follow_ups(&self, policy: &Policy, request: &mut ApprovalRequest) {
+        let Some(tier) = request.tier.as_deref().and_then(|tier| policy.tier(tier)) else {
+            return;
+        };
+        let after = |delay: Option<Duration>| {
+            delay
+                .and_then(|delay| chrono::Duration::from_std(delay).ok())
+                .and_then(|delay| request.created_at.checked_add_signed(delay))
+        };
+        if request.reminded_at.is_none() {
+            request.remind_at = after(tier.remind_after);
+        }
+        if request.escalated_at.is_none() {
+            request.escalate_at = after(tier.escalate_after);
+        }
     }
 
     /// The agent withdraws a pending request.

@@ -48,32 +48,42 @@ enum Command {
     },
     /// Print one request as JSON.
     Show { id: String },
-    /// Vote approve as an operator principal (e.g. cli:alice).
+    /// Vote approve as an operator (`--as cli:NAME`; operators act as themselves).
     Approve {
         id: String,
-        #[arg(long = "as", value_name = "PRINCIPAL")]
+        #[arg(long = "as", value_name = "cli:NAME")]
         principal: String,
         #[arg(long)]
         note: Option<String>,
+        /// Refuse unless N is the request's current revision (what you reviewed).
+        #[arg(long, value_name = "N")]
+        revision: Option<u32>,
     },
     /// Vote deny; a reason is required.
     Deny {
         id: String,
-        #[arg(long = "as", value_name = "PRINCIPAL")]
+        #[arg(long = "as", value_name = "cli:NAME")]
         principal: String,
         #[arg(long)]
         reason: String,
+        /// Refuse unless N is the request's current revision.
+        #[arg(long, value_name = "N")]
+        revision: Option<u32>,
     },
-    /// Replace the args of a pending request (a new revision; counts as your approval).
+    /// Replace the args of a pending request: a new revision, checked against the policy
+    /// again (counts as your approval where you approve the resulting tier).
     Modify {
         id: String,
-        #[arg(long = "as", value_name = "PRINCIPAL")]
+        #[arg(long = "as", value_name = "cli:NAME")]
         principal: String,
         /// The new args, a JSON object.
         #[arg(long)]
         args: String,
         #[arg(long)]
         note: Option<String>,
+        /// Refuse unless N is the request's current revision.
+        #[arg(long, value_name = "N")]
+        revision: Option<u32>,
     },
     /// Verify or export the audit trail.
     #[command(subcommand)]
@@ -269,20 +279,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             id,
             principal,
             note,
-        } => commands::vote(config, &id, &principal, VoteRequest::Approve { note }).await,
+            revision,
+        } => {
+            let vote = VoteRequest::Approve { note };
+            commands::vote(config, &id, &principal, vote, revision).await
+        }
         Command::Deny {
             id,
             principal,
             reason,
-        } => commands::vote(config, &id, &principal, VoteRequest::Deny { reason }).await,
+            revision,
+        } => {
+            let vote = VoteRequest::Deny { reason };
+            commands::vote(config, &id, &principal, vote, revision).await
+        }
         Command::Modify {
             id,
             principal,
             args,
             note,
+            revision,
         } => {
             let args = commands::parse_json_object("--args", Some(&args))?;
-            commands::vote(config, &id, &principal, VoteRequest::Modify { args, note }).await
+            let vote = VoteRequest::Modify { args, note };
+            commands::vote(config, &id, &principal, vote, revision).await
         }
         Command::Audit(AuditCommand::Verify) => commands::audit_verify(config).await,
         Command::Audit(AuditCommand::Export) => commands::audit_export(config).await,

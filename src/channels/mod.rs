@@ -14,7 +14,8 @@ use crate::policy::Policy;
 pub const SLACK: &str = "slack";
 
 /// The destinations that should carry `request`'s card, among the enabled channel kinds:
-/// its tier's route and, once escalated, the escalation destinations.
+/// its tier's route, once escalated the escalation destinations, and the routes of the
+/// tiers a modification moved it up from.
 pub fn card_destinations(
     policy: &Policy,
     request: &ApprovalRequest,
@@ -24,8 +25,19 @@ pub fn card_destinations(
         return Vec::new();
     };
     let escalated = request.escalated_at.is_some().then_some(&tier.escalate_to);
+    // Tiers a modification moved the request up from keep their cards, kept current.
+    let earlier_routes = request
+        .previous_tiers
+        .iter()
+        .filter_map(|name| policy.tier(name))
+        .flat_map(|earlier| earlier.route.iter());
     let mut destinations: Vec<String> = Vec::new();
-    for destination in tier.route.iter().chain(escalated.into_iter().flatten()) {
+    for destination in tier
+        .route
+        .iter()
+        .chain(escalated.into_iter().flatten())
+        .chain(earlier_routes)
+    {
         let enabled_here = destination
             .split_once(':')
             .is_some_and(|(kind, _)| enabled.contains(&kind));
@@ -129,6 +141,34 @@ pub fn changed_args(before: &Value, after: &Value) -> Vec<(String, Value, Value)
         .collect()
 }
 
+/// What a card's button, a modal or a listing names: the request AND the revision the
+/// person was shown, so a vote binds to exactly what they saw. Carried as a small JSON
+/// object in button values, modal metadata and Adaptive Card data.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VoteTarget {
+    pub request_id: String,
+    pub revision: u32,
+}
+
+impl VoteTarget {
+    pub fn of(card: &CardView) -> Self {
+        Self {
+            request_id: card.id.clone(),
+            revision: card.revision,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// `None` for anything else, a bare request id (a card from before votes were bound
+    /// to revisions) included: such a click is answered with the current card.
+    pub fn decode(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+}
+
 /// Button action ids, the same on every platform.
 pub const APPROVE: &str = "approve";
 pub const DENY: &str = "deny";
@@ -192,6 +232,23 @@ mod tests {
                 .map(|(key, old, new)| (key.to_string(), old, new))
                 .collect();
             assert_eq!(changed_args(&before, &after), expected);
+        }
+    }
+
+    #[test]
+    fn vote_targets_round_trip_and_refuse_bare_ids() {
+        let target = VoteTarget {
+            request_id: "apr_1".into(),
+            revision: 3,
+        };
+        assert_eq!(VoteTarget::decode(&target.encode()), Some(target));
+        for text in [
+            "apr_1",
+            "",
+            "{\"request_id\":\"apr_1\"}",
+            "{\"revision\":1}",
+        ] {
+            assert_eq!(VoteTarget::decode(text), None, "{text}");
         }
     }
 

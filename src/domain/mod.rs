@@ -11,6 +11,6 @@ pub use request::{
     Outcome, RequestContext, Status, Vote, VoteKind,
 };
 pub use voting::{
-    check_voter, plan_vote, VoteContext, VoteEffect, VoteKindRequested, VoteRefusal, VoteRequest,
-    Voter,
+    check_voter, plan_vote, Reevaluation, VoteContext, VoteEffect, VoteKindRequested, VoteRefusal,
+    VoteRequest, Voter,
 };

@@ -95,6 +95,9 @@ pub type Outcome = Status;
 pub enum VoteKind {
     Approve,
     Deny,
+    /// A modification by someone who is not an approver of the tier it moved the request
+    /// to: it made the new revision but does not count as one of its approvals.
+    Modify,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -229,6 +232,10 @@ pub struct ApprovalRequest {
     pub remind_at: Option<DateTime<Utc>>,
     #[serde(skip)]
     pub escalate_at: Option<DateTime<Utc>>,
+    /// Tiers the request was in before a modification moved it up: their destinations
+    /// still carry its cards, which must keep showing the request as it is.
+    #[serde(skip)]
+    pub previous_tiers: Vec<String>,
 }
 
 impl ApprovalRequest {

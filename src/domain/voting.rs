@@ -13,14 +13,29 @@ pub struct Voter {
     pub aliases: Vec<Principal>,
     /// `slack-group:S…` memberships, resolved by the channel.
     pub groups: Vec<String>,
+    /// Where the vote came from (`cli`, `slack`, `teams`), for the audit trail.
+    pub channel: &'static str,
+    /// The chat platform was asked for the voter's email and could not tell (hidden
+    /// profile, guest, missing scope): where people are named by email, such a voter
+    /// cannot be told apart from the requester or an approver, so they are refused.
+    pub email_unreadable: bool,
 }
 
 impl Voter {
+    /// A voter acting as `principal`, through the channel its kind names (`cli` for any
+    /// kind without a chat channel of its own).
     pub fn new(principal: Principal) -> Self {
+        let channel = match principal.kind() {
+            "slack" => "slack",
+            "teams" => "teams",
+            _ => "cli",
+        };
         Self {
             principal,
             aliases: Vec::new(),
             groups: Vec::new(),
+            channel,
+            email_unreadable: false,
         }
     }
 
@@ -44,7 +59,36 @@ pub struct VoteContext<'a> {
     pub eligible: bool,
     /// The request's `on_behalf_of`, or an owner of the requesting agent.
     pub is_requester: bool,
+    /// The email behind the voter's chat account could not be read, and the request's
+    /// policy, requester or owners name people by email.
+    pub email_unreadable: bool,
+    /// The revision the voter saw (card button, modal, `--revision`); `None` for a typed
+    /// command, which acts on the current revision.
+    pub seen_revision: Option<u32>,
+    /// For a modification: what the policy says of the new args.
+    pub modification: Option<&'a Reevaluation>,
     pub now: DateTime<Utc>,
+}
+
+/// The policy's verdict on modified args, as the engine found it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reevaluation {
+    /// The new args are denied: the modification is refused.
+    Denied {
+        rule: Option<String>,
+        reason: String,
+    },
+    /// The request stays in its tier (the verdict asks for it or a lower one: never down).
+    SameTier,
+    /// The new args need a higher tier: the request moves there.
+    MovesUp {
+        tier: String,
+        rule: Option<String>,
+        approvals_required: u32,
+        /// Is the modifier an approver of the new tier? Only then does their modification
+        /// count as its first approval.
+        modifier_eligible: bool,
+    },
 }
 
 /// What the voter asks for.
@@ -76,6 +120,41 @@ pub enum VoteRefusal {
     ArgsNotObject,
     #[error("the new args are the same as the current ones; approve instead")]
     ArgsUnchanged,
+    #[error("this request changed since you saw it (you saw revision {seen}; it is now at revision {current}); look at the current card and vote again")]
+    StaleRevision { seen: u32, current: u32 },
+    #[error("the policy denies the new args ({}): {reason}; nothing changed", rule_words(.rule))]
+    ModificationDenied {
+        rule: Option<String>,
+        reason: String,
+    },
+    #[error("signoff cannot read the email address of {0} (hidden profile, guest account or missing users:read.email scope), and this request's policy, requester or owners name people by email, so it cannot tell whether you may decide it; nothing was recorded")]
+    EmailUnreadable(String),
+}
+
+fn rule_words(rule: &Option<String>) -> String {
+    match rule {
+        Some(rule) => format!("rule {rule:?}"),
+        None => "the policy default".into(),
+    }
+}
+
+impl VoteRefusal {
+    /// The stable code of this refusal, for APIs and chat answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            VoteRefusal::NotPending(_) => "not_pending",
+            VoteRefusal::Expired => "expired",
+            VoteRefusal::Requester(_) => "requester_cannot_approve",
+            VoteRefusal::NotEligible(..) => "not_an_approver",
+            VoteRefusal::AlreadyApproved(_) => "already_voted",
+            VoteRefusal::ReasonRequired => "reason_required",
+            VoteRefusal::ArgsNotObject => "invalid_args",
+            VoteRefusal::ArgsUnchanged => "args_unchanged",
+            VoteRefusal::StaleRevision { .. } => "stale_revision",
+            VoteRefusal::ModificationDenied { .. } => "modification_denied",
+            VoteRefusal::EmailUnreadable(_) => "email_unreadable",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -105,6 +184,17 @@ pub fn check_voter(
     }
     if request.is_overdue(voter.now) {
         return Err(VoteRefusal::Expired);
+    }
+    if let Some(seen) = voter.seen_revision {
+        if seen != request.revision {
+            return Err(VoteRefusal::StaleRevision {
+                seen,
+                current: request.revision,
+            });
+        }
+    }
+    if voter.email_unreadable {
+        return Err(VoteRefusal::EmailUnreadable(voter.principal.to_string()));
     }
     let tier = request.tier.clone().unwrap_or_default();
     if kind != VoteKindRequested::Deny && voter.is_requester {
@@ -164,11 +254,46 @@ pub fn plan_vote(
             if args == request.args {
                 return Err(VoteRefusal::ArgsUnchanged);
             }
-            // A new revision: earlier approvals are void, the modifier's vote is the first.
+            // The engine re-evaluates the policy on the new args; planning without that
+            // verdict would let a modification around it, so none means refused.
+            let modifier_counts = match voter.modification {
+                None => {
+                    return Err(VoteRefusal::ModificationDenied {
+                        rule: None,
+                        reason: "the new args were not checked against the policy".into(),
+                    })
+                }
+                Some(Reevaluation::Denied { rule, reason }) => {
+                    return Err(VoteRefusal::ModificationDenied {
+                        rule: rule.clone(),
+                        reason: reason.clone(),
+                    })
+                }
+                Some(Reevaluation::SameTier) => true,
+                Some(Reevaluation::MovesUp {
+                    tier,
+                    rule,
+                    approvals_required,
+                    modifier_eligible,
+                }) => {
+                    if let Some(previous) = request.tier.replace(tier.clone()) {
+                        request.previous_tiers.push(previous);
+                    }
+                    request.rule = rule.clone();
+                    request.approvals_required = *approvals_required;
+                    *modifier_eligible
+                }
+            };
+            // A new revision: earlier approvals are void, the modifier's vote is the first
+            // (when they may approve in the request's tier, as it now is).
             request.revision += 1;
             request.action_hash = action_hash(&request.action, &args);
             request.args = args;
-            record(request, &voter, VoteKind::Approve, note);
+            if modifier_counts {
+                record(request, &voter, VoteKind::Approve, note);
+            } else {
+                record(request, &voter, VoteKind::Modify, note);
+            }
             Ok(count_approvals(request, voter.now))
         }
     }
@@ -238,6 +363,7 @@ mod tests {
             escalated_at: None,
             remind_at: None,
             escalate_at: None,
+            previous_tiers: Vec::new(),
             version: 1,
         }
     }
@@ -252,6 +378,9 @@ mod tests {
             aliases: &[],
             eligible: true,
             is_requester: false,
+            email_unreadable: false,
+            seen_revision: None,
+            modification: Some(&Reevaluation::SameTier),
             now: now(),
         }
     }
@@ -288,6 +417,10 @@ mod tests {
     #[test]
     fn refusals_change_nothing() {
         let alice = person("alice");
+        let denied = Reevaluation::Denied {
+            rule: Some("no-drop".into()),
+            reason: "never".into(),
+        };
         let table: Vec<(&str, VoteContext<'_>, VoteRequest, VoteRefusal)> = vec![
             (
                 "outsider approves",
@@ -355,6 +488,72 @@ mod tests {
                     note: None,
                 },
                 VoteRefusal::ArgsUnchanged,
+            ),
+            (
+                "vote on a revision no longer current",
+                VoteContext {
+                    seen_revision: Some(0),
+                    ..voter(&alice)
+                },
+                approve(),
+                VoteRefusal::StaleRevision {
+                    seen: 0,
+                    current: 1,
+                },
+            ),
+            (
+                "modify on a revision no longer current",
+                VoteContext {
+                    seen_revision: Some(2),
+                    ..voter(&alice)
+                },
+                VoteRequest::Modify {
+                    args: json!({"amount": 1}),
+                    note: None,
+                },
+                VoteRefusal::StaleRevision {
+                    seen: 2,
+                    current: 1,
+                },
+            ),
+            (
+                "modify into args the policy denies",
+                VoteContext {
+                    modification: Some(&denied),
+                    ..voter(&alice)
+                },
+                VoteRequest::Modify {
+                    args: json!({"amount": 1}),
+                    note: None,
+                },
+                VoteRefusal::ModificationDenied {
+                    rule: Some("no-drop".into()),
+                    reason: "never".into(),
+                },
+            ),
+            (
+                "modify without a policy verdict",
+                VoteContext {
+                    modification: None,
+                    ..voter(&alice)
+                },
+                VoteRequest::Modify {
+                    args: json!({"amount": 1}),
+                    note: None,
+                },
+                VoteRefusal::ModificationDenied {
+                    rule: None,
+                    reason: "the new args were not checked against the policy".into(),
+                },
+            ),
+            (
+                "email unreadable where people are named by email",
+                VoteContext {
+                    email_unreadable: true,
+                    ..voter(&alice)
+                },
+                approve(),
+                VoteRefusal::EmailUnreadable("cli:alice".into()),
             ),
             (
                 "vote after expiry",
@@ -489,6 +688,78 @@ mod tests {
         assert!(decision.modified);
         assert_eq!(decision.args, json!({"amount": 100}));
         assert_eq!(decision.by, vec![bob, carol]);
+    }
+
+    #[test]
+    fn modify_into_a_higher_tier_moves_the_request_up() {
+        let alice = person("alice");
+        for (modifier_eligible, approvals, vote_kind) in
+            [(true, 1, VoteKind::Approve), (false, 0, VoteKind::Modify)]
+        {
+            let mut request = pending(1);
+            request.tier = Some("medium".into());
+            let moves_up = Reevaluation::MovesUp {
+                tier: "high".into(),
+                rule: Some("production".into()),
+                approvals_required: 2,
+                modifier_eligible,
+            };
+            let effect = plan_vote(
+                &mut request,
+                VoteRequest::Modify {
+                    args: json!({"amount": 5000}),
+                    note: None,
+                },
+                VoteContext {
+                    modification: Some(&moves_up),
+                    ..voter(&alice)
+                },
+            );
+            assert_eq!(
+                effect,
+                Ok(VoteEffect::Counted {
+                    approvals,
+                    required: 2
+                }),
+                "modifier eligible: {modifier_eligible}"
+            );
+            assert_eq!(request.tier.as_deref(), Some("high"));
+            assert_eq!(request.rule.as_deref(), Some("production"));
+            assert_eq!(request.previous_tiers, vec!["medium".to_string()]);
+            assert_eq!(request.revision, 2);
+            assert_eq!(request.votes.last().map(|vote| vote.vote), Some(vote_kind));
+            assert_eq!(request.status, Status::Pending);
+        }
+    }
+
+    #[test]
+    fn a_stale_vote_of_a_second_approver_does_not_decide() {
+        let (alice, bob) = (person("alice"), person("bob"));
+        let mut request = pending(2);
+        plan_vote(&mut request, approve(), voter(&alice)).unwrap();
+        plan_vote(
+            &mut request,
+            VoteRequest::Modify {
+                args: json!({"amount": 9}),
+                note: None,
+            },
+            voter(&alice),
+        )
+        .unwrap();
+        // Bob saw revision 1: his click must not count for revision 2.
+        let before = request.clone();
+        let stale = VoteContext {
+            seen_revision: Some(1),
+            ..voter(&bob)
+        };
+        assert_eq!(
+            plan_vote(&mut request, approve(), stale),
+            Err(VoteRefusal::StaleRevision {
+                seen: 1,
+                current: 2
+            })
+        );
+        assert_eq!(request, before);
     }
 
     #[test]

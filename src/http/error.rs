@@ -90,17 +90,20 @@ impl IntoResponse for ApiError {
 
 impl From<VoteRefusal> for ApiError {
     fn from(refusal: VoteRefusal) -> Self {
-        let (status, code) = match &refusal {
-            VoteRefusal::NotPending(_) => (StatusCode::CONFLICT, "not_pending"),
-            VoteRefusal::Expired => (StatusCode::CONFLICT, "expired"),
-            VoteRefusal::Requester(_) => (StatusCode::FORBIDDEN, "requester_cannot_approve"),
-            VoteRefusal::NotEligible(..) => (StatusCode::FORBIDDEN, "not_an_approver"),
-            VoteRefusal::AlreadyApproved(_) => (StatusCode::CONFLICT, "already_voted"),
-            VoteRefusal::ReasonRequired => (StatusCode::BAD_REQUEST, "reason_required"),
-            VoteRefusal::ArgsNotObject => (StatusCode::BAD_REQUEST, "invalid_args"),
-            VoteRefusal::ArgsUnchanged => (StatusCode::BAD_REQUEST, "args_unchanged"),
+        let status = match &refusal {
+            VoteRefusal::NotPending(_)
+            | VoteRefusal::Expired
+            | VoteRefusal::AlreadyApproved(_)
+            | VoteRefusal::StaleRevision { .. } => StatusCode::CONFLICT,
+            VoteRefusal::Requester(_)
+            | VoteRefusal::NotEligible(..)
+            | VoteRefusal::EmailUnreadable(_) => StatusCode::FORBIDDEN,
+            VoteRefusal::ReasonRequired
+            | VoteRefusal::ArgsNotObject
+            | VoteRefusal::ArgsUnchanged => StatusCode::BAD_REQUEST,
+            VoteRefusal::ModificationDenied { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         };
-        Self::new(status, code, refusal.to_string())
+        Self::new(status, refusal.code(), refusal.to_string())
     }
 }
 

@@ -11,7 +11,7 @@ use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use super::condition::Condition;
-use super::{Approvers, Effect, Policy, Rule, Tier};
+use super::{Approvers, Effect, People, Policy, Rule, Tier};
 use crate::domain::Principal;
 
 /// One problem in a policy file.
@@ -55,6 +55,8 @@ struct RawPolicy {
     default: Option<Spanned<String>>,
     #[serde(default)]
     default_tier: Option<Spanned<String>>,
+    #[serde(default)]
+    people: IndexMap<String, Spanned<Vec<String>>>,
     #[serde(default)]
     groups: IndexMap<String, Spanned<Vec<String>>>,
     #[serde(default)]
@@ -208,11 +210,12 @@ impl Checker {
                 .unwrap_or(Effect::Deny),
         };
 
-        let groups = self.groups(&raw.groups);
+        let people = self.people(&raw.people);
+        let groups = self.groups(&raw.groups, &people);
         let tiers: Vec<Tier> = raw
             .tiers
             .iter()
-            .map(|(name, tier)| self.tier(name, tier, &groups))
+            .map(|(name, tier)| self.tier(name, tier, &groups, &people))
             .collect();
         let tier_index: HashMap<&str, usize> = tiers
             .iter()
@@ -331,11 +334,58 @@ impl Checker {
             hash: format!("sha256:{}", hex::encode(Sha256::digest(source.as_bytes()))),
             default_effect,
             default_tier,
+            people,
             tiers,
             rules,
             patterns,
             pattern_rule,
         }
+    }
+
+    /// Validates the `people` map: each entry a person principal, each principal one
+    /// person's only (otherwise one click could count for two people).
+    fn people(&mut self, raw: &IndexMap<String, Spanned<Vec<String>>>) -> People {
+        let mut people = People::default();
+        for (name, principals) in raw {
+            let line = principals.defined.line();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                self.issue(
+                    line,
+                    None,
+                    format!("person {name:?}: names are letters, digits, '-', '_' or '.'"),
+                );
+            }
+            if principals.value.is_empty() {
+                self.issue(line, None, format!("person {name:?} has no principals"));
+            }
+            for entry in &principals.value {
+                let principal = match entry.parse::<Principal>() {
+                    Ok(principal) => principal,
+                    Err(error) => {
+                        self.issue(line, None, format!("person {name:?}: {error}"));
+                        continue;
+                    }
+                };
+                if let Some(other) = people.person_of(&principal) {
+                    if other != name {
+                        self.issue(
+                            line,
+                            None,
+                            format!(
+                                "person {name:?}: {principal} already belongs to person {other:?}; a principal may belong to one person only"
+                            ),
+                        );
+                    }
+                    continue;
+                }
+                people.add(name, principal);
+            }
+        }
+        people
     }
 
     fn effect(&mut self, text: &str, line: u64, rule: Option<&str>) -> Option<Effect> {
@@ -358,6 +408,7 @@ impl Checker {
     fn groups(
         &mut self,
         groups: &IndexMap<String, Spanned<Vec<String>>>,
+        people: &People,
     ) -> HashMap<String, Vec<String>> {
         let mut resolved = HashMap::new();
         for (name, members) in groups {
@@ -369,7 +420,7 @@ impl Checker {
                         None,
                         format!("group {name:?}: groups cannot contain groups ({member})"),
                     );
-                } else if let Err(error) = approver_entry(member) {
+                } else if let Err(error) = approver_entry(member, people) {
                     self.issue(line, None, format!("group {name:?}: {error}"));
                 }
             }
@@ -383,6 +434,7 @@ impl Checker {
         name: &str,
         spanned: &Spanned<RawTier>,
         groups: &HashMap<String, Vec<String>>,
+        people: &People,
     ) -> Tier {
         let line = spanned.defined.line();
         let raw = &spanned.value;
@@ -400,9 +452,14 @@ impl Checker {
                 None => vec![entry.clone()],
             };
             for member in members {
-                match approver_entry(&member) {
+                match approver_entry(&member, people) {
                     Ok(ApproverEntry::Principal(principal)) => {
                         approvers.principals.insert(principal.to_string());
+                    }
+                    Ok(ApproverEntry::Person(principals)) => {
+                        approvers
+                            .principals
+                            .extend(principals.iter().map(ToString::to_string));
                     }
                     Ok(ApproverEntry::SlackGroup) => approvers.slack_groups.push(member),
                     Err(error) => self.issue(line, None, format!("{context}: {error}")),
@@ -481,10 +538,18 @@ impl Checker {
 
 enum ApproverEntry {
     Principal(Principal),
+    /// `person:NAME`: every principal of that person.
+    Person(Vec<Principal>),
     SlackGroup,
 }
 
-fn approver_entry(entry: &str) -> Result<ApproverEntry, String> {
+fn approver_entry(entry: &str, people: &People) -> Result<ApproverEntry, String> {
+    if let Some(name) = entry.strip_prefix("person:") {
+        return match people.principals_of(name) {
+            Some(principals) => Ok(ApproverEntry::Person(principals.to_vec())),
+            None => Err(format!("unknown person {name:?} (not in `people`)")),
+        };
+    }
     if let Some(group) = entry.strip_prefix("slack-group:") {
         if group.is_empty() || !group.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(format!(

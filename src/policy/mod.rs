@@ -41,6 +41,7 @@ pub struct Policy {
     hash: String,
     default_effect: Effect,
     default_tier: Option<usize>,
+    people: People,
     tiers: Vec<Tier>,
     rules: Vec<Rule>,
     /// Every rule's globs in one set; `pattern_rule[i]` is the rule of pattern `i`.
@@ -58,6 +59,41 @@ pub struct Tier {
     pub remind_after: Option<Duration>,
     pub escalate_after: Option<Duration>,
     pub escalate_to: Vec<String>,
+}
+
+/// The `people` map: one person, several principals (a Slack id, a Teams id, an email, a
+/// CLI name). Quorum counts people, and the requester/owner refusal covers every
+/// principal of the same person.
+#[derive(Debug, Default)]
+pub struct People {
+    principals: std::collections::HashMap<String, Vec<Principal>>,
+    person: std::collections::HashMap<Principal, String>,
+}
+
+impl People {
+    pub(crate) fn add(&mut self, name: &str, principal: Principal) {
+        self.person.insert(principal.clone(), name.to_string());
+        self.principals
+            .entry(name.to_string())
+            .or_default()
+            .push(principal);
+    }
+
+    pub fn person_of(&self, principal: &Principal) -> Option<&str> {
+        self.person.get(principal).map(String::as_str)
+    }
+
+    pub fn principals_of(&self, name: &str) -> Option<&[Principal]> {
+        self.principals.get(name).map(Vec::as_slice)
+    }
+
+    /// Does any person carry an `email:` principal? Then a chat user's email decides who
+    /// they are, and one whose email cannot be read is refused.
+    pub fn names_anyone_by_email(&self) -> bool {
+        self.person
+            .keys()
+            .any(|principal| principal.kind() == "email")
+    }
 }
 
 /// Who may vote in a tier, with groups already expanded.
@@ -192,6 +228,34 @@ impl Policy {
 
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    pub fn people(&self) -> &People {
+        &self.people
+    }
+
+    /// `voter` with every principal of the person (or people) they are known as added to
+    /// their aliases: one person, one vote, whichever principal they act under.
+    pub fn identify(&self, voter: &Voter) -> Voter {
+        let mut identified = voter.clone();
+        for identity in voter.identities() {
+            let Some(name) = self.people.person_of(identity) else {
+                continue;
+            };
+            for principal in self.people.principals_of(name).unwrap_or_default() {
+                if !identified.is(principal) {
+                    identified.aliases.push(principal.clone());
+                }
+            }
+        }
+        identified
+    }
+
+    /// The index of `tier` in the order tiers are listed, lowest risk first.
+    pub fn tier_rank(&self, tier: &str) -> Option<usize> {
+        self.tiers
+            .iter()
+            .position(|candidate| candidate.name == tier)
     }
 
     /// Is `principal` an approver of `tier` (directly or through a group)?

@@ -335,6 +335,35 @@ fn approvers_expand_groups() {
     assert!(policy.hash().starts_with("sha256:"));
 }
 
+#[test]
+fn people_tie_principals_to_one_person() {
+    let policy = Policy::parse(
+        "version: 1\npeople:\n  alice: [\"cli:alice\", \"slack:U01ALICE\", \"email:Alice@example.com\"]\ngroups:\n  ops: [\"person:alice\", \"cli:bob\"]\ntiers:\n  low:\n    approvers: [\"group:ops\"]\n  high:\n    approvers: [\"person:alice\"]\n",
+    )
+    .unwrap();
+    for tier in ["low", "high"] {
+        for principal in ["cli:alice", "slack:U01ALICE", "email:alice@example.com"] {
+            assert!(
+                policy.is_approver(tier, &principal.parse().unwrap()),
+                "{principal} in {tier}"
+            );
+        }
+    }
+    assert!(!policy.is_approver("high", &"cli:bob".parse().unwrap()));
+    // A voter acting under one principal is known under all of the person's.
+    let voter = policy.identify(&Voter::new("slack:U01ALICE".parse().unwrap()));
+    for principal in ["cli:alice", "email:alice@example.com"] {
+        assert!(voter.is(&principal.parse().unwrap()), "{principal}");
+    }
+    assert_eq!(voter.aliases.len(), 2);
+    // Someone in no person's entry is only themself.
+    let bob = policy.identify(&Voter::new("cli:bob".parse().unwrap()));
+    assert!(bob.aliases.is_empty());
+    assert!(policy.people().names_anyone_by_email());
+    assert_eq!(policy.tier_rank("low"), Some(0));
+    assert_eq!(policy.tier_rank("high"), Some(1));
+}
+
 /// Each broken policy must be refused with a message naming the rule (where there is one)
 /// and the line.
 #[test]
@@ -419,6 +448,26 @@ fn validation_errors() {
             "escalation without destination",
             "version: 1\ntiers:\n  t:\n    approvers: [\"cli:a\"]\n    escalate_after: 5m\n",
             None, 4, "escalate_after needs escalate_to",
+        ),
+        (
+            "a principal in two people",
+            "version: 1\npeople:\n  alice: [\"cli:alice\", \"slack:U01\"]\n  bob: [\"slack:U01\"]\n",
+            None, 4, "already belongs to person \"alice\"",
+        ),
+        (
+            "bad principal of a person",
+            "version: 1\npeople:\n  alice: [\"alice\"]\n",
+            None, 3, "person \"alice\"",
+        ),
+        (
+            "unknown person in a group",
+            "version: 1\ngroups:\n  g: [\"person:zed\"]\n",
+            None, 3, "unknown person \"zed\"",
+        ),
+        (
+            "unknown person among approvers",
+            "version: 1\ntiers:\n  t:\n    approvers: [\"person:zed\"]\n",
+            None, 4, "unknown person \"zed\"",
         ),
         (
             "tier on an allow rule",

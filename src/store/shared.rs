@@ -20,6 +20,8 @@ pub(super) struct StoredRequest {
     #[serde(flatten)]
     pub request: ApprovalRequest,
     pub original_args: Value,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_tiers: Vec<String>,
 }
 
 /// `StoredRequest` for writing, borrowed: serialising needs no copy of the request.
@@ -28,6 +30,8 @@ pub(super) struct StoredRequestRef<'a> {
     #[serde(flatten)]
     pub request: &'a ApprovalRequest,
     pub original_args: &'a Value,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub previous_tiers: &'a [String],
 }
 
 impl StoredRequest {
@@ -35,6 +39,7 @@ impl StoredRequest {
         StoredRequestRef {
             request,
             original_args: &request.original_args,
+            previous_tiers: &request.previous_tiers,
         }
     }
 
@@ -42,6 +47,7 @@ impl StoredRequest {
     pub fn into_request(self, columns: RequestColumns) -> ApprovalRequest {
         let mut request = self.request;
         request.original_args = self.original_args;
+        request.previous_tiers = self.previous_tiers;
         (request.version, request.remind_at, request.escalate_at) = columns;
         request
     }

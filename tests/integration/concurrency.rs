@@ -41,7 +41,7 @@ async fn fifty_conflicting_votes_give_one_decision(
             } else {
                 VoteRequest::Approve { note: None }
             };
-            engine.record_vote(&id, &principal, vote).await
+            engine.record_vote(&id, &principal, vote, None).await
         }));
     }
     let mut decided = 0;
@@ -99,6 +99,7 @@ async fn the_same_person_clicking_twice_counts_once(
                         &id,
                         &signoff::domain::Voter::new("cli:alice".parse().unwrap()),
                         VoteRequest::Approve { note: None },
+                        None,
                     )
                     .await
             })

@@ -32,6 +32,7 @@ async fn a_vote_on_one_replica_wakes_a_long_poll_on_another(
             &id,
             &voter,
             signoff::domain::VoteRequest::Approve { note: None },
+            None,
         )
         .await
         .unwrap();

@@ -8,7 +8,9 @@ use rstest::rstest;
 use serde_json::{json, Value};
 use signoff::domain::Status;
 
-use crate::support::fake_slack::{click_payload, slack_signature, Failure, SlackDriver};
+use crate::support::fake_slack::{
+    button_value, click_payload, slack_signature, Failure, SlackDriver,
+};
 use crate::support::{Backend, TestApp};
 
 const SLACK_POLICY: &str = r#"version: 1
@@ -289,8 +291,12 @@ async fn modify_validates_json_in_the_modal_and_starts_a_revision(
         Status::Pending,
         "alice's approval was on the old args"
     );
+    // Alice approves the card as it now shows revision 2.
     assert_eq!(
-        driver.click("U01ALICE", "C0HIGH", "approve", &id).await,
+        driver
+            .click_at("U01ALICE", "C0HIGH", "approve", &id, 2)
+            .await
+            .0,
         StatusCode::OK
     );
     let stored = app.stored(&id).await;
@@ -409,8 +415,12 @@ async fn unsigned_forged_and_stale_requests_are_refused(
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
     let driver = app.slack_driver();
-    let body =
-        SlackDriver::interaction_body(&click_payload("U01ALICE", "C0MEDIUM", "approve", &id));
+    let body = SlackDriver::interaction_body(&click_payload(
+        "U01ALICE",
+        "C0MEDIUM",
+        "approve",
+        &button_value(&id, 1),
+    ));
     let form = "application/x-www-form-urlencoded";
     let now = chrono::Utc::now().timestamp();
 

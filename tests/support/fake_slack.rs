@@ -232,6 +232,10 @@ async fn handle(
         "chat.update" => {
             json!({"ok": true, "channel": arguments["channel"], "ts": arguments["ts"], "message": {}})
         }
+        "auth.test" => json!({
+            "ok": true, "url": "https://example.slack.com/", "team": "Example",
+            "user": "signoff", "team_id": "T0FAKE", "user_id": "U0SIGNOFF", "bot_id": "B0SIGNOFF"
+        }),
         "chat.postEphemeral" => json!({"ok": true, "message_ts": "1700000000.999999"}),
         "views.open" => json!({"ok": true, "view": {
             "id": "V0FAKE", "team_id": "T0FAKE", "hash": "fake", "type": "modal",
@@ -328,7 +332,7 @@ impl SlackDriver {
         .await
     }
 
-    /// A click on a card button, as Slack's block_actions payload.
+    /// A click on a card button showing revision 1 of `request_id`.
     pub async fn click(
         &self,
         user: &str,
@@ -336,17 +340,53 @@ impl SlackDriver {
         action_id: &str,
         request_id: &str,
     ) -> StatusCode {
-        let mut payload = click_payload(user, channel, action_id, request_id);
-        payload["response_url"] = json!(self.response_url);
-        self.interact(payload).await.0
+        self.click_at(user, channel, action_id, request_id, 1)
+            .await
+            .0
     }
 
-    /// A modal submitted with one input value.
+    /// A click on a card button showing `revision`, as Slack's block_actions payload;
+    /// returns the status and body signoff answered with.
+    pub async fn click_at(
+        &self,
+        user: &str,
+        channel: &str,
+        action_id: &str,
+        request_id: &str,
+        revision: u32,
+    ) -> (StatusCode, String) {
+        let value = button_value(request_id, revision);
+        let mut payload = click_payload(user, channel, action_id, &value);
+        payload["response_url"] = json!(self.response_url);
+        self.interact(payload).await
+    }
+
+    /// A modal opened on revision 1, submitted with one input value.
     pub async fn submit_modal(
         &self,
         user: &str,
         callback_id: &str,
         request_id: &str,
+        block: &str,
+        value: &str,
+    ) -> (StatusCode, Value) {
+        self.submit_modal_at(
+            user,
+            callback_id,
+            &button_value(request_id, 1),
+            block,
+            value,
+        )
+        .await
+    }
+
+    /// A modal whose `private_metadata` is `metadata` (what signoff put in it), submitted
+    /// with one input value.
+    pub async fn submit_modal_at(
+        &self,
+        user: &str,
+        callback_id: &str,
+        metadata: &str,
         block: &str,
         value: &str,
     ) -> (StatusCode, Value) {
@@ -361,7 +401,7 @@ impl SlackDriver {
                 "title": {"type": "plain_text", "text": "signoff"},
                 "blocks": [],
                 "callback_id": callback_id,
-                "private_metadata": request_id,
+                "private_metadata": metadata,
                 "state": {"values": {block: {block: {"type": "plain_text_input", "value": value}}}}
             }
         });
@@ -404,8 +444,13 @@ impl SlackDriver {
     }
 }
 
-/// Slack's block_actions payload for a button click on a card in `channel`.
-pub fn click_payload(user: &str, channel: &str, action_id: &str, request_id: &str) -> Value {
+/// What signoff's card buttons carry for `request_id` at `revision`.
+pub fn button_value(request_id: &str, revision: u32) -> String {
+    json!({"request_id": request_id, "revision": revision}).to_string()
+}
+
+/// Slack's block_actions payload for a click on a card button whose value is `value`.
+pub fn click_payload(user: &str, channel: &str, action_id: &str, value: &str) -> Value {
     json!({
         "type": "block_actions",
         "team": {"id": "T0FAKE", "domain": "example"},
@@ -420,9 +465,9 @@ pub fn click_payload(user: &str, channel: &str, action_id: &str, request_id: &st
         "actions": [{
             "type": "button",
             "action_id": action_id,
-            "block_id": format!("signoff:{request_id}"),
+            "block_id": "signoff",
             "text": {"type": "plain_text", "text": action_id},
-            "value": request_id,
+            "value": value,
             "action_ts": "1700000001.000002"
         }]
     })

@@ -421,7 +421,7 @@ impl TestApp {
     ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
         let principal: Principal = principal.parse().expect("principal");
         self.engine()
-            .record_vote(id, &Voter::new(principal), vote)
+            .record_vote(id, &Voter::new(principal), vote, None)
             .await
     }
 

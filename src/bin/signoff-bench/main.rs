@@ -1017,7 +1017,7 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(5)).await;
             self.server
                 .engine()
-                .record_vote(&id, &voter, VoteRequest::Approve { note: None })
+                .record_vote(&id, &voter, VoteRequest::Approve { note: None }, None)
                 .await
                 .map_err(|error| anyhow::anyhow!("{error}"))?;
             let committed = Instant::now();

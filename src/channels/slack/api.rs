@@ -177,6 +177,13 @@ impl SlackApi {
         Ok(())
     }
 
+    /// The id of the workspace the bot token belongs to (auth.test).
+    pub async fn team_id(&self) -> Result<String, SlackCallError> {
+        let session = self.client.open_session(&self.token);
+        let response = self.call("auth.test", session.auth_test()).await?;
+        Ok(response.team_id.to_string())
+    }
+
     /// The user's email address (needs users:read.email), if Slack has one.
     pub async fn user_email(&self, user: &str) -> Result<Option<String>, SlackCallError> {
         let session = self.client.open_session(&self.token);

@@ -2,7 +2,7 @@
 
 use slack_morphism::prelude::*;
 
-use crate::channels::{CardView, APPROVE, DENY, MODIFY};
+use crate::channels::{CardView, VoteTarget, APPROVE, DENY, MODIFY};
 use crate::domain::{Principal, Status};
 
 /// Block Kit limits (https://api.slack.com/reference/block-kit/blocks).
@@ -81,7 +81,7 @@ pub fn render_card(card: &CardView) -> Vec<SlackBlock> {
     blocks.push(SlackContextBlock::new(vec![md!(progress_text(card))]).into());
 
     if card.is_pending() {
-        blocks.push(buttons(&card.id).into());
+        blocks.push(buttons(card).into());
     } else {
         blocks.push(
             SlackSectionBlock::new()
@@ -100,7 +100,10 @@ pub fn card_fallback_text(card: &CardView) -> String {
     }
 }
 
-fn buttons(request_id: &str) -> SlackActionsBlock {
+/// Every button carries the request id and the revision shown, so a click on an older
+/// card cannot count for a newer revision.
+fn buttons(card: &CardView) -> SlackActionsBlock {
+    let target = VoteTarget::of(card).encode();
     let confirm = SlackBlockConfirmItem::new(
         pt!("Approve this action?"),
         md!("Your approval is recorded under your name and cannot be taken back."),
@@ -111,23 +114,23 @@ fn buttons(request_id: &str) -> SlackActionsBlock {
         some_into(
             SlackBlockButtonElement::new(pt!("Approve"))
                 .with_action_id(APPROVE.into())
-                .with_value(request_id.to_string())
+                .with_value(target.clone())
                 .with_style(SlackBlockButtonStyle::Primary)
                 .with_confirm(confirm)
         ),
         some_into(
             SlackBlockButtonElement::new(pt!("Deny"))
                 .with_action_id(DENY.into())
-                .with_value(request_id.to_string())
+                .with_value(target.clone())
                 .with_style(SlackBlockButtonStyle::Danger)
         ),
         some_into(
             SlackBlockButtonElement::new(pt!("Modify"))
                 .with_action_id(MODIFY.into())
-                .with_value(request_id.to_string())
+                .with_value(target)
         )
     ])
-    .with_block_id(format!("signoff:{request_id}").into())
+    .with_block_id(format!("signoff:{}:{}", card.id, card.revision).into())
 }
 
 fn field(label: &str, value: &str) -> SlackBlockText {
@@ -266,7 +269,7 @@ pub fn deny_modal(card: &CardView) -> SlackView {
         .with_submit(pt!("Deny"))
         .with_close(pt!("Cancel"))
         .with_callback_id(DENY_CALLBACK.into())
-        .with_private_metadata(card.id.clone()),
+        .with_private_metadata(VoteTarget::of(card).encode()),
     )
 }
 
@@ -282,7 +285,7 @@ pub fn modify_modal(card: &CardView) -> Option<SlackView> {
             pt!("Modify request"),
             slack_blocks![
                 some_into(SlackSectionBlock::new().with_text(md!(format!(
-                    "Change the args of *{}*. Saving starts a new revision: earlier approvals no longer count, and yours counts as the first.",
+                    "Change the args of *{}*. Saving starts a new revision: earlier approvals no longer count, and yours counts as the first. The policy checks the new args again: it may refuse them, or move the request to a higher tier.",
                     escape(&truncate(&card.action, 200))
                 )))),
                 some_into(
@@ -302,7 +305,7 @@ pub fn modify_modal(card: &CardView) -> Option<SlackView> {
         .with_submit(pt!("Save and approve"))
         .with_close(pt!("Cancel"))
         .with_callback_id(MODIFY_CALLBACK.into())
-        .with_private_metadata(card.id.clone()),
+        .with_private_metadata(VoteTarget::of(card).encode()),
     ))
 }
 
@@ -418,6 +421,7 @@ mod tests {
             escalated_at: None,
             remind_at: None,
             escalate_at: None,
+            previous_tiers: Vec::new(),
             version: 2,
         }
     }
@@ -532,7 +536,13 @@ mod tests {
         let card = CardView::of(&pending_refund());
         insta::assert_json_snapshot!(serde_json::to_value(deny_modal(&card)).unwrap());
         let modify = serde_json::to_value(modify_modal(&card).unwrap()).unwrap();
-        assert_eq!(modify["private_metadata"], card.id);
+        assert_eq!(
+            VoteTarget::decode(modify["private_metadata"].as_str().unwrap()),
+            Some(VoteTarget {
+                request_id: card.id.clone(),
+                revision: card.revision
+            })
+        );
         assert_eq!(modify["callback_id"], MODIFY_CALLBACK);
         let initial = modify["blocks"][1]["element"]["initial_value"]
             .as_str()

@@ -57,10 +57,10 @@ impl Directory {
         } else {
             None
         };
-        if let Some(email) = email {
-            if let Ok(alias) = format!("email:{email}").parse() {
-                voter.aliases.push(alias);
-            }
+        match email.and_then(|email| format!("email:{email}").parse().ok()) {
+            Some(alias) => voter.aliases.push(alias),
+            // Asked for and not told: the engine refuses where the email matters.
+            None => voter.email_unreadable = needs_email,
         }
         for group in slack_groups {
             let id = group.trim_start_matches("slack-group:");

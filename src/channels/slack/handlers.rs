@@ -20,9 +20,11 @@ use super::card::{
     REASON_BLOCK,
 };
 use super::SlackChannel;
-use crate::channels::{parse_modified_args, CardView, APPROVE, DENY, MODIFY};
+use crate::channels::{parse_modified_args, CardView, VoteTarget, APPROVE, DENY, MODIFY};
 use crate::config::check_outbound_url;
-use crate::domain::{ApprovalRequest, Status, VoteEffect, VoteKindRequested, VoteRequest, Voter};
+use crate::domain::{
+    ApprovalRequest, Status, VoteEffect, VoteKindRequested, VoteRefusal, VoteRequest, Voter,
+};
 use crate::engine::{Engine, EngineError};
 use crate::http::ApiError;
 use crate::store::RequestFilter;
@@ -34,7 +36,8 @@ use crate::store::RequestFilter;
 struct Interaction {
     #[serde(rename = "type")]
     kind: String,
-    user: Identified,
+    team: Identified,
+    user: User,
     channel: Option<Identified>,
     container: Container,
     trigger_id: String,
@@ -47,6 +50,14 @@ struct Interaction {
 #[serde(default)]
 struct Identified {
     id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct User {
+    id: String,
+    /// The user's own workspace: differs from `team` for Slack Connect guests.
+    team_id: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +181,11 @@ async fn interactions(State(state): State<SlackState>, SignedBody(body): SignedB
                 .into_response();
         }
     };
+    if let Some(refused) =
+        foreign_workspace(&state, &[&interaction.team.id, &interaction.user.team_id]).await
+    {
+        return refused;
+    }
     match interaction.kind.as_str() {
         "block_actions" => block_action(&state, interaction).await,
         "view_submission" => view_submission(&state, interaction).await,
@@ -177,43 +193,162 @@ async fn interactions(State(state): State<SlackState>, SignedBody(body): SignedB
     }
 }
 
+/// Refuses (403, nothing changed) anything from a workspace other than the bot's own.
+async fn foreign_workspace(state: &SlackState, teams: &[&str]) -> Option<Response> {
+    match state.slack.is_home_team(teams).await {
+        Ok(true) => None,
+        Ok(false) => {
+            tracing::warn!(?teams, "Slack request from another workspace refused");
+            Some(
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "wrong_workspace",
+                    "this signoff installation serves another Slack workspace; nothing was recorded",
+                )
+                .into_response(),
+            )
+        }
+        Err(error) => {
+            tracing::warn!(%error, "auth.test failed: cannot tell which workspace this is");
+            Some(
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "slack_unavailable",
+                    "signoff cannot confirm its Slack workspace just now; nothing was recorded, please try again",
+                )
+                .into_response(),
+            )
+        }
+    }
+}
+
+/// Why nothing was done for a click, and the request as it now stands when the person
+/// should see it again (their card was out of date).
+struct Refusal {
+    text: String,
+    current: Option<Box<ApprovalRequest>>,
+}
+
+impl From<String> for Refusal {
+    fn from(text: String) -> Self {
+        Self {
+            text,
+            current: None,
+        }
+    }
+}
+
+impl Refusal {
+    /// The engine's refusal in words; a stale revision also shows the current card.
+    async fn of(state: &SlackState, request_id: &str, error: &EngineError) -> Self {
+        let current = match error {
+            EngineError::Refused(VoteRefusal::StaleRevision { .. }) => {
+                state.engine.request(request_id).await.ok().map(Box::new)
+            }
+            _ => None,
+        };
+        Self {
+            text: explain(error),
+            current,
+        }
+    }
+
+    fn message(&self) -> Value {
+        match &self.current {
+            Some(request) => json!({
+                "response_type": "ephemeral",
+                "replace_original": false,
+                "text": escape(&self.text),
+                "blocks": current_card_blocks(&self.text, request),
+            }),
+            None => json!({
+                "response_type": "ephemeral",
+                "replace_original": false,
+                "text": self.text,
+            }),
+        }
+    }
+}
+
+/// The explanation, then the request's current card (with buttons for its current revision).
+fn current_card_blocks(text: &str, request: &ApprovalRequest) -> Vec<SlackBlock> {
+    let mut blocks = vec![SlackBlock::from(
+        SlackSectionBlock::new().with_text(md!(escape(text))),
+    )];
+    blocks.push(SlackDividerBlock::new().into());
+    blocks.extend(render_card(&CardView::of(request)));
+    blocks
+}
+
 /// A button on a card: approve at once; deny and modify open a modal first. Anyone who
 /// may not do what they clicked is told why, only them, and nothing changes.
 async fn block_action(state: &SlackState, interaction: Interaction) -> Response {
-    let Some(text) = click_refusal(state, &interaction).await else {
+    let Some(refusal) = click_refusal(state, &interaction).await else {
         return StatusCode::OK.into_response();
     };
-    let answer = json!({"response_type": "ephemeral", "replace_original": false, "text": text});
+    let answer = refusal.message();
     tell_user(state, &interaction, answer.clone());
     // Slack ignores this body for button clicks; it helps anyone calling us by hand.
     Json(answer).into_response()
 }
 
+/// The request and revision a button or modal names. A value without a revision (a card
+/// posted before votes were bound to revisions, or a crafted one) votes on nothing: the
+/// person is shown the current card instead.
+async fn vote_target(state: &SlackState, value: &str) -> Result<VoteTarget, Refusal> {
+    if let Some(target) = VoteTarget::decode(value) {
+        return Ok(target);
+    }
+    let current = state.engine.request(value).await.ok().map(Box::new);
+    Err(Refusal {
+        text:
+            "That card is out of date, so nothing was recorded; here is the request as it is now."
+                .into(),
+        current,
+    })
+}
+
 /// Acts on the click; returns the explanation for the user when nothing could be done.
-async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<String> {
+async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<Refusal> {
     let user = interaction.user.id.as_str();
     let action = interaction.actions.first()?;
-    let request_id = action.value.clone().unwrap_or_default();
-    let voter = match voter(state, &request_id, user).await {
+    let target = match vote_target(state, action.value.as_deref().unwrap_or_default()).await {
+        Ok(target) => target,
+        Err(refusal) => return Some(refusal),
+    };
+    let request_id = target.request_id.as_str();
+    let seen = Some(target.revision);
+    let voter = match voter(state, request_id, user).await {
         Ok((_, voter)) => voter,
-        Err(message) => return Some(message),
+        Err(message) => return Some(message.into()),
     };
     match action.action_id.as_str() {
-        APPROVE => state
+        APPROVE => match state
             .engine
-            .record_vote(&request_id, &voter, VoteRequest::Approve { note: None })
+            .record_vote(
+                request_id,
+                &voter,
+                VoteRequest::Approve { note: None },
+                seen,
+            )
             .await
-            .err()
-            .map(|error| explain(&error)),
+        {
+            Ok(_) => None,
+            Err(error) => Some(Refusal::of(state, request_id, &error).await),
+        },
         action_id @ (DENY | MODIFY) => {
             let kind = if action_id == DENY {
                 VoteKindRequested::Deny
             } else {
                 VoteKindRequested::Modify
             };
-            let request = match state.engine.check_voter(&request_id, &voter, kind).await {
+            let request = match state
+                .engine
+                .check_voter(request_id, &voter, kind, seen)
+                .await
+            {
                 Ok(request) => request,
-                Err(error) => return Some(explain(&error)),
+                Err(error) => return Some(Refusal::of(state, request_id, &error).await),
             };
             let card = CardView::of(&request);
             let view = if kind == VoteKindRequested::Deny {
@@ -223,8 +358,9 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
             };
             let Some(view) = view else {
                 return Some(format!(
-                    "The args are too long to edit in Slack; use `signoff modify {request_id} --as slack:{user} --args …`."
-                ));
+                    "The args are too long to edit in Slack; an operator can use `signoff modify {request_id} --revision {} --as cli:NAME --args …`.",
+                    request.revision
+                ).into());
             };
             match state
                 .slack
@@ -235,7 +371,7 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
                 Ok(()) => None,
                 Err(error) => {
                     tracing::warn!(%error, "views.open failed");
-                    Some("Slack could not open the form; please click again.".into())
+                    Some(String::from("Slack could not open the form; please click again.").into())
                 }
             }
         }
@@ -244,12 +380,12 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
 }
 
 /// A deny reason or modified args submitted from a modal. Problems are shown inside the
-/// modal (`response_action: errors`); success closes it.
+/// modal (`response_action: errors`); success closes it. The modal names the revision it
+/// was opened on: if the request changed meanwhile, nothing is overwritten.
 async fn view_submission(state: &SlackState, interaction: Interaction) -> Response {
     let Some(view) = &interaction.view else {
         return StatusCode::OK.into_response();
     };
-    let request_id = view.private_metadata.as_str();
     let (block, vote) = match view.callback_id.as_str() {
         DENY_CALLBACK => {
             let reason = view.input(REASON_BLOCK);
@@ -264,13 +400,30 @@ async fn view_submission(state: &SlackState, interaction: Interaction) -> Respon
         },
         _ => return StatusCode::OK.into_response(),
     };
+    let target = match vote_target(state, &view.private_metadata).await {
+        Ok(target) => target,
+        Err(refusal) => return modal_error(block, &refusal.text),
+    };
+    let request_id = target.request_id.as_str();
     let voter = match voter(state, request_id, &interaction.user.id).await {
         Ok((_, voter)) => voter,
         Err(message) => return modal_error(block, &message),
     };
-    match state.engine.record_vote(request_id, &voter, vote).await {
+    match state
+        .engine
+        .record_vote(request_id, &voter, vote, Some(target.revision))
+        .await
+    {
         Ok(_) => StatusCode::OK.into_response(),
-        Err(error) => modal_error(block, &explain(&error)),
+        Err(error) => {
+            let refusal = Refusal::of(state, request_id, &error).await;
+            if refusal.current.is_some() {
+                // The modal shows the reason; the current card follows as an ephemeral
+                // message where Slack lets us send one.
+                tell_user(state, &interaction, refusal.message());
+            }
+            modal_error(block, &refusal.text)
+        }
     }
 }
 
@@ -358,6 +511,13 @@ const HELP: &str = "*signoff* — approve what your AI agents want to do.\n\
 /// The slash command. Every answer is ephemeral.
 async fn commands(State(state): State<SlackState>, SignedBody(body): SignedBody) -> Response {
     let fields = form_fields(&body);
+    let team = fields
+        .get("team_id")
+        .map(String::as_str)
+        .unwrap_or_default();
+    if let Some(refused) = foreign_workspace(&state, &[team]).await {
+        return refused;
+    }
     let user = fields.get("user_id").cloned().unwrap_or_default();
     let text = fields.get("text").cloned().unwrap_or_default();
     let mut words = text.split_whitespace();
@@ -366,13 +526,7 @@ async fn commands(State(state): State<SlackState>, SignedBody(body): SignedBody)
     let rest = words.collect::<Vec<_>>().join(" ");
     let answer = match (subcommand.as_str(), id) {
         ("pending", _) => pending_for(&state, &user).await,
-        ("show", Some(id)) => match state.engine.request(&id).await {
-            Ok(request) => ephemeral_blocks(
-                format!("Request {id}"),
-                render_card(&CardView::of(&request)),
-            ),
-            Err(error) => ephemeral(explain(&error)),
-        },
+        ("show", Some(id)) => show_to(&state, &id, &user).await,
         ("approve", Some(id)) => {
             let note = (!rest.is_empty()).then_some(rest);
             vote_from_command(&state, &id, &user, VoteRequest::Approve { note }).await
@@ -393,24 +547,49 @@ async fn commands(State(state): State<SlackState>, SignedBody(body): SignedBody)
     Json(answer).into_response()
 }
 
+/// `show ID`: the card, for people who may see the request (approvers of its tier, its
+/// requester, the agent's owners); anyone else learns nothing, not even that it exists.
+async fn show_to(state: &SlackState, id: &str, user: &str) -> Value {
+    const NOT_SHOWN: &str = "That request does not exist, or you may not see it.";
+    let (request, voter) = match voter(state, id, user).await {
+        Ok(found) => found,
+        Err(_) => return ephemeral(NOT_SHOWN.into()),
+    };
+    match state.engine.may_view(&request, &voter).await {
+        Ok(true) => ephemeral_blocks(
+            format!("Request {id}"),
+            render_card(&CardView::of(&request)),
+        ),
+        Ok(false) => ephemeral(NOT_SHOWN.into()),
+        Err(error) => ephemeral(explain(&error)),
+    }
+}
+
+/// A typed vote acts on the current revision; the answer says which, and the args it
+/// approved, so the person knows exactly what they signed off.
 async fn vote_from_command(state: &SlackState, id: &str, user: &str, vote: VoteRequest) -> Value {
     let voter = match voter(state, id, user).await {
         Ok((_, voter)) => voter,
         Err(message) => return ephemeral(message),
     };
-    match state.engine.record_vote(id, &voter, vote).await {
+    match state.engine.record_vote(id, &voter, vote, None).await {
         Ok((
-            _,
+            request,
             VoteEffect::Counted {
                 approvals,
                 required,
             },
         )) => ephemeral(format!(
-            "Recorded your approval of `{id}`: {approvals} of {required} approvals."
+            "Recorded your approval of `{id}` (revision {}): {approvals} of {required} approvals. Args: `{}`",
+            request.revision,
+            escape(&request.args.to_string())
         )),
-        Ok((_, VoteEffect::Decided(status))) => {
-            ephemeral(format!("`{id}` is now {}.", status.as_str()))
-        }
+        Ok((request, VoteEffect::Decided(status))) => ephemeral(format!(
+            "`{id}` is now {} (revision {}). Args: `{}`",
+            status.as_str(),
+            request.revision,
+            escape(&request.args.to_string())
+        )),
         Err(error) => ephemeral(explain(&error)),
     }
 }
@@ -438,7 +617,7 @@ async fn pending_for(state: &SlackState, user: &str) -> Value {
         };
         if state
             .engine
-            .check_voter(&request.id, &voter, VoteKindRequested::Approve)
+            .check_voter(&request.id, &voter, VoteKindRequested::Approve, None)
             .await
             .is_ok()
         {

@@ -29,6 +29,8 @@ pub struct SlackChannel {
     directory: Directory,
     verifier: SlackEventSignatureVerifier,
     command: String,
+    /// The workspace the bot token belongs to (auth.test), once Slack has told us.
+    home_team: tokio::sync::OnceCell<String>,
 }
 
 /// What syncing a card did.
@@ -52,7 +54,25 @@ impl SlackChannel {
                 config.signing_secret.expose().to_string(),
             )),
             command: config.command.clone(),
+            home_team: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Is `team` (an interaction's or command's workspace) the one this bot is installed
+    /// in? Another workspace — Slack Connect guests included — may not decide anything
+    /// here. Fails closed while Slack cannot answer auth.test; only a Slack that refuses
+    /// auth.test outright (a broken token, with which no card can be posted either)
+    /// leaves the check to the request signature alone.
+    pub async fn is_home_team(&self, teams: &[&str]) -> Result<bool, SlackCallError> {
+        let home = self.home_team.get_or_try_init(|| self.api.team_id()).await;
+        match home {
+            Ok(home) => Ok(teams.iter().all(|team| team.is_empty() || team == home)),
+            Err(SlackCallError::Permanent(error)) => {
+                tracing::error!(%error, "auth.test refused: cannot check which workspace a click comes from");
+                Ok(true)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Makes the card for `request_id` in `channel` show the request as it is now: posts it
@@ -170,6 +190,7 @@ impl SlackChannel {
             Err(_) => true,
         };
         let needs_email = owners_by_email
+            || policy.people().names_anyone_by_email()
             || request
                 .on_behalf_of
                 .as_ref()
