@@ -14,4 +14,5 @@ mod operations;
 mod replicas;
 mod slack;
 mod store;
+mod trust;
 mod webhooks;

@@ -48,6 +48,12 @@ async fn slack_app(backend: Backend) -> Option<TestApp> {
     let app = TestApp::spawn_with_policy(backend, SLACK_POLICY).await?;
     app.slack.add_user("U03CAROL", "Carol@Example.com");
     app.slack.add_user("U01ALICE", "alice@example.com");
+    // The policy names Carol by email, so every voter's email must be readable (a user
+    // whose email Slack hides is refused: see tests/integration/trust.rs).
+    for user in ["U02BOB", "U04DAVE", "U09MALLORY"] {
+        app.slack
+            .add_user(user, &format!("{}@example.com", user.to_lowercase()));
+    }
     app.slack.set_group("S0ONCALL", &["U04DAVE"]);
     Some(app)
 }
@@ -205,7 +211,8 @@ async fn deny_asks_for_a_reason_in_a_modal(
         "13345224609.738474920.8088930838d88f008e0"
     );
     assert_eq!(opened[0]["view"]["callback_id"], "signoff_deny");
-    assert_eq!(opened[0]["view"]["private_metadata"], id);
+    // The modal names the request and the revision it was opened on.
+    assert_eq!(opened[0]["view"]["private_metadata"], button_value(&id, 1));
     assert_eq!(
         app.stored(&id).await.status,
         Status::Pending,
