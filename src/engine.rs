@@ -1074,8 +1074,10 @@ impl Engine {
 pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
     let source = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    // Kept as the source, not flattened into text: the admin API answers with the
+    // problems alone, without the path.
     Policy::parse(&source).map_err(|error: PolicyError| {
-        anyhow::anyhow!("policy {} is invalid:\n{error}", path.display())
+        anyhow::Error::new(error).context(format!("policy {} is invalid", path.display()))
     })
 }
 
