@@ -38,6 +38,9 @@ use crate::telemetry;
 /// another change won, and a request takes at most `approvals + 1` winning changes to end.
 const MAX_ATTEMPTS: usize = 64;
 
+/// Due requests a sweep reads at a time.
+pub const SWEEP_BATCH: usize = 500;
+
 /// Idempotency-Keys are answered for at least this long (DESIGN §6: at least 24 h).
 pub const IDEMPOTENCY_KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -880,21 +883,47 @@ impl Engine {
     /// Does the time-driven work that has fallen due (expiries, reminders or escalations);
     /// returns how many requests this call changed. Every replica may run it: each change is
     /// a compare-and-set, so each is done once.
+    ///
+    /// A request that fails (unreadable, say) is logged, counted and passed over: it stays
+    /// due, first in line for the next sweep, but never holds up the ones behind it.
+    #[instrument(skip_all, fields(due = ?due))]
     pub async fn sweep_due(&self, due: Due) -> EngineResult<usize> {
-        const BATCH: i64 = 500;
         let mut changed = 0;
+        // Ids this sweep has handled, done or not: failed ones are still due, and are skipped
+        // in later batches by asking for that many more.
+        let mut handled: HashSet<String> = HashSet::new();
         loop {
-            let ids = self.store.due_request_ids(due, now(), BATCH).await?;
-            let batch = ids.len();
-            for id in ids {
-                let done = match due {
-                    Due::Expiry => self.expire_request(&id).await?,
-                    Due::Reminder => self.remind_request(&id).await?,
-                    Due::Escalation => self.escalate_request(&id).await?,
-                };
-                changed += usize::from(done);
+            let limit = SWEEP_BATCH + handled.len();
+            let ids = self
+                .store
+                .due_request_ids(due, now(), i64::try_from(limit).unwrap_or(i64::MAX))
+                .await?;
+            let fetched = ids.len();
+            let fresh: Vec<String> = ids
+                .into_iter()
+                .filter(|id| !handled.contains(id))
+                .collect();
+            // Nothing new: only what already failed is left (a whole batch may fail).
+            if fresh.is_empty() {
+                return Ok(changed);
             }
-            if (batch as i64) < BATCH {
+            for id in fresh {
+                let done = match due {
+                    Due::Expiry => self.expire_request(&id).await,
+                    Due::Reminder => self.remind_request(&id).await,
+                    Due::Escalation => self.escalate_request(&id).await,
+                };
+                match done {
+                    Ok(done) => changed += usize::from(done),
+                    Err(error) => {
+                        tracing::warn!(request_id = %id, ?due, %error, "sweep could not handle a due request; going on with the others");
+                        metrics::counter!(telemetry::SWEEP_FAILURES, "due" => due.as_str())
+                            .increment(1);
+                    }
+                }
+                handled.insert(id);
+            }
+            if fetched < limit {
                 return Ok(changed);
             }
         }

@@ -177,6 +177,17 @@ pub enum Due {
     Escalation,
 }
 
+impl Due {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Due::Expiry => "expiry",
+            Due::Reminder => "reminder",
+            Due::Escalation => "escalation",
+        }
+    }
+}
+
 /// Which requests to list.
 #[derive(Clone, Debug, Default)]
 pub struct RequestFilter {
