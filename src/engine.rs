@@ -375,11 +375,11 @@ impl Engine {
                         "Idempotency-Key must be 1 to 255 characters".into(),
                     ));
                 }
-                Ok(IdempotencyKey {
-                    agent: agent.name.clone(),
+                Ok(IdempotencyKey::new(
+                    agent.name.clone(),
                     key,
-                    body_hash: submission_hash(&submission),
-                })
+                    submission_hash(&submission),
+                ))
             })
             .transpose()?;
         if let Some(key) = &key {
@@ -415,6 +415,12 @@ impl Engine {
         }
         let result = result.map_err(|error| match error {
             EngineError::Store(StoreError::AgentRevoked) => EngineError::Unauthorized,
+            // This attempt was presumed dead and a retry holds the key now: its answer is
+            // the one to wait for.
+            EngineError::Store(StoreError::IdempotencyKeyTakenOver) => EngineError::Conflict {
+                code: "idempotency_in_flight",
+                message: "a later attempt with this Idempotency-Key took it over; retry shortly for its answer".into(),
+            },
             other => other,
         });
         if let (Err(_), Some(key)) = (&result, &key) {

@@ -133,12 +133,20 @@ pub(super) fn conflict_on_unique(error: sqlx::Error, what: &str) -> StoreError {
     }
 }
 
-/// Why the database refused new requests: a taken id, or a revoked agent (the
-/// `requests_from_active_agents` trigger of both backends raises this message).
+/// What SQLite's `idempotency_fences` trigger raises when a request's Idempotency-Key no
+/// longer holds the attempt's token.
+pub(super) const TAKEN_OVER: &str = "idempotency key taken over";
+
+/// Why the database refused new requests: a taken id, a revoked agent (the
+/// `requests_from_active_agents` trigger of both backends raises this message), or an
+/// Idempotency-Key taken over by a later attempt.
 pub(super) fn refused_request_insert(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(database) if database.message().contains("agent revoked") => {
             StoreError::AgentRevoked
+        }
+        sqlx::Error::Database(database) if database.message().contains(TAKEN_OVER) => {
+            StoreError::IdempotencyKeyTakenOver
         }
         _ => conflict_on_unique(error, "request id already exists"),
     }
@@ -300,7 +308,10 @@ macro_rules! implement_store {
                 });
             }
 
-            /// Keeps the answer for a new request's Idempotency-Key.
+            /// Keeps the answer for a new request's Idempotency-Key, if the key still holds
+            /// this attempt's reservation: it changes no row when a later attempt took the
+            /// key over (or it was released meanwhile), and the caller must then refuse
+            /// the whole write.
             fn push_idempotency_answer<'rows>(
                 sql: &mut sqlx::QueryBuilder<'rows, $database>,
                 request_id: &'rows str,
@@ -314,7 +325,10 @@ macro_rules! implement_store {
                     .push(" WHERE agent = ")
                     .push_bind(&key.agent)
                     .push(" AND idempotency_key = ")
-                    .push_bind(&key.key);
+                    .push_bind(&key.key)
+                    .push(" AND token = ")
+                    .push_bind(&key.token)
+                    .push(" AND response IS NULL");
             }
 
             /// Starts the group-commit writer tasks, on a copy of this store without them.
@@ -638,13 +652,14 @@ macro_rules! implement_store {
             ) -> $crate::store::StoreResult<$crate::store::Reservation> {
                 let mut connection = self.write_connection().await?;
                 let inserted = sqlx::query(
-                    "INSERT INTO idempotency_keys (agent, idempotency_key, body_hash, created_at) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (agent, idempotency_key) DO NOTHING",
+                    "INSERT INTO idempotency_keys (agent, idempotency_key, body_hash, created_at, token) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (agent, idempotency_key) DO NOTHING",
                 )
                 .bind(&key.agent)
                 .bind(&key.key)
                 .bind(&key.body_hash)
                 .bind(now)
+                .bind(&key.token)
                 .execute(&mut *connection)
                 .await?
                 .rows_affected();
@@ -655,15 +670,16 @@ macro_rules! implement_store {
                     String,
                     Option<sqlx::types::Json<serde_json::Value>>,
                     chrono::DateTime<chrono::Utc>,
+                    String,
                 )> = sqlx::query_as(
-                    "SELECT body_hash, response, created_at FROM idempotency_keys \
+                    "SELECT body_hash, response, created_at, token FROM idempotency_keys \
                      WHERE agent = $1 AND idempotency_key = $2",
                 )
                 .bind(&key.agent)
                 .bind(&key.key)
                 .fetch_optional(&mut *connection)
                 .await?;
-                let Some((body_hash, response, created_at)) = existing else {
+                let Some((body_hash, response, created_at, holder)) = existing else {
                     // Released between our insert and select: someone else may take it; so may we.
                     drop(connection);
                     return Box::pin(self.reserve_idempotency_key(key, now)).await;
@@ -675,15 +691,18 @@ macro_rules! implement_store {
                     });
                 }
                 if created_at + super::shared::ABANDONED_RESERVATION < now {
+                    // A new token fences the presumed-dead holder off: should it be merely
+                    // slow, its insert no longer finds its token and is refused.
                     let taken = sqlx::query(
-                        "UPDATE idempotency_keys SET created_at = $3, body_hash = $4 \
-                         WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL AND created_at = $5",
+                        "UPDATE idempotency_keys SET created_at = $3, body_hash = $4, token = $6 \
+                         WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL AND token = $5",
                     )
                     .bind(&key.agent)
                     .bind(&key.key)
                     .bind(now)
                     .bind(&key.body_hash)
-                    .bind(created_at)
+                    .bind(&holder)
+                    .bind(&key.token)
                     .execute(&mut *connection)
                     .await?
                     .rows_affected();
@@ -694,17 +713,20 @@ macro_rules! implement_store {
                 Ok($crate::store::Reservation::InFlight)
             }
 
+            #[tracing::instrument(skip_all, fields(agent = %key.agent))]
             async fn release_idempotency_key(
                 &self,
                 key: &$crate::store::IdempotencyKey,
             ) -> $crate::store::StoreResult<()> {
                 let mut connection = self.write_connection().await?;
+                // Only this attempt's own reservation: one taken over is no longer ours.
                 sqlx::query(
                     "DELETE FROM idempotency_keys \
-                     WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL",
+                     WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL AND token = $3",
                 )
                 .bind(&key.agent)
                 .bind(&key.key)
+                .bind(&key.token)
                 .execute(&mut *connection)
                 .await?;
                 Ok(())

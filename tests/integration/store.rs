@@ -604,3 +604,78 @@ async fn requests_that_cannot_expire_hold_up_none_of_the_others(
     assert_eq!(still_due.len(), broken);
     assert!(still_due.iter().all(|id| id.starts_with("apr_broken_")));
 }
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attempt_whose_idempotency_key_was_taken_over_cannot_commit(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    use signoff::store::{IdempotencyKey, Reservation};
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let attempt = || IdempotencyKey::new("bot", "retried", "same body");
+    let insert_with_key = |request: ApprovalRequest, key: IdempotencyKey| {
+        let store = store.clone();
+        async move {
+            let response = json!({"id": request.id});
+            store
+                .insert_request(NewRequest {
+                    request: &request,
+                    audit: Vec::new(),
+                    outbox: Vec::new(),
+                    idempotency: Some((&key, response)),
+                })
+                .await
+        }
+    };
+
+    // The first attempt reserved the key long ago and seems dead; the retry takes it over.
+    let slow = attempt();
+    let long_ago = now() - chrono::Duration::minutes(5);
+    let reserved = store.reserve_idempotency_key(&slow, long_ago).await;
+    assert_eq!(reserved.unwrap(), Reservation::Reserved);
+    let retry = attempt();
+    let reserved = store.reserve_idempotency_key(&retry, now()).await;
+    assert_eq!(reserved.unwrap(), Reservation::Reserved);
+
+    // The slow attempt wakes up and inserts, in a group with others: it alone is refused.
+    let seq = store.latest_audit_seq().await.unwrap();
+    let others: Vec<_> = (0..8)
+        .map(|n| {
+            let store = store.clone();
+            let request = copy_with_id(&template, &format!("apr_beside_{n}"));
+            tokio::spawn(async move { insert(&store, request, Vec::new()).await })
+        })
+        .collect();
+    let fenced = insert_with_key(copy_with_id(&template, "apr_slow"), slow.clone()).await;
+    assert!(
+        matches!(fenced, Err(StoreError::IdempotencyKeyTakenOver)),
+        "{fenced:?}"
+    );
+    for other in others {
+        other.await.unwrap().unwrap();
+    }
+    assert!(store.request("apr_slow").await.unwrap().is_none());
+    assert_eq!(store.latest_audit_seq().await.unwrap(), seq + 8);
+
+    // Its clean-up does not free the key the retry holds.
+    store.release_idempotency_key(&slow).await.unwrap();
+    let third = store.reserve_idempotency_key(&attempt(), now()).await;
+    assert_eq!(third.unwrap(), Reservation::InFlight);
+
+    // The retry commits, and its answer is the key's.
+    insert_with_key(copy_with_id(&template, "apr_retry"), retry)
+        .await
+        .unwrap();
+    assert!(store.request("apr_retry").await.unwrap().is_some());
+    let answered = store.reserve_idempotency_key(&attempt(), now()).await;
+    assert_eq!(
+        answered.unwrap(),
+        Reservation::Completed {
+            body_hash: "same body".into(),
+            response: json!({"id": "apr_retry"}),
+        }
+    );
+}
