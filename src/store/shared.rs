@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::audit::{ChainLink, PreparedAuditEvent, GENESIS_HASH};
-use crate::domain::ApprovalRequest;
+use crate::domain::{ApprovalRequest, Principal};
 
 use super::StoreError;
 
@@ -20,6 +20,10 @@ pub(super) struct StoredRequest {
     #[serde(flatten)]
     pub request: ApprovalRequest,
     pub original_args: Value,
+    /// Each vote's aliases, in the order of `votes` (the API object never shows them).
+    /// Bodies written before this field kept them inside each vote, where they are read.
+    #[serde(default)]
+    pub vote_aliases: Vec<Vec<Principal>>,
 }
 
 /// `StoredRequest` for writing, borrowed: serialising needs no copy of the request.
@@ -28,13 +32,25 @@ pub(super) struct StoredRequestRef<'a> {
     #[serde(flatten)]
     pub request: &'a ApprovalRequest,
     pub original_args: &'a Value,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vote_aliases: Vec<&'a [Principal]>,
 }
 
 impl StoredRequest {
     pub fn from_request(request: &ApprovalRequest) -> StoredRequestRef<'_> {
+        let any_aliases = request.votes.iter().any(|vote| !vote.aliases.is_empty());
         StoredRequestRef {
             request,
             original_args: &request.original_args,
+            vote_aliases: if any_aliases {
+                request
+                    .votes
+                    .iter()
+                    .map(|vote| vote.aliases.as_slice())
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -42,6 +58,11 @@ impl StoredRequest {
     pub fn into_request(self, columns: RequestColumns) -> ApprovalRequest {
         let mut request = self.request;
         request.original_args = self.original_args;
+        for (vote, aliases) in request.votes.iter_mut().zip(self.vote_aliases) {
+            if !aliases.is_empty() {
+                vote.aliases = aliases;
+            }
+        }
         (request.version, request.remind_at, request.escalate_at) = columns;
         request
     }
