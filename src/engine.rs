@@ -905,10 +905,7 @@ impl Engine {
                 .due_request_ids(due, now(), i64::try_from(limit).unwrap_or(i64::MAX))
                 .await?;
             let fetched = ids.len();
-            let fresh: Vec<String> = ids
-                .into_iter()
-                .filter(|id| !handled.contains(id))
-                .collect();
+            let fresh: Vec<String> = ids.into_iter().filter(|id| !handled.contains(id)).collect();
             // Nothing new: only what already failed is left (a whole batch may fail).
             if fresh.is_empty() {
                 return Ok(changed);

@@ -45,9 +45,7 @@ pub async fn reload_policy(
         // Without a token only the machine itself may reload, as it may send SIGHUP. A
         // proxy on the same machine connects from loopback on behalf of anyone: a request
         // that says it was forwarded is not trusted as local.
-        let forwarded = PROXY_HEADERS
-            .iter()
-            .any(|name| headers.contains_key(*name));
+        let forwarded = PROXY_HEADERS.iter().any(|name| headers.contains_key(*name));
         if !peer.ip().is_loopback() || forwarded {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,

@@ -170,7 +170,11 @@ pub struct IdempotencyKey {
 
 impl IdempotencyKey {
     /// A new attempt, with a random fencing token.
-    pub fn new(agent: impl Into<String>, key: impl Into<String>, body_hash: impl Into<String>) -> Self {
+    pub fn new(
+        agent: impl Into<String>,
+        key: impl Into<String>,
+        body_hash: impl Into<String>,
+    ) -> Self {
         Self {
             agent: agent.into(),
             key: key.into(),

@@ -799,6 +799,10 @@ async fn agents_and_webhooks_never_see_the_voters_aliases(
     assert!(!shows_aliases(&seen), "{seen}");
     let deliveries = receiver.wait_for("decided", 1, WAIT).await;
     let event: Value = serde_json::from_slice(&deliveries[0].body).unwrap();
-    assert_eq!(event["data"]["votes"].as_array().map(Vec::len), Some(2), "{event}");
+    assert_eq!(
+        event["data"]["votes"].as_array().map(Vec::len),
+        Some(2),
+        "{event}"
+    );
     assert!(!shows_aliases(&event), "{event}");
 }

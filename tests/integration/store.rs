@@ -566,8 +566,14 @@ async fn requests_that_cannot_expire_hold_up_none_of_the_others(
             )
         })
         .collect();
-    requests.push(overdue("apr_healthy_1", now() - chrono::Duration::minutes(1)));
-    requests.push(overdue("apr_healthy_2", now() - chrono::Duration::minutes(1)));
+    requests.push(overdue(
+        "apr_healthy_1",
+        now() - chrono::Duration::minutes(1),
+    ));
+    requests.push(overdue(
+        "apr_healthy_2",
+        now() - chrono::Duration::minutes(1),
+    ));
     let inserts = requests.into_iter().map(|request| {
         let store = store.clone();
         tokio::spawn(async move { insert(&store, request, Vec::new()).await })
@@ -584,13 +590,10 @@ async fn requests_that_cannot_expire_hold_up_none_of_the_others(
 
     let policy = signoff::policy::Policy::parse("version: 1\ndefault: deny\n").unwrap();
     let engine = Engine::new(store.clone(), policy);
-    let expired = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        engine.expire_overdue(),
-    )
-    .await
-    .expect("the sweep ends")
-    .expect("the sweep goes on past requests it cannot expire");
+    let expired = tokio::time::timeout(std::time::Duration::from_secs(60), engine.expire_overdue())
+        .await
+        .expect("the sweep ends")
+        .expect("the sweep goes on past requests it cannot expire");
     assert_eq!(expired, 2);
     for id in ["apr_healthy_1", "apr_healthy_2"] {
         let request = store.request(id).await.unwrap().unwrap();
