@@ -895,18 +895,21 @@ impl Engine {
     #[instrument(skip_all, fields(due = ?due))]
     pub async fn sweep_due(&self, due: Due) -> EngineResult<usize> {
         let mut changed = 0;
-        // Ids this sweep has handled, done or not: failed ones are still due, and are skipped
-        // in later batches by asking for that many more.
-        let mut handled: HashSet<String> = HashSet::new();
+        // Ids this sweep tried and left due (failed, or not changed): later batches ask for
+        // that many more and skip them. A changed request is no longer due.
+        let mut passed_over: HashSet<String> = HashSet::new();
         loop {
-            let limit = SWEEP_BATCH + handled.len();
+            let limit = SWEEP_BATCH + passed_over.len();
             let ids = self
                 .store
                 .due_request_ids(due, now(), i64::try_from(limit).unwrap_or(i64::MAX))
                 .await?;
             let fetched = ids.len();
-            let fresh: Vec<String> = ids.into_iter().filter(|id| !handled.contains(id)).collect();
-            // Nothing new: only what already failed is left (a whole batch may fail).
+            let fresh: Vec<String> = ids
+                .into_iter()
+                .filter(|id| !passed_over.contains(id))
+                .collect();
+            // Nothing new: only what was passed over is left (a whole batch may fail).
             if fresh.is_empty() {
                 return Ok(changed);
             }
@@ -917,14 +920,17 @@ impl Engine {
                     Due::Escalation => self.escalate_request(&id).await,
                 };
                 match done {
-                    Ok(done) => changed += usize::from(done),
+                    Ok(true) => changed += 1,
+                    Ok(false) => {
+                        passed_over.insert(id);
+                    }
                     Err(error) => {
                         tracing::warn!(request_id = %id, ?due, %error, "sweep could not handle a due request; going on with the others");
                         metrics::counter!(telemetry::SWEEP_FAILURES, "due" => due.as_str())
                             .increment(1);
+                        passed_over.insert(id);
                     }
                 }
-                handled.insert(id);
             }
             if fetched < limit {
                 return Ok(changed);
