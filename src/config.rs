@@ -75,8 +75,10 @@ pub struct Config {
     pub watch_interval_ms: u64,
     /// `text` or `json`.
     pub log_format: String,
-    /// Bearer token for `POST /admin/reload`; empty turns the admin API off.
+    /// Bearer token for `POST /admin/reload`; empty: loopback callers only.
     pub admin_token: Secret,
+    /// Bearer token for `GET /metrics`; empty: open.
+    pub metrics_token: Secret,
     pub slack: SlackConfig,
     pub teams: Option<TeamsConfig>,
 }
@@ -115,6 +117,7 @@ impl Default for Config {
             watch_interval_ms: 200,
             log_format: "text".into(),
             admin_token: Secret::default(),
+            metrics_token: Secret::default(),
             slack: SlackConfig::default(),
             teams: None,
         }
@@ -196,6 +199,9 @@ impl Config {
         }
         if let Some(token) = raw(&["SIGNOFF_ADMIN_TOKEN"]) {
             self.admin_token = token;
+        }
+        if let Some(token) = raw(&["SIGNOFF_METRICS_TOKEN"]) {
+            self.metrics_token = token;
         }
         if let Some(token) = raw(&["SLACK_BOT_TOKEN", "SIGNOFF_SLACK__BOT_TOKEN"]) {
             self.slack.bot_token = token;
@@ -294,6 +300,7 @@ fn refuse_unknown_keys(path: &Path) -> anyhow::Result<()> {
                 "watch_interval_ms",
                 "log_format",
                 "admin_token",
+                "metrics_token",
                 "slack",
                 "teams",
             ],
@@ -360,9 +367,13 @@ mod tests {
         let mut config = Config::default();
         config.slack.bot_token = Secret::new("xoxb-very-secret");
         config.database_url = Secret::new("postgres://user:hunter2@db/signoff");
+        config.admin_token = Secret::new("admin-very-secret");
+        config.metrics_token = Secret::new("scrape-very-secret");
         let printed = format!("{config:?}");
         assert!(!printed.contains("xoxb-very-secret"));
         assert!(!printed.contains("hunter2"));
+        assert!(!printed.contains("admin-very-secret"));
+        assert!(!printed.contains("scrape-very-secret"));
         assert!(printed.contains("[redacted]"));
     }
 

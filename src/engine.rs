@@ -38,6 +38,9 @@ use crate::telemetry;
 /// another change won, and a request takes at most `approvals + 1` winning changes to end.
 const MAX_ATTEMPTS: usize = 64;
 
+/// Due requests a sweep reads at a time.
+pub const SWEEP_BATCH: usize = 500;
+
 /// Idempotency-Keys are answered for at least this long (DESIGN §6: at least 24 h).
 pub const IDEMPOTENCY_KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -372,11 +375,11 @@ impl Engine {
                         "Idempotency-Key must be 1 to 255 characters".into(),
                     ));
                 }
-                Ok(IdempotencyKey {
-                    agent: agent.name.clone(),
+                Ok(IdempotencyKey::new(
+                    agent.name.clone(),
                     key,
-                    body_hash: submission_hash(&submission),
-                })
+                    submission_hash(&submission),
+                ))
             })
             .transpose()?;
         if let Some(key) = &key {
@@ -412,6 +415,12 @@ impl Engine {
         }
         let result = result.map_err(|error| match error {
             EngineError::Store(StoreError::AgentRevoked) => EngineError::Unauthorized,
+            // This attempt was presumed dead and a retry holds the key now: its answer is
+            // the one to wait for.
+            EngineError::Store(StoreError::IdempotencyKeyTakenOver) => EngineError::Conflict {
+                code: "idempotency_in_flight",
+                message: "a later attempt with this Idempotency-Key took it over; retry shortly for its answer".into(),
+            },
             other => other,
         });
         if let (Err(_), Some(key)) = (&result, &key) {
@@ -1012,21 +1021,50 @@ impl Engine {
     /// Does the time-driven work that has fallen due (expiries, reminders or escalations);
     /// returns how many requests this call changed. Every replica may run it: each change is
     /// a compare-and-set, so each is done once.
+    ///
+    /// A request that fails (unreadable, say) is logged, counted and passed over: it stays
+    /// due, first in line for the next sweep, but never holds up the ones behind it.
+    #[instrument(skip_all, fields(due = ?due))]
     pub async fn sweep_due(&self, due: Due) -> EngineResult<usize> {
-        const BATCH: i64 = 500;
         let mut changed = 0;
+        // Ids this sweep tried and left due (failed, or not changed): later batches ask for
+        // that many more and skip them. A changed request is no longer due.
+        let mut passed_over: HashSet<String> = HashSet::new();
         loop {
-            let ids = self.store.due_request_ids(due, now(), BATCH).await?;
-            let batch = ids.len();
-            for id in ids {
-                let done = match due {
-                    Due::Expiry => self.expire_request(&id).await?,
-                    Due::Reminder => self.remind_request(&id).await?,
-                    Due::Escalation => self.escalate_request(&id).await?,
-                };
-                changed += usize::from(done);
+            let limit = SWEEP_BATCH + passed_over.len();
+            let ids = self
+                .store
+                .due_request_ids(due, now(), i64::try_from(limit).unwrap_or(i64::MAX))
+                .await?;
+            let fetched = ids.len();
+            let fresh: Vec<String> = ids
+                .into_iter()
+                .filter(|id| !passed_over.contains(id))
+                .collect();
+            // Nothing new: only what was passed over is left (a whole batch may fail).
+            if fresh.is_empty() {
+                return Ok(changed);
             }
-            if (batch as i64) < BATCH {
+            for id in fresh {
+                let done = match due {
+                    Due::Expiry => self.expire_request(&id).await,
+                    Due::Reminder => self.remind_request(&id).await,
+                    Due::Escalation => self.escalate_request(&id).await,
+                };
+                match done {
+                    Ok(true) => changed += 1,
+                    Ok(false) => {
+                        passed_over.insert(id);
+                    }
+                    Err(error) => {
+                        tracing::warn!(request_id = %id, ?due, %error, "sweep could not handle a due request; going on with the others");
+                        metrics::counter!(telemetry::SWEEP_FAILURES, "due" => due.as_str())
+                            .increment(1);
+                        passed_over.insert(id);
+                    }
+                }
+            }
+            if fetched < limit {
                 return Ok(changed);
             }
         }
@@ -1206,8 +1244,10 @@ impl Engine {
 pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
     let source = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    // Kept as the source, not flattened into text: the admin API answers with the
+    // problems alone, without the path.
     Policy::parse(&source).map_err(|error: PolicyError| {
-        anyhow::anyhow!("policy {} is invalid:\n{error}", path.display())
+        anyhow::Error::new(error).context(format!("policy {} is invalid", path.display()))
     })
 }
 

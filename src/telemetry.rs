@@ -11,6 +11,7 @@ pub const TIME_TO_DECISION: &str = "signoff_time_to_decision_seconds";
 pub const PENDING: &str = "signoff_pending_requests";
 pub const OUTBOX_BACKLOG: &str = "signoff_outbox_backlog";
 pub const DELIVERY_FAILURES: &str = "signoff_delivery_failures_total";
+pub const SWEEP_FAILURES: &str = "signoff_sweep_failures_total";
 pub const HTTP_DURATION: &str = "signoff_http_request_duration_seconds";
 
 /// Seconds: from sub-millisecond HTTP answers to hour-long approvals.

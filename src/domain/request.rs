@@ -111,8 +111,9 @@ pub struct Vote {
     /// The args revision this vote was cast on; votes on earlier revisions no longer count.
     pub revision: u32,
     /// Other identities of the voter (e.g. the email behind a Slack user), so one person
-    /// cannot count twice under two names.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// cannot count twice under two names. Personal data the agent has no need for: never
+    /// serialised (not to agents, not in webhooks); the store keeps them beside the body.
+    #[serde(default, skip_serializing)]
     pub aliases: Vec<Principal>,
 }
 

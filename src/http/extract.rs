@@ -88,3 +88,18 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         _ => ApiError::bad_request("invalid_json", format!("malformed JSON: {error}")),
     })
 }
+
+/// Whether `headers` carry `Authorization: Bearer <expected>`. Digests are compared in
+/// constant time, so neither the token's length nor a matching prefix leaks through timing.
+pub fn bearer_matches(headers: &axum::http::HeaderMap, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(expected.as_bytes()))
+        .into()
+}

@@ -1,12 +1,13 @@
 //! Liveness, readiness and the JSON 404.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::extract::bearer_matches;
 use super::{ApiError, AppState, ErrorBody};
 use crate::telemetry;
 
@@ -82,12 +83,21 @@ pub async fn not_found() -> ApiError {
     tag = "health",
     responses(
         (status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String),
+        (status = 401, description = "`unauthorized`: metrics_token is set and the bearer token is missing or wrong", body = ErrorBody),
         (status = 503, description = "No Prometheus recorder in this process", body = ErrorBody),
     ),
 )]
 /// Prometheus text format. Gauges that describe the database (pending requests, outbox
-/// backlog) are read at scrape time, so every replica reports the same truth.
-pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+/// backlog) are read at scrape time, so every replica reports the same truth. With
+/// `metrics_token` set, only scrapers that send it as a bearer token are answered.
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let token = state.config.metrics_token.expose();
+    if !token.is_empty() && !bearer_matches(&headers, token) {
+        return Err(ApiError::unauthorized("missing or wrong metrics token"));
+    }
     let Some(handle) = telemetry::prometheus() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -33,6 +33,10 @@ pub enum StoreError {
     /// The database refused a request from a revoked agent.
     #[error("the agent is revoked")]
     AgentRevoked,
+    /// The request's Idempotency-Key reservation was taken over by a later attempt (this
+    /// one was presumed dead): the request was not stored.
+    #[error("the Idempotency-Key reservation was taken over by a later attempt")]
+    IdempotencyKeyTakenOver,
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -152,11 +156,32 @@ pub enum Reservation {
     Completed { body_hash: String, response: Value },
 }
 
+/// One attempt at a submission with an Idempotency-Key.
 #[derive(Clone, Debug)]
 pub struct IdempotencyKey {
     pub agent: String,
     pub key: String,
     pub body_hash: String,
+    /// This attempt's fencing token. A reservation abandoned long enough is taken over by a
+    /// later attempt with a new token; the owner of an older token can then neither commit
+    /// a request under the key nor release it, however late it wakes up.
+    pub token: String,
+}
+
+impl IdempotencyKey {
+    /// A new attempt, with a random fencing token.
+    pub fn new(
+        agent: impl Into<String>,
+        key: impl Into<String>,
+        body_hash: impl Into<String>,
+    ) -> Self {
+        Self {
+            agent: agent.into(),
+            key: key.into(),
+            body_hash: body_hash.into(),
+            token: format!("{:032x}", rand::random::<u128>()),
+        }
+    }
 }
 
 /// A request's creation: the row, its audit events, outbox messages and the answer kept
@@ -175,6 +200,17 @@ pub enum Due {
     Expiry,
     Reminder,
     Escalation,
+}
+
+impl Due {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Due::Expiry => "expiry",
+            Due::Reminder => "reminder",
+            Due::Escalation => "escalation",
+        }
+    }
 }
 
 /// Which requests to list.
@@ -213,11 +249,15 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> StoreResult<Vec<String>>;
 
+    /// Reserves the key for this attempt (`key.token`), taking over a reservation left in
+    /// flight since before `now` minus a minute. A request inserted with the key commits
+    /// only while the key still holds this attempt's token (else `IdempotencyKeyTakenOver`).
     async fn reserve_idempotency_key(
         &self,
         key: &IdempotencyKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Reservation>;
+    /// Frees the key if this attempt (`key.token`) still holds it unanswered.
     async fn release_idempotency_key(&self, key: &IdempotencyKey) -> StoreResult<()>;
     /// Forgets keys created before `before` (answered, or abandoned in flight); returns how many.
     async fn purge_idempotency_keys(&self, before: DateTime<Utc>) -> StoreResult<u64>;

@@ -11,7 +11,7 @@ use super::group_commit::{GroupCommit, QueuedRequest};
 use super::shared::{
     claim_due_sql, implement_store, pending_destinations_sql, refused_request_insert,
 };
-use super::{NewOutboxMessage, StoreResult};
+use super::{NewOutboxMessage, StoreError, StoreResult};
 use crate::config::Config;
 
 /// The NOTIFY channel on which a committed decision names its request id.
@@ -114,7 +114,17 @@ impl PostgresStore {
             if let Some((key, response)) = &queued.idempotency {
                 let mut answer = QueryBuilder::new("");
                 Self::push_idempotency_answer(&mut answer, &queued.request.id, key, response);
-                answer.build().execute(&mut *transaction).await?;
+                // The key row stays locked to the commit: no takeover can slip in after.
+                let answered = answer
+                    .build()
+                    .execute(&mut *transaction)
+                    .await?
+                    .rows_affected();
+                if answered == 0 {
+                    // Rolled back with the transaction; the group is then written again
+                    // one by one, and only this request fails.
+                    return Err(StoreError::IdempotencyKeyTakenOver);
+                }
             }
         }
         let audit: Vec<_> = group.iter().flat_map(|queued| &queued.audit).collect();

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::audit::{ChainLink, PreparedAuditEvent, GENESIS_HASH};
-use crate::domain::ApprovalRequest;
+use crate::domain::{ApprovalRequest, Principal};
 
 use super::StoreError;
 
@@ -22,6 +22,10 @@ pub(super) struct StoredRequest {
     pub original_args: Value,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_tiers: Vec<String>,
+    /// Each vote's aliases, in the order of `votes` (the API object never shows them).
+    /// Bodies written before this field kept them inside each vote, where they are read.
+    #[serde(default)]
+    pub vote_aliases: Vec<Vec<Principal>>,
 }
 
 /// `StoredRequest` for writing, borrowed: serialising needs no copy of the request.
@@ -32,14 +36,26 @@ pub(super) struct StoredRequestRef<'a> {
     pub original_args: &'a Value,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub previous_tiers: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vote_aliases: Vec<&'a [Principal]>,
 }
 
 impl StoredRequest {
     pub fn from_request(request: &ApprovalRequest) -> StoredRequestRef<'_> {
+        let any_aliases = request.votes.iter().any(|vote| !vote.aliases.is_empty());
         StoredRequestRef {
             request,
             original_args: &request.original_args,
             previous_tiers: &request.previous_tiers,
+            vote_aliases: if any_aliases {
+                request
+                    .votes
+                    .iter()
+                    .map(|vote| vote.aliases.as_slice())
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -48,6 +64,11 @@ impl StoredRequest {
         let mut request = self.request;
         request.original_args = self.original_args;
         request.previous_tiers = self.previous_tiers;
+        for (vote, aliases) in request.votes.iter_mut().zip(self.vote_aliases) {
+            if !aliases.is_empty() {
+                vote.aliases = aliases;
+            }
+        }
         (request.version, request.remind_at, request.escalate_at) = columns;
         request
     }
@@ -139,12 +160,20 @@ pub(super) fn conflict_on_unique(error: sqlx::Error, what: &str) -> StoreError {
     }
 }
 
-/// Why the database refused new requests: a taken id, or a revoked agent (the
-/// `requests_from_active_agents` trigger of both backends raises this message).
+/// What SQLite's `idempotency_fences` trigger raises when a request's Idempotency-Key no
+/// longer holds the attempt's token.
+pub(super) const TAKEN_OVER: &str = "idempotency key taken over";
+
+/// Why the database refused new requests: a taken id, a revoked agent (the
+/// `requests_from_active_agents` trigger of both backends raises this message), or an
+/// Idempotency-Key taken over by a later attempt.
 pub(super) fn refused_request_insert(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(database) if database.message().contains("agent revoked") => {
             StoreError::AgentRevoked
+        }
+        sqlx::Error::Database(database) if database.message().contains(TAKEN_OVER) => {
+            StoreError::IdempotencyKeyTakenOver
         }
         _ => conflict_on_unique(error, "request id already exists"),
     }
@@ -306,7 +335,10 @@ macro_rules! implement_store {
                 });
             }
 
-            /// Keeps the answer for a new request's Idempotency-Key.
+            /// Keeps the answer for a new request's Idempotency-Key, if the key still holds
+            /// this attempt's reservation: it changes no row when a later attempt took the
+            /// key over (or it was released meanwhile), and the caller must then refuse
+            /// the whole write.
             fn push_idempotency_answer<'rows>(
                 sql: &mut sqlx::QueryBuilder<'rows, $database>,
                 request_id: &'rows str,
@@ -320,7 +352,10 @@ macro_rules! implement_store {
                     .push(" WHERE agent = ")
                     .push_bind(&key.agent)
                     .push(" AND idempotency_key = ")
-                    .push_bind(&key.key);
+                    .push_bind(&key.key)
+                    .push(" AND token = ")
+                    .push_bind(&key.token)
+                    .push(" AND response IS NULL");
             }
 
             /// Starts the group-commit writer tasks, on a copy of this store without them.
@@ -644,13 +679,14 @@ macro_rules! implement_store {
             ) -> $crate::store::StoreResult<$crate::store::Reservation> {
                 let mut connection = self.write_connection().await?;
                 let inserted = sqlx::query(
-                    "INSERT INTO idempotency_keys (agent, idempotency_key, body_hash, created_at) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (agent, idempotency_key) DO NOTHING",
+                    "INSERT INTO idempotency_keys (agent, idempotency_key, body_hash, created_at, token) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (agent, idempotency_key) DO NOTHING",
                 )
                 .bind(&key.agent)
                 .bind(&key.key)
                 .bind(&key.body_hash)
                 .bind(now)
+                .bind(&key.token)
                 .execute(&mut *connection)
                 .await?
                 .rows_affected();
@@ -661,15 +697,16 @@ macro_rules! implement_store {
                     String,
                     Option<sqlx::types::Json<serde_json::Value>>,
                     chrono::DateTime<chrono::Utc>,
+                    String,
                 )> = sqlx::query_as(
-                    "SELECT body_hash, response, created_at FROM idempotency_keys \
+                    "SELECT body_hash, response, created_at, token FROM idempotency_keys \
                      WHERE agent = $1 AND idempotency_key = $2",
                 )
                 .bind(&key.agent)
                 .bind(&key.key)
                 .fetch_optional(&mut *connection)
                 .await?;
-                let Some((body_hash, response, created_at)) = existing else {
+                let Some((body_hash, response, created_at, holder)) = existing else {
                     // Released between our insert and select: someone else may take it; so may we.
                     drop(connection);
                     return Box::pin(self.reserve_idempotency_key(key, now)).await;
@@ -681,15 +718,18 @@ macro_rules! implement_store {
                     });
                 }
                 if created_at + super::shared::ABANDONED_RESERVATION < now {
+                    // A new token fences the presumed-dead holder off: should it be merely
+                    // slow, its insert no longer finds its token and is refused.
                     let taken = sqlx::query(
-                        "UPDATE idempotency_keys SET created_at = $3, body_hash = $4 \
-                         WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL AND created_at = $5",
+                        "UPDATE idempotency_keys SET created_at = $3, body_hash = $4, token = $6 \
+                         WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL AND token = $5",
                     )
                     .bind(&key.agent)
                     .bind(&key.key)
                     .bind(now)
                     .bind(&key.body_hash)
-                    .bind(created_at)
+                    .bind(&holder)
+                    .bind(&key.token)
                     .execute(&mut *connection)
                     .await?
                     .rows_affected();
@@ -700,17 +740,20 @@ macro_rules! implement_store {
                 Ok($crate::store::Reservation::InFlight)
             }
 
+            #[tracing::instrument(skip_all, fields(agent = %key.agent))]
             async fn release_idempotency_key(
                 &self,
                 key: &$crate::store::IdempotencyKey,
             ) -> $crate::store::StoreResult<()> {
                 let mut connection = self.write_connection().await?;
+                // Only this attempt's own reservation: one taken over is no longer ours.
                 sqlx::query(
                     "DELETE FROM idempotency_keys \
-                     WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL",
+                     WHERE agent = $1 AND idempotency_key = $2 AND response IS NULL AND token = $3",
                 )
                 .bind(&key.agent)
                 .bind(&key.key)
+                .bind(&key.token)
                 .execute(&mut *connection)
                 .await?;
                 Ok(())

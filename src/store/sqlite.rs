@@ -209,6 +209,16 @@ impl SqliteStore {
             if let Some((key, response)) = &queued.idempotency {
                 statements.push("; ");
                 Self::push_idempotency_answer(&mut statements, &queued.request.id, key, response);
+                // One batch cannot look at the update's row count: the fence's trigger
+                // raises `TAKEN_OVER` unless the answer landed, failing the whole batch.
+                statements
+                    .push("; INSERT INTO idempotency_fences (agent, idempotency_key, request_id) VALUES (")
+                    .push_bind(&key.agent)
+                    .push(", ")
+                    .push_bind(&key.key)
+                    .push(", ")
+                    .push_bind(&queued.request.id)
+                    .push(")");
             }
         }
         statements.push("; COMMIT");

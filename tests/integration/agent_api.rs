@@ -270,11 +270,8 @@ async fn idempotency_key_replays_and_refuses_mismatches(
     assert_eq!(error_code(&mismatch), "idempotency_mismatch");
 
     // A retry while the first attempt is still being processed is told to come back.
-    let in_flight = signoff::store::IdempotencyKey {
-        agent: agent.name.clone(),
-        key: "key-2".into(),
-        body_hash: "being processed".into(),
-    };
+    let in_flight =
+        signoff::store::IdempotencyKey::new(agent.name.clone(), "key-2", "being processed");
     let reservation = app
         .engine()
         .store()

@@ -270,3 +270,107 @@ async fn admin_reload_swaps_a_valid_policy_and_refuses_a_broken_one(
         "the old policy stays"
     );
 }
+
+#[rstest]
+#[tokio::test]
+async fn metrics_answer_only_with_the_metrics_token_once_one_is_set(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let mut app = spawn_app!(backend);
+    app.config.metrics_token = signoff::config::Secret::new("scrape-secret");
+    app.restart().await;
+    let scrape = |token: Option<&'static str>| {
+        let request = app.http.get(app.url("/metrics"));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+        .send()
+    };
+    for token in [None, Some("wrong-secret"), Some("scrape-secre")] {
+        let response = scrape(token).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{token:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(crate::support::error_code(&body), "unauthorized");
+    }
+    let response = scrape(Some("scrape-secret")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.text().await.unwrap().contains("# TYPE"));
+}
+
+#[rstest]
+#[tokio::test]
+async fn admin_reload_without_a_token_trusts_no_loopback_caller_a_proxy_forwarded(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let mut app = spawn_app!(backend);
+    app.config.admin_token = signoff::config::Secret::default();
+    app.restart().await;
+    for (header, value) in [
+        ("Forwarded", "for=203.0.113.7"),
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("X-Real-IP", "203.0.113.7"),
+    ] {
+        let response = app
+            .http
+            .post(app.url("/admin/reload"))
+            .header(header, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{header}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(crate::support::error_code(&body), "admin_disabled");
+    }
+    // Called directly from this machine, it reloads.
+    let response = app
+        .http
+        .post(app.url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[rstest]
+#[tokio::test]
+async fn admin_reload_refusals_name_the_problems_but_no_path(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = spawn_app!(backend);
+    let reload = || {
+        app.http
+            .post(app.url("/admin/reload"))
+            .bearer_auth(crate::support::ADMIN_TOKEN)
+            .send()
+    };
+    let directory = app.directory.path().display().to_string();
+    let refusal = |body: &Value| -> String {
+        assert_eq!(body["error"]["code"], "invalid_policy", "{body}");
+        let message = body["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            !message.contains(&directory) && !message.contains("policy.yaml"),
+            "the answer shows a path: {message}"
+        );
+        message
+    };
+
+    std::fs::write(
+        &app.config.policy,
+        "version: 1\nrules:\n  - name: broken\n    match: [\"a\"]\n    effect: maybe\n",
+    )
+    .unwrap();
+    let response = reload().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let message = refusal(&response.json().await.unwrap());
+    assert!(
+        message.contains("broken") && message.contains("line"),
+        "{message}"
+    );
+
+    std::fs::remove_file(&app.config.policy).unwrap();
+    let response = reload().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let message = refusal(&response.json().await.unwrap());
+    assert!(message.contains("cannot be read"), "{message}");
+}

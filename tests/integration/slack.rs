@@ -772,3 +772,54 @@ async fn expiry_updates_the_card_and_is_final(
     let told = explanations(&app, 1).await;
     assert!(told[0].contains("expired"), "{told:?}");
 }
+
+#[rstest]
+#[tokio::test]
+async fn agents_and_webhooks_never_see_the_voters_aliases(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
+    let app = slack_app!(backend);
+    let receiver = WebhookReceiver::start().await;
+    let agent = app.create_agent("bot", &[]).await;
+    let id = app
+        .submit_id(&agent, json!({"action": "payments.refund", "args": {"amount": 5000}, "callback_url": receiver.url("decided", Behaviour::Accept)}))
+        .await;
+    let driver = app.slack_driver();
+
+    // Carol votes in Slack; her email, resolved with users.info, is kept with her vote...
+    assert_eq!(
+        driver.click("U03CAROL", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    let carol: signoff::domain::Principal = "email:carol@example.com".parse().unwrap();
+    assert_eq!(app.stored(&id).await.votes[0].aliases, vec![carol.clone()]);
+    // ... so she cannot approve a second time under it.
+    assert!(app.approve(&id, carol.as_str()).await.is_err());
+    assert_eq!(
+        driver.click("U01ALICE", "C0HIGH", "approve", &id).await,
+        StatusCode::OK
+    );
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.status, Status::Approved);
+    assert_eq!(stored.votes[0].aliases, vec![carol]);
+    assert_eq!(stored.votes[1].aliases.len(), 1);
+
+    // Neither the agent's view nor the webhook shows them.
+    let shows_aliases = |body: &Value| {
+        let text = body.to_string().to_lowercase();
+        text.contains("aliases") || text.contains("@example.com")
+    };
+    let (status, seen) = app.get_request(&agent, &id, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(seen["votes"].as_array().map(Vec::len), Some(2), "{seen}");
+    assert!(!shows_aliases(&seen), "{seen}");
+    let deliveries = receiver.wait_for("decided", 1, WAIT).await;
+    let event: Value = serde_json::from_slice(&deliveries[0].body).unwrap();
+    assert_eq!(
+        event["data"]["votes"].as_array().map(Vec::len),
+        Some(2),
+        "{event}"
+    );
+    assert!(!shows_aliases(&event), "{event}");
+}

@@ -517,3 +517,168 @@ async fn the_decision_watcher_finds_which_awaited_requests_are_decided(
     );
     assert!(store.decided_among(&[]).await.unwrap().is_empty());
 }
+
+/// Runs `sql` on the test's database behind the store's back.
+async fn execute_sql(database: &TestDatabase, sql: &str) -> u64 {
+    use sqlx::Connection as _;
+    if database.url.starts_with("sqlite:") {
+        let mut connection = sqlx::SqliteConnection::connect(&database.url)
+            .await
+            .unwrap();
+        sqlx::query(sql)
+            .execute(&mut connection)
+            .await
+            .unwrap()
+            .rows_affected()
+    } else {
+        let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
+        sqlx::query(sql)
+            .execute(&mut connection)
+            .await
+            .unwrap()
+            .rows_affected()
+    }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_that_cannot_expire_hold_up_none_of_the_others(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let overdue = |id: &str, expired_at: chrono::DateTime<chrono::Utc>| ApprovalRequest {
+        status: signoff::domain::Status::Pending,
+        decision: None,
+        expires_at: Some(expired_at),
+        ..copy_with_id(&template, id)
+    };
+    // A whole sweep batch of requests that cannot be read, due before two healthy ones.
+    let long_ago = now() - chrono::Duration::hours(2);
+    let broken = signoff::engine::SWEEP_BATCH;
+    let mut requests: Vec<ApprovalRequest> = (0..broken)
+        .map(|n| {
+            overdue(
+                &format!("apr_broken_{n:04}"),
+                long_ago + chrono::Duration::milliseconds(n as i64),
+            )
+        })
+        .collect();
+    requests.push(overdue(
+        "apr_healthy_1",
+        now() - chrono::Duration::minutes(1),
+    ));
+    requests.push(overdue(
+        "apr_healthy_2",
+        now() - chrono::Duration::minutes(1),
+    ));
+    let inserts = requests.into_iter().map(|request| {
+        let store = store.clone();
+        tokio::spawn(async move { insert(&store, request, Vec::new()).await })
+    });
+    for inserted in futures::future::join_all(inserts).await {
+        inserted.unwrap().unwrap();
+    }
+    let corrupted = execute_sql(
+        &database,
+        "UPDATE requests SET body = '{\"unreadable\": true}' WHERE id LIKE 'apr_broken_%'",
+    )
+    .await;
+    assert_eq!(corrupted, broken as u64);
+
+    let policy = signoff::policy::Policy::parse("version: 1\ndefault: deny\n").unwrap();
+    let engine = Engine::new(store.clone(), policy);
+    let expired = tokio::time::timeout(std::time::Duration::from_secs(60), engine.expire_overdue())
+        .await
+        .expect("the sweep ends")
+        .expect("the sweep goes on past requests it cannot expire");
+    assert_eq!(expired, 2);
+    for id in ["apr_healthy_1", "apr_healthy_2"] {
+        let request = store.request(id).await.unwrap().unwrap();
+        assert_eq!(request.status, signoff::domain::Status::Expired, "{id}");
+    }
+    // The unreadable ones stay due, for the next sweep to try (and log) again.
+    let still_due = store
+        .due_request_ids(signoff::store::Due::Expiry, now(), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(still_due.len(), broken);
+    assert!(still_due.iter().all(|id| id.starts_with("apr_broken_")));
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attempt_whose_idempotency_key_was_taken_over_cannot_commit(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    use signoff::store::{IdempotencyKey, Reservation};
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let attempt = || IdempotencyKey::new("bot", "retried", "same body");
+    let insert_with_key = |request: ApprovalRequest, key: IdempotencyKey| {
+        let store = store.clone();
+        async move {
+            let response = json!({"id": request.id});
+            store
+                .insert_request(NewRequest {
+                    request: &request,
+                    audit: Vec::new(),
+                    outbox: Vec::new(),
+                    idempotency: Some((&key, response)),
+                })
+                .await
+        }
+    };
+
+    // The first attempt reserved the key long ago and seems dead; the retry takes it over.
+    let slow = attempt();
+    let long_ago = now() - chrono::Duration::minutes(5);
+    let reserved = store.reserve_idempotency_key(&slow, long_ago).await;
+    assert_eq!(reserved.unwrap(), Reservation::Reserved);
+    let retry = attempt();
+    let reserved = store.reserve_idempotency_key(&retry, now()).await;
+    assert_eq!(reserved.unwrap(), Reservation::Reserved);
+
+    // The slow attempt wakes up and inserts, in a group with others: it alone is refused.
+    let seq = store.latest_audit_seq().await.unwrap();
+    let others: Vec<_> = (0..8)
+        .map(|n| {
+            let store = store.clone();
+            let request = copy_with_id(&template, &format!("apr_beside_{n}"));
+            tokio::spawn(async move { insert(&store, request, Vec::new()).await })
+        })
+        .collect();
+    let fenced = insert_with_key(copy_with_id(&template, "apr_slow"), slow.clone()).await;
+    assert!(
+        matches!(fenced, Err(StoreError::IdempotencyKeyTakenOver)),
+        "{fenced:?}"
+    );
+    for other in others {
+        other.await.unwrap().unwrap();
+    }
+    assert!(store.request("apr_slow").await.unwrap().is_none());
+    assert_eq!(store.latest_audit_seq().await.unwrap(), seq + 8);
+
+    // Its clean-up does not free the key the retry holds.
+    store.release_idempotency_key(&slow).await.unwrap();
+    let third = store.reserve_idempotency_key(&attempt(), now()).await;
+    assert_eq!(third.unwrap(), Reservation::InFlight);
+
+    // The retry commits, and its answer is the key's.
+    insert_with_key(copy_with_id(&template, "apr_retry"), retry)
+        .await
+        .unwrap();
+    assert!(store.request("apr_retry").await.unwrap().is_some());
+    let answered = store.reserve_idempotency_key(&attempt(), now()).await;
+    assert_eq!(
+        answered.unwrap(),
+        Reservation::Completed {
+            body_hash: "same body".into(),
+            response: json!({"id": "apr_retry"}),
+        }
+    );
+}
