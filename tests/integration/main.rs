@@ -5,6 +5,7 @@ mod support;
 
 mod agent_api;
 mod audit_trail;
+mod callbacks;
 mod cli;
 mod concurrency;
 mod decisions;
