@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{watch, Notify};
 use tracing::instrument;
 
-use crate::audit::{AuditEvent, ChainBreak, ChainVerifier, NewAuditEvent};
+use crate::audit::{AuditEvent, AuditHead, ChainBreak, ChainVerifier, NewAuditEvent};
 use crate::callbacks::CallbackGuard;
 use crate::channels::card_destinations;
 use crate::domain::{
@@ -1066,6 +1066,26 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The last event's `{seq, hash}`, or the genesis head of an empty trail.
+    #[instrument(skip_all)]
+    pub async fn audit_head(&self) -> EngineResult<AuditHead> {
+        Ok(self
+            .store
+            .audit_head()
+            .await?
+            .map_or_else(AuditHead::genesis, |(seq, hash)| AuditHead { seq, hash }))
+    }
+
+    /// Whether the trail still holds `head`, an earlier `audit_head`: its event is still
+    /// there with the same hash. Catches what `verify_audit_chain` cannot: a trail cut
+    /// short, or rewritten from some event on and rehashed.
+    #[instrument(skip_all, fields(seq = head.seq))]
+    pub async fn check_audit_head(&self, head: &AuditHead) -> EngineResult<Result<(), ChainBreak>> {
+        let event = self.store.audit_events(head.seq - 1, 1).await?;
+        let last_seq = self.store.latest_audit_seq().await?;
+        Ok(head.check(event.first(), last_seq))
     }
 
     /// Every audit event in order, page by page.
