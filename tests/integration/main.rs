@@ -12,6 +12,7 @@ mod decisions;
 mod lifecycle;
 mod openapi;
 mod operations;
+mod postgres_roles;
 mod replicas;
 mod slack;
 mod store;
