@@ -394,8 +394,7 @@ mod tests {
         ]))
         .resolve(name("localhost"))
         .await
-        .ok()
-        .expect("localhost allowed");
+        .unwrap_or_else(|error| panic!("localhost allowed: {error}"));
         assert!(allowed
             .into_iter()
             .all(|address| address.ip().is_loopback()));
