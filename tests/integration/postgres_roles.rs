@@ -13,7 +13,7 @@ use signoff::domain::{Principal, VoteRequest, Voter};
 use signoff::server::RunningServer;
 use sqlx::Connection as _;
 
-use crate::support::{stderr, stdout, Backend, TestDatabase, DEFAULT_POSTGRES_URL, TEST_POLICY};
+use crate::support::{Backend, TestDatabase, DEFAULT_POSTGRES_URL, TEST_POLICY};
 
 /// Roles are global to the cluster: each test makes its own and drops them (after the
 /// database that holds their privileges) however the test ends.
@@ -57,27 +57,13 @@ fn as_role(url: &str, role: &str) -> String {
     parsed.to_string()
 }
 
-fn write_config(directory: &std::path::Path, name: &str, database_url: &str) -> std::path::PathBuf {
-    let path = directory.join(name);
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\npolicy = {:?}\n",
-            directory.join("policy.yaml").display().to_string()
-        ),
-    )
-    .expect("write config");
-    path
-}
-
-fn signoff(config: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_signoff"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("SIGNOFF_CONFIG")
-        .output()
-        .expect("run signoff")
+fn config_for(directory: &std::path::Path, database_url: &str) -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        database_url: Secret::new(database_url),
+        policy: directory.join("policy.yaml"),
+        ..Config::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,11 +99,13 @@ async fn a_runtime_role_serves_without_ddl_rights_and_cannot_rewrite_the_audit_t
     }
     superuser.close().await.unwrap();
 
-    // The owner migrates, then grants the runtime role what README.md lists.
+    // The owner migrates (`signoff migrate`, run in this process: the binary in a shared
+    // target directory may be another build's), then grants the runtime role what
+    // README.md lists.
     let owner_url = as_role(&database.url, &owner);
-    let owner_config = write_config(directory.path(), "owner.toml", &owner_url);
-    let output = signoff(&owner_config, &["migrate"]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    signoff::commands::migrate(config_for(directory.path(), &owner_url))
+        .await
+        .expect("the owner migrates");
     let mut as_owner = sqlx::PgConnection::connect(&owner_url).await.unwrap();
     for statement in [
         format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {runtime}"),
@@ -135,13 +123,7 @@ async fn a_runtime_role_serves_without_ddl_rights_and_cannot_rewrite_the_audit_t
     // The server starts as the runtime role (no DDL: the migrations are all applied),
     // takes a request and records a decision.
     let runtime_url = as_role(&database.url, &runtime);
-    let config = Config {
-        listen: "127.0.0.1:0".into(),
-        database_url: Secret::new(runtime_url.clone()),
-        policy: directory.path().join("policy.yaml"),
-        ..Config::default()
-    };
-    let server = RunningServer::start(config)
+    let server = RunningServer::start(config_for(directory.path(), &runtime_url))
         .await
         .expect("the runtime role starts a server on a migrated database");
     let engine = server.engine().clone();
@@ -189,16 +171,12 @@ async fn a_runtime_role_serves_without_ddl_rights_and_cannot_rewrite_the_audit_t
         );
     }
     as_runtime.close().await.unwrap();
-    // The operator commands work as the runtime role too.
-    let runtime_config = write_config(directory.path(), "runtime.toml", &runtime_url);
-    let output = signoff(&runtime_config, &["audit", "verify"]);
-    assert!(
-        output.status.success(),
-        "{}{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    let output = signoff(&runtime_config, &["audit", "head"]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    // Operator commands open the database the same way, as the runtime role too.
+    let engine = signoff::server::build_engine(&config_for(directory.path(), &runtime_url))
+        .await
+        .expect("operator commands open the database as the runtime role");
+    let verified = engine.verify_audit_chain().await.unwrap();
+    assert!(verified.is_ok(), "{verified:?}");
+    assert!(engine.audit_head().await.unwrap().seq > 0);
     drop(database);
 }
