@@ -62,7 +62,9 @@ impl CallbackGuard {
                 let addresses = resolve(domain, port).await?;
                 for address in addresses {
                     self.check_address(address.ip()).map_err(|refused| {
-                        CallbackRefused(format!("{domain} resolves to {refused}"))
+                        CallbackRefused(format!(
+                            "{domain} resolves to an address callbacks may not reach: {refused}"
+                        ))
                     })?;
                 }
             }
@@ -128,10 +130,10 @@ impl reqwest::dns::Resolve for CallbackResolver {
             let addresses = resolve(&host, 0).await?;
             for address in &addresses {
                 if let Some(refused) = guard.refusal(address.ip()) {
-                    return Err(
-                        Box::new(CallbackRefused(format!("{host} resolves to {refused}")))
-                            as Box<dyn std::error::Error + Send + Sync>,
-                    );
+                    return Err(Box::new(CallbackRefused(format!(
+                        "{host} resolves to an address callbacks may not reach: {refused}"
+                    )))
+                        as Box<dyn std::error::Error + Send + Sync>);
                 }
             }
             Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
