@@ -344,6 +344,10 @@ mod tests {
             "https://localhost/",
             "http://localhost:9/",
             "http://10.0.0.1/",
+            // Other spellings of 127.0.0.1 that URL parsers accept.
+            "https://2130706433/",
+            "https://0x7f.1/",
+            "https://127.1/",
             "ftp://example.com/",
         ] {
             assert!(strict.check_url(url).await.is_err(), "{url}");
