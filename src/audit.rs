@@ -170,6 +170,76 @@ pub struct ChainBreak {
     pub problem: String,
 }
 
+/// The last event's place in the chain, as `audit head` prints it, to be kept outside the
+/// database: a chain cut short, or rewritten from some event on and rehashed, still links,
+/// but no longer holds this. An empty trail's head is `{"seq":0,"hash":GENESIS_HASH}`,
+/// which every trail holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditHead {
+    pub seq: i64,
+    pub hash: String,
+}
+
+impl AuditHead {
+    pub fn genesis() -> Self {
+        Self {
+            seq: 0,
+            hash: GENESIS_HASH.to_string(),
+        }
+    }
+
+    /// Reads a head as `audit head` printed it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let head: Self = serde_json::from_str(text).map_err(|error| {
+            format!("{error} (expected {{\"seq\":N,\"hash\":\"<64 hex digits>\"}}, as `audit head` prints)")
+        })?;
+        if head.seq < 0 {
+            return Err(format!("seq {} is negative", head.seq));
+        }
+        let is_sha256_hex = head.hash.len() == 64
+            && head
+                .hash
+                .bytes()
+                .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
+        if !is_sha256_hex {
+            return Err(format!(
+                "hash {:?} is not 64 lowercase hex digits",
+                head.hash
+            ));
+        }
+        if head.seq == 0 && head.hash != GENESIS_HASH {
+            return Err("seq 0 (an empty trail) goes with the genesis hash, 64 zeros".into());
+        }
+        Ok(head)
+    }
+
+    /// Whether the trail still holds this head, given its event at `self.seq` (the first
+    /// with a greater or equal seq, if any) and its last seq. `Err` names `self.seq`.
+    pub fn check(&self, event: Option<&AuditEvent>, last_seq: i64) -> Result<(), ChainBreak> {
+        if self.seq == 0 {
+            return Ok(());
+        }
+        match event.filter(|event| event.seq == self.seq) {
+            None => Err(ChainBreak {
+                seq: self.seq,
+                problem: format!(
+                    "event {} of the saved head is missing: the trail ends at seq {last_seq} (cut short)",
+                    self.seq
+                ),
+            }),
+            Some(event) if event.hash != self.hash => Err(ChainBreak {
+                seq: self.seq,
+                problem: format!(
+                    "event {} no longer carries the saved head's hash: the chain was rewritten at or before it",
+                    self.seq
+                ),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
 /// Walks events in `seq` order, checking each link. Returns how many events were verified.
 #[derive(Default)]
 pub struct ChainVerifier {
@@ -298,6 +368,65 @@ mod tests {
             verifier.check(event)?;
         }
         Ok(verifier.verified())
+    }
+
+    #[test]
+    fn heads_are_parsed_strictly() {
+        let hash = "ab".repeat(32);
+        assert_eq!(
+            AuditHead::parse(&format!(r#"{{"seq":7,"hash":"{hash}"}}"#)),
+            Ok(AuditHead {
+                seq: 7,
+                hash: hash.clone()
+            })
+        );
+        assert_eq!(
+            AuditHead::parse(&serde_json::to_string(&AuditHead::genesis()).unwrap()),
+            Ok(AuditHead::genesis())
+        );
+        for bad in [
+            "",
+            "not json",
+            r#"{"seq":7}"#,
+            &format!(r#"{{"seq":"7","hash":"{hash}"}}"#),
+            &format!(r#"{{"seq":-1,"hash":"{hash}"}}"#),
+            r#"{"seq":7,"hash":"abc"}"#,
+            &format!(r#"{{"seq":7,"hash":"{}"}}"#, "AB".repeat(32)),
+            &format!(r#"{{"seq":0,"hash":"{hash}"}}"#),
+            &format!(r#"{{"seq":7,"hash":"{hash}","extra":1}}"#),
+        ] {
+            assert!(AuditHead::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_head_catches_truncation_and_rewrites() {
+        let events = chain(5);
+        let head = AuditHead {
+            seq: 4,
+            hash: events[3].hash.clone(),
+        };
+        assert_eq!(head.check(Some(&events[3]), 5), Ok(()));
+        // Cut short before event 4: the trail's next event is not there.
+        let cut = head.check(None, 3).unwrap_err();
+        assert_eq!(cut.seq, 4);
+        assert!(cut.problem.contains("ends at seq 3"), "{cut}");
+        // Rewritten and rehashed from event 2 on: it links, but event 4 has another hash.
+        let rewritten = AuditEvent {
+            payload: json!({"n": 99}),
+            ..events[3].clone()
+        };
+        let rewritten = NewAuditEvent {
+            at: rewritten.at,
+            request_id: rewritten.request_id,
+            kind: "vote",
+            actor: rewritten.actor,
+            payload: rewritten.payload,
+        }
+        .seal(4, events[2].hash.clone());
+        let broken = head.check(Some(&rewritten), 5);
+        assert_eq!(broken.map_err(|error| error.seq), Err(4));
+        assert_eq!(AuditHead::genesis().check(None, 0), Ok(()));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{json, Value};
 
+use crate::audit::AuditHead;
 use crate::config::Config;
 use crate::domain::{ApprovalRequest, Principal, Status, VoteEffect, VoteKind, VoteRequest, Voter};
 use crate::engine::{Engine, EngineError};
@@ -291,19 +292,45 @@ pub async fn vote(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn audit_verify(config: Config) -> anyhow::Result<ExitCode> {
+/// Recomputes the chain; with `head` (an earlier `audit head`), also requires the trail to
+/// still hold it. Exit 1 naming the first bad sequence number otherwise.
+pub async fn audit_verify(config: Config, head: Option<&str>) -> anyhow::Result<ExitCode> {
+    // A mistyped head is the operator's error, found before any work.
+    let head = head
+        .map(|text| AuditHead::parse(text).map_err(|error| anyhow::anyhow!("--head: {error}")))
+        .transpose()?;
     let engine = operator_engine(&config).await?;
-    match engine.verify_audit_chain().await? {
-        Ok(count) => {
-            out!("audit chain intact: {count} events verified");
-            Ok(ExitCode::SUCCESS)
-        }
+    let count = match engine.verify_audit_chain().await? {
+        Ok(count) => count,
         Err(broken) => {
             out!("{broken}");
             out!("first bad seq: {}", broken.seq);
-            Ok(ExitCode::FAILURE)
+            return Ok(ExitCode::FAILURE);
         }
+    };
+    if let Some(head) = &head {
+        if let Err(broken) = engine.check_audit_head(head).await? {
+            out!("{broken}");
+            out!("first bad seq: {}", broken.seq);
+            return Ok(ExitCode::FAILURE);
+        }
+        out!(
+            "audit chain intact: {count} events verified; it still holds the head at seq {}",
+            head.seq
+        );
+    } else {
+        out!("audit chain intact: {count} events verified");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `{"seq":N,"hash":"..."}` of the last event (seq 0 and the genesis hash while the
+/// trail is empty), to be kept outside the database for `audit verify --head`.
+pub async fn audit_head(config: Config) -> anyhow::Result<ExitCode> {
+    let engine = operator_engine(&config).await?;
+    let head = engine.audit_head().await?;
+    out!("{}", serde_json::to_string(&head)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn audit_export(config: Config) -> anyhow::Result<ExitCode> {

@@ -65,6 +65,11 @@ pub struct Config {
     pub policy: PathBuf,
     pub public_url: String,
     pub max_body_bytes: usize,
+    /// CIDRs agents' callback URLs may reach although they are loopback, private or
+    /// otherwise not public (DESIGN §6). A list, or one comma-separated string (handy in
+    /// `SIGNOFF_CALLBACK_ALLOWED_NETWORKS`).
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub callback_allowed_networks: Vec<String>,
     /// Connections in the database pool.
     pub database_max_connections: u32,
     /// SQLite only: `full` (default, survives power loss) or `normal` (opt-in, faster).
@@ -111,6 +116,7 @@ impl Default for Config {
             policy: PathBuf::from("policy.yaml"),
             public_url: "http://127.0.0.1:8080".into(),
             max_body_bytes: 262_144,
+            callback_allowed_networks: Vec::new(),
             database_max_connections: 16,
             sqlite_synchronous: "full".into(),
             sweep_interval_ms: 1000,
@@ -227,6 +233,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.listen_address()?;
+        self.callback_networks()?;
         if self.max_body_bytes < 1024 {
             bail!("max_body_bytes must be at least 1024");
         }
@@ -266,6 +273,24 @@ impl Config {
             .with_context(|| format!("listen address {:?} is not host:port", self.listen))
     }
 
+    /// `callback_allowed_networks`, parsed. A bare address means just that address.
+    pub fn callback_networks(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        self.callback_allowed_networks
+            .iter()
+            .map(|text| {
+                let text = text.trim();
+                text.parse::<ipnet::IpNet>()
+                    .map(|network| network.trunc())
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "callback_allowed_networks: {text:?} is not a CIDR such as \"10.0.0.0/8\" or \"fd00::/8\""
+                        )
+                    })
+            })
+            .collect()
+    }
+
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis(self.sweep_interval_ms.max(10))
     }
@@ -294,6 +319,7 @@ fn refuse_unknown_keys(path: &Path) -> anyhow::Result<()> {
                 "policy",
                 "public_url",
                 "max_body_bytes",
+                "callback_allowed_networks",
                 "database_max_connections",
                 "sqlite_synchronous",
                 "sweep_interval_ms",
@@ -337,6 +363,27 @@ fn refuse_unknown_keys(path: &Path) -> anyhow::Result<()> {
             unknown.join(", ")
         )
     }
+}
+
+/// A list of strings, or one string of comma-separated items (environment variables).
+fn list_or_comma_separated<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrText {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match ListOrText::deserialize(deserializer)? {
+        ListOrText::List(items) => items,
+        ListOrText::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(String::from)
+            .collect(),
+    })
 }
 
 /// Outbound URLs (Slack and Teams base URLs, agents' callback URLs) must be https; plain
@@ -415,6 +462,46 @@ mod tests {
         )
         .unwrap();
         assert!(refuse_unknown_keys(&path).is_ok());
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[test]
+    fn callback_allowed_networks_are_cidrs() {
+        let directory =
+            std::env::temp_dir().join(format!("signoff-networks-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let path = directory.join("signoff.toml");
+        std::fs::write(
+            &path,
+            "callback_allowed_networks = [\"127.0.0.0/8\", \"::1/128\", \"10.1.2.3\"]\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        let networks: Vec<String> = config
+            .callback_networks()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(networks, ["127.0.0.0/8", "::1/128", "10.1.2.3/32"]);
+        // One comma-separated string, as an environment variable would give it.
+        std::fs::write(
+            &path,
+            "callback_allowed_networks = \"127.0.0.0/8, fd00::/8\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!(config.callback_networks().unwrap().len(), 2);
+        std::fs::write(
+            &path,
+            "callback_allowed_networks = [\"127.0.0.0/8\", \"10.0.0.0/33\"]\n",
+        )
+        .unwrap();
+        let error = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            error.contains("callback_allowed_networks") && error.contains("10.0.0.0/33"),
+            "{error}"
+        );
         std::fs::remove_dir_all(&directory).unwrap();
     }
 

@@ -14,6 +14,7 @@ use sha2::Sha256;
 use tokio::sync::{watch, Semaphore};
 
 use crate::audit::NewAuditEvent;
+use crate::callbacks::{self, CallbackRefused};
 use crate::channels::slack::api::SlackCallError;
 use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
 use crate::domain::now;
@@ -234,6 +235,14 @@ impl Delivery {
     /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
     /// HMAC-SHA256(secret, id.timestamp.body)>`. The id is stable across retries.
     async fn deliver_webhook(&self, message: &OutboxMessage) -> OutboxOutcome {
+        // The URL passed at submission, but the config may have changed since.
+        if let Err(refused) = self
+            .engine
+            .callback_guard()
+            .check_before_connect(&message.destination)
+        {
+            return refused_webhook(message, &refused);
+        }
         let secret = match self.webhook_secret(&message.request_id).await {
             Ok(secret) => secret,
             Err(error) => {
@@ -276,7 +285,10 @@ impl Delivery {
                 };
             }
             Ok(response) => format!("receiver answered {}", response.status()),
-            Err(error) => format!("could not reach the receiver: {error}"),
+            Err(error) => match callbacks::refusal_in(&error) {
+                Some(refused) => return refused_webhook(message, refused),
+                None => format!("could not reach the receiver: {error}"),
+            },
         };
         if message.created_at + WEBHOOK_GIVE_UP < Utc::now() {
             return OutboxOutcome::Abandon {
@@ -343,6 +355,22 @@ impl Delivery {
             .entry(destination.to_string())
             .or_insert_with(TokenBucket::full)
             .take()
+    }
+}
+
+/// A webhook whose address callbacks may not reach is never sent, and not retried: the
+/// address will not become allowed by waiting (a change to `callback_allowed_networks`
+/// is a restart, and DNS pointing a callback inside is an attack, not an outage).
+fn refused_webhook(message: &OutboxMessage, refused: &CallbackRefused) -> OutboxOutcome {
+    tracing::warn!(
+        outbox_id = message.id,
+        request_id = %message.request_id,
+        destination = %message.destination,
+        reason = %refused,
+        "webhook not sent: its callback address is not allowed; giving up"
+    );
+    OutboxOutcome::Abandon {
+        error: format!("callback address refused: {refused}"),
     }
 }
 

@@ -19,9 +19,9 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{watch, Notify};
 use tracing::instrument;
 
-use crate::audit::{AuditEvent, ChainBreak, ChainVerifier, NewAuditEvent};
+use crate::audit::{AuditEvent, AuditHead, ChainBreak, ChainVerifier, NewAuditEvent};
+use crate::callbacks::CallbackGuard;
 use crate::channels::card_destinations;
-use crate::config::check_outbound_url;
 use crate::domain::{
     action_hash, check_voter, new_request_id, now, plan_vote, ApprovalRequest, Execution,
     ExecutionOutcome, Principal, Reevaluation, RequestContext, Status, VoteContext, VoteEffect,
@@ -116,6 +116,8 @@ pub struct Engine {
     /// Agents that submitted lately, by API-key hash: a submission needs no read to know
     /// its agent. Safe because the database refuses a revoked agent's request at insert.
     submitters: Arc<Mutex<HashMap<String, AgentRecord>>>,
+    /// Where agents' callback URLs may point (`callback_allowed_networks`).
+    callbacks: Arc<CallbackGuard>,
 }
 
 /// Wakes the local outbox worker after a commit that wrote outbox messages, and tells it
@@ -178,7 +180,18 @@ impl Engine {
             outbox_signal: Arc::default(),
             stopping: watch::channel(false).0,
             submitters: Arc::default(),
+            callbacks: Arc::default(),
         }
+    }
+
+    /// Callback URLs may reach these non-public networks; by default none.
+    pub fn with_callback_guard(mut self, guard: CallbackGuard) -> Self {
+        self.callbacks = Arc::new(guard);
+        self
+    }
+
+    pub fn callback_guard(&self) -> &CallbackGuard {
+        &self.callbacks
     }
 
     /// Answers every long-poll now with the request as it stands; the agent polls again
@@ -368,6 +381,12 @@ impl Engine {
         idempotency_key: Option<String>,
     ) -> EngineResult<Submitted> {
         validate_submission(&submission)?;
+        if let Some(url) = &submission.callback_url {
+            self.callbacks
+                .check_url(url)
+                .await
+                .map_err(|refused| EngineError::Invalid(format!("callback_url: {refused}")))?;
+        }
         let key = idempotency_key
             .map(|key| -> EngineResult<IdempotencyKey> {
                 if key.is_empty() || key.len() > 255 {
@@ -1219,6 +1238,26 @@ impl Engine {
         }
     }
 
+    /// The last event's `{seq, hash}`, or the genesis head of an empty trail.
+    #[instrument(skip_all)]
+    pub async fn audit_head(&self) -> EngineResult<AuditHead> {
+        Ok(self
+            .store
+            .audit_head()
+            .await?
+            .map_or_else(AuditHead::genesis, |(seq, hash)| AuditHead { seq, hash }))
+    }
+
+    /// Whether the trail still holds `head`, an earlier `audit_head`: its event is still
+    /// there with the same hash. Catches what `verify_audit_chain` cannot: a trail cut
+    /// short, or rewritten from some event on and rehashed.
+    #[instrument(skip_all, fields(seq = head.seq))]
+    pub async fn check_audit_head(&self, head: &AuditHead) -> EngineResult<Result<(), ChainBreak>> {
+        let event = self.store.audit_events(head.seq - 1, 1).await?;
+        let last_seq = self.store.latest_audit_seq().await?;
+        Ok(head.check(event.first(), last_seq))
+    }
+
     /// Every audit event in order, page by page.
     pub async fn export_audit(
         &self,
@@ -1377,10 +1416,7 @@ fn validate_submission(submission: &Submission) -> EngineResult<()> {
     if !submission.args.is_object() {
         return Err(EngineError::Invalid("args must be a JSON object".into()));
     }
-    if let Some(url) = &submission.callback_url {
-        check_outbound_url(url)
-            .map_err(|error| EngineError::Invalid(format!("callback_url: {error}")))?;
-    }
+    // The callback URL is checked by `CallbackGuard::check_url`, which may need DNS.
     // Links are evidence, not fetched: any text is kept; cards link only http(s) ones.
     if submission
         .context

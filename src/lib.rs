@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod callbacks;
 pub mod channels;
 pub mod client;
 pub mod commands;

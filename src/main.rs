@@ -152,7 +152,14 @@ enum AgentsCommand {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Recompute the hash chain: exit 0 intact, 1 with the first bad sequence number.
-    Verify,
+    Verify {
+        /// An earlier output of `audit head`, `{"seq":N,"hash":"..."}`: event N must still
+        /// carry that hash (catches a trail cut short or rewritten and rehashed).
+        #[arg(long, value_name = "JSON")]
+        head: Option<String>,
+    },
+    /// Print `{"seq":N,"hash":"..."}` of the last event, to keep outside the database.
+    Head,
     /// Print every event as JSON Lines.
     Export,
 }
@@ -304,7 +311,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let vote = VoteRequest::Modify { args, note };
             commands::vote(config, &id, &principal, vote, revision).await
         }
-        Command::Audit(AuditCommand::Verify) => commands::audit_verify(config).await,
+        Command::Audit(AuditCommand::Verify { head }) => {
+            commands::audit_verify(config, head.as_deref()).await
+        }
+        Command::Audit(AuditCommand::Head) => commands::audit_head(config).await,
         Command::Audit(AuditCommand::Export) => commands::audit_export(config).await,
         Command::Policy(_) | Command::Request { .. } => unreachable!("handled above"),
     }

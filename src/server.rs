@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::callbacks::CallbackGuard;
 use crate::channels::{self, slack::SlackChannel};
 use crate::config::Config;
 use crate::delivery::Delivery;
@@ -27,12 +28,15 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     // Cards are written for every chat destination whatever this process's own config says:
     // a vote cast from the CLI must still update the cards the servers posted. A server
     // without that channel configured drops the message.
-    let _ = config;
-    Ok(Engine::new(store, policy).with_card_channels(vec![channels::SLACK]))
+    let callbacks = CallbackGuard::new(config.callback_networks()?);
+    Ok(Engine::new(store, policy)
+        .with_card_channels(vec![channels::SLACK])
+        .with_callback_guard(callbacks))
 }
 
-/// The one HTTP client (webhooks, Slack response URLs): no redirects, so a receiver cannot
-/// bounce us elsewhere.
+/// The HTTP client for Slack response URLs: no redirects, so a receiver cannot bounce us
+/// elsewhere. Webhooks have their own (`CallbackGuard::webhook_client`), whose resolver
+/// enforces `callback_allowed_networks`.
 fn http_client() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -69,10 +73,7 @@ impl RunningServer {
         };
         let http = http_client()?;
         let slack = if config.slack_enabled() {
-            Some(Arc::new(SlackChannel::from_config(
-                &config.slack,
-                http.clone(),
-            )?))
+            Some(Arc::new(SlackChannel::from_config(&config.slack, http)?))
         } else {
             None
         };
@@ -83,7 +84,11 @@ impl RunningServer {
             None => axum::Router::new(),
         };
         let app = router(state, channel_routes);
-        let delivery = Arc::new(Delivery::new(engine.clone(), slack, http));
+        let webhooks = engine
+            .callback_guard()
+            .webhook_client()
+            .context("building the webhook client")?;
+        let delivery = Arc::new(Delivery::new(engine.clone(), slack, webhooks));
         let mut http_shutdown = shutdown_signal.clone();
         let http = tokio::spawn(async move {
             let service = app.into_make_service_with_connect_info::<SocketAddr>();

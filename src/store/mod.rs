@@ -223,7 +223,8 @@ pub struct RequestFilter {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Applies pending migrations.
+    /// Applies pending migrations. When every migration is already applied it changes
+    /// nothing and needs no DDL rights, so a runtime role without them can start.
     async fn migrate(&self) -> StoreResult<()>;
     /// A trivial query, for readiness.
     async fn ping(&self) -> StoreResult<()>;
@@ -267,6 +268,8 @@ pub trait Store: Send + Sync + 'static {
     /// Those of `request_ids` that are no longer pending (primary-key lookups).
     async fn decided_among(&self, request_ids: &[String]) -> StoreResult<Vec<String>>;
     async fn latest_audit_seq(&self) -> StoreResult<i64>;
+    /// The last audit event's `(seq, hash)`; `None` while the trail is empty.
+    async fn audit_head(&self) -> StoreResult<Option<(i64, String)>>;
     /// Appends events that go with no other change.
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> StoreResult<()>;
 

@@ -185,6 +185,30 @@ pub(super) const ABANDONED_RESERVATION: chrono::Duration = chrono::Duration::sec
 macro_rules! implement_store {
     ($store:ty, $database:ty) => {
         impl $store {
+            /// Whether the database holds exactly this build's migrations, each applied
+            /// successfully and unchanged. sqlx's migrator creates its table before it
+            /// looks (DDL, even when nothing is to be done): skipping it then lets a role
+            /// that may only read and write rows run the server. Anything else, including
+            /// an unreadable `_sqlx_migrations`, leaves the decision to the migrator.
+            #[tracing::instrument(skip_all)]
+            async fn migrations_all_applied(&self) -> bool {
+                let applied: Vec<(i64, Vec<u8>, bool)> = match sqlx::query_as(
+                    "SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version",
+                )
+                .fetch_all(&self.pool)
+                .await
+                {
+                    Ok(applied) => applied,
+                    Err(_) => return false,
+                };
+                let expected: Vec<(i64, Vec<u8>, bool)> = Self::MIGRATOR
+                    .iter()
+                    .filter(|migration| !migration.migration_type.is_down_migration())
+                    .map(|migration| (migration.version, migration.checksum.to_vec(), true))
+                    .collect();
+                applied == expected
+            }
+
             async fn append_audit_events(
                 connection: &mut <$database as sqlx::Database>::Connection,
                 events: Vec<$crate::audit::NewAuditEvent>,
@@ -450,6 +474,9 @@ macro_rules! implement_store {
         impl $crate::store::Store for $store {
             #[tracing::instrument(skip_all)]
             async fn migrate(&self) -> $crate::store::StoreResult<()> {
+                if self.migrations_all_applied().await {
+                    return Ok(());
+                }
                 Self::MIGRATOR.run(&self.pool).await?;
                 Ok(())
             }
@@ -826,6 +853,13 @@ macro_rules! implement_store {
                 Ok(sqlx::query_scalar(Self::DECIDED_AMONG)
                     .bind(ids)
                     .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn audit_head(&self) -> $crate::store::StoreResult<Option<(i64, String)>> {
+                Ok(sqlx::query_as(super::shared::AUDIT_HEAD)
+                    .fetch_optional(&self.pool)
                     .await?)
             }
 

@@ -5,12 +5,14 @@ mod support;
 
 mod agent_api;
 mod audit_trail;
+mod callbacks;
 mod cli;
 mod concurrency;
 mod decisions;
 mod lifecycle;
 mod openapi;
 mod operations;
+mod postgres_roles;
 mod replicas;
 mod slack;
 mod store;

@@ -85,6 +85,9 @@ rules:
     reason: "Dropping tables is never allowed"
 "#;
 
+/// What tests let callbacks reach: their webhook receivers listen on loopback.
+pub const LOOPBACK_NETWORKS: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+
 pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// A fresh database for one test: a SQLite file in a temporary folder, or a new PostgreSQL
@@ -206,13 +209,18 @@ impl TestApp {
             watch_interval_ms: 100,
             admin_token: Secret::new(ADMIN_TOKEN),
             database_max_connections: 8,
+            // Webhook receivers in tests listen on loopback.
+            callback_allowed_networks: LOOPBACK_NETWORKS
+                .iter()
+                .map(|network| network.to_string())
+                .collect(),
             ..Config::default()
         };
         let config_path = directory.path().join("signoff.toml");
         std::fs::write(
             &config_path,
             format!(
-                "listen = \"127.0.0.1:0\"\ndatabase_url = {:?}\npolicy = {:?}\nwatch_interval_ms = 100\nsweep_interval_ms = 100\n\n[slack]\nbot_token = \"xoxb-test-token\"\nsigning_secret = {:?}\napi_url = {:?}\n",
+                "listen = \"127.0.0.1:0\"\ndatabase_url = {:?}\npolicy = {:?}\ncallback_allowed_networks = [\"127.0.0.0/8\", \"::1/128\"]\nwatch_interval_ms = 100\nsweep_interval_ms = 100\n\n[slack]\nbot_token = \"xoxb-test-token\"\nsigning_secret = {:?}\napi_url = {:?}\n",
                 database.url,
                 policy_path.display().to_string(),
                 SLACK_SIGNING_SECRET,
@@ -494,6 +502,30 @@ impl TestApp {
             .env_remove("SIGNOFF_CONFIG")
             .output()
             .expect("run signoff")
+    }
+
+    /// One integer from raw SQL (a count, say), read behind the server's back.
+    pub async fn query_i64(&self, sql: &str) -> i64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(&self.database.url)
+                    .await
+                    .expect("connect");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .expect("query")
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.database.url)
+                    .await
+                    .expect("connect");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .expect("query")
+            }
+        }
     }
 
     /// Executes raw SQL against the database behind the server's back.
