@@ -17,26 +17,31 @@ FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /build
 
 # 1. Dependencies only, cached in this layer until Cargo.toml or Cargo.lock change:
-#    build against stub sources, then forget everything built from the stubs.
-#    (tests/integration/main.rs is stubbed because Cargo.toml names it as a [[test]] target;
-#    tests/ is not needed for the release binary.)
+#    build against stub sources, then forget everything built from the stubs. Every target
+#    Cargo.toml names (the bench binary, the integration tests, the criterion bench) gets a
+#    stub, or cargo refuses the manifest; only the server binary is built.
+#    .ci/docker-build replays these steps in CI: keep the two in step.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src tests/integration \
+RUN mkdir -p src/bin/signoff-bench tests/integration benches \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
+ && echo 'fn main() {}' > src/bin/signoff-bench/main.rs \
  && echo 'fn main() {}' > tests/integration/main.rs \
- && cargo build --release --locked \
+ && echo 'fn main() {}' > benches/policy_evaluation.rs \
+ && cargo build --release --locked --bin signoff \
  && rm -rf src \
            target/release/signoff target/release/signoff.d \
            target/release/deps/signoff-* target/release/deps/libsignoff-* \
            target/release/.fingerprint/signoff-*
 
-# 2. The crate itself. migrations/ is embedded by sqlx::migrate! at compile time.
-#    The touch makes sure cargo never mistakes the copied sources for the stubs.
+# 2. The crate itself. migrations/ is embedded by sqlx::migrate! at compile time (build.rs
+#    tells cargo to rebuild when they change). The touch makes sure cargo never mistakes
+#    the copied sources for the stubs.
+COPY build.rs ./
 COPY src ./src
 COPY migrations ./migrations
-RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked \
+RUN touch build.rs src/main.rs src/lib.rs \
+ && cargo build --release --locked --bin signoff \
  && install -D -m 0755 target/release/signoff /out/usr/local/bin/signoff \
  && mkdir -p /out/var/lib/signoff
 
