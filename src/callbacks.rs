@@ -58,12 +58,18 @@ impl CallbackGuard {
             Some(url::Host::Ipv4(address)) => self.check_address(address.into())?,
             Some(url::Host::Ipv6(address)) => self.check_address(address.into())?,
             Some(url::Host::Domain(domain)) => {
+                // Agents read these answers: they say whether the name resolved and to
+                // what kind of address, never which one, so they cannot map the inside.
                 let port = url.port_or_known_default().unwrap_or(443);
-                let addresses = resolve(domain, port).await?;
+                let addresses = resolve(domain, port).await.map_err(|refused| {
+                    tracing::info!(%refused, "callback_url refused");
+                    CallbackRefused(format!("{domain} does not resolve to a usable address"))
+                })?;
                 for address in addresses {
                     self.check_address(address.ip()).map_err(|refused| {
+                        tracing::info!(%refused, "callback_url refused");
                         CallbackRefused(format!(
-                            "{domain} resolves to an address callbacks may not reach: {refused}"
+                            "{domain} resolves to an address callbacks may not reach (not public, and not in callback_allowed_networks)"
                         ))
                     })?;
                 }

@@ -758,6 +758,17 @@ impl Engine {
             agent: &request.agent,
             context: &context,
         });
+        // The new args are judged by the policy in force: the tier's quorum as it is now,
+        // if a reload raised it.
+        let same_tier = Reevaluation::SameTier {
+            approvals_required: request
+                .tier
+                .as_deref()
+                .and_then(|tier| policy.tier(tier))
+                .map_or(request.approvals_required, |tier| {
+                    tier.approvals.max(request.approvals_required)
+                }),
+        };
         match verdict.effect {
             Effect::Deny => Reevaluation::Denied {
                 reason: verdict
@@ -766,7 +777,6 @@ impl Engine {
                     .unwrap_or_else(|| "the policy denies these args".into()),
                 rule: verdict.rule,
             },
-            Effect::Allow => Reevaluation::SameTier,
             Effect::RequireApproval => {
                 let rank = |tier: Option<&str>| tier.and_then(|tier| policy.tier_rank(tier));
                 match verdict.tier {
@@ -778,9 +788,10 @@ impl Engine {
                             approvals_required: verdict.approvals_required,
                         }
                     }
-                    _ => Reevaluation::SameTier,
+                    _ => same_tier,
                 }
             }
+            Effect::Allow => same_tier,
         }
     }
 
@@ -831,6 +842,10 @@ impl Engine {
             if next.tier != current.tier {
                 self.schedule_follow_ups(&policy, &mut next);
             }
+            if next.revision != current.revision {
+                // The policy that judged the new args.
+                next.policy_hash = policy.hash().to_string();
+            }
             next.version += 1;
             let mut audit = Vec::new();
             match &vote {
@@ -848,6 +863,7 @@ impl Engine {
                         "tier": next.tier,
                         "previous_tier": current.tier,
                         "approvals_required": next.approvals_required,
+                        "policy_hash": next.policy_hash,
                         "counts_as_approval": next.votes.last().is_some_and(|vote| vote.vote == VoteKind::Approve),
                         "channel": voter.channel,
                     }),

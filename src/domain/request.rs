@@ -269,6 +269,21 @@ impl ApprovalRequest {
         })
     }
 
+    /// The revision that was current at `at`: each modification made later (its first
+    /// vote is the modifier's) had not happened yet. Slack's timestamps have whole seconds,
+    /// so a modification in the same second as `at` counts as later: fails closed.
+    pub fn revision_at(&self, at: DateTime<Utc>) -> u32 {
+        let later_modifications = (2..=self.revision)
+            .filter(|revision| {
+                self.votes
+                    .iter()
+                    .find(|vote| vote.revision == *revision)
+                    .is_none_or(|vote| vote.at >= at)
+            })
+            .count() as u32;
+        self.revision - later_modifications
+    }
+
     pub fn is_overdue(&self, at: DateTime<Utc>) -> bool {
         self.status == Status::Pending && self.expires_at.is_some_and(|expiry| expiry <= at)
     }

@@ -78,8 +78,10 @@ pub enum Reevaluation {
         rule: Option<String>,
         reason: String,
     },
-    /// The request stays in its tier (the verdict asks for it or a lower one: never down).
-    SameTier,
+    /// The request stays in its tier (the verdict asks for it or a lower one: never
+    /// down), needing as many approvals as that tier asks now (a reloaded policy may ask
+    /// more; never fewer than before).
+    SameTier { approvals_required: u32 },
     /// The new args need a higher tier: the request moves there.
     MovesUp {
         tier: String,
@@ -269,7 +271,10 @@ pub fn plan_vote(
                         reason: reason.clone(),
                     })
                 }
-                Some(Reevaluation::SameTier) => true,
+                Some(Reevaluation::SameTier { approvals_required }) => {
+                    request.approvals_required = *approvals_required;
+                    true
+                }
                 Some(Reevaluation::MovesUp {
                     tier,
                     rule,
@@ -372,6 +377,10 @@ mod tests {
         format!("cli:{name}").parse().unwrap()
     }
 
+    const SAME_TIER: Reevaluation = Reevaluation::SameTier {
+        approvals_required: 2,
+    };
+
     fn voter(principal: &Principal) -> VoteContext<'_> {
         VoteContext {
             principal,
@@ -380,7 +389,7 @@ mod tests {
             is_requester: false,
             email_unreadable: false,
             seen_revision: None,
-            modification: Some(&Reevaluation::SameTier),
+            modification: Some(&SAME_TIER),
             now: now(),
         }
     }
@@ -766,15 +775,80 @@ mod tests {
     fn modify_with_one_approval_required_decides() {
         let alice = person("alice");
         let mut request = pending(1);
+        let one = Reevaluation::SameTier {
+            approvals_required: 1,
+        };
         let effect = plan_vote(
             &mut request,
             VoteRequest::Modify {
                 args: json!({"amount": 50}),
                 note: None,
             },
-            voter(&alice),
+            VoteContext {
+                modification: Some(&one),
+                ..voter(&alice)
+            },
         );
         assert_eq!(effect, Ok(VoteEffect::Decided(Status::Approved)));
         assert!(request.decision.unwrap().modified);
+    }
+
+    #[test]
+    fn modify_takes_the_quorum_the_policy_asks_now() {
+        // A reloaded policy asks two approvals of the tier: the modified args need them.
+        let alice = person("alice");
+        let mut request = pending(1);
+        let two = Reevaluation::SameTier {
+            approvals_required: 2,
+        };
+        let effect = plan_vote(
+            &mut request,
+            VoteRequest::Modify {
+                args: json!({"amount": 50}),
+                note: None,
+            },
+            VoteContext {
+                modification: Some(&two),
+                ..voter(&alice)
+            },
+        );
+        assert_eq!(
+            effect,
+            Ok(VoteEffect::Counted {
+                approvals: 1,
+                required: 2
+            })
+        );
+    }
+
+    #[test]
+    fn the_revision_at_a_time_counts_only_earlier_modifications() {
+        let alice = person("alice");
+        let mut request = pending(2);
+        let start = now();
+        let modify = |request: &mut ApprovalRequest, amount: u32, at| {
+            plan_vote(
+                request,
+                VoteRequest::Modify {
+                    args: json!({ "amount": amount }),
+                    note: None,
+                },
+                VoteContext {
+                    now: at,
+                    ..voter(&alice)
+                },
+            )
+            .unwrap();
+        };
+        modify(&mut request, 10, start + Duration::seconds(10));
+        modify(&mut request, 20, start + Duration::seconds(20));
+        let table = [(0, 1), (9, 1), (10, 1), (11, 2), (20, 2), (21, 3)];
+        for (seconds, revision) in table {
+            assert_eq!(
+                request.revision_at(start + Duration::seconds(seconds)),
+                revision,
+                "at +{seconds}s"
+            );
+        }
     }
 }

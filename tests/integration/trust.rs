@@ -9,7 +9,9 @@ use rstest::rstest;
 use serde_json::{json, Value};
 use signoff::domain::Status;
 
-use crate::support::fake_slack::{button_value, click_payload, slack_signature, SlackDriver};
+use crate::support::fake_slack::{
+    button_value, click_payload, slack_signature, Failure, SlackDriver,
+};
 use crate::support::{stderr, stdout, Backend, TestApp};
 
 /// Production deploys need two people of `release` (or alice), forbidden ones are denied,
@@ -58,6 +60,7 @@ async fn deploy_app(backend: Backend) -> Option<TestApp> {
     app.slack.add_user("U02BOB", "bob@example.com");
     app.slack.add_user("U03CAROL", "carol@example.com");
     app.slack.add_user("U0OWEN", "owen@example.com");
+    app.slack.add_user("U09NOBODY", "nobody@example.com");
     // U05HIDDEN has no readable email.
     Some(app)
 }
@@ -301,6 +304,22 @@ async fn a_stale_or_replayed_click_after_a_modification_is_refused(
         .await;
     assert_eq!(status, StatusCode::OK);
     assert!(answer.contains("out of date"), "{answer}");
+    assert!(
+        !answer.contains("blocks"),
+        "no card for a crafted value: {answer}"
+    );
+    assert_eq!(snapshot(&app, &id).await, before);
+
+    // Someone who may not see the request gets no card from a stale click either.
+    let (status, answer) = driver
+        .click_at("U09NOBODY", "C0PROD", "approve", &id, 1)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(answer.contains("changed since you saw it"), "{answer}");
+    assert!(
+        !answer.contains("api"),
+        "the current args stay hidden: {answer}"
+    );
     assert_eq!(snapshot(&app, &id).await, before);
 
     // A deny modal opened on revision 1 and submitted now is refused too.
@@ -556,4 +575,143 @@ async fn show_answers_only_people_who_may_see_the_request(
         text.contains("approved") && text.contains("revision 1") && text.contains("staging"),
         "{text}"
     );
+}
+
+/// A slash command as Slack signs it, from `user`, signed at `timestamp`.
+fn signed_command(user: &str, text: &str, timestamp: i64) -> (String, String) {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("team_id", "T0FAKE")
+        .append_pair("user_id", user)
+        .append_pair("command", "/signoff")
+        .append_pair("text", text)
+        .append_pair("trigger_id", "13345224609.738474920.8088930838d88f008e0")
+        .finish();
+    let signature = slack_signature(crate::support::SLACK_SIGNING_SECRET, timestamp, &body);
+    (body, signature)
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_typed_approve_cannot_count_for_a_later_revision(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = deploy_app!(backend);
+    let agent = app.create_agent("deployer", &[]).await;
+    let id = app.submit_id(&agent, deploy("production")).await;
+    let driver = app.slack_driver();
+    let form = "application/x-www-form-urlencoded";
+
+    // Carol types `approve ID`: it counts on revision 1.
+    let typed_at = chrono::Utc::now().timestamp();
+    let (body, signature) = signed_command("U03CAROL", &format!("approve {id}"), typed_at);
+    let (status, answer) = driver
+        .post_raw(
+            "/slack/commands",
+            body.clone(),
+            form,
+            Some((&signature, typed_at)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer.contains("revision 1"), "{answer}");
+
+    // Alice changes the args (and approves revision 2).
+    let output = app.cli(&[
+        "modify",
+        &id,
+        "--as",
+        "cli:alice",
+        "--args",
+        r#"{"environment":"production","service":"payments"}"#,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let before = snapshot(&app, &id).await;
+
+    // The captured command, sent again: Carol never saw revision 2.
+    let (status, answer) = driver
+        .post_raw("/slack/commands", body, form, Some((&signature, typed_at)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(answer.contains("changed since you saw it"), "{answer}");
+    assert_eq!(snapshot(&app, &id).await, before);
+    assert_eq!(app.stored(&id).await.status, Status::Pending);
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modification_needs_the_quorum_of_the_policy_in_force(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = deploy_app!(backend);
+    let agent = app.create_agent("deployer", &[]).await;
+    let id = app.submit_id(&agent, deploy("staging")).await;
+    assert_eq!(app.stored(&id).await.approvals_required, 1);
+
+    // The operator raises staging's quorum to two and reloads.
+    let stricter = DEPLOY_POLICY.replacen("approvals: 1", "approvals: 2", 1);
+    std::fs::write(&app.config.policy, stricter).unwrap();
+    let reloaded = app.engine().reload_policy(&app.config.policy).unwrap();
+
+    let output = app.cli(&[
+        "modify",
+        &id,
+        "--as",
+        "cli:bob",
+        "--args",
+        r#"{"environment":"staging","service":"api"}"#,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stored = app.stored(&id).await;
+    assert_eq!(
+        stored.status,
+        Status::Pending,
+        "one approval no longer suffices"
+    );
+    assert_eq!(stored.approvals_required, 2);
+    assert_eq!(
+        stored.policy_hash,
+        reloaded.hash(),
+        "the policy that judged the new args"
+    );
+    assert!(
+        app.cli(&["approve", &id, "--as", "cli:carol"])
+            .status
+            .code()
+            == Some(1)
+    );
+    assert!(app.cli(&["approve", &id, "--as", "cli:dave"]).status.code() == Some(1));
+    assert!(app
+        .cli(&["approve", &id, "--as", "cli:alice"])
+        .status
+        .success());
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clicks_are_refused_while_the_workspace_cannot_be_confirmed(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let app = deploy_app!(backend);
+    let agent = app.create_agent("deployer", &[]).await;
+    let id = app.submit_id(&agent, deploy("staging")).await;
+    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    let before = snapshot(&app, &id).await;
+
+    // A revoked token: auth.test cannot say which workspace is ours, so nothing counts.
+    for failure in [Failure::NotOk("token_revoked"), Failure::ServerError] {
+        app.slack.fail_next("auth.test", vec![failure]);
+        let (status, answer) = app
+            .slack_driver()
+            .click_at("U02BOB", "C0STAGING", "approve", &id, 1)
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+        assert_eq!(snapshot(&app, &id).await, before);
+    }
+    let (status, _) = app
+        .slack_driver()
+        .click_at("U02BOB", "C0STAGING", "approve", &id, 1)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
 }

@@ -177,11 +177,23 @@ impl SlackApi {
         Ok(())
     }
 
-    /// The id of the workspace the bot token belongs to (auth.test).
-    pub async fn team_id(&self) -> Result<String, SlackCallError> {
+    /// The id of the workspace the bot token belongs to (auth.test); `None` when the API
+    /// at `api_url` has no auth.test at all (`unknown_method`, or 404: a stand-in that is
+    /// not Slack). Slack itself always has it, so no answer from Slack can get `None`.
+    pub async fn team_id(&self) -> Result<Option<String>, SlackCallError> {
         let session = self.client.open_session(&self.token);
-        let response = self.call("auth.test", session.auth_test()).await?;
-        Ok(response.team_id.to_string())
+        match tokio::time::timeout(CALL_TIMEOUT, session.auth_test()).await {
+            Ok(Ok(response)) => Ok(Some(response.team_id.to_string())),
+            Ok(Err(SlackClientError::ApiError(api))) if api.code == "unknown_method" => Ok(None),
+            Ok(Err(SlackClientError::HttpError(http))) if http.status_code.as_u16() == 404 => {
+                Ok(None)
+            }
+            Ok(Err(error)) => Err(SlackCallError::from_client("auth.test", error)),
+            Err(_) => Err(SlackCallError::Retry {
+                reason: format!("auth.test: no answer within {CALL_TIMEOUT:?}"),
+                after: None,
+            }),
+        }
     }
 
     /// The user's email address (needs users:read.email), if Slack has one.

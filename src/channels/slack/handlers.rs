@@ -129,7 +129,11 @@ pub fn router(engine: Engine, slack: Arc<SlackChannel>, body_limit: usize) -> Ro
 
 /// A request body Slack signed: within the body limit, signature verified in constant time,
 /// timestamp within 300 s of now — all before anything is parsed.
-struct SignedBody(String);
+struct SignedBody {
+    body: String,
+    /// The signed timestamp (Unix seconds): when Slack sent it.
+    signed_at: i64,
+}
 
 impl FromRequest<SlackState> for SignedBody {
     type Rejection = ApiError;
@@ -159,7 +163,10 @@ impl FromRequest<SlackState> for SignedBody {
             .verifier
             .verify(signature, text, timestamp)
             .map_err(|_| ApiError::unauthorized("invalid or stale Slack signature"))?;
-        Ok(Self(text.to_string()))
+        Ok(Self {
+            body: text.to_string(),
+            signed_at: timestamp.trim().parse().unwrap_or_default(),
+        })
     }
 }
 
@@ -169,7 +176,10 @@ fn form_fields(body: &str) -> HashMap<String, String> {
         .collect()
 }
 
-async fn interactions(State(state): State<SlackState>, SignedBody(body): SignedBody) -> Response {
+async fn interactions(
+    State(state): State<SlackState>,
+    SignedBody { body, .. }: SignedBody,
+) -> Response {
     let Some(payload) = form_fields(&body).remove("payload") else {
         return ApiError::bad_request("invalid_request", "no payload field").into_response();
     };
@@ -239,14 +249,23 @@ impl From<String> for Refusal {
 }
 
 impl Refusal {
-    /// The engine's refusal in words; a stale revision also shows the current card.
-    async fn of(state: &SlackState, request_id: &str, error: &EngineError) -> Self {
-        let current = match error {
-            EngineError::Refused(VoteRefusal::StaleRevision { .. }) => {
-                state.engine.request(request_id).await.ok().map(Box::new)
+    /// The engine's refusal in words; a stale revision also shows the current card, to
+    /// someone who may see the request (`/signoff show`'s rule): an old card in a channel
+    /// is no ticket to the request as it is now.
+    async fn of(state: &SlackState, request_id: &str, voter: &Voter, error: &EngineError) -> Self {
+        let mut current = None;
+        if let EngineError::Refused(VoteRefusal::StaleRevision { .. }) = error {
+            if let Ok(request) = state.engine.request(request_id).await {
+                if state
+                    .engine
+                    .may_view(&request, voter)
+                    .await
+                    .unwrap_or(false)
+                {
+                    current = Some(Box::new(request));
+                }
             }
-            _ => None,
-        };
+        }
         Self {
             text: explain(error),
             current,
@@ -293,18 +312,13 @@ async fn block_action(state: &SlackState, interaction: Interaction) -> Response 
 }
 
 /// The request and revision a button or modal names. A value without a revision (a card
-/// posted before votes were bound to revisions, or a crafted one) votes on nothing: the
-/// person is shown the current card instead.
-async fn vote_target(state: &SlackState, value: &str) -> Result<VoteTarget, Refusal> {
-    if let Some(target) = VoteTarget::decode(value) {
-        return Ok(target);
-    }
-    let current = state.engine.request(value).await.ok().map(Box::new);
-    Err(Refusal {
-        text:
-            "That card is out of date, so nothing was recorded; here is the request as it is now."
-                .into(),
-        current,
+/// posted before votes were bound to revisions, or a crafted one) votes on nothing.
+fn vote_target(value: &str) -> Result<VoteTarget, Refusal> {
+    VoteTarget::decode(value).ok_or_else(|| {
+        String::from(
+            "That card is out of date, so nothing was recorded. Use `/signoff show ID` to see the request as it is now.",
+        )
+        .into()
     })
 }
 
@@ -312,7 +326,7 @@ async fn vote_target(state: &SlackState, value: &str) -> Result<VoteTarget, Refu
 async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<Refusal> {
     let user = interaction.user.id.as_str();
     let action = interaction.actions.first()?;
-    let target = match vote_target(state, action.value.as_deref().unwrap_or_default()).await {
+    let target = match vote_target(action.value.as_deref().unwrap_or_default()) {
         Ok(target) => target,
         Err(refusal) => return Some(refusal),
     };
@@ -334,7 +348,7 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
             .await
         {
             Ok(_) => None,
-            Err(error) => Some(Refusal::of(state, request_id, &error).await),
+            Err(error) => Some(Refusal::of(state, request_id, &voter, &error).await),
         },
         action_id @ (DENY | MODIFY) => {
             let kind = if action_id == DENY {
@@ -348,7 +362,7 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
                 .await
             {
                 Ok(request) => request,
-                Err(error) => return Some(Refusal::of(state, request_id, &error).await),
+                Err(error) => return Some(Refusal::of(state, request_id, &voter, &error).await),
             };
             let card = CardView::of(&request);
             let view = if kind == VoteKindRequested::Deny {
@@ -400,7 +414,7 @@ async fn view_submission(state: &SlackState, interaction: Interaction) -> Respon
         },
         _ => return StatusCode::OK.into_response(),
     };
-    let target = match vote_target(state, &view.private_metadata).await {
+    let target = match vote_target(&view.private_metadata) {
         Ok(target) => target,
         Err(refusal) => return modal_error(block, &refusal.text),
     };
@@ -416,7 +430,7 @@ async fn view_submission(state: &SlackState, interaction: Interaction) -> Respon
     {
         Ok(_) => StatusCode::OK.into_response(),
         Err(error) => {
-            let refusal = Refusal::of(state, request_id, &error).await;
+            let refusal = Refusal::of(state, request_id, &voter, &error).await;
             if refusal.current.is_some() {
                 // The modal shows the reason; the current card follows as an ephemeral
                 // message where Slack lets us send one.
@@ -509,7 +523,10 @@ const HELP: &str = "*signoff* — approve what your AI agents want to do.\n\
 • `help` — this message";
 
 /// The slash command. Every answer is ephemeral.
-async fn commands(State(state): State<SlackState>, SignedBody(body): SignedBody) -> Response {
+async fn commands(
+    State(state): State<SlackState>,
+    SignedBody { body, signed_at }: SignedBody,
+) -> Response {
     let fields = form_fields(&body);
     let team = fields
         .get("team_id")
@@ -529,10 +546,11 @@ async fn commands(State(state): State<SlackState>, SignedBody(body): SignedBody)
         ("show", Some(id)) => show_to(&state, &id, &user).await,
         ("approve", Some(id)) => {
             let note = (!rest.is_empty()).then_some(rest);
-            vote_from_command(&state, &id, &user, VoteRequest::Approve { note }).await
+            vote_from_command(&state, &id, &user, signed_at, VoteRequest::Approve { note }).await
         }
         ("deny", Some(id)) if !rest.is_empty() => {
-            vote_from_command(&state, &id, &user, VoteRequest::Deny { reason: rest }).await
+            let vote = VoteRequest::Deny { reason: rest };
+            vote_from_command(&state, &id, &user, signed_at, vote).await
         }
         ("deny", Some(_)) => ephemeral(format!(
             "A deny needs a reason: `{} deny ID reason`",
@@ -565,14 +583,27 @@ async fn show_to(state: &SlackState, id: &str, user: &str) -> Value {
     }
 }
 
-/// A typed vote acts on the current revision; the answer says which, and the args it
-/// approved, so the person knows exactly what they signed off.
-async fn vote_from_command(state: &SlackState, id: &str, user: &str, vote: VoteRequest) -> Value {
-    let voter = match voter(state, id, user).await {
-        Ok((_, voter)) => voter,
+/// A typed vote acts on the revision that was current when it was typed (its signed
+/// timestamp): a captured command sent again after a modification cannot count for the
+/// new args. The answer says which revision, and the args it approved.
+async fn vote_from_command(
+    state: &SlackState,
+    id: &str,
+    user: &str,
+    signed_at: i64,
+    vote: VoteRequest,
+) -> Value {
+    let (request, voter) = match voter(state, id, user).await {
+        Ok(found) => found,
         Err(message) => return ephemeral(message),
     };
-    match state.engine.record_vote(id, &voter, vote, None).await {
+    let typed_at = chrono::DateTime::from_timestamp(signed_at, 0).unwrap_or_default();
+    let seen_revision = request.revision_at(typed_at);
+    match state
+        .engine
+        .record_vote(id, &voter, vote, Some(seen_revision))
+        .await
+    {
         Ok((
             request,
             VoteEffect::Counted {
@@ -659,7 +690,7 @@ fn ephemeral_blocks(text: String, blocks: Vec<SlackBlock>) -> Value {
 }
 
 /// Events API: answers the URL verification handshake; other events are acknowledged.
-async fn events(SignedBody(body): SignedBody) -> Response {
+async fn events(SignedBody { body, .. }: SignedBody) -> Response {
     let event: Value = match serde_json::from_str(&body) {
         Ok(event) => event,
         Err(error) => {

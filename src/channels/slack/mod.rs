@@ -30,7 +30,7 @@ pub struct SlackChannel {
     verifier: SlackEventSignatureVerifier,
     command: String,
     /// The workspace the bot token belongs to (auth.test), once Slack has told us.
-    home_team: tokio::sync::OnceCell<String>,
+    home_team: tokio::sync::OnceCell<Option<String>>,
 }
 
 /// What syncing a card did.
@@ -60,18 +60,21 @@ impl SlackChannel {
 
     /// Is `team` (an interaction's or command's workspace) the one this bot is installed
     /// in? Another workspace — Slack Connect guests included — may not decide anything
-    /// here. Fails closed while Slack cannot answer auth.test; only a Slack that refuses
-    /// auth.test outright (a broken token, with which no card can be posted either)
-    /// leaves the check to the request signature alone.
+    /// here. Fails closed whenever auth.test cannot tell us (Slack down, a revoked token:
+    /// cards already posted stay clickable); only an API that has no auth.test at all (a
+    /// stand-in, never Slack) leaves the check to the request signature alone. A payload
+    /// without any team id is judged by its signature too.
     pub async fn is_home_team(&self, teams: &[&str]) -> Result<bool, SlackCallError> {
-        let home = self.home_team.get_or_try_init(|| self.api.team_id()).await;
+        let home = self
+            .home_team
+            .get_or_try_init(|| self.api.team_id())
+            .await?;
         match home {
-            Ok(home) => Ok(teams.iter().all(|team| team.is_empty() || team == home)),
-            Err(SlackCallError::Permanent(error)) => {
-                tracing::error!(%error, "auth.test refused: cannot check which workspace a click comes from");
+            Some(home) => Ok(teams.iter().all(|team| team.is_empty() || team == home)),
+            None => {
+                tracing::warn!("the Slack API has no auth.test: which workspace a click comes from is not checked");
                 Ok(true)
             }
-            Err(error) => Err(error),
         }
     }
 
