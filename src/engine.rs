@@ -28,6 +28,7 @@ use crate::domain::{
     VoteKindRequested, VoteRefusal, VoteRequest, Voter,
 };
 use crate::policy::{Effect, EvaluationInput, Policy, PolicyError, Verdict};
+use crate::quota::{QuotaExceeded, Quotas};
 use crate::store::{
     AgentRecord, Due, IdempotencyKey, NewOutboxMessage, NewRequest, RequestChange, RequestFilter,
     Reservation, Store, StoreError,
@@ -56,6 +57,9 @@ pub enum EngineError {
     /// The key is unknown or its agent revoked.
     #[error("invalid or revoked API key")]
     Unauthorized,
+    /// A per-agent quota (DESIGN §6): answered 429.
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -113,6 +117,8 @@ pub struct Engine {
     /// Agents that submitted lately, by API-key hash: a submission needs no read to know
     /// its agent. Safe because the database refuses a revoked agent's request at insert.
     submitters: Arc<Mutex<HashMap<String, AgentRecord>>>,
+    /// Per-agent limits at intake and on long-polls.
+    quotas: Arc<Quotas>,
 }
 
 /// Wakes the local outbox worker after a commit that wrote outbox messages, and tells it
@@ -175,7 +181,14 @@ impl Engine {
             outbox_signal: Arc::default(),
             stopping: watch::channel(false).0,
             submitters: Arc::default(),
+            quotas: Arc::new(Quotas::unlimited()),
         }
+    }
+
+    /// Enforces these per-agent quotas (without, there are none).
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = Arc::new(quotas);
+        self
     }
 
     /// Answers every long-poll now with the request as it stands; the agent polls again
@@ -364,6 +377,8 @@ impl Engine {
         submission: Submission,
         idempotency_key: Option<String>,
     ) -> EngineResult<Submitted> {
+        // First, before any work: a flooding agent costs as little as possible.
+        self.quotas.check_rate(&agent.name)?;
         validate_submission(&submission)?;
         let key = idempotency_key
             .map(|key| -> EngineResult<IdempotencyKey> {
@@ -539,6 +554,17 @@ impl Engine {
                     .context("serialising the request")
             })
             .transpose()?;
+        // Only a request that stays pending counts against the cap; the admission is held
+        // until its insert is done (see `Quotas::admit_pending`).
+        let admission = if request.status == Status::Pending {
+            Some(
+                self.quotas
+                    .admit_pending(&agent.name, self.store.as_ref())
+                    .await??,
+            )
+        } else {
+            None
+        };
         // Waking the worker for nothing would cost it a claim query per submission.
         let destinations = OutboxSignal::destinations_of(&outbox);
         self.store
@@ -549,6 +575,7 @@ impl Engine {
                 idempotency: response,
             })
             .await?;
+        drop(admission);
         self.outbox_signal.wake(destinations);
         metrics::counter!(
             telemetry::REQUESTS,
@@ -584,6 +611,8 @@ impl Engine {
         id: &str,
         timeout: Duration,
     ) -> EngineResult<ApprovalRequest> {
+        // Held for as long as this long-poll waits.
+        let _slot = self.quotas.wait_slot(agent)?;
         // Subscribe before reading, so a decision committed in between is not missed.
         let mut subscription = self.waiters.subscribe(id);
         let mut stopping = self.stopping.subscribe();

@@ -205,6 +205,8 @@ pub trait Store: Send + Sync + 'static {
     async fn update_request(&self, change: RequestChange<'_>) -> StoreResult<()>;
     async fn list_requests(&self, filter: &RequestFilter) -> StoreResult<Vec<ApprovalRequest>>;
     async fn pending_count(&self) -> StoreResult<i64>;
+    /// Pending requests of one agent (an index range over just those).
+    async fn pending_count_of_agent(&self, agent: &str) -> StoreResult<i64>;
     /// Pending requests whose expiry, reminder or escalation is due, oldest first.
     async fn due_request_ids(
         &self,

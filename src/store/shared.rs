@@ -616,6 +616,17 @@ macro_rules! implement_store {
                 Ok(count)
             }
 
+            #[tracing::instrument(skip_all, fields(agent = %agent))]
+            async fn pending_count_of_agent(&self, agent: &str) -> $crate::store::StoreResult<i64> {
+                let (count,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM requests WHERE agent = $1 AND status = 'pending'",
+                )
+                .bind(agent)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(count)
+            }
+
             async fn due_request_ids(
                 &self,
                 due: $crate::store::Due,

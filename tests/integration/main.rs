@@ -10,6 +10,7 @@ mod concurrency;
 mod decisions;
 mod lifecycle;
 mod openapi;
+mod quotas;
 mod operations;
 mod replicas;
 mod slack;
