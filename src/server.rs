@@ -27,7 +27,7 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         .context("applying database migrations")?;
     // Cards are written for every chat destination whatever this process's own config says:
     // a vote cast from the CLI must still update the cards the servers posted. A server
-    // without that channel configured drops the message.
+    // without that channel configured leaves the message to one that has it.
     Ok(Engine::new(store, policy)
         .with_card_channels(vec![channels::SLACK])
         .with_quotas(Quotas::from_config(config)))
@@ -133,7 +133,8 @@ impl RunningServer {
             None => axum::Router::new(),
         };
         let app = router(state, channel_routes);
-        let delivery = Arc::new(Delivery::new(engine.clone(), slack, http));
+        let delivery =
+            Arc::new(Delivery::new(engine.clone(), slack, http).with_lease(config.outbox_lease()));
         let http = tokio::spawn(serve(
             listener,
             app,

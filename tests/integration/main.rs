@@ -12,6 +12,7 @@ mod lifecycle;
 mod openapi;
 mod quotas;
 mod operations;
+mod outbox_fairness;
 mod replicas;
 mod slack;
 mod store;
