@@ -200,8 +200,10 @@ async fn a_posted_card_whose_record_fails_is_not_posted_again(
     let agent = app.create_agent("bot", &[]).await;
     let (create, remove) = match backend {
         Backend::Sqlite => (
-            vec!["CREATE TRIGGER refuse_chat_messages BEFORE INSERT ON chat_messages \
-                  BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+            vec![
+                "CREATE TRIGGER refuse_chat_messages BEFORE INSERT ON chat_messages \
+                  BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+            ],
             "DROP TRIGGER refuse_chat_messages",
         ),
         Backend::Postgres => (

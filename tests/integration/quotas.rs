@@ -55,7 +55,14 @@ async fn the_pending_cap_answers_too_many_pending_for_that_agent_only(
         .submit(&greedy, json!({"action": "email.send", "args": {"n": 5}}))
         .await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
-    assert_eq!(app.engine().store().pending_count_of_agent("greedy").await.unwrap(), 3);
+    assert_eq!(
+        app.engine()
+            .store()
+            .pending_count_of_agent("greedy")
+            .await
+            .unwrap(),
+        3
+    );
 }
 
 #[rstest]
@@ -119,8 +126,12 @@ async fn the_long_poll_cap_answers_too_many_waiting_for_that_agent_only(
     let waiter = app.create_agent("waiter", &[]).await;
     let other = app.create_agent("other", &[]).await;
 
-    let first = app.submit_id(&waiter, json!({"action": "email.send"})).await;
-    let second = app.submit_id(&waiter, json!({"action": "email.send"})).await;
+    let first = app
+        .submit_id(&waiter, json!({"action": "email.send"}))
+        .await;
+    let second = app
+        .submit_id(&waiter, json!({"action": "email.send"}))
+        .await;
     let polls = [
         app.spawn_long_poll(&waiter, &first, 30),
         app.spawn_long_poll(&waiter, &second, 30),

@@ -483,7 +483,14 @@ async fn a_renewed_lease_keeps_a_running_delivery_from_being_claimed_again(
     }
     let start = now();
     let ids: Vec<i64> = store
-        .outbox_candidates(start, &CandidateQuery { skip: &[], per_queue: 4, limit: 10 })
+        .outbox_candidates(
+            start,
+            &CandidateQuery {
+                skip: &[],
+                per_queue: 4,
+                limit: 10,
+            },
+        )
         .await
         .unwrap()
         .iter()
@@ -514,23 +521,31 @@ async fn a_renewed_lease_keeps_a_running_delivery_from_being_claimed_again(
     // Later than the first lease: only the message whose lease was not renewed is free.
     let later = start + chrono::Duration::seconds(5);
     let candidates = store
-        .outbox_candidates(later, &CandidateQuery { skip: &[], per_queue: 4, limit: 10 })
+        .outbox_candidates(
+            later,
+            &CandidateQuery {
+                skip: &[],
+                per_queue: 4,
+                limit: 10,
+            },
+        )
         .await
         .unwrap();
     let ids: Vec<i64> = candidates.iter().map(|candidate| candidate.id).collect();
     assert_eq!(ids.len(), 1);
     let again = store
-        .claim_outbox(later, later + chrono::Duration::seconds(60), &[renewed.id, ids[0]])
+        .claim_outbox(
+            later,
+            later + chrono::Duration::seconds(60),
+            &[renewed.id, ids[0]],
+        )
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].request_id, "apr_lapsed");
     // A finished delivery's lease is not renewed back to life.
     store
-        .finish_outbox(
-            renewed,
-            OutboxOutcome::Delivered(DeliveryRecord::default()),
-        )
+        .finish_outbox(renewed, OutboxOutcome::Delivered(DeliveryRecord::default()))
         .await
         .unwrap();
     assert_eq!(
