@@ -27,7 +27,8 @@ use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
 use crate::domain::now;
 use crate::engine::Engine;
 use crate::store::{
-    CandidateQuery, DeliveryRecord, OutboxCandidate, OutboxMessage, OutboxOutcome, StoreResult,
+    receiver_host, CandidateQuery, DeliveryRecord, OutboxCandidate, OutboxMessage, OutboxOutcome,
+    StoreResult,
 };
 use crate::telemetry;
 
@@ -165,12 +166,20 @@ impl Delivery {
     pub async fn step(self: &Arc<Self>) -> StoreResult<usize> {
         let store = self.engine.store();
         let waiting = self.waiting_destinations();
+        // Hosts at their cap: their webhooks are not read, so they cannot fill the read.
+        let full_hosts: Vec<String> = lock(&self.in_flight)
+            .by_host
+            .iter()
+            .filter(|(_, &count)| count >= WEBHOOKS_PER_HOST)
+            .map(|(host, _)| host.clone())
+            .collect();
         let at = now();
         let candidates = store
             .outbox_candidates(
                 at,
                 &CandidateQuery {
                     skip: &waiting,
+                    skip_hosts: &full_hosts,
                     per_queue: WEBHOOKS_PER_HOST as i64,
                     limit: CANDIDATES,
                 },
@@ -546,18 +555,6 @@ fn is_slack(destination: &str) -> bool {
     destination
         .split_once(':')
         .is_some_and(|(kind, _)| kind == crate::channels::SLACK)
-}
-
-/// The host and port a webhook goes to: what the per-host cap counts.
-fn receiver_host(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(parsed) => format!(
-            "{}:{}",
-            parsed.host_str().unwrap_or_default(),
-            parsed.port_or_known_default().unwrap_or_default()
-        ),
-        Err(_) => url.to_string(),
-    }
 }
 
 /// The audit event for a card's first post or a webhook's delivery.

@@ -169,7 +169,8 @@ impl Quotas {
     /// process admitted since, is enough: no query. Nearer, every admission counts in the
     /// database (an index range over the agent's pending requests) and holds the agent's
     /// gate until its insert is done, so this process admits one at a time per agent and
-    /// never overshoots. Replicas do not share the gate: each may admit what it has in
+    /// never overshoots. A stale count is read again by one admission while the others wait
+    /// for it, then use it. Replicas do not share the gate: each may admit what it has in
     /// flight at the moment it counts, so across N replicas the cap can be exceeded by at
     /// most N-1 requests in flight at once.
     #[tracing::instrument(skip_all, fields(agent = %agent))]
@@ -187,12 +188,7 @@ impl Quotas {
                 pending.clear();
             }
             match pending.get_mut(agent) {
-                Some(estimate)
-                    if estimate
-                        .counted_at
-                        .is_some_and(|at| at.elapsed() < PENDING_COUNT_FRESH)
-                        && (estimate.counted + estimate.admitted + 1) * 2 <= self.max_pending =>
-                {
+                Some(estimate) if self.far_below_cap(estimate) => {
                     estimate.admitted += 1;
                     return Ok(Ok(PendingAdmission { _gate: None }));
                 }
@@ -213,6 +209,11 @@ impl Quotas {
             }
         };
         let held = gate.lock_owned().await;
+        // Whoever held the gate before may just have counted: then there is no need to
+        // count again (at saturation, every submission would otherwise queue for a count).
+        if self.admit_from_estimate(agent) {
+            return Ok(Ok(PendingAdmission { _gate: None }));
+        }
         let counted = u64::try_from(store.pending_count_of_agent(agent).await?).unwrap_or(0);
         if let Some(estimate) = lock(&self.pending).get_mut(agent) {
             estimate.counted = counted;
@@ -224,7 +225,33 @@ impl Quotas {
                 limit: self.max_pending,
             }));
         }
-        Ok(Ok(PendingAdmission { _gate: Some(held) }))
+        // Far from the cap, the others need not wait for this insert.
+        let near = (counted + 1) * 2 > self.max_pending;
+        Ok(Ok(PendingAdmission {
+            _gate: near.then_some(held),
+        }))
+    }
+}
+
+impl Quotas {
+    /// A count under a second old, with what was admitted since, under half the cap.
+    fn far_below_cap(&self, estimate: &PendingEstimate) -> bool {
+        estimate
+            .counted_at
+            .is_some_and(|at| at.elapsed() < PENDING_COUNT_FRESH)
+            && (estimate.counted + estimate.admitted + 1) * 2 <= self.max_pending
+    }
+
+    /// Admits one on the estimate alone when `far_below_cap`.
+    fn admit_from_estimate(&self, agent: &str) -> bool {
+        let mut pending = lock(&self.pending);
+        match pending.get_mut(agent) {
+            Some(estimate) if self.far_below_cap(estimate) => {
+                estimate.admitted += 1;
+                true
+            }
+            _ => false,
+        }
     }
 }
 

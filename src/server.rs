@@ -74,7 +74,6 @@ async fn serve(
             },
             _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => break,
         };
-        let _ = stream.set_nodelay(true);
         let Ok(service) = make_service.call(remote).await;
         let service = hyper_util::service::TowerToHyperService::new(service);
         let connection = graceful.watch(

@@ -130,6 +130,8 @@ pub struct OutboxCandidate {
 pub struct CandidateQuery<'a> {
     /// Destinations to leave out (paced channels with no token to spend now).
     pub skip: &'a [String],
+    /// Webhook receiver hosts to leave out (`receiver_host`: at their cap in flight).
+    pub skip_hosts: &'a [String],
     /// At most this many from each (destination, agent) queue, oldest first.
     pub per_queue: i64,
     /// At most this many in all, oldest first.
@@ -284,6 +286,19 @@ pub trait Store: Send + Sync + 'static {
     /// Where the card for `request_id` was posted at `destination`, if it was.
     async fn chat_message(&self, request_id: &str, destination: &str)
         -> StoreResult<Option<Value>>;
+}
+
+/// The host and port a webhook goes to (`host:port`), what the per-host cap of deliveries
+/// in flight counts; stored with each webhook row.
+pub fn receiver_host(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => format!(
+            "{}:{}",
+            parsed.host_str().unwrap_or_default(),
+            parsed.port_or_known_default().unwrap_or_default()
+        ),
+        Err(_) => url.to_string(),
+    }
 }
 
 /// Opens the database named by the config; does not migrate.

@@ -34,9 +34,13 @@ impl PostgresStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
     /// The first `$2` due messages of each (destination, agent) queue whose destination is
-    /// not in the JSON array `$4` (an index range each), the oldest `$3` in all.
+    /// not in the JSON array `$4` nor its host in `$5` (an index range each), the oldest `$3`
+    /// in all.
     const OUTBOX_CANDIDATES: &'static str = concat!(
-        pending_queues_sql!("SELECT jsonb_array_elements_text($4::jsonb)"),
+        pending_queues_sql!(
+            "SELECT jsonb_array_elements_text($4::jsonb)",
+            "SELECT jsonb_array_elements_text($5::jsonb)"
+        ),
         "SELECT candidate.* FROM queues CROSS JOIN LATERAL (\
          SELECT id, kind, destination, agent, available_at FROM outbox \
          WHERE state = 'pending' AND destination = queues.destination AND agent = queues.agent \

@@ -66,11 +66,12 @@ pub(super) const AUDIT_HEAD: &str = audit_head_sql!();
 
 /// The (destination, agent) queues of the pending outbox, one index probe each (a loose
 /// index scan: neither backend skips through an index by itself), as the CTE
-/// `queues(destination, agent)`, leaving out the destinations `$skip` names (a backend's
-/// set expression over the JSON array `$4`). A macro so each backend's candidate query can
-/// begin with it in one literal.
+/// `queues(destination, agent)`, leaving out the destinations `$skip` names and those
+/// whose host `$skip_hosts` names (a backend's set expressions over the JSON arrays `$4` and
+/// `$5`; a destination's host is read from its first row). A macro so each backend's
+/// candidate query can begin with it in one literal.
 macro_rules! pending_queues_sql {
-    ($skip:literal) => {
+    ($skip:literal, $skip_hosts:literal) => {
         concat!(
             "WITH RECURSIVE destinations(name) AS (\
              SELECT MIN(destination) FROM outbox WHERE state = 'pending' \
@@ -81,6 +82,9 @@ macro_rules! pending_queues_sql {
              SELECT name, (SELECT MIN(agent) FROM outbox WHERE state = 'pending' AND destination = name) \
              FROM destinations WHERE name IS NOT NULL AND name NOT IN (",
             $skip,
+            ") AND (SELECT host FROM outbox WHERE state = 'pending' AND destination = name LIMIT 1) \
+             NOT IN (",
+            $skip_hosts,
             ") UNION ALL SELECT destination, (SELECT MIN(agent) FROM outbox \
              WHERE state = 'pending' AND destination = queues.destination AND agent > queues.agent) \
              FROM queues WHERE agent IS NOT NULL) "
@@ -267,7 +271,7 @@ macro_rules! implement_store {
                 sql: &mut sqlx::QueryBuilder<'rows, $database>,
                 messages: &'rows [&'rows $crate::store::NewOutboxMessage],
             ) {
-                sql.push("INSERT INTO outbox (request_id, kind, destination, payload, available_at, created_at, agent) ");
+                sql.push("INSERT INTO outbox (request_id, kind, destination, payload, available_at, created_at, host, agent) ");
                 sql.push_values(messages, |mut row, message| {
                     row.push_bind(&message.request_id)
                         .push_bind(message.kind)
@@ -275,6 +279,11 @@ macro_rules! implement_store {
                         .push_bind(sqlx::types::Json(&message.payload))
                         .push_bind(message.available_at)
                         .push_bind(message.available_at)
+                        .push_bind(if message.kind == "webhook" {
+                            $crate::store::receiver_host(&message.destination)
+                        } else {
+                            String::new()
+                        })
                         // The request's agent (a primary-key probe; the request is written
                         // first in every transaction that writes both), for fair queues.
                         .push("COALESCE((SELECT agent FROM requests WHERE id = ")
@@ -851,6 +860,7 @@ macro_rules! implement_store {
                         .bind(query.per_queue)
                         .bind(query.limit)
                         .bind(serde_json::Value::from(query.skip.to_vec()).to_string())
+                        .bind(serde_json::Value::from(query.skip_hosts.to_vec()).to_string())
                         .fetch_all(&self.pool)
                         .await?;
                 Ok(rows

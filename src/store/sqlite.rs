@@ -80,9 +80,13 @@ impl SqliteStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
     /// The first `$2` due messages of each (destination, agent) queue whose destination is
-    /// not in the JSON array `$4` (an index range each), the oldest `$3` in all.
+    /// not in the JSON array `$4` nor its host in `$5` (an index range each), the oldest `$3`
+    /// in all.
     const OUTBOX_CANDIDATES: &'static str = concat!(
-        pending_queues_sql!("SELECT value FROM json_each($4)"),
+        pending_queues_sql!(
+            "SELECT value FROM json_each($4)",
+            "SELECT value FROM json_each($5)"
+        ),
         "SELECT outbox.id, outbox.kind, outbox.destination, outbox.agent, outbox.available_at \
          FROM queues JOIN outbox ON outbox.id IN (\
          SELECT id FROM outbox WHERE state = 'pending' AND destination = queues.destination \

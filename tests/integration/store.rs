@@ -11,8 +11,8 @@ use signoff::config::{Config, Secret};
 use signoff::domain::{now, ApprovalRequest};
 use signoff::engine::Engine;
 use signoff::store::{
-    AgentRecord, CandidateQuery, DeliveryRecord, NewOutboxMessage, NewRequest, OutboxOutcome,
-    RequestChange, Store, StoreError,
+    receiver_host, AgentRecord, CandidateQuery, DeliveryRecord, NewOutboxMessage, NewRequest,
+    OutboxOutcome, RequestChange, Store, StoreError,
 };
 
 use crate::support::{Backend, TestDatabase};
@@ -255,6 +255,7 @@ async fn claim(store: &Arc<dyn Store>, waiting: Vec<String>) -> Vec<signoff::sto
             now(),
             &CandidateQuery {
                 skip: &waiting,
+                skip_hosts: &[],
                 per_queue: 4,
                 limit: 256,
             },
@@ -440,6 +441,7 @@ async fn candidates_hold_each_agents_oldest_message_behind_another_agents_backlo
             now(),
             &CandidateQuery {
                 skip: &[],
+                skip_hosts: &[],
                 per_queue: 2,
                 limit: 256,
             },
@@ -458,6 +460,70 @@ async fn candidates_hold_each_agents_oldest_message_behind_another_agents_backlo
             ("late", "slack:CSHARED")
         ]
     );
+}
+
+#[rstest]
+#[tokio::test]
+async fn a_full_hosts_webhooks_are_left_out_of_the_read_rather_than_fill_it(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let hour_ago = now() - chrono::Duration::hours(1);
+    // A URL per request on one (dead) host: more queues than a read holds, all older.
+    let dead: Vec<NewOutboxMessage> = (0..40)
+        .map(|n| NewOutboxMessage {
+            request_id: "apr_dead".into(),
+            kind: "webhook",
+            destination: format!("https://dead.example.com/hook/{n}"),
+            payload: json!({}),
+            available_at: hour_ago + chrono::Duration::milliseconds(n),
+        })
+        .collect();
+    insert(&store, copy_with_id(&template, "apr_dead"), dead)
+        .await
+        .unwrap();
+    let alive = NewOutboxMessage {
+        request_id: "apr_alive".into(),
+        kind: "webhook",
+        destination: "https://alive.example.com/hook".into(),
+        payload: json!({}),
+        available_at: now(),
+    };
+    insert(&store, copy_with_id(&template, "apr_alive"), vec![alive])
+        .await
+        .unwrap();
+    let read = |skip_hosts: Vec<String>| {
+        let store = store.clone();
+        async move {
+            store
+                .outbox_candidates(
+                    now(),
+                    &CandidateQuery {
+                        skip: &[],
+                        skip_hosts: &skip_hosts,
+                        per_queue: 4,
+                        limit: 32,
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // Filled by the dead host...
+    assert!(read(Vec::new())
+        .await
+        .iter()
+        .all(|candidate| candidate.destination.starts_with("https://dead.")));
+    // ...unless it is left out.
+    let candidates = read(vec![receiver_host("https://dead.example.com/hook/0")]).await;
+    let destinations: Vec<&str> = candidates
+        .iter()
+        .map(|candidate| candidate.destination.as_str())
+        .collect();
+    assert_eq!(destinations, ["https://alive.example.com/hook"]);
 }
 
 #[rstest]
@@ -487,6 +553,7 @@ async fn a_renewed_lease_keeps_a_running_delivery_from_being_claimed_again(
             start,
             &CandidateQuery {
                 skip: &[],
+                skip_hosts: &[],
                 per_queue: 4,
                 limit: 10,
             },
@@ -525,6 +592,7 @@ async fn a_renewed_lease_keeps_a_running_delivery_from_being_claimed_again(
             later,
             &CandidateQuery {
                 skip: &[],
+                skip_hosts: &[],
                 per_queue: 4,
                 limit: 10,
             },
