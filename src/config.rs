@@ -84,6 +84,19 @@ pub struct Config {
     pub admin_token: Secret,
     /// Bearer token for `GET /metrics`; empty: open.
     pub metrics_token: Secret,
+    /// More pending requests of one agent are refused (429 `too_many_pending`); 0: no limit.
+    pub max_pending_per_agent: u64,
+    /// Submissions per second per agent, with a burst of twice that (429 `rate_limited`);
+    /// 0: no limit.
+    pub agent_rate_limit: u32,
+    /// Concurrent long-polls per agent (429 `too_many_waiting`); 0: no limit.
+    pub max_waiting_per_agent: u64,
+    /// Connections that have not sent a request's headers within this many milliseconds
+    /// are closed (DESIGN §6: 10 s).
+    pub header_read_timeout_ms: u64,
+    /// How long an outbox worker's claim holds before another replica may take the
+    /// message; renewed while its delivery runs. In milliseconds.
+    pub outbox_lease_ms: u64,
     pub slack: SlackConfig,
     pub teams: Option<TeamsConfig>,
 }
@@ -124,6 +137,11 @@ impl Default for Config {
             log_format: "text".into(),
             admin_token: Secret::default(),
             metrics_token: Secret::default(),
+            max_pending_per_agent: 1000,
+            agent_rate_limit: 100,
+            max_waiting_per_agent: 256,
+            header_read_timeout_ms: 10_000,
+            outbox_lease_ms: 60_000,
             slack: SlackConfig::default(),
             teams: None,
         }
@@ -299,6 +317,14 @@ impl Config {
         Duration::from_millis(self.watch_interval_ms.max(10))
     }
 
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms.max(10))
+    }
+
+    pub fn outbox_lease(&self) -> Duration {
+        Duration::from_millis(self.outbox_lease_ms.max(100))
+    }
+
     pub fn slack_enabled(&self) -> bool {
         !self.slack.bot_token.is_empty()
     }
@@ -324,6 +350,11 @@ fn refuse_unknown_keys(path: &Path) -> anyhow::Result<()> {
                 "sqlite_synchronous",
                 "sweep_interval_ms",
                 "watch_interval_ms",
+                "max_pending_per_agent",
+                "agent_rate_limit",
+                "max_waiting_per_agent",
+                "header_read_timeout_ms",
+                "outbox_lease_ms",
                 "log_format",
                 "admin_token",
                 "metrics_token",
@@ -508,6 +539,15 @@ mod tests {
     #[test]
     fn defaults_validate() {
         Config::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn quota_and_timeout_defaults_are_the_documented_ones() {
+        let config = Config::default();
+        assert_eq!(config.max_pending_per_agent, 1000);
+        assert_eq!(config.agent_rate_limit, 100);
+        assert_eq!(config.max_waiting_per_agent, 256);
+        assert_eq!(config.header_read_timeout(), Duration::from_secs(10));
     }
 
     #[test]

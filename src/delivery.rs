@@ -1,9 +1,16 @@
 //! The outbox worker: claims due messages, posts and updates chat cards, sends signed
 //! webhooks, retries with exponential backoff (honouring Retry-After) and paces each
 //! destination. Runs on every replica; claims are leases, so nothing is done twice at once.
+//!
+//! No agent can starve another here (DESIGN §6): the claim loop never waits for a delivery
+//! (each runs in its own task); it claims only what there is room for (a few webhooks in
+//! flight per receiver host, a few cards in all), so a slow or dead receiver holds only its
+//! own host's slots; and a paced channel takes its next card from the agent whose turn it
+//! is, round-robin, so one agent's flood does not push another's card back. Leases of
+//! deliveries still running are renewed, so no other replica takes them meanwhile.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -11,7 +18,8 @@ use chrono::Utc;
 use hmac::{Hmac, Mac};
 use rand::Rng;
 use sha2::Sha256;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify};
+use tokio_util::task::TaskTracker;
 
 use crate::audit::NewAuditEvent;
 use crate::callbacks::{self, CallbackRefused};
@@ -19,15 +27,26 @@ use crate::channels::slack::api::SlackCallError;
 use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
 use crate::domain::now;
 use crate::engine::Engine;
-use crate::store::{DeliveryRecord, OutboxMessage, OutboxOutcome, Pacing};
+use crate::store::{
+    receiver_host, CandidateQuery, DeliveryRecord, OutboxCandidate, OutboxMessage, OutboxOutcome,
+    StoreResult,
+};
 use crate::telemetry;
 
 /// Why a message for a channel this server does not run is dropped (quietly: expected).
 const NOT_CONFIGURED: &str = "is not configured on this server";
 
-/// A claimed message is ours this long; every call inside has a shorter timeout.
+/// A claimed message is ours this long unless renewed; every call inside has a shorter
+/// timeout, and running deliveries are renewed every third of it.
 const LEASE: Duration = Duration::from_secs(60);
-const CLAIM_BATCH: i64 = 32;
+/// Cards and reminders being posted at once, in all.
+const CARDS_IN_FLIGHT: usize = 8;
+/// Webhooks being sent at once, in all, and to any one receiver host: a dead receiver
+/// holds at most its host's share.
+const WEBHOOKS_IN_FLIGHT: usize = 64;
+const WEBHOOKS_PER_HOST: usize = 4;
+/// Candidates read per look: the first few of each (destination, agent) queue.
+const CANDIDATES: i64 = 256;
 /// How often the worker looks for due work when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,18 +55,44 @@ const WEBHOOK_GIVE_UP: chrono::Duration = chrono::Duration::days(3);
 const WEBHOOK_MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Cards keep being retried (a Slack outage delays cards, never loses them), at most this far apart.
 const CARD_MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Recording a successful delivery is retried this far apart at most (see `finish`).
+const RECORD_MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// About one post per second per destination, with a short burst.
 const BURST: f64 = 3.0;
 const PER_SECOND: f64 = 1.0;
+/// Destinations whose round-robin state is kept before it starts over (bounds memory).
+const TRACKED_DESTINATIONS: usize = 10_000;
 
 pub struct Delivery {
     engine: Engine,
     slack: Option<Arc<SlackChannel>>,
     http: reqwest::Client,
+    lease: Duration,
     pacing: Mutex<HashMap<String, TokenBucket>>,
-    /// Slow webhook receivers cannot take every slot: cards and webhooks have their own.
-    card_slots: Arc<Semaphore>,
-    webhook_slots: Arc<Semaphore>,
+    /// Per paced destination, whose turn it is among the agents with cards waiting.
+    turns: Mutex<HashMap<String, Turns>>,
+    in_flight: Mutex<InFlight>,
+    /// A delivery finished: there is room to claim again.
+    freed: Notify,
+    deliveries: TaskTracker,
+}
+
+/// What this worker is delivering now.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// Their leases are renewed until they finish.
+    ids: HashSet<i64>,
+    cards: usize,
+    webhooks: usize,
+    by_host: HashMap<String, usize>,
+}
+
+/// Round-robin among the agents of one destination: the agent served longest ago (or
+/// never) goes next.
+#[derive(Debug, Default)]
+struct Turns {
+    served: HashMap<String, u64>,
+    next: u64,
 }
 
 impl Delivery {
@@ -56,45 +101,39 @@ impl Delivery {
             engine,
             slack,
             http,
-            pacing: Mutex::new(HashMap::new()),
-            card_slots: Arc::new(Semaphore::new(8)),
-            webhook_slots: Arc::new(Semaphore::new(32)),
+            lease: LEASE,
+            pacing: Mutex::default(),
+            turns: Mutex::default(),
+            in_flight: Mutex::default(),
+            freed: Notify::new(),
+            deliveries: TaskTracker::new(),
         }
+    }
+
+    /// How long a claim holds unless renewed (tests shorten it).
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// Runs until `shutdown`; in-flight deliveries finish (each is bounded by its timeout).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let signal = self.engine.outbox_signal();
+        let renewing = tokio::spawn(self.clone().renew_leases());
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            // A destination out of pacing tokens is not claimed for at all, so a backlog
-            // for one busy channel costs no writes until it may be sent to again.
-            let waiting = self.waiting_destinations();
-            let pacing = Pacing {
-                waiting: &waiting,
-                per_destination: 1,
-            };
-            match self
-                .engine
-                .store()
-                .claim_outbox(now(), now() + lease(), CLAIM_BATCH, &pacing)
-                .await
-            {
-                Ok(messages) if !messages.is_empty() => {
-                    for message in messages {
-                        self.clone().dispatch(message).await;
-                    }
-                    continue;
-                }
+            match self.step().await {
+                Ok(claimed) if claimed > 0 => continue,
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "claiming outbox messages failed"),
             }
             // Nothing to send now. Look again when a waiting channel gets a token, when
-            // work arrives for a destination that is not waiting, or at the poll interval
-            // (work written by other processes, retries coming due). Work for a waiting
-            // channel alone is no reason to look: its messages could not be sent yet.
+            // work arrives for a destination that is not waiting, when a delivery ends
+            // (room to claim), or at the poll interval (work written by other processes,
+            // retries coming due). Work for a waiting channel alone is no reason to look:
+            // its messages could not be sent yet.
             let look_again = tokio::time::Instant::now()
                 + self
                     .next_token_in()
@@ -108,42 +147,180 @@ impl Delivery {
                             break;
                         }
                     }
+                    _ = self.freed.notified() => break,
                     _ = tokio::time::sleep_until(look_again) => break,
                     _ = shutdown.changed() => break,
                 }
             }
         }
-        // Wait for deliveries already started, so their outcomes are recorded.
-        let _ = self.card_slots.acquire_many(8).await;
-        let _ = self.webhook_slots.acquire_many(32).await;
+        // Wait for deliveries already started, so their outcomes are recorded; their
+        // leases are renewed until then.
+        self.deliveries.close();
+        self.deliveries.wait().await;
+        let _ = renewing.await;
     }
 
-    async fn dispatch(self: Arc<Self>, message: OutboxMessage) {
-        // Chat platforms rate-limit per channel; an agent's own receiver is not paced.
-        let paced = message.kind != "webhook";
-        if let Some(wait) = paced.then(|| self.pace(&message.destination)).flatten() {
-            self.finish(
-                &message,
-                OutboxOutcome::Defer {
-                    at: now() + to_chrono(wait),
+    /// One look: reads the due candidates, chooses what there is room for (pacing, round
+    /// robin, per-host caps), claims it and starts each delivery in its own task. Never
+    /// waits for a delivery. Returns how many were claimed.
+    #[tracing::instrument(skip_all)]
+    pub async fn step(self: &Arc<Self>) -> StoreResult<usize> {
+        let store = self.engine.store();
+        let waiting = self.waiting_destinations();
+        // Hosts at their cap: their webhooks are not read, so they cannot fill the read.
+        let full_hosts: Vec<String> = lock(&self.in_flight)
+            .by_host
+            .iter()
+            .filter(|(_, &count)| count >= WEBHOOKS_PER_HOST)
+            .map(|(host, _)| host.clone())
+            .collect();
+        let at = now();
+        let candidates = store
+            .outbox_candidates(
+                at,
+                &CandidateQuery {
+                    skip: &waiting,
+                    skip_hosts: &full_hosts,
+                    per_queue: WEBHOOKS_PER_HOST as i64,
+                    limit: CANDIDATES,
                 },
             )
-            .await;
-            return;
+            .await?;
+        let chosen = self.choose(candidates);
+        if chosen.is_empty() {
+            return Ok(0);
         }
-        let slots = if message.kind == "webhook" {
-            &self.webhook_slots
-        } else {
-            &self.card_slots
-        };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            let outcome = self.deliver(&message).await;
-            self.finish(&message, outcome).await;
-            drop(permit);
+        let claimed = store
+            .claim_outbox(at, at + to_chrono(self.lease), &chosen)
+            .await?;
+        let count = claimed.len();
+        for message in claimed {
+            self.start(message);
+        }
+        Ok(count)
+    }
+
+    /// What to claim of `candidates` (oldest first): webhooks while their host and the
+    /// worker have room; for each paced destination with a token, one card, from the agent
+    /// whose turn it is.
+    fn choose(&self, candidates: Vec<OutboxCandidate>) -> Vec<i64> {
+        let mut chosen = Vec::new();
+        let mut paced: Vec<(String, Vec<OutboxCandidate>)> = Vec::new();
+        {
+            let in_flight = lock(&self.in_flight);
+            let mut webhook_room = WEBHOOKS_IN_FLIGHT.saturating_sub(in_flight.webhooks);
+            let mut host_room: HashMap<String, usize> = HashMap::new();
+            for candidate in candidates {
+                if candidate.kind == "webhook" {
+                    let host = receiver_host(&candidate.destination);
+                    let room = host_room.entry(host).or_insert_with_key(|host| {
+                        WEBHOOKS_PER_HOST
+                            .saturating_sub(in_flight.by_host.get(host).copied().unwrap_or(0))
+                    });
+                    if *room > 0 && webhook_room > 0 {
+                        *room -= 1;
+                        webhook_room -= 1;
+                        chosen.push(candidate.id);
+                    }
+                    continue;
+                }
+                // Left for a replica that runs Slack: claiming it here could only fail it.
+                if self.slack.is_none() && is_slack(&candidate.destination) {
+                    continue;
+                }
+                match paced
+                    .iter_mut()
+                    .find(|(destination, _)| *destination == candidate.destination)
+                {
+                    Some((_, queue)) => queue.push(candidate),
+                    None => paced.push((candidate.destination.clone(), vec![candidate])),
+                }
+            }
+            let card_room = CARDS_IN_FLIGHT.saturating_sub(in_flight.cards);
+            paced.truncate(card_room);
+        }
+        let mut turns = lock(&self.turns);
+        if turns.len() > TRACKED_DESTINATIONS {
+            turns.clear();
+        }
+        for (destination, queue) in paced {
+            if self.pace(&destination).is_some() {
+                continue;
+            }
+            let turns = turns.entry(destination).or_default();
+            // Oldest first among agents never served or served equally long ago.
+            let Some(next) = queue
+                .iter()
+                .min_by_key(|candidate| turns.served.get(&candidate.agent).copied())
+            else {
+                continue;
+            };
+            turns.next += 1;
+            let turn = turns.next;
+            turns.served.insert(next.agent.clone(), turn);
+            chosen.push(next.id);
+        }
+        chosen
+    }
+
+    /// Counts the message in flight and delivers it in a task of its own.
+    fn start(self: &Arc<Self>, message: OutboxMessage) {
+        let host = (message.kind == "webhook").then(|| receiver_host(&message.destination));
+        {
+            let mut in_flight = lock(&self.in_flight);
+            in_flight.ids.insert(message.id);
+            match &host {
+                Some(host) => {
+                    in_flight.webhooks += 1;
+                    *in_flight.by_host.entry(host.clone()).or_default() += 1;
+                }
+                None => in_flight.cards += 1,
+            }
+        }
+        let worker = self.clone();
+        self.deliveries.spawn(async move {
+            let outcome = worker.deliver(&message).await;
+            worker.finish(&message, outcome).await;
+            {
+                let mut in_flight = lock(&worker.in_flight);
+                in_flight.ids.remove(&message.id);
+                match &host {
+                    Some(host) => {
+                        in_flight.webhooks = in_flight.webhooks.saturating_sub(1);
+                        if let Some(count) = in_flight.by_host.get_mut(host) {
+                            *count = count.saturating_sub(1);
+                            if *count == 0 {
+                                in_flight.by_host.remove(host);
+                            }
+                        }
+                    }
+                    None => in_flight.cards = in_flight.cards.saturating_sub(1),
+                }
+            }
+            worker.freed.notify_one();
         });
+    }
+
+    /// Extends the leases of running deliveries every third of a lease, until the worker
+    /// has stopped and its last delivery ended.
+    async fn renew_leases(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(self.lease / 3);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = self.deliveries.wait() => return,
+            }
+            let ids: Vec<i64> = lock(&self.in_flight).ids.iter().copied().collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let until = now() + to_chrono(self.lease);
+            if let Err(error) = self.engine.store().renew_outbox_leases(&ids, until).await {
+                // The next tick tries again; a lease is three ticks long.
+                tracing::warn!(%error, count = ids.len(), "renewing outbox leases failed");
+            }
+        }
     }
 
     async fn finish(&self, message: &OutboxMessage, outcome: OutboxOutcome) {
@@ -164,9 +341,34 @@ impl Delivery {
                 .increment(1);
             tracing::warn!(outbox_id = message.id, kind = %message.kind, destination = %message.destination, %error, "delivery failed");
         }
-        if let Err(error) = self.engine.store().finish_outbox(message, outcome).await {
-            // The lease runs out and the message is tried again: at least once, never lost.
-            tracing::error!(%error, outbox_id = message.id, "recording a delivery outcome failed");
+        // Reconcile after, rather than record before: Slack gives a card's `ts` only once
+        // it is posted, and chat.postMessage has no idempotency key, so nothing could be
+        // recorded first that would stop a second post. Instead a delivery that happened
+        // is recorded until the record holds: its lease is renewed meanwhile (the message
+        // is still in flight), so no replica posts the card (or sends the webhook) again.
+        // Only a crash in that window can still repeat it.
+        let delivered = matches!(outcome, OutboxOutcome::Delivered(_));
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self
+                .engine
+                .store()
+                .finish_outbox(message, outcome.clone())
+                .await
+            {
+                Ok(()) => return,
+                Err(error) if delivered => {
+                    tracing::warn!(%error, outbox_id = message.id, "recording a delivery failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RECORD_MAX_BACKOFF);
+                }
+                Err(error) => {
+                    // The lease runs out and the message is tried again: at least once,
+                    // never lost.
+                    tracing::error!(%error, outbox_id = message.id, "recording a delivery outcome failed");
+                    return;
+                }
+            }
         }
     }
 
@@ -343,10 +545,8 @@ impl Delivery {
             .min()
     }
 
-    fn lock_pacing(&self) -> std::sync::MutexGuard<'_, HashMap<String, TokenBucket>> {
-        self.pacing
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock_pacing(&self) -> MutexGuard<'_, HashMap<String, TokenBucket>> {
+        lock(&self.pacing)
     }
 
     /// `None` when `destination` may be sent to now, else how long to wait.
@@ -372,6 +572,17 @@ fn refused_webhook(message: &OutboxMessage, refused: &CallbackRefused) -> Outbox
     OutboxOutcome::Abandon {
         error: format!("callback address refused: {refused}"),
     }
+}
+
+/// The maps and counters behind these locks hold no invariant a panic could break halfway.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn is_slack(destination: &str) -> bool {
+    destination
+        .split_once(':')
+        .is_some_and(|(kind, _)| kind == crate::channels::SLACK)
 }
 
 /// The audit event for a card's first post or a webhook's delivery.
@@ -436,10 +647,6 @@ fn retry_at(attempts: i32, cap: Duration, retry_after: Option<Duration>) -> chro
 
 fn to_chrono(duration: Duration) -> chrono::Duration {
     chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
-}
-
-fn lease() -> chrono::Duration {
-    to_chrono(LEASE)
 }
 
 struct TokenBucket {

@@ -28,6 +28,7 @@ use crate::domain::{
     VoteKind, VoteKindRequested, VoteRefusal, VoteRequest, Voter,
 };
 use crate::policy::{Effect, EvaluationInput, Policy, PolicyError, Verdict};
+use crate::quota::{QuotaExceeded, Quotas};
 use crate::store::{
     AgentRecord, Due, IdempotencyKey, NewOutboxMessage, NewRequest, RequestChange, RequestFilter,
     Reservation, Store, StoreError,
@@ -59,6 +60,9 @@ pub enum EngineError {
     /// The key is unknown or its agent revoked.
     #[error("invalid or revoked API key")]
     Unauthorized,
+    /// A per-agent quota (DESIGN §6): answered 429.
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -118,6 +122,8 @@ pub struct Engine {
     submitters: Arc<Mutex<HashMap<String, AgentRecord>>>,
     /// Where agents' callback URLs may point (`callback_allowed_networks`).
     callbacks: Arc<CallbackGuard>,
+    /// Per-agent limits at intake and on long-polls.
+    quotas: Arc<Quotas>,
 }
 
 /// Wakes the local outbox worker after a commit that wrote outbox messages, and tells it
@@ -181,6 +187,7 @@ impl Engine {
             stopping: watch::channel(false).0,
             submitters: Arc::default(),
             callbacks: Arc::default(),
+            quotas: Arc::new(Quotas::unlimited()),
         }
     }
 
@@ -192,6 +199,12 @@ impl Engine {
 
     pub fn callback_guard(&self) -> &CallbackGuard {
         &self.callbacks
+    }
+
+    /// Enforces these per-agent quotas (without, there are none).
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = Arc::new(quotas);
+        self
     }
 
     /// Answers every long-poll now with the request as it stands; the agent polls again
@@ -380,6 +393,8 @@ impl Engine {
         submission: Submission,
         idempotency_key: Option<String>,
     ) -> EngineResult<Submitted> {
+        // First, before any work: a flooding agent costs as little as possible.
+        self.quotas.check_rate(&agent.name)?;
         validate_submission(&submission)?;
         if let Some(url) = &submission.callback_url {
             self.callbacks
@@ -568,6 +583,17 @@ impl Engine {
                     .context("serialising the request")
             })
             .transpose()?;
+        // Only a request that stays pending counts against the cap; the admission is held
+        // until its insert is done (see `Quotas::admit_pending`).
+        let admission = if request.status == Status::Pending {
+            Some(
+                self.quotas
+                    .admit_pending(&agent.name, self.store.as_ref())
+                    .await??,
+            )
+        } else {
+            None
+        };
         // Waking the worker for nothing would cost it a claim query per submission.
         let destinations = OutboxSignal::destinations_of(&outbox);
         self.store
@@ -578,6 +604,7 @@ impl Engine {
                 idempotency: response,
             })
             .await?;
+        drop(admission);
         self.outbox_signal.wake(destinations);
         metrics::counter!(
             telemetry::REQUESTS,
@@ -613,6 +640,8 @@ impl Engine {
         id: &str,
         timeout: Duration,
     ) -> EngineResult<ApprovalRequest> {
+        // Held for as long as this long-poll waits.
+        let _slot = self.quotas.wait_slot(agent)?;
         // Subscribe before reading, so a decision committed in between is not missed.
         let mut subscription = self.waiters.subscribe(id);
         let mut stopping = self.stopping.subscribe();

@@ -12,6 +12,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod policy;
+pub mod quota;
 pub mod server;
 pub mod store;
 pub mod sweeper;

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::engine::{load_policy, Engine};
 use crate::http::{router, AppState};
+use crate::quota::Quotas;
 use crate::store;
 
 /// Opens and migrates the database and loads the policy: what every command that decides needs.
@@ -27,11 +28,12 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         .context("applying database migrations")?;
     // Cards are written for every chat destination whatever this process's own config says:
     // a vote cast from the CLI must still update the cards the servers posted. A server
-    // without that channel configured drops the message.
+    // without that channel configured leaves the message to one that has it.
     let callbacks = CallbackGuard::new(config.callback_networks()?);
     Ok(Engine::new(store, policy)
         .with_card_channels(vec![channels::SLACK])
-        .with_callback_guard(callbacks))
+        .with_callback_guard(callbacks)
+        .with_quotas(Quotas::from_config(config)))
 }
 
 /// The HTTP client for Slack response URLs: no redirects, so a receiver cannot bounce us
@@ -44,6 +46,53 @@ fn http_client() -> anyhow::Result<reqwest::Client> {
         .user_agent(concat!("signoff/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("building the HTTP client")
+}
+
+/// axum's accept loop, on hyper's HTTP/1 connection builder because that one can time out
+/// header reads (DESIGN §6: connections that send no headers within 10 s are dropped; axum's
+/// `serve` offers no such setting). HTTP/1 only: the HTTP/2 detection of hyper-util's
+/// automatic builder waits for a client's first bytes with no timeout at all.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tower::Service as _;
+    let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, typically: give connections a moment to close.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => break,
+        };
+        let Ok(service) = make_service.call(remote).await;
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let connection = graceful.watch(
+            // No upgrades: nothing here speaks WebSocket.
+            builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP connection ended with an error");
+            }
+        });
+    }
+    // Stop accepting, then let the requests in flight finish.
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// A server listening and its background workers.
@@ -88,17 +137,15 @@ impl RunningServer {
             .callback_guard()
             .webhook_client()
             .context("building the webhook client")?;
-        let delivery = Arc::new(Delivery::new(engine.clone(), slack, webhooks));
-        let mut http_shutdown = shutdown_signal.clone();
-        let http = tokio::spawn(async move {
-            let service = app.into_make_service_with_connect_info::<SocketAddr>();
-            let serving = axum::serve(listener, service).with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|stop| *stop).await;
-            });
-            if let Err(error) = serving.await {
-                tracing::error!(%error, "HTTP server failed");
-            }
-        });
+        let delivery = Arc::new(
+            Delivery::new(engine.clone(), slack, webhooks).with_lease(config.outbox_lease()),
+        );
+        let http = tokio::spawn(serve(
+            listener,
+            app,
+            config.header_read_timeout(),
+            shutdown_signal.clone(),
+        ));
         let sweeper = tokio::spawn(crate::sweeper::run_sweeper(
             engine.clone(),
             config.sweep_interval(),

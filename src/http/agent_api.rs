@@ -71,6 +71,8 @@ pub struct SubmitBody {
         (status = 409, description = "`idempotency_in_flight`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 422, description = "`idempotency_mismatch`", body = ErrorBody),
+        (status = 429, description = "`too_many_pending` or `rate_limited` (with `Retry-After`, \
+            seconds): per-agent quotas", body = ErrorBody),
     ),
 )]
 pub async fn submit_request(
@@ -135,6 +137,8 @@ pub async fn submit_request(
         (status = 400, description = "`invalid_request`: a bad query", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 404, description = "`not_found`: unknown id, or another agent's request", body = ErrorBody),
+        (status = 429, description = "`too_many_waiting`: the agent's concurrent long-polls are \
+            at their limit", body = ErrorBody),
     ),
 )]
 pub async fn get_request(

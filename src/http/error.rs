@@ -14,6 +14,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds, for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 // A type rather than `json!` so the OpenAPI document describes exactly this body.
@@ -38,6 +40,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -84,6 +87,11 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }
@@ -120,6 +128,14 @@ impl From<EngineError> for ApiError {
             EngineError::Unprocessable { code, message } => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
             }
+            EngineError::Quota(exceeded) => Self {
+                retry_after: exceeded.retry_after_seconds(),
+                ..Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    exceeded.code(),
+                    exceeded.to_string(),
+                )
+            },
             EngineError::Store(error) => {
                 tracing::error!(%error, "store error");
                 Self::internal()

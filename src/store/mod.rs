@@ -117,13 +117,29 @@ pub enum OutboxOutcome {
     Abandon { error: String },
 }
 
-/// What a worker's per-destination pacing lets it claim now.
+/// A due, unleased outbox message a worker may claim: one of the first few of its
+/// (destination, agent) queue. Reading candidates takes no lock; `claim_outbox` does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxCandidate {
+    pub id: i64,
+    pub kind: String,
+    pub destination: String,
+    /// The agent whose request it reports, for round-robin across agents.
+    pub agent: String,
+    pub available_at: DateTime<Utc>,
+}
+
+/// Which candidates to read.
 #[derive(Clone, Debug)]
-pub struct Pacing<'a> {
-    /// Destinations with no token to spend: none of their messages.
-    pub waiting: &'a [String],
-    /// At most this many messages per destination (webhooks are not paced).
-    pub per_destination: i64,
+pub struct CandidateQuery<'a> {
+    /// Destinations to leave out (paced channels with no token to spend now).
+    pub skip: &'a [String],
+    /// Webhook receiver hosts to leave out (`receiver_host`: at their cap in flight).
+    pub skip_hosts: &'a [String],
+    /// At most this many from each (destination, agent) queue, oldest first.
+    pub per_queue: i64,
+    /// At most this many in all, oldest first.
+    pub limit: i64,
 }
 
 /// Pending outbox messages by kind, and the oldest one's age.
@@ -242,6 +258,8 @@ pub trait Store: Send + Sync + 'static {
     async fn update_request(&self, change: RequestChange<'_>) -> StoreResult<()>;
     async fn list_requests(&self, filter: &RequestFilter) -> StoreResult<Vec<ApprovalRequest>>;
     async fn pending_count(&self) -> StoreResult<i64>;
+    /// Pending requests of one agent (an index range over just those).
+    async fn pending_count_of_agent(&self, agent: &str) -> StoreResult<i64>;
     /// Pending requests whose expiry, reminder or escalation is due, oldest first.
     async fn due_request_ids(
         &self,
@@ -279,15 +297,28 @@ pub trait Store: Send + Sync + 'static {
 
     /// Outbox messages still pending, for operators and tests.
     async fn pending_outbox(&self, limit: i64) -> StoreResult<Vec<OutboxMessage>>;
-    /// Leases up to `limit` due messages until `lease_until`; on PostgreSQL with
+    /// The first due, unleased messages of each (destination, agent) queue (a loose index
+    /// scan over the queues, then an index range each), oldest first.
+    async fn outbox_candidates(
+        &self,
+        now: DateTime<Utc>,
+        query: &CandidateQuery<'_>,
+    ) -> StoreResult<Vec<OutboxCandidate>>;
+    /// Leases those of `ids` still due and unleased until `lease_until`; on PostgreSQL with
     /// `FOR UPDATE SKIP LOCKED`, so replicas never take the same message.
     async fn claim_outbox(
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-        limit: i64,
-        pacing: &Pacing<'_>,
+        ids: &[i64],
     ) -> StoreResult<Vec<OutboxMessage>>;
+    /// Extends the leases of messages whose delivery is still running; finished ones are
+    /// left alone. Returns how many were extended.
+    async fn renew_outbox_leases(
+        &self,
+        ids: &[i64],
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<u64>;
     async fn finish_outbox(
         &self,
         message: &OutboxMessage,
@@ -298,6 +329,19 @@ pub trait Store: Send + Sync + 'static {
     /// Where the card for `request_id` was posted at `destination`, if it was.
     async fn chat_message(&self, request_id: &str, destination: &str)
         -> StoreResult<Option<Value>>;
+}
+
+/// The host and port a webhook goes to (`host:port`), what the per-host cap of deliveries
+/// in flight counts; stored with each webhook row.
+pub fn receiver_host(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => format!(
+            "{}:{}",
+            parsed.host_str().unwrap_or_default(),
+            parsed.port_or_known_default().unwrap_or_default()
+        ),
+        Err(_) => url.to_string(),
+    }
 }
 
 /// Opens the database named by the config; does not migrate.

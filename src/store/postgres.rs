@@ -9,7 +9,7 @@ use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 
 use super::group_commit::{GroupCommit, QueuedRequest};
 use super::shared::{
-    claim_due_sql, implement_store, pending_destinations_sql, refused_request_insert,
+    claimed_columns_sql, implement_store, pending_queues_sql, refused_request_insert,
 };
 use super::{NewOutboxMessage, StoreError, StoreResult};
 use crate::config::Config;
@@ -33,19 +33,36 @@ pub struct PostgresStore {
 impl PostgresStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-    /// Per destination not in the JSON array `$4`, its first `$3` due messages (an index
-    /// range each), then `claim_due_sql!`. `SKIP LOCKED`: replicas claiming at once take
-    /// different messages.
-    const CLAIM_OUTBOX: &'static str = concat!(
-        pending_destinations_sql!(),
-        "due AS (SELECT candidate.* FROM destinations CROSS JOIN LATERAL (\
-         SELECT id, kind, destination, available_at FROM outbox \
-         WHERE state = 'pending' AND destination = destinations.name \
+    /// The first `$2` due messages of each (destination, agent) queue whose destination is
+    /// not in the JSON array `$4` nor its host in `$5` (an index range each), the oldest `$3`
+    /// in all.
+    const OUTBOX_CANDIDATES: &'static str = concat!(
+        pending_queues_sql!(
+            "SELECT jsonb_array_elements_text($4::jsonb)",
+            "SELECT jsonb_array_elements_text($5::jsonb)"
+        ),
+        "SELECT candidate.* FROM queues CROSS JOIN LATERAL (\
+         SELECT id, kind, destination, agent, available_at FROM outbox \
+         WHERE state = 'pending' AND destination = queues.destination AND agent = queues.agent \
          AND available_at <= $1 AND (lease_until IS NULL OR lease_until <= $1) \
-         ORDER BY available_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) candidate \
-         WHERE destinations.name NOT IN (SELECT jsonb_array_elements_text($4::jsonb))), ",
-        claim_due_sql!()
+         ORDER BY available_at, id LIMIT $2) candidate \
+         WHERE queues.agent IS NOT NULL ORDER BY candidate.available_at, candidate.id LIMIT $3"
     );
+
+    /// Of the ids in the JSON array `$3`, those still due and unleased at `$1`, leased until
+    /// `$2`. `SKIP LOCKED`: replicas claiming at once take different messages.
+    const CLAIM_OUTBOX: &'static str = concat!(
+        "UPDATE outbox SET lease_until = $2 WHERE id IN (SELECT id FROM outbox \
+         WHERE id IN (SELECT jsonb_array_elements_text($3::jsonb)::bigint) \
+         AND state = 'pending' AND available_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1) FOR UPDATE SKIP LOCKED)",
+        claimed_columns_sql!()
+    );
+
+    /// Of the ids in the JSON array `$1`, those still leased (delivery running), until `$2`.
+    const RENEW_OUTBOX_LEASES: &'static str = "UPDATE outbox SET lease_until = $2 \
+         WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint) \
+         AND state = 'pending' AND lease_until IS NOT NULL";
 
     /// Two groups in flight: one inserts its rows while the other holds the audit lock to
     /// append and commit.

@@ -91,32 +91,42 @@ macro_rules! audit_head_sql {
 pub(super) use audit_head_sql;
 pub(super) const AUDIT_HEAD: &str = audit_head_sql!();
 
-/// The destinations with pending outbox messages, one index probe each (a loose index scan:
-/// neither backend skips through an index by itself), as the CTE `destinations(name)`.
-/// A macro so each backend's claim can begin with it in one literal.
-macro_rules! pending_destinations_sql {
-    () => {
-        "WITH RECURSIVE destinations(name) AS (\
-         SELECT MIN(destination) FROM outbox WHERE state = 'pending' \
-         UNION ALL SELECT (SELECT MIN(destination) FROM outbox \
-         WHERE state = 'pending' AND destination > name) \
-         FROM destinations WHERE name IS NOT NULL), "
+/// The (destination, agent) queues of the pending outbox, one index probe each (a loose
+/// index scan: neither backend skips through an index by itself), as the CTE
+/// `queues(destination, agent)`, leaving out the destinations `$skip` names and those
+/// whose host `$skip_hosts` names (a backend's set expressions over the JSON arrays `$4` and
+/// `$5`; a destination's host is read from its first row). A macro so each backend's
+/// candidate query can begin with it in one literal.
+macro_rules! pending_queues_sql {
+    ($skip:literal, $skip_hosts:literal) => {
+        concat!(
+            "WITH RECURSIVE destinations(name) AS (\
+             SELECT MIN(destination) FROM outbox WHERE state = 'pending' \
+             UNION ALL SELECT (SELECT MIN(destination) FROM outbox \
+             WHERE state = 'pending' AND destination > name) \
+             FROM destinations WHERE name IS NOT NULL), \
+             queues(destination, agent) AS (\
+             SELECT name, (SELECT MIN(agent) FROM outbox WHERE state = 'pending' AND destination = name) \
+             FROM destinations WHERE name IS NOT NULL AND name NOT IN (",
+            $skip,
+            ") AND (SELECT host FROM outbox WHERE state = 'pending' AND destination = name LIMIT 1) \
+             NOT IN (",
+            $skip_hosts,
+            ") UNION ALL SELECT destination, (SELECT MIN(agent) FROM outbox \
+             WHERE state = 'pending' AND destination = queues.destination AND agent > queues.agent) \
+             FROM queues WHERE agent IS NOT NULL) "
+        )
     };
 }
-pub(super) use pending_destinations_sql;
+pub(super) use pending_queues_sql;
 
-/// The end of both backends' claims: of the `due` candidates, at most `$5` per paced
-/// destination (webhooks are not paced), the oldest `$3` in all, leased until `$2`.
-macro_rules! claim_due_sql {
+/// What a claim returns.
+macro_rules! claimed_columns_sql {
     () => {
-        "ranked AS (SELECT id, kind, available_at, \
-         ROW_NUMBER() OVER (PARTITION BY destination ORDER BY available_at, id) AS place FROM due) \
-         UPDATE outbox SET lease_until = $2 WHERE id IN (\
-         SELECT id FROM ranked WHERE place <= $5 OR kind = 'webhook' ORDER BY available_at, id LIMIT $3) \
-         RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at"
+        " RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at"
     };
 }
-pub(super) use claim_due_sql;
+pub(super) use claimed_columns_sql;
 
 /// Chains `events` onto `head` (or the genesis hash): sequence numbers and hashes.
 pub(super) fn seal_events<'events>(
@@ -320,14 +330,24 @@ macro_rules! implement_store {
                 sql: &mut sqlx::QueryBuilder<'rows, $database>,
                 messages: &'rows [&'rows $crate::store::NewOutboxMessage],
             ) {
-                sql.push("INSERT INTO outbox (request_id, kind, destination, payload, available_at, created_at) ");
+                sql.push("INSERT INTO outbox (request_id, kind, destination, payload, available_at, created_at, host, agent) ");
                 sql.push_values(messages, |mut row, message| {
                     row.push_bind(&message.request_id)
                         .push_bind(message.kind)
                         .push_bind(&message.destination)
                         .push_bind(sqlx::types::Json(&message.payload))
                         .push_bind(message.available_at)
-                        .push_bind(message.available_at);
+                        .push_bind(message.available_at)
+                        .push_bind(if message.kind == "webhook" {
+                            $crate::store::receiver_host(&message.destination)
+                        } else {
+                            String::new()
+                        })
+                        // The request's agent (a primary-key probe; the request is written
+                        // first in every transaction that writes both), for fair queues.
+                        .push("COALESCE((SELECT agent FROM requests WHERE id = ")
+                        .push_bind_unseparated(&message.request_id)
+                        .push_unseparated("), '')");
                 });
                 // A pending card message for the same destination absorbs the new change.
                 sql.push(
@@ -684,6 +704,17 @@ macro_rules! implement_store {
                 Ok(count)
             }
 
+            #[tracing::instrument(skip_all, fields(agent = %agent))]
+            async fn pending_count_of_agent(&self, agent: &str) -> $crate::store::StoreResult<i64> {
+                let (count,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM requests WHERE agent = $1 AND status = 'pending'",
+                )
+                .bind(agent)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(count)
+            }
+
             async fn due_request_ids(
                 &self,
                 due: $crate::store::Due,
@@ -901,23 +932,68 @@ macro_rules! implement_store {
             }
 
             #[tracing::instrument(skip_all)]
+            async fn outbox_candidates(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                query: &$crate::store::CandidateQuery<'_>,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::OutboxCandidate>> {
+                let rows: Vec<(i64, String, String, String, chrono::DateTime<chrono::Utc>)> =
+                    sqlx::query_as(Self::OUTBOX_CANDIDATES)
+                        .bind(now)
+                        .bind(query.per_queue)
+                        .bind(query.limit)
+                        .bind(serde_json::Value::from(query.skip.to_vec()).to_string())
+                        .bind(serde_json::Value::from(query.skip_hosts.to_vec()).to_string())
+                        .fetch_all(&self.pool)
+                        .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, kind, destination, agent, available_at)| $crate::store::OutboxCandidate {
+                        id,
+                        kind,
+                        destination,
+                        agent,
+                        available_at,
+                    })
+                    .collect())
+            }
+
+            #[tracing::instrument(skip_all, fields(count = ids.len()))]
             async fn claim_outbox(
                 &self,
                 now: chrono::DateTime<chrono::Utc>,
                 lease_until: chrono::DateTime<chrono::Utc>,
-                limit: i64,
-                paced: &$crate::store::Pacing<'_>,
+                ids: &[i64],
             ) -> $crate::store::StoreResult<Vec<$crate::store::OutboxMessage>> {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
                 let mut connection = self.write_connection().await?;
                 let rows = sqlx::query_as(Self::CLAIM_OUTBOX)
                     .bind(now)
                     .bind(lease_until)
-                    .bind(limit)
-                    .bind(serde_json::Value::from(paced.waiting.to_vec()).to_string())
-                    .bind(paced.per_destination)
+                    .bind(serde_json::Value::from(ids.to_vec()).to_string())
                     .fetch_all(&mut *connection)
                     .await?;
                 Ok(rows.into_iter().map(Self::outbox_from_row).collect())
+            }
+
+            #[tracing::instrument(skip_all, fields(count = ids.len()))]
+            async fn renew_outbox_leases(
+                &self,
+                ids: &[i64],
+                lease_until: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<u64> {
+                if ids.is_empty() {
+                    return Ok(0);
+                }
+                let mut connection = self.write_connection().await?;
+                Ok(sqlx::query(Self::RENEW_OUTBOX_LEASES)
+                    .bind(serde_json::Value::from(ids.to_vec()).to_string())
+                    .bind(lease_until)
+                    .execute(&mut *connection)
+                    .await?
+                    .rows_affected())
             }
 
             #[tracing::instrument(skip_all, fields(outbox_id = message.id))]

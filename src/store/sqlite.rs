@@ -13,7 +13,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::group_commit::{GroupCommit, QueuedRequest};
 use super::shared::{
-    audit_head_sql, claim_due_sql, implement_store, pending_destinations_sql,
+    audit_head_sql, claimed_columns_sql, implement_store, pending_queues_sql,
     refused_request_insert, seal_events,
 };
 use super::{NewOutboxMessage, StoreResult};
@@ -79,19 +79,34 @@ impl DerefMut for HeldWriter {
 impl SqliteStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-    /// One statement: SQLite runs it under its single writer lock. Per destination not in
-    /// the JSON array `$4`, its first `$3` due messages (an index range each), then
-    /// `claim_due_sql!`.
-    const CLAIM_OUTBOX: &'static str = concat!(
-        pending_destinations_sql!(),
-        "due AS (SELECT outbox.id, outbox.kind, outbox.destination, outbox.available_at \
-         FROM destinations JOIN outbox ON outbox.id IN (\
-         SELECT id FROM outbox WHERE state = 'pending' AND destination = destinations.name \
-         AND available_at <= $1 AND (lease_until IS NULL OR lease_until <= $1) \
-         ORDER BY available_at, id LIMIT $3) \
-         WHERE destinations.name NOT IN (SELECT value FROM json_each($4))), ",
-        claim_due_sql!()
+    /// The first `$2` due messages of each (destination, agent) queue whose destination is
+    /// not in the JSON array `$4` nor its host in `$5` (an index range each), the oldest `$3`
+    /// in all.
+    const OUTBOX_CANDIDATES: &'static str = concat!(
+        pending_queues_sql!(
+            "SELECT value FROM json_each($4)",
+            "SELECT value FROM json_each($5)"
+        ),
+        "SELECT outbox.id, outbox.kind, outbox.destination, outbox.agent, outbox.available_at \
+         FROM queues JOIN outbox ON outbox.id IN (\
+         SELECT id FROM outbox WHERE state = 'pending' AND destination = queues.destination \
+         AND agent = queues.agent AND available_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1) ORDER BY available_at, id LIMIT $2) \
+         WHERE queues.agent IS NOT NULL ORDER BY outbox.available_at, outbox.id LIMIT $3"
     );
+
+    /// One statement under SQLite's single writer lock: of the ids in the JSON array `$3`,
+    /// those still due and unleased at `$1`, leased until `$2`.
+    const CLAIM_OUTBOX: &'static str = concat!(
+        "UPDATE outbox SET lease_until = $2 WHERE id IN (SELECT value FROM json_each($3)) \
+         AND state = 'pending' AND available_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1)",
+        claimed_columns_sql!()
+    );
+
+    /// Of the ids in the JSON array `$1`, those still leased (delivery running), until `$2`.
+    const RENEW_OUTBOX_LEASES: &'static str = "UPDATE outbox SET lease_until = $2 \
+         WHERE id IN (SELECT value FROM json_each($1)) AND state = 'pending' AND lease_until IS NOT NULL";
 
     /// One connection writes, so one task commits groups.
     const GROUP_WRITERS: usize = 1;

@@ -11,8 +11,8 @@ use signoff::config::{Config, Secret};
 use signoff::domain::{now, ApprovalRequest};
 use signoff::engine::Engine;
 use signoff::store::{
-    DeliveryRecord, NewOutboxMessage, NewRequest, OutboxOutcome, Pacing, RequestChange, Store,
-    StoreError,
+    receiver_host, AgentRecord, CandidateQuery, DeliveryRecord, NewOutboxMessage, NewRequest,
+    OutboxOutcome, RequestChange, Store, StoreError,
 };
 
 use crate::support::{Backend, TestDatabase};
@@ -247,17 +247,29 @@ async fn the_database_refuses_requests_of_a_revoked_agent(
     assert_eq!(store.latest_audit_seq().await.unwrap(), seq);
 }
 
-/// One claim as the worker makes it: one message per paced destination, 32 in all.
+/// One claim in the shape the worker makes it: of the candidates, the oldest message per
+/// paced destination and every webhook.
 async fn claim(store: &Arc<dyn Store>, waiting: Vec<String>) -> Vec<signoff::store::OutboxMessage> {
-    let pacing = Pacing {
-        waiting: &waiting,
-        per_destination: 1,
-    };
-    let lease_until = now() + chrono::Duration::seconds(60);
-    store
-        .claim_outbox(now(), lease_until, 32, &pacing)
+    let candidates = store
+        .outbox_candidates(
+            now(),
+            &CandidateQuery {
+                skip: &waiting,
+                skip_hosts: &[],
+                per_queue: 4,
+                limit: 256,
+            },
+        )
         .await
-        .unwrap()
+        .unwrap();
+    let mut paced = std::collections::HashSet::new();
+    let ids: Vec<i64> = candidates
+        .iter()
+        .filter(|candidate| candidate.kind == "webhook" || paced.insert(&candidate.destination))
+        .map(|candidate| candidate.id)
+        .collect();
+    let lease_until = now() + chrono::Duration::seconds(60);
+    store.claim_outbox(now(), lease_until, &ids).await.unwrap()
 }
 
 #[rstest]
@@ -374,6 +386,242 @@ async fn a_long_backlog_for_one_channel_hides_no_other_destination(
             ("slack:CBUSY", Some(0)),
             ("slack:CQUIET", None)
         ]
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn candidates_hold_each_agents_oldest_message_behind_another_agents_backlog(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    store
+        .create_agent(
+            &AgentRecord {
+                name: "late".into(),
+                api_key_hash: "hash-of-late".into(),
+                webhook_secret: "whsec_bGF0ZQ==".into(),
+                owners: Vec::new(),
+                created_at: now(),
+                revoked_at: None,
+            },
+            operator_event("agent_created", json!({"agent": "late"})),
+        )
+        .await
+        .unwrap();
+    let hour_ago = now() - chrono::Duration::hours(1);
+    let card = |id: &str, at| NewOutboxMessage {
+        request_id: id.to_string(),
+        kind: "card",
+        destination: "slack:CSHARED".into(),
+        payload: json!({}),
+        available_at: at,
+    };
+    // Far more of the flooding agent's cards than one read takes, all older.
+    for n in 0..300 {
+        let id = format!("apr_flood_{n}");
+        let at = hour_ago + chrono::Duration::milliseconds(n);
+        insert(&store, copy_with_id(&template, &id), vec![card(&id, at)])
+            .await
+            .unwrap();
+    }
+    let late = ApprovalRequest {
+        agent: "late".into(),
+        ..copy_with_id(&template, "apr_late")
+    };
+    insert(&store, late, vec![card("apr_late", now())])
+        .await
+        .unwrap();
+
+    let candidates = store
+        .outbox_candidates(
+            now(),
+            &CandidateQuery {
+                skip: &[],
+                skip_hosts: &[],
+                per_queue: 2,
+                limit: 256,
+            },
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(&str, &str)> = candidates
+        .iter()
+        .map(|candidate| (candidate.agent.as_str(), candidate.destination.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("bot", "slack:CSHARED"),
+            ("bot", "slack:CSHARED"),
+            ("late", "slack:CSHARED")
+        ]
+    );
+}
+
+#[rstest]
+#[tokio::test]
+async fn a_full_hosts_webhooks_are_left_out_of_the_read_rather_than_fill_it(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let hour_ago = now() - chrono::Duration::hours(1);
+    // A URL per request on one (dead) host: more queues than a read holds, all older.
+    let dead: Vec<NewOutboxMessage> = (0..40)
+        .map(|n| NewOutboxMessage {
+            request_id: "apr_dead".into(),
+            kind: "webhook",
+            destination: format!("https://dead.example.com/hook/{n}"),
+            payload: json!({}),
+            available_at: hour_ago + chrono::Duration::milliseconds(n),
+        })
+        .collect();
+    insert(&store, copy_with_id(&template, "apr_dead"), dead)
+        .await
+        .unwrap();
+    let alive = NewOutboxMessage {
+        request_id: "apr_alive".into(),
+        kind: "webhook",
+        destination: "https://alive.example.com/hook".into(),
+        payload: json!({}),
+        available_at: now(),
+    };
+    insert(&store, copy_with_id(&template, "apr_alive"), vec![alive])
+        .await
+        .unwrap();
+    let read = |skip_hosts: Vec<String>| {
+        let store = store.clone();
+        async move {
+            store
+                .outbox_candidates(
+                    now(),
+                    &CandidateQuery {
+                        skip: &[],
+                        skip_hosts: &skip_hosts,
+                        per_queue: 4,
+                        limit: 32,
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // Filled by the dead host...
+    assert!(read(Vec::new())
+        .await
+        .iter()
+        .all(|candidate| candidate.destination.starts_with("https://dead.")));
+    // ...unless it is left out.
+    let candidates = read(vec![receiver_host("https://dead.example.com/hook/0")]).await;
+    let destinations: Vec<&str> = candidates
+        .iter()
+        .map(|candidate| candidate.destination.as_str())
+        .collect();
+    assert_eq!(destinations, ["https://alive.example.com/hook"]);
+}
+
+#[rstest]
+#[tokio::test]
+async fn a_renewed_lease_keeps_a_running_delivery_from_being_claimed_again(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let hook = |id: &str| NewOutboxMessage {
+        request_id: id.to_string(),
+        kind: "webhook",
+        destination: format!("https://hooks.example.com/{id}"),
+        payload: json!({}),
+        available_at: now(),
+    };
+    for id in ["apr_renewed", "apr_lapsed"] {
+        insert(&store, copy_with_id(&template, id), vec![hook(id)])
+            .await
+            .unwrap();
+    }
+    let start = now();
+    let ids: Vec<i64> = store
+        .outbox_candidates(
+            start,
+            &CandidateQuery {
+                skip: &[],
+                skip_hosts: &[],
+                per_queue: 4,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|candidate| candidate.id)
+        .collect();
+    let claimed = store
+        .claim_outbox(start, start + chrono::Duration::seconds(1), &ids)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    // A second worker at the same moment gets nothing.
+    assert!(store
+        .claim_outbox(start, start + chrono::Duration::seconds(1), &ids)
+        .await
+        .unwrap()
+        .is_empty());
+    let renewed = claimed
+        .iter()
+        .find(|message| message.request_id == "apr_renewed")
+        .unwrap();
+    assert_eq!(
+        store
+            .renew_outbox_leases(&[renewed.id], start + chrono::Duration::seconds(60))
+            .await
+            .unwrap(),
+        1
+    );
+    // Later than the first lease: only the message whose lease was not renewed is free.
+    let later = start + chrono::Duration::seconds(5);
+    let candidates = store
+        .outbox_candidates(
+            later,
+            &CandidateQuery {
+                skip: &[],
+                skip_hosts: &[],
+                per_queue: 4,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    let ids: Vec<i64> = candidates.iter().map(|candidate| candidate.id).collect();
+    assert_eq!(ids.len(), 1);
+    let again = store
+        .claim_outbox(
+            later,
+            later + chrono::Duration::seconds(60),
+            &[renewed.id, ids[0]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].request_id, "apr_lapsed");
+    // A finished delivery's lease is not renewed back to life.
+    store
+        .finish_outbox(renewed, OutboxOutcome::Delivered(DeliveryRecord::default()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .renew_outbox_leases(&[renewed.id], later + chrono::Duration::seconds(60))
+            .await
+            .unwrap(),
+        0
     );
 }
 

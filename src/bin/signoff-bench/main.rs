@@ -77,6 +77,11 @@ struct Args {
     /// tell the disk's share of a latency from the server's.
     #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
     sqlite_synchronous: String,
+    /// Keep the per-agent quotas on (rate limiter, pending cap, long-poll cap), set too high
+    /// to refuse anything: their cost on intake, for an A/B against the default (off: the
+    /// benchmark's one agent would be refused long before the server is saturated).
+    #[arg(long)]
+    quotas_on: bool,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
     serve: Option<PathBuf>,
@@ -714,6 +719,10 @@ fn bench_config(database: &Database, policy: &Path, listen: &str) -> Config {
         database_url: Secret::new(database.url.clone()),
         policy: policy.to_path_buf(),
         database_max_connections: 64,
+        // One agent sends all of the load: DESIGN §4's quotas would refuse most of it.
+        max_pending_per_agent: 0,
+        agent_rate_limit: 0,
+        max_waiting_per_agent: 0,
         ..Config::default()
     }
 }
@@ -805,6 +814,13 @@ impl Harness {
         std::fs::write(&policy, BENCH_POLICY)?;
         let mut config = bench_config(database, &policy, "127.0.0.1:0");
         config.sqlite_synchronous = args.sqlite_synchronous.clone();
+        if args.quotas_on {
+            // Checked on every submission, never refusing: the rate limiter's state is
+            // spent, the pending count is cached and re-read once a second.
+            config.max_pending_per_agent = 100_000_000;
+            config.agent_rate_limit = 1_000_000_000;
+            config.max_waiting_per_agent = 1_000_000;
+        }
         config.slack = SlackConfig {
             bot_token: Secret::new("xoxb-bench"),
             signing_secret: Secret::new(SIGNING_SECRET),

@@ -507,6 +507,7 @@ fn explain(error: &EngineError) -> String {
         EngineError::Invalid(message)
         | EngineError::Conflict { message, .. }
         | EngineError::Unprocessable { message, .. } => message.clone(),
+        EngineError::Quota(exceeded) => exceeded.to_string(),
         // Only agents' keys are refused this way; a click never is, so it is a failure.
         EngineError::Unauthorized | EngineError::Store(_) | EngineError::Internal(_) => {
             tracing::error!(%error, "Slack interaction failed");
