@@ -11,6 +11,7 @@ mod decisions;
 mod lifecycle;
 mod openapi;
 mod operations;
+mod properties;
 mod replicas;
 mod slack;
 mod store;
