@@ -180,6 +180,16 @@ fn model_verdict(args: Args) -> ModelVerdict {
     }
 }
 
+/// Which of the case's requests an operation is about.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    index: Index,
+    /// Most operations go to a request they can change, when there is one (a pending one,
+    /// an approved one to execute): most requests are final a few operations after their
+    /// submission, and final requests only refuse.
+    changeable: bool,
+}
+
 /// Which revision a vote says its voter saw.
 #[derive(Clone, Copy, Debug)]
 enum Seen {
@@ -208,31 +218,31 @@ enum Op {
         on_behalf_of: Option<&'static str>,
     },
     Approve {
-        request: Index,
+        request: Target,
         voter: &'static str,
         seen: Seen,
     },
     Deny {
-        request: Index,
+        request: Target,
         voter: &'static str,
         reason: &'static str,
         seen: Seen,
     },
     Modify {
-        request: Index,
+        request: Target,
         voter: &'static str,
         args: Args,
         seen: Seen,
     },
     Cancel {
-        request: Index,
+        request: Target,
     },
     Expire {
-        request: Index,
+        request: Target,
         how: Expiry,
     },
     Execute {
-        request: Index,
+        request: Target,
         outcome: ExecutionOutcome,
     },
 }
@@ -244,12 +254,14 @@ struct Case {
     ops: Vec<Op>,
 }
 
+/// Mostly args that need people: args the policy decides alone make requests that are
+/// final from the start.
 fn args_strategy() -> impl Strategy<Value = Args> {
     let environment = prop_oneof![
         1 => Just(Environment::Dev),
         3 => Just(Environment::Staging),
         2 => Just(Environment::Canary),
-        3 => Just(Environment::Production),
+        4 => Just(Environment::Production),
         1 => Just(Environment::Forbidden),
         1 => Just(Environment::Missing),
     ];
@@ -259,6 +271,11 @@ fn args_strategy() -> impl Strategy<Value = Args> {
             service,
         }
     })
+}
+
+fn target_strategy() -> impl Strategy<Value = Target> {
+    (any::<Index>(), prop::bool::weighted(0.8))
+        .prop_map(|(index, changeable)| Target { index, changeable })
 }
 
 fn seen_strategy() -> impl Strategy<Value = Seen> {
@@ -287,25 +304,25 @@ fn submit_strategy() -> impl Strategy<Value = Op> {
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => submit_strategy(),
-        5 => (any::<Index>(), voter_strategy(), seen_strategy())
+        5 => (target_strategy(), voter_strategy(), seen_strategy())
             .prop_map(|(request, voter, seen)| Op::Approve { request, voter, seen }),
         1 => (
-            any::<Index>(),
+            target_strategy(),
             voter_strategy(),
             prop::sample::select(vec!["too risky", "  "]),
             seen_strategy(),
         )
             .prop_map(|(request, voter, reason, seen)| Op::Deny { request, voter, reason, seen }),
-        3 => (any::<Index>(), voter_strategy(), args_strategy(), seen_strategy())
+        3 => (target_strategy(), voter_strategy(), args_strategy(), seen_strategy())
             .prop_map(|(request, voter, args, seen)| Op::Modify { request, voter, args, seen }),
-        1 => any::<Index>().prop_map(|request| Op::Cancel { request }),
+        1 => target_strategy().prop_map(|request| Op::Cancel { request }),
         1 => (
-            any::<Index>(),
+            target_strategy(),
             prop_oneof![Just(Expiry::Sweep), Just(Expiry::Direct), Just(Expiry::LateVote)],
         )
             .prop_map(|(request, how)| Op::Expire { request, how }),
         2 => (
-            any::<Index>(),
+            target_strategy(),
             prop_oneof![Just(ExecutionOutcome::Succeeded), Just(ExecutionOutcome::Failed)],
         )
             .prop_map(|(request, outcome)| Op::Execute { request, outcome }),
@@ -408,6 +425,18 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// The position of the targeted request, if the case has one yet: among those the
+    /// operation can change (`wanted`), when the target asks for that and there are some.
+    fn pick(&self, target: Target, wanted: impl Fn(&Modelled) -> bool) -> Option<usize> {
+        let candidates: Vec<usize> = (0..self.requests.len())
+            .filter(|&position| wanted(&self.requests[position]))
+            .collect();
+        if target.changeable && !candidates.is_empty() {
+            return Some(*target.index.get(&candidates));
+        }
+        (!self.requests.is_empty()).then(|| target.index.index(self.requests.len()))
+    }
+
     fn requesters(&self, request: &Modelled) -> BTreeSet<&'static str> {
         let mut requesters = self.owners.clone();
         requesters.extend(request.on_behalf_of.map(person));
@@ -524,17 +553,16 @@ impl Run<'_> {
     /// vote changed nothing.
     async fn vote(
         &mut self,
-        index: Index,
+        target: Target,
         voter: &'static str,
         kind: Kind,
         vote: VoteRequest,
         seen: Seen,
         new_args: Option<Args>,
     ) -> Result<(), TestCaseError> {
-        if self.requests.is_empty() {
+        let Some(position) = self.pick(target, |request| request.status == Status::Pending) else {
             return Ok(());
-        }
-        let position = index.index(self.requests.len());
+        };
         let modelled = self.requests[position].clone();
         let requesters = self.requesters(&modelled);
         let seen_revision = modelled.seen(seen);
@@ -619,11 +647,10 @@ impl Run<'_> {
         Ok(())
     }
 
-    async fn cancel(&mut self, index: Index) -> Result<(), TestCaseError> {
-        if self.requests.is_empty() {
+    async fn cancel(&mut self, target: Target) -> Result<(), TestCaseError> {
+        let Some(position) = self.pick(target, |request| request.status == Status::Pending) else {
             return Ok(());
-        }
-        let position = index.index(self.requests.len());
+        };
         let id = self.requests[position].id.clone();
         let before = self.stored(&id).await;
         let result = self
@@ -643,11 +670,10 @@ impl Run<'_> {
         self.check_matches(&self.requests[position], &stored)
     }
 
-    async fn expire(&mut self, index: Index, how: Expiry) -> Result<(), TestCaseError> {
-        if self.requests.is_empty() {
+    async fn expire(&mut self, target: Target, how: Expiry) -> Result<(), TestCaseError> {
+        let Some(position) = self.pick(target, |request| request.status == Status::Pending) else {
             return Ok(());
-        }
-        let position = index.index(self.requests.len());
+        };
         let id = self.requests[position].id.clone();
         let engine = self.app.engine();
         if self.requests[position].status != Status::Pending {
@@ -706,13 +732,14 @@ impl Run<'_> {
 
     async fn execute(
         &mut self,
-        index: Index,
+        target: Target,
         outcome: ExecutionOutcome,
     ) -> Result<(), TestCaseError> {
-        if self.requests.is_empty() {
+        let Some(position) = self.pick(target, |request| {
+            request.status == Status::Approved && !request.executed
+        }) else {
             return Ok(());
-        }
-        let position = index.index(self.requests.len());
+        };
         let modelled = self.requests[position].clone();
         let before = self.stored(&modelled.id).await;
         let result = self
@@ -1062,7 +1089,7 @@ fn check_the_model(app: &TestApp) {
     }
 }
 
-/// 16 cases per backend unless `PROPTEST_CASES` says otherwise: each case is a few dozen
+/// 64 cases per backend unless `PROPTEST_CASES` says otherwise: each case is a few dozen
 /// real transactions.
 fn runner_config() -> ProptestConfig {
     let mut config = ProptestConfig {
@@ -1072,7 +1099,7 @@ fn runner_config() -> ProptestConfig {
         ..ProptestConfig::default()
     };
     if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = 16;
+        config.cases = 64;
     }
     config
 }
