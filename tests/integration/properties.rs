@@ -4,7 +4,7 @@
 //! invariants every request must keep whatever happened to it.
 //!
 //! One server per backend serves every case; each case has its own agent and requests.
-//! `PROPTEST_CASES=500 cargo test --test integration properties` runs longer.
+//! `PROPTEST_CASES=300 cargo test --test integration properties` runs longer.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
