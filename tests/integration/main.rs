@@ -14,6 +14,7 @@ mod openapi;
 mod operations;
 mod outbox_fairness;
 mod postgres_roles;
+mod properties;
 mod quotas;
 mod replicas;
 mod slack;
