@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use signoff::domain::Status;
 
 use crate::support::fake_slack::{
-    button_value, click_payload, slack_signature, Failure, SlackDriver,
+    button_value, click_payload, slack_signature, slash_body, Failure, SlackDriver,
 };
 use crate::support::{stderr, stdout, Backend, TestApp};
 
@@ -78,6 +78,11 @@ fn deploy(environment: &str) -> Value {
     json!({"action": "deploy.app", "args": {"environment": environment, "service": "web"}})
 }
 
+/// `signoff modify ID --as PRINCIPAL --args ARGS`.
+fn modify(app: &TestApp, id: &str, principal: &str, args: &str) -> std::process::Output {
+    app.cli(&["modify", id, "--as", principal, "--args", args])
+}
+
 /// Everything about a request that a refused vote must leave as it was.
 async fn snapshot(app: &TestApp, id: &str) -> (Value, Vec<String>) {
     let stored = serde_json::to_value(app.stored(id).await).unwrap();
@@ -94,14 +99,12 @@ async fn a_modification_into_denied_args_is_refused_and_changes_nothing(
     let id = app.submit_id(&agent, deploy("staging")).await;
     let before = snapshot(&app, &id).await;
 
-    let output = app.cli(&[
-        "modify",
+    let output = modify(
+        &app,
         &id,
-        "--as",
         "cli:bob",
-        "--args",
         r#"{"environment":"forbidden","service":"web"}"#,
-    ]);
+    );
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     let message = stderr(&output);
     assert!(
@@ -142,14 +145,12 @@ async fn a_modification_into_a_higher_tier_moves_the_request_up(
 
     // Bob approves staging alone, but is no approver of production: his modification
     // moves the request up and does not count as one of its approvals.
-    let output = app.cli(&[
-        "modify",
+    let output = modify(
+        &app,
         &id,
-        "--as",
         "cli:bob",
-        "--args",
         r#"{"environment":"production","service":"web"}"#,
-    ]);
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let stored = app.stored(&id).await;
     assert_eq!(
@@ -201,14 +202,12 @@ async fn a_modification_into_a_higher_tier_moves_the_request_up(
 
     // Alice approves in both tiers: her modification counts as production's first approval.
     let id = app.submit_id(&agent, deploy("staging")).await;
-    let output = app.cli(&[
-        "modify",
+    let output = modify(
+        &app,
         &id,
-        "--as",
         "cli:alice",
-        "--args",
         r#"{"environment":"production","service":"web"}"#,
-    ]);
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let stored = app.stored(&id).await;
     assert_eq!(stored.tier.as_deref(), Some("production"));
@@ -249,14 +248,12 @@ async fn a_stale_or_replayed_click_after_a_modification_is_refused(
     assert_eq!(app.stored(&id).await.current_approvers().len(), 1);
 
     // Alice changes the args: revision 2, Carol's approval is void, Alice's counts.
-    let output = app.cli(&[
-        "modify",
+    let output = modify(
+        &app,
         &id,
-        "--as",
         "cli:alice",
-        "--args",
         r#"{"environment":"production","service":"api"}"#,
-    ]);
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let before = snapshot(&app, &id).await;
 
@@ -579,13 +576,7 @@ async fn show_answers_only_people_who_may_see_the_request(
 
 /// A slash command as Slack signs it, from `user`, signed at `timestamp`.
 fn signed_command(user: &str, text: &str, timestamp: i64) -> (String, String) {
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("team_id", "T0FAKE")
-        .append_pair("user_id", user)
-        .append_pair("command", "/signoff")
-        .append_pair("text", text)
-        .append_pair("trigger_id", "13345224609.738474920.8088930838d88f008e0")
-        .finish();
+    let body = slash_body(user, text);
     let signature = slack_signature(crate::support::SLACK_SIGNING_SECRET, timestamp, &body);
     (body, signature)
 }
@@ -616,14 +607,12 @@ async fn a_replayed_typed_approve_cannot_count_for_a_later_revision(
     assert!(answer.contains("revision 1"), "{answer}");
 
     // Alice changes the args (and approves revision 2).
-    let output = app.cli(&[
-        "modify",
+    let output = modify(
+        &app,
         &id,
-        "--as",
         "cli:alice",
-        "--args",
         r#"{"environment":"production","service":"payments"}"#,
-    ]);
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let before = snapshot(&app, &id).await;
 
@@ -652,14 +641,12 @@ async fn a_modification_needs_the_quorum_of_the_policy_in_force(
     std::fs::write(&app.config.policy, stricter).unwrap();
     let reloaded = app.engine().reload_policy(&app.config.policy).unwrap();
 
-    let output = app.cli(&[
-        "modify",
+    let output = modify(
+        &app,
         &id,
-        "--as",
         "cli:bob",
-        "--args",
         r#"{"environment":"staging","service":"api"}"#,
-    ]);
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let stored = app.stored(&id).await;
     assert_eq!(

@@ -411,28 +411,11 @@ impl SlackDriver {
 
     /// The slash command, as Slack posts it.
     pub async fn slash(&self, user: &str, text: &str) -> (StatusCode, Value) {
-        let body = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("token", "deprecated-verification-token")
-            .append_pair("team_id", "T0FAKE")
-            .append_pair("team_domain", "example")
-            .append_pair("channel_id", "C0MEDIUM")
-            .append_pair("channel_name", "approvals")
-            .append_pair("user_id", user)
-            .append_pair("user_name", &user.to_lowercase())
-            .append_pair("command", "/signoff")
-            .append_pair("text", text)
-            .append_pair("api_app_id", "A0SIGNOFF")
-            .append_pair(
-                "response_url",
-                "https://hooks.slack.com/commands/T0FAKE/1/abc",
-            )
-            .append_pair("trigger_id", "13345224609.738474920.8088930838d88f008e0")
-            .finish();
         let now = chrono::Utc::now().timestamp();
         let (status, body) = self
             .post_signed(
                 "/slack/commands",
-                body,
+                slash_body(user, text),
                 "application/x-www-form-urlencoded",
                 now,
             )
@@ -442,6 +425,27 @@ impl SlackDriver {
             serde_json::from_str(&body).unwrap_or(json!({"raw": body})),
         )
     }
+}
+
+/// The form Slack posts for `/signoff TEXT` typed by `user`.
+pub fn slash_body(user: &str, text: &str) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("token", "deprecated-verification-token")
+        .append_pair("team_id", "T0FAKE")
+        .append_pair("team_domain", "example")
+        .append_pair("channel_id", "C0MEDIUM")
+        .append_pair("channel_name", "approvals")
+        .append_pair("user_id", user)
+        .append_pair("user_name", &user.to_lowercase())
+        .append_pair("command", "/signoff")
+        .append_pair("text", text)
+        .append_pair("api_app_id", "A0SIGNOFF")
+        .append_pair(
+            "response_url",
+            "https://hooks.slack.com/commands/T0FAKE/1/abc",
+        )
+        .append_pair("trigger_id", "13345224609.738474920.8088930838d88f008e0")
+        .finish()
 }
 
 /// What signoff's card buttons carry for `request_id` at `revision`.
