@@ -66,7 +66,7 @@ pub struct Config {
     pub public_url: String,
     pub max_body_bytes: usize,
     /// CIDRs agents' callback URLs may reach although they are loopback, private or
-    /// otherwise not public (DESIGN §6). A list, or one comma-separated string (handy in
+    /// otherwise not public (README: HTTP API for agents). A list, or one comma-separated string (handy in
     /// `SIGNOFF_CALLBACK_ALLOWED_NETWORKS`).
     #[serde(deserialize_with = "list_or_comma_separated")]
     pub callback_allowed_networks: Vec<String>,
@@ -92,7 +92,7 @@ pub struct Config {
     /// Concurrent long-polls per agent (429 `too_many_waiting`); 0: no limit.
     pub max_waiting_per_agent: u64,
     /// Connections that have not sent a request's headers within this many milliseconds
-    /// are closed (DESIGN §6: 10 s).
+    /// are closed (10 s by default).
     pub header_read_timeout_ms: u64,
     /// How long an outbox worker's claim holds before another replica may take the
     /// message; renewed while its delivery runs. In milliseconds.

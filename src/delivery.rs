@@ -2,7 +2,7 @@
 //! webhooks, retries with exponential backoff (honouring Retry-After) and paces each
 //! destination. Runs on every replica; claims are leases, so nothing is done twice at once.
 //!
-//! No agent can starve another here (DESIGN §6): the claim loop never waits for a delivery
+//! No agent can starve another here (ARCHITECTURE.md): the claim loop never waits for a delivery
 //! (each runs in its own task); it claims only what there is room for (a few webhooks in
 //! flight per receiver host, a few cards in all), so a slow or dead receiver holds only its
 //! own host's slots; and a paced channel takes its next card from the agent whose turn it
@@ -50,7 +50,7 @@ const CANDIDATES: i64 = 256;
 /// How often the worker looks for due work when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Webhooks are retried at least 24 h (DESIGN §10); give up after three days.
+/// Webhooks are retried at least 24 h (README: webhooks); give up after three days.
 const WEBHOOK_GIVE_UP: chrono::Duration = chrono::Duration::days(3);
 const WEBHOOK_MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Cards keep being retried (a Slack outage delays cards, never loses them), at most this far apart.

@@ -42,7 +42,7 @@ const MAX_ATTEMPTS: usize = 64;
 /// Due requests a sweep reads at a time.
 pub const SWEEP_BATCH: usize = 500;
 
-/// Idempotency-Keys are answered for at least this long (DESIGN §6: at least 24 h).
+/// Idempotency-Keys are answered for at least this long (the agent API promises at least 24 h).
 pub const IDEMPOTENCY_KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ pub enum EngineError {
     /// The key is unknown or its agent revoked.
     #[error("invalid or revoked API key")]
     Unauthorized,
-    /// A per-agent quota (DESIGN §6): answered 429.
+    /// A per-agent quota: answered 429.
     #[error(transparent)]
     Quota(#[from] QuotaExceeded),
     #[error(transparent)]

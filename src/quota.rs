@@ -1,4 +1,4 @@
-//! Per-agent quotas (DESIGN §6), so one agent can never starve the others at intake: a cap
+//! Per-agent quotas, so one agent can never starve the others at intake: a cap
 //! on pending requests, a submission rate limit and a cap on concurrent long-polls.
 
 use std::collections::HashMap;

@@ -49,7 +49,7 @@ fn http_client() -> anyhow::Result<reqwest::Client> {
 }
 
 /// axum's accept loop, on hyper's HTTP/1 connection builder because that one can time out
-/// header reads (DESIGN §6: connections that send no headers within 10 s are dropped; axum's
+/// header reads (connections that send no headers within 10 s are dropped; axum's
 /// `serve` offers no such setting). HTTP/1 only: the HTTP/2 detection of hyper-util's
 /// automatic builder waits for a client's first bytes with no timeout at all.
 async fn serve(

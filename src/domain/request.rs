@@ -176,8 +176,8 @@ pub struct RequestContext {
     pub extra: serde_json::Map<String, Value>,
 }
 
-// DESIGN §6. Every `Option` but `callback_url` is always serialized (as null when absent),
-// hence `required = true` on them: the OpenAPI document must say what agents receive.
+// Every `Option` but `callback_url` is always serialized (as null when absent), hence
+// `required = true` on them: the OpenAPI document must say what agents receive.
 /// The request object of the agent API.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ApprovalRequest {

@@ -719,7 +719,7 @@ fn bench_config(database: &Database, policy: &Path, listen: &str) -> Config {
         database_url: Secret::new(database.url.clone()),
         policy: policy.to_path_buf(),
         database_max_connections: 64,
-        // One agent sends all of the load: DESIGN §4's quotas would refuse most of it.
+        // One agent sends all of the load: the per-agent quotas would refuse most of it.
         max_pending_per_agent: 0,
         agent_rate_limit: 0,
         max_waiting_per_agent: 0,
