@@ -178,8 +178,9 @@ impl SlackApi {
     }
 
     /// The id of the workspace the bot token belongs to (auth.test); `None` when the API
-    /// at `api_url` has no auth.test at all (`unknown_method`, or 404: a stand-in that is
-    /// not Slack). Slack itself always has it, so no answer from Slack can get `None`.
+    /// at `api_url` has no auth.test at all (`unknown_method`, 404, or an `ok` answer
+    /// without a team: a stand-in that is not Slack). Slack itself always answers it with
+    /// a team, so no answer from Slack can get `None`.
     pub async fn team_id(&self) -> Result<Option<String>, SlackCallError> {
         let session = self.client.open_session(&self.token);
         match tokio::time::timeout(CALL_TIMEOUT, session.auth_test()).await {
@@ -188,6 +189,7 @@ impl SlackApi {
             Ok(Err(SlackClientError::HttpError(http))) if http.status_code.as_u16() == 404 => {
                 Ok(None)
             }
+            Ok(Err(SlackClientError::ProtocolError(_))) => Ok(None),
             Ok(Err(error)) => Err(SlackCallError::from_client("auth.test", error)),
             Err(_) => Err(SlackCallError::Retry {
                 reason: format!("auth.test: no answer within {CALL_TIMEOUT:?}"),
