@@ -82,6 +82,10 @@ struct Args {
     /// benchmark's one agent would be refused long before the server is saturated).
     #[arg(long)]
     quotas_on: bool,
+    /// Only the quotas' cost, in this one run: N rounds, each intake at saturation with the
+    /// quotas off and on (order alternating), server CPU per request of both, and their ratio.
+    #[arg(long, value_name = "ROUNDS")]
+    quota_cost: Option<usize>,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
     serve: Option<PathBuf>,
@@ -131,8 +135,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             database.drop_scratch().await;
             continue;
         }
+        if let Some(rounds) = args.quota_cost {
+            quota_cost(&args, &database, &directory, rounds).await?;
+            database.drop_scratch().await;
+            continue;
+        }
         let floors = floors(backend, &database, args.floor_rows).await?;
-        let harness = Harness::start(&args, &database, &directory).await?;
+        let harness = Harness::start(&args, &database, &directory, args.quotas_on).await?;
         println!("| measure | result | floor | ratio |\n|---|---|---|---|");
         for (label, floor) in &floors {
             println!("| floor: {label} | {floor:.0} rows/s | | |");
@@ -281,6 +290,76 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The quotas' cost on intake, both arms in this run: each round starts a server with the
+/// quotas off and one with them on (never refusing), in alternating order, and saturates
+/// it; the median server CPU per request of each arm, and their ratio, are reported.
+async fn quota_cost(
+    args: &Args,
+    database: &Database,
+    directory: &Path,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let bodies = [
+        (
+            "auto-allowed intake",
+            json!({"action": "customers.get", "args": {"id": 42}}),
+        ),
+        (
+            "pending intake",
+            json!({"action": "email.send", "args": {"to": "a@example.com"}}),
+        ),
+    ];
+    // cpu[body][arm]: server CPU per request, in microseconds, one per round.
+    let mut cpu = vec![[Vec::new(), Vec::new()]; bodies.len()];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for quotas_on in order {
+            let harness = Harness::start(args, database, directory, quotas_on).await?;
+            for (index, (_, body)) in bodies.iter().enumerate() {
+                let saturated = harness
+                    .saturation(body, SATURATION_CLIENTS, args.step_seconds * 2.0)
+                    .await;
+                cpu[index][usize::from(quotas_on)]
+                    .push(saturated.cpu_per_request.server.as_secs_f64() * 1e6);
+            }
+            harness.stop().await;
+        }
+    }
+    println!("| quota cost: server CPU per request | quotas off | quotas on | on / off |\n|---|---|---|---|");
+    for ((name, _), arms) in bodies.iter().zip(&cpu) {
+        let [off, on] = arms.each_ref().map(|samples| median(samples));
+        let list = |samples: &Vec<f64>| {
+            samples
+                .iter()
+                .map(|micros| format!("{micros:.0}"))
+                .collect::<Vec<_>>()
+                .join(" · ")
+        };
+        println!(
+            "| {name} ({rounds} rounds) | {off:.0} µs ({}) | {on:.0} µs ({}) | {:.3} |",
+            list(&arms[0]),
+            list(&arms[1]),
+            on / off
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        length if length % 2 == 1 => sorted[length / 2],
+        length => (sorted[length / 2 - 1] + sorted[length / 2]) / 2.0,
+    }
+}
+
 /// Auto-allowed intake at each of `--probe-rates`, every attempt printed.
 async fn probe(
     args: &Args,
@@ -288,7 +367,7 @@ async fn probe(
     database: &Database,
     directory: &Path,
 ) -> anyhow::Result<()> {
-    let harness = Harness::start(args, database, directory).await?;
+    let harness = Harness::start(args, database, directory, args.quotas_on).await?;
     // The raw inserts' agent.
     harness
         .server
@@ -808,13 +887,18 @@ struct LoadResult {
 }
 
 impl Harness {
-    async fn start(args: &Args, database: &Database, directory: &Path) -> anyhow::Result<Self> {
+    async fn start(
+        args: &Args,
+        database: &Database,
+        directory: &Path,
+        quotas_on: bool,
+    ) -> anyhow::Result<Self> {
         let slack = fake_slack::start().await?;
         let policy = directory.join("bench-policy.yaml");
         std::fs::write(&policy, BENCH_POLICY)?;
         let mut config = bench_config(database, &policy, "127.0.0.1:0");
         config.sqlite_synchronous = args.sqlite_synchronous.clone();
-        if args.quotas_on {
+        if quotas_on {
             // Checked on every submission, never refusing: the rate limiter's state is
             // spent, the pending count is cached and re-read once a second.
             config.max_pending_per_agent = 100_000_000;
@@ -833,9 +917,15 @@ impl Harness {
             .enable_all()
             .build()?;
         let server = server_runtime.spawn(RunningServer::start(config)).await??;
+        // Several harnesses may start on one database in a run (the quota cost's rounds).
+        static HARNESSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let number = HARNESSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let credentials = server
             .engine()
-            .create_agent(&format!("agent-{}", std::process::id()), Vec::new())
+            .create_agent(
+                &format!("agent-{}-{number}", std::process::id()),
+                Vec::new(),
+            )
             .await
             .map_err(|error| anyhow::anyhow!("{error}"))?;
         Ok(Self {
