@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::domain::canonical_json;
+use crate::domain::{canonical_json, AuditKind};
 
 /// `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -16,7 +16,7 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 pub struct NewAuditEvent {
     pub at: DateTime<Utc>,
     pub request_id: Option<String>,
-    pub kind: &'static str,
+    pub kind: AuditKind,
     pub actor: String,
     pub payload: Value,
 }
@@ -128,7 +128,7 @@ impl NewAuditEvent {
         let canonical_prefix = canonical_prefix(
             &self.at,
             self.request_id.as_deref(),
-            self.kind,
+            self.kind.as_str(),
             &self.actor,
             &self.payload,
         );
@@ -310,7 +310,7 @@ mod tests {
                 let event = NewAuditEvent {
                     at: crate::domain::now(),
                     request_id: Some(format!("apr_{seq}")),
-                    kind: "vote",
+                    kind: AuditKind::Vote,
                     actor: "cli:alice".into(),
                     payload: json!({"n": seq}),
                 }
@@ -419,7 +419,7 @@ mod tests {
         let rewritten = NewAuditEvent {
             at: rewritten.at,
             request_id: rewritten.request_id,
-            kind: "vote",
+            kind: AuditKind::Vote,
             actor: rewritten.actor,
             payload: rewritten.payload,
         }

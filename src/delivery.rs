@@ -26,10 +26,9 @@ use crate::callbacks::{self, CallbackRefused};
 use crate::channels::slack::api::SlackCallError;
 use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
 use crate::domain::now;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineResult};
 use crate::store::{
     receiver_host, CandidateQuery, DeliveryRecord, OutboxCandidate, OutboxMessage, OutboxOutcome,
-    StoreResult,
 };
 use crate::telemetry;
 
@@ -164,8 +163,7 @@ impl Delivery {
     /// robin, per-host caps), claims it and starts each delivery in its own task. Never
     /// waits for a delivery. Returns how many were claimed.
     #[tracing::instrument(skip_all)]
-    pub async fn step(self: &Arc<Self>) -> StoreResult<usize> {
-        let store = self.engine.store();
+    pub async fn step(self: &Arc<Self>) -> EngineResult<usize> {
         let waiting = self.waiting_destinations();
         // Hosts at their cap: their webhooks are not read, so they cannot fill the read.
         let full_hosts: Vec<String> = lock(&self.in_flight)
@@ -175,7 +173,8 @@ impl Delivery {
             .map(|(host, _)| host.clone())
             .collect();
         let at = now();
-        let candidates = store
+        let candidates = self
+            .engine
             .outbox_candidates(
                 at,
                 &CandidateQuery {
@@ -190,7 +189,8 @@ impl Delivery {
         if chosen.is_empty() {
             return Ok(0);
         }
-        let claimed = store
+        let claimed = self
+            .engine
             .claim_outbox(at, at + to_chrono(self.lease), &chosen)
             .await?;
         let count = claimed.len();
@@ -316,7 +316,7 @@ impl Delivery {
                 continue;
             }
             let until = now() + to_chrono(self.lease);
-            if let Err(error) = self.engine.store().renew_outbox_leases(&ids, until).await {
+            if let Err(error) = self.engine.renew_outbox_leases(&ids, until).await {
                 // The next tick tries again; a lease is three ticks long.
                 tracing::warn!(%error, count = ids.len(), "renewing outbox leases failed");
             }
@@ -350,12 +350,7 @@ impl Delivery {
         let delivered = matches!(outcome, OutboxOutcome::Delivered(_));
         let mut pause = Duration::from_millis(100);
         loop {
-            match self
-                .engine
-                .store()
-                .finish_outbox(message, outcome.clone())
-                .await
-            {
+            match self.engine.finish_outbox(message, outcome.clone()).await {
                 Ok(()) => return,
                 Err(error) if delivered => {
                     tracing::warn!(%error, outbox_id = message.id, "recording a delivery failed; retrying");
@@ -445,12 +440,12 @@ impl Delivery {
         {
             return refused_webhook(message, &refused);
         }
-        let secret = match self.webhook_secret(&message.request_id).await {
+        let secret = match self.engine.webhook_secret(&message.request_id).await {
             Ok(secret) => secret,
             Err(error) => {
                 return OutboxOutcome::Retry {
                     at: retry_at(message.attempts, WEBHOOK_MAX_BACKOFF, None),
-                    error,
+                    error: error.to_string(),
                 }
             }
         };
@@ -504,22 +499,6 @@ impl Delivery {
             at: retry_at(message.attempts, WEBHOOK_MAX_BACKOFF, None),
             error: failure,
         }
-    }
-
-    async fn webhook_secret(&self, request_id: &str) -> Result<String, String> {
-        let request = self
-            .engine
-            .request(request_id)
-            .await
-            .map_err(|error| error.to_string())?;
-        let agent = self
-            .engine
-            .store()
-            .agent(&request.agent)
-            .await
-            .map_err(|error| error.to_string())?
-            .ok_or_else(|| format!("agent {} no longer exists", request.agent))?;
-        Ok(agent.webhook_secret)
     }
 
     /// Paced destinations with no token to spend now.
@@ -590,7 +569,7 @@ fn delivered_event(message: &OutboxMessage, kind: &str) -> NewAuditEvent {
     NewAuditEvent {
         at: now(),
         request_id: Some(message.request_id.clone()),
-        kind: "delivered",
+        kind: crate::domain::AuditKind::Delivered,
         actor: "system:delivery".into(),
         payload: serde_json::json!({"kind": kind, "destination": message.destination}),
     }

@@ -15,8 +15,7 @@ pub async fn run_decision_watcher(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let store = engine.store().clone();
-    let mut notifications = match store.finalized_notifications().await {
+    let mut notifications = match engine.decision_notifications().await {
         Ok(stream) => stream,
         Err(error) => {
             tracing::warn!(%error, "LISTEN failed; relying on polling");
@@ -41,7 +40,7 @@ pub async fn run_decision_watcher(
                 if awaited.is_empty() {
                     continue;
                 }
-                match store.decided_among(&awaited).await {
+                match engine.decided_among(&awaited).await {
                     Ok(decided) => {
                         for request_id in decided {
                             engine.announce_decision(&request_id);

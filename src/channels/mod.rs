@@ -8,46 +8,9 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::domain::{ApprovalRequest, Principal, Status, VoteRequest};
-use crate::policy::Policy;
 
 /// Destination kinds a card can go to, as written in a tier's `route`.
 pub const SLACK: &str = "slack";
-
-/// The destinations that should carry `request`'s card, among the enabled channel kinds:
-/// its tier's route, once escalated the escalation destinations, and the routes of the
-/// tiers a modification moved it up from.
-pub fn card_destinations(
-    policy: &Policy,
-    request: &ApprovalRequest,
-    enabled: &[&str],
-) -> Vec<String> {
-    let Some(tier) = request.tier.as_deref().and_then(|tier| policy.tier(tier)) else {
-        return Vec::new();
-    };
-    let escalated = request.escalated_at.is_some().then_some(&tier.escalate_to);
-    // Tiers a modification moved the request up from keep their cards, kept current.
-    let earlier_routes = request
-        .previous_tiers
-        .iter()
-        .filter_map(|name| policy.tier(name))
-        .flat_map(|earlier| earlier.route.iter());
-    let mut destinations: Vec<String> = Vec::new();
-    for destination in tier
-        .route
-        .iter()
-        .chain(escalated.into_iter().flatten())
-        .chain(earlier_routes)
-    {
-        let enabled_here = destination
-            .split_once(':')
-            .is_some_and(|(kind, _)| enabled.contains(&kind));
-        // A channel both routed to and escalated to gets one card.
-        if enabled_here && !destinations.contains(destination) {
-            destinations.push(destination.clone());
-        }
-    }
-    destinations
-}
 
 /// Everything a card shows, independent of the platform that draws it.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,16 +1,17 @@
 //! The approval request, its status state machine, votes, decisions, principals and ids — pure, no I/O.
 
 pub mod canonical_json;
+mod kinds;
 mod principal;
 mod request;
 mod voting;
 
+pub use kinds::{AuditKind, OutboxKind};
 pub use principal::{Principal, PrincipalError};
 pub use request::{
     action_hash, new_request_id, now, ApprovalRequest, Decision, Execution, ExecutionOutcome,
     Outcome, RequestContext, Status, Vote, VoteKind,
 };
 pub use voting::{
-    check_voter, plan_vote, Reevaluation, VoteContext, VoteEffect, VoteKindRequested, VoteRefusal,
-    VoteRequest, Voter,
+    check_voter, plan_vote, Reevaluation, VoteContext, VoteEffect, VoteRefusal, VoteRequest, Voter,
 };

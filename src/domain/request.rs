@@ -284,6 +284,15 @@ impl ApprovalRequest {
         self.revision - later_modifications
     }
 
+    /// A copy to plan the next stored state on: the version the compare-and-set expects
+    /// next. Every change to a stored request starts here.
+    pub fn successor(&self) -> Self {
+        Self {
+            version: self.version + 1,
+            ..self.clone()
+        }
+    }
+
     pub fn is_overdue(&self, at: DateTime<Utc>) -> bool {
         self.status == Status::Pending && self.expires_at.is_some_and(|expiry| expiry <= at)
     }

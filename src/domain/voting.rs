@@ -166,19 +166,10 @@ pub enum VoteRequest {
     Modify { args: Value, note: Option<String> },
 }
 
-/// The kinds of vote, for checking whether someone may cast one before asking them for
-/// details (a reason, new args).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VoteKindRequested {
-    Approve,
-    Deny,
-    Modify,
-}
-
 /// Could this voter cast this kind of vote now? The same checks `plan_vote` makes first.
 pub fn check_voter(
     request: &ApprovalRequest,
-    kind: VoteKindRequested,
+    kind: VoteKind,
     voter: &VoteContext<'_>,
 ) -> Result<(), VoteRefusal> {
     if request.status != Status::Pending {
@@ -199,25 +190,25 @@ pub fn check_voter(
         return Err(VoteRefusal::EmailUnreadable(voter.principal.to_string()));
     }
     let tier = request.tier.clone().unwrap_or_default();
-    if kind != VoteKindRequested::Deny && voter.is_requester {
+    if kind != VoteKind::Deny && voter.is_requester {
         return Err(VoteRefusal::Requester(voter.principal.to_string()));
     }
     if !voter.eligible {
         return Err(VoteRefusal::NotEligible(voter.principal.to_string(), tier));
     }
     let identities = std::iter::once(voter.principal).chain(voter.aliases.iter());
-    if kind == VoteKindRequested::Approve && request.approved_by_any(identities) {
+    if kind == VoteKind::Approve && request.approved_by_any(identities) {
         return Err(VoteRefusal::AlreadyApproved(voter.principal.to_string()));
     }
     Ok(())
 }
 
 impl VoteRequest {
-    pub fn kind(&self) -> VoteKindRequested {
+    pub fn kind(&self) -> VoteKind {
         match self {
-            VoteRequest::Approve { .. } => VoteKindRequested::Approve,
-            VoteRequest::Deny { .. } => VoteKindRequested::Deny,
-            VoteRequest::Modify { .. } => VoteKindRequested::Modify,
+            VoteRequest::Approve { .. } => VoteKind::Approve,
+            VoteRequest::Deny { .. } => VoteKind::Deny,
+            VoteRequest::Modify { .. } => VoteKind::Modify,
         }
     }
 }

@@ -49,7 +49,7 @@ pub async fn healthz() -> impl IntoResponse {
     ),
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    match state.engine.store().ping().await {
+    match state.engine.ping().await {
         Ok(()) => Ok(Json(Readiness {
             status: "ready",
             policy_hash: state.engine.policy().hash().to_string(),
@@ -105,8 +105,8 @@ pub async fn metrics(
             "another metrics recorder is installed in this process",
         ));
     };
-    let store = state.engine.store();
-    match (store.pending_count().await, store.outbox_backlog().await) {
+    let engine = &state.engine;
+    match (engine.pending_count().await, engine.outbox_backlog().await) {
         (Ok(pending), Ok(backlog)) => {
             metrics::gauge!(telemetry::PENDING).set(pending as f64);
             for kind in ["card", "reminder", "webhook"] {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::domain::{Principal, Voter};
+use crate::domain::{ApprovalRequest, Principal, Voter};
 
 pub use compile::{PolicyError, PolicyIssue};
 use condition::Condition;
@@ -249,6 +249,38 @@ impl Policy {
             }
         }
         identified
+    }
+
+    /// The destinations that should carry `request`'s card, among the enabled channel kinds:
+    /// its tier's route, once escalated the escalation destinations, and the routes of the
+    /// tiers a modification moved it up from.
+    pub fn card_destinations(&self, request: &ApprovalRequest, enabled: &[&str]) -> Vec<String> {
+        let Some(tier) = request.tier.as_deref().and_then(|tier| self.tier(tier)) else {
+            return Vec::new();
+        };
+        let escalated = request.escalated_at.is_some().then_some(&tier.escalate_to);
+        // Tiers a modification moved the request up from keep their cards, kept current.
+        let earlier_routes = request
+            .previous_tiers
+            .iter()
+            .filter_map(|name| self.tier(name))
+            .flat_map(|earlier| earlier.route.iter());
+        let mut destinations: Vec<String> = Vec::new();
+        for destination in tier
+            .route
+            .iter()
+            .chain(escalated.into_iter().flatten())
+            .chain(earlier_routes)
+        {
+            let enabled_here = destination
+                .split_once(':')
+                .is_some_and(|(kind, _)| enabled.contains(&kind));
+            // A channel both routed to and escalated to gets one card.
+            if enabled_here && !destinations.contains(destination) {
+                destinations.push(destination.clone());
+            }
+        }
+        destinations
     }
 
     /// The index of `tier` in the order tiers are listed, lowest risk first.

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::audit::{AuditEvent, NewAuditEvent};
 use crate::config::Config;
-use crate::domain::{ApprovalRequest, Principal, Status};
+use crate::domain::{ApprovalRequest, OutboxKind, Principal, Status};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -72,7 +72,7 @@ impl std::fmt::Debug for AgentRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewOutboxMessage {
     pub request_id: String,
-    pub kind: &'static str,
+    pub kind: OutboxKind,
     pub destination: String,
     pub payload: Value,
     pub available_at: DateTime<Utc>,

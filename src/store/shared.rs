@@ -11,9 +11,6 @@ use crate::domain::{ApprovalRequest, Principal};
 
 use super::StoreError;
 
-/// Audit kinds that mean a request became final: their commit announces the decision.
-pub(super) const FINAL_KINDS: [&str; 3] = ["decided", "expired", "cancelled"];
-
 /// How a request sits in the `body` column: the API object plus what the API does not show.
 #[derive(Serialize, Deserialize)]
 pub(super) struct StoredRequest {
@@ -305,7 +302,7 @@ macro_rules! implement_store {
                     row.push_bind(link.seq)
                         .push_bind(event.at)
                         .push_bind(&event.request_id)
-                        .push_bind(event.kind)
+                        .push_bind(event.kind.as_str())
                         .push_bind(&event.actor)
                         .push_bind(sqlx::types::Json(&*prepared.payload_json))
                         .push_bind(&link.prev_hash)
@@ -333,12 +330,12 @@ macro_rules! implement_store {
                 sql.push("INSERT INTO outbox (request_id, kind, destination, payload, available_at, created_at, host, agent) ");
                 sql.push_values(messages, |mut row, message| {
                     row.push_bind(&message.request_id)
-                        .push_bind(message.kind)
+                        .push_bind(message.kind.as_str())
                         .push_bind(&message.destination)
                         .push_bind(sqlx::types::Json(&message.payload))
                         .push_bind(message.available_at)
                         .push_bind(message.available_at)
-                        .push_bind(if message.kind == "webhook" {
+                        .push_bind(if message.kind == crate::domain::OutboxKind::Webhook {
                             $crate::store::receiver_host(&message.destination)
                         } else {
                             String::new()
@@ -659,7 +656,7 @@ macro_rules! implement_store {
                 let finalized = change
                     .audit
                     .iter()
-                    .any(|event| super::shared::FINAL_KINDS.contains(&event.kind));
+                    .any(|event| event.kind.is_final());
                 // Outbox rows before the audit lock, as every transaction that touches both
                 // does (a delivery's finish locks its outbox row first): the other order
                 // deadlocks against it on PostgreSQL.

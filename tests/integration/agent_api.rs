@@ -273,8 +273,8 @@ async fn idempotency_key_replays_and_refuses_mismatches(
     let in_flight =
         signoff::store::IdempotencyKey::new(agent.name.clone(), "key-2", "being processed");
     let reservation = app
-        .engine()
         .store()
+        .await
         .reserve_idempotency_key(&in_flight, signoff::domain::now())
         .await
         .unwrap();
@@ -293,8 +293,8 @@ async fn idempotency_key_replays_and_refuses_mismatches(
         ..in_flight.clone()
     };
     let long_ago = signoff::domain::now() - chrono::Duration::hours(25);
-    app.engine()
-        .store()
+    app.store()
+        .await
         .reserve_idempotency_key(&stale, long_ago)
         .await
         .unwrap();

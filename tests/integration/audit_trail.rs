@@ -3,6 +3,7 @@
 use rstest::rstest;
 use serde_json::{json, Value};
 use signoff::audit::{AuditEvent, AuditHead, NewAuditEvent, GENESIS_HASH};
+use signoff::domain::AuditKind;
 use sqlx::Connection as _;
 
 use crate::spawn_app;
@@ -231,7 +232,7 @@ async fn verify_with_a_saved_head_catches_a_rewritten_and_rehashed_tail(
             if let Some(args) = payload.get_mut("args") {
                 *args = json!({"n": 99});
             }
-            let kind: &'static str = Box::leak(event.kind.clone().into_boxed_str());
+            let kind = AuditKind::parse(&event.kind).expect("a known audit kind");
             let sealed = NewAuditEvent {
                 at: event.at,
                 request_id: event.request_id.clone(),

@@ -40,13 +40,7 @@ async fn agents_are_created_listed_and_revoked(
         .starts_with("whsec_"));
 
     // The key is stored only as a hash.
-    let agent = app
-        .engine()
-        .store()
-        .agent("cli-bot")
-        .await
-        .unwrap()
-        .unwrap();
+    let agent = app.store().await.agent("cli-bot").await.unwrap().unwrap();
     assert_ne!(agent.api_key_hash, key);
     assert!(
         !format!("{agent:?}").contains(&agent.webhook_secret),
@@ -81,7 +75,7 @@ async fn agents_are_created_listed_and_revoked(
     // says, and every use of the key fails at once, cached or not.
     let output = app.cli(&["agents", "revoke", "cli-bot"]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let stored_before = app.engine().store().latest_audit_seq().await.unwrap();
+    let stored_before = app.store().await.latest_audit_seq().await.unwrap();
     // First while the agent is still cached: a replay inserts nothing for the database to
     // refuse, so the engine must check the agent itself.
     let (status, body) = app
@@ -106,7 +100,7 @@ async fn agents_are_created_listed_and_revoked(
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        app.engine().store().latest_audit_seq().await.unwrap(),
+        app.store().await.latest_audit_seq().await.unwrap(),
         stored_before,
         "refused submissions must store nothing"
     );

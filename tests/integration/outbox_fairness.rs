@@ -176,7 +176,7 @@ async fn two_replicas_deliver_each_slow_webhook_once(
     }
     // All delivered and recorded; a second attempt would have arrived well before.
     eventually(Duration::from_secs(15), || async {
-        let store = app.engine().store();
+        let store = app.store().await;
         (arrivals.lock().unwrap().len() == 4 && store.pending_outbox(10).await.unwrap().is_empty())
             .then_some(())
     })
@@ -227,8 +227,8 @@ async fn a_posted_card_whose_record_fails_is_not_posted_again(
     tokio::time::sleep(Duration::from_millis(2000)).await;
     app.execute_sql(remove).await.unwrap();
     eventually(Duration::from_secs(10), || async {
-        app.engine()
-            .store()
+        app.store()
+            .await
             .chat_message(&id, "slack:C0MEDIUM")
             .await
             .unwrap()
@@ -269,7 +269,7 @@ async fn a_replica_without_slack_leaves_slack_cards_to_one_with_it(
         reqwest::Client::new(),
     ));
     assert_eq!(worker.step().await.unwrap(), 0);
-    let store = without_slack.engine().store().clone();
+    let store = app.store().await;
     let pending = store.pending_outbox(10).await.unwrap();
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(pending[0].destination, "slack:C0MEDIUM");

@@ -454,8 +454,8 @@ impl Run<'_> {
     async fn audit_after(&self, id: &str, seq: i64) -> Vec<AuditEvent> {
         let events = self
             .app
-            .engine()
             .store()
+            .await
             .audit_events(seq, 10_000)
             .await
             .expect("audit events");
@@ -714,7 +714,7 @@ impl Run<'_> {
     /// Moves the request's expiry into the past, as time passing would: the engine reads
     /// the wall clock, so the request moves instead of the clock.
     async fn make_overdue(&self, id: &str) {
-        let store = self.app.engine().store();
+        let store = self.app.store().await;
         let current = self.stored(id).await;
         let mut overdue = current.clone();
         overdue.expires_at = Some(current.created_at - chrono::Duration::seconds(1));
@@ -825,8 +825,10 @@ impl Run<'_> {
         let mut events: Vec<AuditEvent> = Vec::new();
         let mut after = self.first_seq;
         loop {
-            let page = engine
+            let page = self
+                .app
                 .store()
+                .await
                 .audit_events(after, 1000)
                 .await
                 .expect("read the audit trail");
@@ -1034,8 +1036,8 @@ async fn run_case(app: &TestApp, case: Case) -> Result<(), TestCaseError> {
     let name = format!("agent-{}", AGENTS.fetch_add(1, Ordering::Relaxed));
     app.create_agent(&name, &case.owners).await;
     let agent = app
-        .engine()
         .store()
+        .await
         .agent(&name)
         .await
         .expect("read agent")

@@ -56,8 +56,8 @@ async fn the_pending_cap_answers_too_many_pending_for_that_agent_only(
         .await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(
-        app.engine()
-            .store()
+        app.store()
+            .await
             .pending_count_of_agent("greedy")
             .await
             .unwrap(),

@@ -76,7 +76,7 @@ async fn requests_expiring_together_are_expired_and_announced_once(
         .wait_for("expiries", REQUESTS, Duration::from_secs(60))
         .await;
     eventually(Duration::from_secs(30), || async {
-        let pending = app.engine().store().pending_outbox(1000).await.unwrap();
+        let pending = app.store().await.pending_outbox(1000).await.unwrap();
         pending
             .iter()
             .all(|message| message.kind != "webhook")

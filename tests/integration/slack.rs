@@ -535,7 +535,7 @@ async fn a_slack_outage_delays_cards_but_never_loses_or_doubles_them(
     );
     assert_eq!(app.slack.failed_calls("chat.update"), 1);
     crate::support::eventually(WAIT, || async {
-        let pending = app.engine().store().pending_outbox(10).await.unwrap();
+        let pending = app.store().await.pending_outbox(10).await.unwrap();
         pending
             .iter()
             .all(|message| message.kind != "card")

@@ -8,7 +8,7 @@ use rstest::rstest;
 use serde_json::json;
 use signoff::audit::NewAuditEvent;
 use signoff::config::{Config, Secret};
-use signoff::domain::{now, ApprovalRequest};
+use signoff::domain::{now, ApprovalRequest, AuditKind, OutboxKind};
 use signoff::engine::Engine;
 use signoff::store::{
     receiver_host, AgentRecord, CandidateQuery, DeliveryRecord, NewOutboxMessage, NewRequest,
@@ -75,7 +75,7 @@ async fn insert(
     let audit = vec![NewAuditEvent {
         at: now(),
         request_id: Some(request.id.clone()),
-        kind: "submitted",
+        kind: AuditKind::Submitted,
         actor: "agent:bot".into(),
         payload: json!({}),
     }];
@@ -90,7 +90,7 @@ async fn insert(
 }
 
 /// An event about no request, as the CLI writes them.
-fn operator_event(kind: &'static str, payload: serde_json::Value) -> NewAuditEvent {
+fn operator_event(kind: AuditKind, payload: serde_json::Value) -> NewAuditEvent {
     NewAuditEvent {
         at: now(),
         request_id: None,
@@ -187,7 +187,7 @@ async fn appends_by_another_process_between_commits_keep_the_chain_whole(
         .unwrap();
         other_process
             .append_audit(vec![operator_event(
-                "agent_created",
+                AuditKind::AgentCreated,
                 json!({"round": round}),
             )])
             .await
@@ -230,7 +230,7 @@ async fn the_database_refuses_requests_of_a_revoked_agent(
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
         return;
     };
-    let revoked = operator_event("agent_revoked", json!({"agent": "bot"}));
+    let revoked = operator_event(AuditKind::AgentRevoked, json!({"agent": "bot"}));
     assert!(store.revoke_agent("bot", revoked).await.unwrap());
     let seq = store.latest_audit_seq().await.unwrap();
     let refused = insert(
@@ -283,7 +283,7 @@ async fn claims_skip_destinations_out_of_pacing_tokens(
     };
     for n in 0..3 {
         let request = copy_with_id(&template, &format!("apr_paced_{n}"));
-        let message = |kind: &'static str, destination: &str| NewOutboxMessage {
+        let message = |kind: OutboxKind, destination: &str| NewOutboxMessage {
             request_id: request.id.clone(),
             kind,
             destination: destination.to_string(),
@@ -291,9 +291,9 @@ async fn claims_skip_destinations_out_of_pacing_tokens(
             available_at: now(),
         };
         let outbox = vec![
-            message("card", "slack:CBUSY"),
-            message("card", "slack:CQUIET"),
-            message("webhook", "https://hooks.example.com/signoff"),
+            message(OutboxKind::Card, "slack:CBUSY"),
+            message(OutboxKind::Card, "slack:CQUIET"),
+            message(OutboxKind::Webhook, "https://hooks.example.com/signoff"),
         ];
         insert(&store, request, outbox).await.unwrap();
     }
@@ -349,7 +349,7 @@ async fn a_long_backlog_for_one_channel_hides_no_other_destination(
     let backlog = (0..600)
         .map(|n| NewOutboxMessage {
             request_id: "apr_busy".into(),
-            kind: "reminder",
+            kind: OutboxKind::Reminder,
             destination: "slack:CBUSY".into(),
             payload: json!({"n": n}),
             available_at: hour_ago + chrono::Duration::milliseconds(n),
@@ -358,7 +358,7 @@ async fn a_long_backlog_for_one_channel_hides_no_other_destination(
     insert(&store, copy_with_id(&template, "apr_busy"), backlog)
         .await
         .unwrap();
-    let message = |kind: &'static str, destination: &str| NewOutboxMessage {
+    let message = |kind: OutboxKind, destination: &str| NewOutboxMessage {
         request_id: "apr_other".into(),
         kind,
         destination: destination.to_string(),
@@ -366,8 +366,8 @@ async fn a_long_backlog_for_one_channel_hides_no_other_destination(
         available_at: now(),
     };
     let others = vec![
-        message("card", "slack:CQUIET"),
-        message("webhook", "https://hooks.example.com/signoff"),
+        message(OutboxKind::Card, "slack:CQUIET"),
+        message(OutboxKind::Webhook, "https://hooks.example.com/signoff"),
     ];
     insert(&store, copy_with_id(&template, "apr_other"), others)
         .await
@@ -408,14 +408,14 @@ async fn candidates_hold_each_agents_oldest_message_behind_another_agents_backlo
                 created_at: now(),
                 revoked_at: None,
             },
-            operator_event("agent_created", json!({"agent": "late"})),
+            operator_event(AuditKind::AgentCreated, json!({"agent": "late"})),
         )
         .await
         .unwrap();
     let hour_ago = now() - chrono::Duration::hours(1);
     let card = |id: &str, at| NewOutboxMessage {
         request_id: id.to_string(),
-        kind: "card",
+        kind: OutboxKind::Card,
         destination: "slack:CSHARED".into(),
         payload: json!({}),
         available_at: at,
@@ -476,7 +476,7 @@ async fn a_full_hosts_webhooks_are_left_out_of_the_read_rather_than_fill_it(
     let dead: Vec<NewOutboxMessage> = (0..40)
         .map(|n| NewOutboxMessage {
             request_id: "apr_dead".into(),
-            kind: "webhook",
+            kind: OutboxKind::Webhook,
             destination: format!("https://dead.example.com/hook/{n}"),
             payload: json!({}),
             available_at: hour_ago + chrono::Duration::milliseconds(n),
@@ -487,7 +487,7 @@ async fn a_full_hosts_webhooks_are_left_out_of_the_read_rather_than_fill_it(
         .unwrap();
     let alive = NewOutboxMessage {
         request_id: "apr_alive".into(),
-        kind: "webhook",
+        kind: OutboxKind::Webhook,
         destination: "https://alive.example.com/hook".into(),
         payload: json!({}),
         available_at: now(),
@@ -537,7 +537,7 @@ async fn a_renewed_lease_keeps_a_running_delivery_from_being_claimed_again(
     };
     let hook = |id: &str| NewOutboxMessage {
         request_id: id.to_string(),
-        kind: "webhook",
+        kind: OutboxKind::Webhook,
         destination: format!("https://hooks.example.com/{id}"),
         payload: json!({}),
         available_at: now(),
@@ -636,7 +636,7 @@ async fn a_delivery_finishes_with_its_chat_reference_and_audit_event(
     };
     let card = NewOutboxMessage {
         request_id: "apr_card".into(),
-        kind: "card",
+        kind: OutboxKind::Card,
         destination: "slack:CCARDS".into(),
         payload: json!({}),
         available_at: now(),
@@ -653,7 +653,7 @@ async fn a_delivery_finishes_with_its_chat_reference_and_audit_event(
         audit: Some(NewAuditEvent {
             at: now(),
             request_id: Some("apr_card".into()),
-            kind: "delivered",
+            kind: AuditKind::Delivered,
             actor: "system:delivery".into(),
             payload: json!({"kind": "card", "destination": "slack:CCARDS"}),
         }),
@@ -690,12 +690,12 @@ async fn a_vote_racing_a_delivery_finish_never_deadlocks(
     // A channel per request: a vote's new card for a delivered request stays pending.
     let card = |id: &str| NewOutboxMessage {
         request_id: id.to_string(),
-        kind: "card",
+        kind: OutboxKind::Card,
         destination: format!("slack:{id}"),
         payload: json!({}),
         available_at: now(),
     };
-    let event = |id: &str, kind: &'static str| NewAuditEvent {
+    let event = |id: &str, kind: AuditKind| NewAuditEvent {
         at: now(),
         request_id: Some(id.to_string()),
         kind,
@@ -721,7 +721,7 @@ async fn a_vote_racing_a_delivery_finish_never_deadlocks(
             &claimed,
             OutboxOutcome::Delivered(DeliveryRecord {
                 chat_message: Some(json!({"channel": "CRACE", "ts": "1"})),
-                audit: Some(event(&id, "delivered")),
+                audit: Some(event(&id, AuditKind::Delivered)),
             }),
         );
         let vote = store.update_request(RequestChange {
@@ -729,7 +729,7 @@ async fn a_vote_racing_a_delivery_finish_never_deadlocks(
             expected_status: stored.status,
             expected_revision: stored.revision,
             expected_version: stored.version,
-            audit: vec![event(&id, "voted")],
+            audit: vec![event(&id, AuditKind::Vote)],
             outbox: vec![card(&id)],
         });
         let (finished, voted) = tokio::join!(finish, vote);

@@ -103,7 +103,7 @@ async fn failures_are_retried_with_the_same_id_and_410_stops(
 
     receiver.wait_for("gone", 1, WAIT).await;
     eventually(WAIT, || async {
-        let pending = app.engine().store().pending_outbox(100).await.unwrap();
+        let pending = app.store().await.pending_outbox(100).await.unwrap();
         pending
             .iter()
             .all(|message| message.kind != "webhook")

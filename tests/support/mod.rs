@@ -8,6 +8,7 @@ pub mod webhook_receiver;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::Output;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -17,6 +18,7 @@ use signoff::config::{Config, Secret, SlackConfig};
 use signoff::domain::{ApprovalRequest, Principal, VoteEffect, VoteRequest, Voter};
 use signoff::engine::{Engine, EngineResult};
 use signoff::server::RunningServer;
+use signoff::store::Store;
 use sqlx::Connection;
 use tempfile::TempDir;
 
@@ -180,6 +182,8 @@ pub struct TestApp {
     pub config_path: PathBuf,
     pub http: reqwest::Client,
     server: Option<RunningServer>,
+    /// The test's own connection to the database, to look behind the server's back.
+    store: tokio::sync::OnceCell<Arc<dyn Store>>,
     pub database: TestDatabase,
     pub directory: TempDir,
 }
@@ -239,6 +243,7 @@ impl TestApp {
                 .build()
                 .expect("client"),
             server: None,
+            store: tokio::sync::OnceCell::new(),
             database,
             directory,
         };
@@ -286,6 +291,19 @@ impl TestApp {
             http: self.http.clone(),
             response_url: self.slack.response_url.clone(),
         }
+    }
+
+    /// The database through the store API, independent of the server (it stays usable
+    /// while the server is stopped).
+    pub async fn store(&self) -> Arc<dyn Store> {
+        self.store
+            .get_or_init(|| async {
+                signoff::store::connect(&self.config)
+                    .await
+                    .expect("test store connects")
+            })
+            .await
+            .clone()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -478,8 +496,8 @@ impl TestApp {
     }
 
     pub async fn audit_seq(&self) -> i64 {
-        self.engine()
-            .store()
+        self.store()
+            .await
             .latest_audit_seq()
             .await
             .expect("audit seq")

@@ -335,7 +335,9 @@ async fn quota_cost(
     let checks = {
         let harness = Harness::start(args, database, directory, false).await?;
         let quotas = Quotas::new(100_000_000, 1_000_000_000, 1_000_000);
-        let store = harness.server.engine().store().clone();
+        let policy = directory.join("bench-policy.yaml");
+        let store =
+            signoff::store::connect(&bench_config(database, &policy, "127.0.0.1:0")).await?;
         const CALLS: u32 = 200_000;
         let started = Instant::now();
         for _ in 0..CALLS {

@@ -23,7 +23,7 @@ use super::SlackChannel;
 use crate::channels::{parse_modified_args, CardView, VoteTarget, APPROVE, DENY, MODIFY};
 use crate::config::check_outbound_url;
 use crate::domain::{
-    ApprovalRequest, Status, VoteEffect, VoteKindRequested, VoteRefusal, VoteRequest, Voter,
+    ApprovalRequest, Status, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
 };
 use crate::engine::{Engine, EngineError};
 use crate::http::ApiError;
@@ -352,9 +352,9 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
         },
         action_id @ (DENY | MODIFY) => {
             let kind = if action_id == DENY {
-                VoteKindRequested::Deny
+                VoteKind::Deny
             } else {
-                VoteKindRequested::Modify
+                VoteKind::Modify
             };
             let request = match state
                 .engine
@@ -365,7 +365,7 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
                 Err(error) => return Some(Refusal::of(state, request_id, &voter, &error).await),
             };
             let card = CardView::of(&request);
-            let view = if kind == VoteKindRequested::Deny {
+            let view = if kind == VoteKind::Deny {
                 Some(deny_modal(&card))
             } else {
                 modify_modal(&card)
@@ -649,7 +649,7 @@ async fn pending_for(state: &SlackState, user: &str) -> Value {
         };
         if state
             .engine
-            .check_voter(&request.id, &voter, VoteKindRequested::Approve, None)
+            .check_voter(&request.id, &voter, VoteKind::Approve, None)
             .await
             .is_ok()
         {

@@ -91,11 +91,9 @@ impl SlackChannel {
         let view = CardView::of(&request);
         let blocks = render_card(&view);
         let text = card_fallback_text(&view);
-        let store = engine.store();
-        let existing = store
+        let existing = engine
             .chat_message(request_id, destination)
-            .await
-            .map_err(EngineError::from)?
+            .await?
             .and_then(|message| serde_json::from_value::<PostedMessage>(message).ok());
         match existing {
             Some(message) => {
@@ -141,10 +139,8 @@ impl SlackChannel {
         reminder: &serde_json::Value,
     ) -> Result<(), CardSyncError> {
         let card = engine
-            .store()
             .chat_message(request_id, destination)
-            .await
-            .map_err(EngineError::from)?
+            .await?
             .and_then(|message| serde_json::from_value::<PostedMessage>(message).ok())
             .ok_or_else(|| SlackCallError::Retry {
                 reason: "the card is not posted yet".into(),
@@ -185,7 +181,7 @@ impl SlackChannel {
         // The email (users.info) matters only where someone is named by email: an approver,
         // the requester, or an owner of the agent. Elsewhere a Slack outage cannot block votes.
         let is_email = |principal: &str| principal.starts_with("email:");
-        let owners_by_email = match engine.store().agent(&request.agent).await {
+        let owners_by_email = match engine.agent(&request.agent).await {
             Ok(agent) => {
                 agent.is_some_and(|agent| agent.owners.iter().any(|owner| is_email(owner.as_str())))
             }

@@ -1,0 +1,267 @@
+//! Votes: approve, deny and modify, under the decision rules (ARCHITECTURE.md), and who
+//! may see a request in chat.
+
+use serde_json::{json, Value};
+use tracing::instrument;
+
+use super::{after, event, Engine, EngineError, EngineResult, Planned};
+use crate::domain::{
+    check_voter, plan_vote, ApprovalRequest, AuditKind, Principal, Reevaluation, VoteContext,
+    VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
+};
+use crate::policy::{Effect, EvaluationInput, Policy};
+
+impl Engine {
+    /// What the engine needs to judge `voter` (already identified through the policy's
+    /// `people`) on `request`: eligibility in its tier under the current policy, whether
+    /// they are its requester or an owner of its agent, and whether their email matters
+    /// but could not be read.
+    fn vote_context<'a>(
+        &self,
+        policy: &Policy,
+        request: &ApprovalRequest,
+        owners: &[Principal],
+        voter: &'a Voter,
+        seen_revision: Option<u32>,
+    ) -> VoteContext<'a> {
+        let tier = request.tier.as_deref().and_then(|tier| policy.tier(tier));
+        let eligible = tier.is_some_and(|tier| tier.approvers.admits(voter));
+        let is_owner = owners.iter().any(|owner| voter.is(owner));
+        let is_requester = is_owner
+            || request
+                .on_behalf_of
+                .as_ref()
+                .is_some_and(|requester| voter.is(requester));
+        // Separation of duties fails closed: where anyone is named by email, a voter whose
+        // email is unknown could be the requester, an owner or someone else entirely.
+        let by_email = |principal: &Principal| principal.kind() == "email";
+        let names_people_by_email = owners.iter().any(by_email)
+            || request.on_behalf_of.as_ref().is_some_and(by_email)
+            || tier.is_some_and(|tier| {
+                tier.approvers
+                    .principals
+                    .iter()
+                    .any(|approver| approver.starts_with("email:"))
+            })
+            || policy.people().names_anyone_by_email();
+        VoteContext {
+            principal: &voter.principal,
+            aliases: &voter.aliases,
+            eligible,
+            is_requester,
+            email_unreadable: voter.email_unreadable && names_people_by_email,
+            seen_revision,
+            modification: None,
+            now: self.now(),
+        }
+    }
+
+    /// The owners of `agent`: they may never approve its requests.
+    async fn owners_of(&self, agent: &str) -> EngineResult<Vec<Principal>> {
+        Ok(self
+            .store
+            .agent(agent)
+            .await?
+            .map(|agent| agent.owners)
+            .unwrap_or_default())
+    }
+
+    /// Could `voter` cast this kind of vote on `id`, at the revision they saw, now? Lets a
+    /// channel refuse at the click instead of after asking for a reason or new args.
+    pub async fn check_voter(
+        &self,
+        id: &str,
+        voter: &Voter,
+        kind: VoteKind,
+        seen_revision: Option<u32>,
+    ) -> EngineResult<ApprovalRequest> {
+        let policy = self.policy();
+        let voter = policy.identify(voter);
+        let request = self.request(id).await?;
+        let owners = self.owners_of(&request.agent).await?;
+        let context = self.vote_context(&policy, &request, &owners, &voter, seen_revision);
+        check_voter(&request, kind, &context)?;
+        Ok(request)
+    }
+
+    /// May `voter` see `request` in chat? Approvers of its tier (or a tier it moved up
+    /// from), its requester and the agent's owners may; nobody else.
+    pub async fn may_view(&self, request: &ApprovalRequest, voter: &Voter) -> EngineResult<bool> {
+        let policy = self.policy();
+        let voter = policy.identify(voter);
+        let approver = request
+            .tier
+            .iter()
+            .chain(&request.previous_tiers)
+            .any(|tier| policy.admits(tier, &voter));
+        let owners = self.owners_of(&request.agent).await?;
+        let context = self.vote_context(&policy, request, &owners, &voter, None);
+        Ok(approver || context.is_requester)
+    }
+
+    /// What the policy says of `args` as the new args of `request`: a deny refuses the
+    /// modification; a higher tier moves the request up; it never moves down.
+    fn reevaluate(
+        &self,
+        policy: &Policy,
+        request: &ApprovalRequest,
+        args: &Value,
+        voter: &Voter,
+    ) -> Reevaluation {
+        let context = serde_json::to_value(&request.context).unwrap_or(Value::Null);
+        let verdict = policy.evaluate(EvaluationInput {
+            action: &request.action,
+            args,
+            agent: &request.agent,
+            context: &context,
+        });
+        // The new args are judged by the policy in force: the tier's quorum as it is now,
+        // if a reload raised it.
+        let same_tier = Reevaluation::SameTier {
+            approvals_required: request
+                .tier
+                .as_deref()
+                .and_then(|tier| policy.tier(tier))
+                .map_or(request.approvals_required, |tier| {
+                    tier.approvals.max(request.approvals_required)
+                }),
+        };
+        match verdict.effect {
+            Effect::Deny => Reevaluation::Denied {
+                reason: verdict
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "the policy denies these args".into()),
+                rule: verdict.rule,
+            },
+            Effect::RequireApproval => {
+                let rank = |tier: Option<&str>| tier.and_then(|tier| policy.tier_rank(tier));
+                match verdict.tier {
+                    Some(tier) if rank(Some(&tier)) > rank(request.tier.as_deref()) => {
+                        Reevaluation::MovesUp {
+                            modifier_eligible: policy.admits(&tier, voter),
+                            tier,
+                            rule: verdict.rule,
+                            approvals_required: verdict.approvals_required,
+                        }
+                    }
+                    _ => same_tier,
+                }
+            }
+            Effect::Allow => same_tier,
+        }
+    }
+
+    /// Approve, deny or modify, under the decision rules (ARCHITECTURE.md). `seen_revision`
+    /// is the revision the voter was shown; a vote on any other is refused.
+    #[instrument(skip_all, fields(request_id = %id, principal = %voter.principal))]
+    pub async fn record_vote(
+        &self,
+        id: &str,
+        voter: &Voter,
+        vote: VoteRequest,
+        seen_revision: Option<u32>,
+    ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
+        let principal = &voter.principal;
+        let policy = self.policy();
+        let voter = policy.identify(voter);
+        // A request's agent never changes: its owners are read once, not per attempt.
+        let owners = self.owners_of(&self.request(id).await?.agent).await?;
+        let voted = self.transition(id, None, |current| {
+            let mut context =
+                self.vote_context(&policy, current, &owners, &voter, seen_revision);
+            let at = context.now;
+            // The new args go through the policy again, but only for someone who may
+            // modify: others learn nothing of the policy from a refusal.
+            let reevaluation = match &vote {
+                VoteRequest::Modify { args, .. } => {
+                    match check_voter(current, VoteKind::Modify, &context) {
+                        Ok(()) => Some(self.reevaluate(&policy, current, args, &voter)),
+                        Err(refusal) => return Err(refusal.into()),
+                    }
+                }
+                _ => None,
+            };
+            context.modification = reevaluation.as_ref();
+            let mut next = current.successor();
+            let effect = match plan_vote(&mut next, vote.clone(), context) {
+                Ok(effect) => effect,
+                Err(refusal) => return Err(refusal.into()),
+            };
+            if next.tier != current.tier {
+                schedule_follow_ups(&policy, &mut next);
+            }
+            if next.revision != current.revision {
+                // The policy that judged the new args.
+                next.policy_hash = policy.hash().to_string();
+            }
+            let (kind, payload) = match &vote {
+                VoteRequest::Modify { note, .. } => (
+                    AuditKind::Modified,
+                    json!({
+                        "revision": next.revision,
+                        "previous_args": current.args,
+                        "args": next.args,
+                        "action_hash": next.action_hash,
+                        "note": note,
+                        "tier": next.tier,
+                        "previous_tier": current.tier,
+                        "approvals_required": next.approvals_required,
+                        "policy_hash": next.policy_hash,
+                        "counts_as_approval": next.votes.last().is_some_and(|vote| vote.vote == VoteKind::Approve),
+                        "channel": voter.channel,
+                    }),
+                ),
+                VoteRequest::Approve { note } => (
+                    AuditKind::Vote,
+                    json!({
+                        "vote": "approve", "note": note, "revision": next.revision,
+                        "channel": voter.channel,
+                    }),
+                ),
+                VoteRequest::Deny { reason } => (
+                    AuditKind::Vote,
+                    json!({
+                        "vote": "deny", "reason": reason.trim(), "revision": next.revision,
+                        "channel": voter.channel,
+                    }),
+                ),
+            };
+            let mut audit = vec![event(&next, at, kind, principal.as_str(), payload)];
+            let mut outbox = self.card_updates(&next, at);
+            if let VoteEffect::Decided(_) = effect {
+                self.announce_final(&next, principal.as_str(), &mut audit, &mut outbox);
+            }
+            Ok(Planned::Commit {
+                answer: (next.clone(), effect),
+                next,
+                audit,
+                outbox,
+            })
+        })
+        .await;
+        // A refused vote changes nothing, except that a vote refused because the request
+        // is past its expiry expires it (fail closed, without waiting for the sweeper).
+        if let Err(EngineError::Refused(VoteRefusal::Expired)) = &voted {
+            self.expire_request(id).await?;
+        }
+        voted
+    }
+}
+
+/// After a move to another tier: reminders and escalation as that tier has them,
+/// counted from the submission, unless they already happened.
+fn schedule_follow_ups(policy: &Policy, request: &mut ApprovalRequest) {
+    let Some(tier) = request.tier.as_deref().and_then(|tier| policy.tier(tier)) else {
+        return;
+    };
+    let created_at = request.created_at;
+    if request.reminded_at.is_none() {
+        request.remind_at = tier.remind_after.and_then(|delay| after(created_at, delay));
+    }
+    if request.escalated_at.is_none() {
+        request.escalate_at = tier
+            .escalate_after
+            .and_then(|delay| after(created_at, delay));
+    }
+}
