@@ -4,17 +4,16 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 use signoff::domain::action_hash;
 
 use crate::spawn_app;
-use crate::support::{error_code, Backend};
+use crate::support::{backends, error_code, Backend};
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn verdicts_shape_the_request_object(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn verdicts_shape_the_request_object(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("finance-bot", &[]).await;
 
@@ -84,9 +83,9 @@ async fn verdicts_shape_the_request_object(
     assert_eq!(fetched, pending);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn agents_must_authenticate(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+async fn agents_must_authenticate(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
 
@@ -117,11 +116,9 @@ async fn agents_must_authenticate(#[values(Backend::Sqlite, Backend::Postgres)] 
     assert_eq!(app.request_count().await, 0);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn bad_input_is_refused_and_changes_nothing(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn bad_input_is_refused_and_changes_nothing(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let audit_before = app.audit_seq().await;
@@ -217,11 +214,9 @@ async fn bad_input_is_refused_and_changes_nothing(
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn another_agents_request_is_not_found(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn another_agents_request_is_not_found(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let owner = app.create_agent("owner-bot", &[]).await;
     let other = app.create_agent("other-bot", &[]).await;
@@ -240,11 +235,9 @@ async fn another_agents_request_is_not_found(
     assert_eq!(app.stored(id).await.status.as_str(), "pending");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn idempotency_key_replays_and_refuses_mismatches(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn idempotency_key_replays_and_refuses_mismatches(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let body = json!({"action": "email.send", "args": {"to": "a@b.c"}});
@@ -314,11 +307,9 @@ async fn idempotency_key_replays_and_refuses_mismatches(
     assert_eq!(app.request_count().await, 2);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn long_poll_answers_when_the_decision_commits(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn long_poll_answers_when_the_decision_commits(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let request = app
@@ -359,9 +350,9 @@ async fn long_poll_answers_when_the_decision_commits(
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn cancel_only_pending(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+async fn cancel_only_pending(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let request = app.submit_ok(&agent, json!({"action": "email.send"})).await;
@@ -386,11 +377,9 @@ async fn cancel_only_pending(#[values(Backend::Sqlite, Backend::Postgres)] backe
     assert!(app.approve(id, "cli:alice").await.is_err());
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn execution_is_accepted_once_and_only_when_approved(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn execution_is_accepted_once_and_only_when_approved(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = &app.submit_id(&agent, json!({"action": "email.send"})).await;
@@ -443,11 +432,9 @@ async fn execution_is_accepted_once_and_only_when_approved(
     assert_eq!(status, StatusCode::CONFLICT);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn check_evaluates_without_storing(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn check_evaluates_without_storing(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let audit_before = app.audit_seq().await;
@@ -475,9 +462,9 @@ async fn check_evaluates_without_storing(
     assert_eq!(app.audit_seq().await, audit_before);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn health_and_readiness(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+async fn health_and_readiness(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     for path in ["/healthz", "/readyz"] {
         let response = app.http.get(app.url(path)).send().await.unwrap();
@@ -489,11 +476,9 @@ async fn health_and_readiness(#[values(Backend::Sqlite, Backend::Postgres)] back
     assert_eq!(error_code(&response.json().await.unwrap()), "not_found");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn context_is_open_and_nulls_mean_absent(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn context_is_open_and_nulls_mean_absent(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
 

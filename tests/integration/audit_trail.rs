@@ -1,19 +1,18 @@
 //! The audit chain: one event per change, append-only in the database, tampering found.
 
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 use signoff::audit::{AuditEvent, AuditHead, NewAuditEvent, GENESIS_HASH};
 use signoff::domain::AuditKind;
 use sqlx::Connection as _;
 
 use crate::spawn_app;
-use crate::support::{stderr, stdout, Backend, TestApp};
+use crate::support::{backends, stderr, stdout, Backend, TestApp};
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn every_change_is_chained_and_exported(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn every_change_is_chained_and_exported(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = &app.submit_id(&agent, json!({"action": "email.send"})).await;
@@ -62,11 +61,9 @@ async fn every_change_is_chained_and_exported(
     assert!(stdout(&output).starts_with("audit chain intact"));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_database_refuses_to_rewrite_history(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_database_refuses_to_rewrite_history(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     app.create_agent("bot", &[]).await;
     let update = app
@@ -80,11 +77,9 @@ async fn the_database_refuses_to_rewrite_history(
     assert!(app.engine().verify_audit_chain().await.unwrap().is_ok());
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn verify_names_the_first_altered_event(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn verify_names_the_first_altered_event(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     for n in 0..3 {
@@ -197,11 +192,9 @@ fn saved_head(app: &TestApp) -> (String, AuditHead) {
     (text, head)
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_with_a_saved_head_catches_a_rewritten_and_rehashed_tail(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn verify_with_a_saved_head_catches_a_rewritten_and_rehashed_tail(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     // An empty trail's head is seq 0 and the genesis hash, and every trail holds it.
     let (genesis_text, genesis) = saved_head(&app);
@@ -264,11 +257,9 @@ async fn verify_with_a_saved_head_catches_a_rewritten_and_rehashed_tail(
     assert!(output.status.success(), "{}", stdout(&output));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_with_a_saved_head_catches_a_trail_cut_short(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn verify_with_a_saved_head_catches_a_trail_cut_short(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     for n in 0..3 {
@@ -295,11 +286,9 @@ async fn verify_with_a_saved_head_catches_a_trail_cut_short(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_refuses_a_malformed_head(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn verify_refuses_a_malformed_head(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     app.create_agent("bot", &[]).await;
     for bad in [
@@ -331,11 +320,9 @@ async fn verify_refuses_a_malformed_head(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_database_refuses_replace_upsert_and_truncate(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_database_refuses_replace_upsert_and_truncate(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     app.create_agent("bot", &[]).await;
     let copy_of_event_1 = "INSERT INTO audit_events (seq, at, request_id, kind, actor, payload, prev_hash, hash) \

@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 
 use crate::spawn_app;
 use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
-use crate::support::{error_code, eventually, stderr, Backend, TestApp, LOOPBACK_NETWORKS};
+use crate::support::{
+    backends, error_code, eventually, stderr, Backend, TestApp, LOOPBACK_NETWORKS,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -29,11 +32,9 @@ fn by_name(url: &str) -> String {
     url.replacen("127.0.0.1", "localhost", 1)
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn callback_urls_that_reach_inside_are_refused(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn callback_urls_that_reach_inside_are_refused(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     allow_networks(&mut app, &[]).await;
     let receiver = WebhookReceiver::start().await;
@@ -77,11 +78,9 @@ async fn callback_urls_that_reach_inside_are_refused(
     assert!(receiver.deliveries("inside").is_empty());
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn callback_allowed_networks_let_callbacks_reach_inside(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn callback_allowed_networks_let_callbacks_reach_inside(#[case] backend: Backend) {
     // The test config allows loopback (its receivers listen there), and nothing else.
     let mut app = spawn_app!(backend);
     let receiver = WebhookReceiver::start().await;
@@ -128,11 +127,9 @@ async fn callback_allowed_networks_let_callbacks_reach_inside(
     assert_eq!(app.request_count().await, 5);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_callback_no_longer_allowed_at_delivery_is_never_sent(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_callback_no_longer_allowed_at_delivery_is_never_sent(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     let receiver = WebhookReceiver::start().await;
     let agent = app.create_agent("bot", &[]).await;
@@ -179,10 +176,10 @@ async fn a_callback_no_longer_allowed_at_delivery_is_never_sent(
     }
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
 async fn callback_allowed_networks_come_from_the_environment_and_are_validated(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] backend: Backend,
 ) {
     let app = spawn_app!(backend);
     let run = |networks: &str| {

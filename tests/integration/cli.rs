@@ -2,10 +2,11 @@
 
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 
 use crate::spawn_app;
-use crate::support::{error_code, stderr, stdout, Backend, TestAgent};
+use crate::support::{backends, error_code, stderr, stdout, Backend, TestAgent};
 
 fn request_cli(app: &crate::support::TestApp, key: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_signoff"))
@@ -15,11 +16,9 @@ fn request_cli(app: &crate::support::TestApp, key: &str, args: &[&str]) -> std::
         .unwrap()
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_are_created_listed_and_revoked(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn agents_are_created_listed_and_revoked(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let output = app.cli(&[
         "agents",
@@ -110,11 +109,9 @@ async fn agents_are_created_listed_and_revoked(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operators_list_and_decide_pending_requests(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn operators_list_and_decide_pending_requests(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let refund = app
@@ -213,11 +210,9 @@ async fn operators_list_and_decide_pending_requests(
     assert_eq!(listed[0]["id"], other_id);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_command_exits_by_outcome(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn request_command_exits_by_outcome(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("shell-bot", &[]).await;
     let key = agent.key.clone();
@@ -324,9 +319,9 @@ async fn policy_check_reports_rule_and_line() {
     assert_eq!(output.status.code(), Some(1));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_is_idempotent(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+async fn migrate_is_idempotent(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     for _ in 0..2 {
         let output = app.cli(&["migrate"]);

@@ -4,11 +4,12 @@ use std::collections::HashSet;
 
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 use signoff::domain::{Status, VoteRequest};
 
 use crate::spawn_app;
-use crate::support::Backend;
+use crate::support::{backends, Backend};
 
 /// A policy whose `crowd` tier has 50 approvers and needs two of them.
 fn crowd_policy() -> String {
@@ -19,11 +20,9 @@ fn crowd_policy() -> String {
     )
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_conflicting_votes_give_one_decision(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn fifty_conflicting_votes_give_one_decision(#[case] backend: Backend) {
     let app = spawn_app!(backend, &crowd_policy());
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "crowd.act"})).await;
@@ -75,11 +74,9 @@ async fn fifty_conflicting_votes_give_one_decision(
     assert!(verified.is_ok(), "{verified:?}");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_same_person_clicking_twice_counts_once(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_same_person_clicking_twice_counts_once(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app
@@ -117,11 +114,9 @@ async fn the_same_person_clicking_twice_counts_once(
     assert_eq!(stored.current_approvers().len(), 1);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_concurrent_submissions_with_one_key_create_one_request(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn twenty_concurrent_submissions_with_one_key_create_one_request(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let body = json!({"action": "email.send", "args": {"to": "x@y.z"}});
@@ -163,11 +158,9 @@ async fn twenty_concurrent_submissions_with_one_key_create_one_request(
     assert_eq!(app.request_count().await, 1);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_submissions_are_committed_together_and_all_kept(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn concurrent_submissions_are_committed_together_and_all_kept(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let submissions: Vec<_> = (0..60)

@@ -1,12 +1,13 @@
 //! The decision rules of DESIGN §7 through the engine the CLI and chat channels share.
 
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 use signoff::domain::{Status, VoteEffect, VoteRefusal, VoteRequest};
 use signoff::engine::EngineError;
 
 use crate::spawn_app;
-use crate::support::Backend;
+use crate::support::{backends, Backend};
 
 fn refusal(result: Result<impl std::fmt::Debug, EngineError>) -> VoteRefusal {
     match result {
@@ -15,11 +16,9 @@ fn refusal(result: Result<impl std::fmt::Debug, EngineError>) -> VoteRefusal {
     }
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn two_person_rule_needs_two_different_people(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn two_person_rule_needs_two_different_people(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("finance-bot", &[]).await;
     let request = app
@@ -61,11 +60,9 @@ async fn two_person_rule_needs_two_different_people(
     assert_eq!(app.stored(id).await.status, Status::Approved);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn requesters_owners_and_outsiders_cannot_approve(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn requesters_owners_and_outsiders_cannot_approve(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("mail-bot", &["cli:bob"]).await;
     let id = &app
@@ -114,9 +111,9 @@ async fn requesters_owners_and_outsiders_cannot_approve(
     assert_eq!(effect, VoteEffect::Decided(Status::Approved));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn one_deny_ends_the_request(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+async fn one_deny_ends_the_request(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = &app
@@ -153,11 +150,9 @@ async fn one_deny_ends_the_request(#[values(Backend::Sqlite, Backend::Postgres)]
     assert_eq!(body["votes"].as_array().unwrap().len(), 2);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn modify_starts_a_new_revision(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn modify_starts_a_new_revision(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let request = app

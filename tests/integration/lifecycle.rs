@@ -3,17 +3,16 @@
 use std::time::{Duration, Instant};
 
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 use signoff::domain::Status;
 
 use crate::spawn_app;
-use crate::support::{eventually, stderr, Backend};
+use crate::support::{backends, eventually, stderr, Backend};
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_sweeper_expires_overdue_requests(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_sweeper_expires_overdue_requests(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "flash.go"})).await;
@@ -32,11 +31,9 @@ async fn the_sweeper_expires_overdue_requests(
     assert!(app.approve(&id, "cli:alice").await.is_err());
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_restart_keeps_everything_and_expires_what_fell_due(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_restart_keeps_everything_and_expires_what_fell_due(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let mut acknowledged = Vec::new();
@@ -83,11 +80,9 @@ async fn a_restart_keeps_everything_and_expires_what_fell_due(
     assert!(app.engine().verify_audit_chain().await.unwrap().is_ok());
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cli_decision_wakes_the_long_poll(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_cli_decision_wakes_the_long_poll(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;

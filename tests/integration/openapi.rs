@@ -5,10 +5,11 @@ use std::collections::BTreeSet;
 
 use reqwest::{Method, StatusCode};
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 
 use crate::spawn_app;
-use crate::support::{error_code, Backend, TestApp};
+use crate::support::{backends, error_code, Backend, TestApp};
 
 /// The methods probed on every documented path; HEAD and OPTIONS follow GET and CORS rules.
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -16,11 +17,9 @@ const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 /// The router's source; compiled in, so changing the routes rebuilds and reruns this test.
 const ROUTER_SOURCE: &str = include_str!("../../src/http/mod.rs");
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_document_and_the_router_agree(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_document_and_the_router_agree(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let doc = fetch_document(&app).await;
     assert!(
@@ -137,11 +136,9 @@ async fn the_document_and_the_router_agree(
     assert!(dangling.is_empty(), "unresolved $refs: {dangling:?}");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn real_answers_match_their_schemas(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn real_answers_match_their_schemas(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let doc = fetch_document(&app).await;
     let agent = app.create_agent("finance-bot", &[]).await;

@@ -8,16 +8,15 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 
 use crate::spawn_app;
-use crate::support::{eventually, Backend, TEST_POLICY};
+use crate::support::{backends, eventually, Backend, TEST_POLICY};
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn metrics_describe_requests_decisions_backlog_and_latency(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn metrics_describe_requests_decisions_backlog_and_latency(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     app.submit_ok(&agent, json!({"action": "users.get"})).await;
@@ -129,11 +128,9 @@ impl Drop for ServerProcess {
     }
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_the_policy_and_sigterm_drains(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn sighup_reloads_the_policy_and_sigterm_drains(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let config_path = app.config_path.clone();
@@ -219,11 +216,9 @@ async fn sighup_reloads_the_policy_and_sigterm_drains(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn admin_reload_swaps_a_valid_policy_and_refuses_a_broken_one(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn admin_reload_swaps_a_valid_policy_and_refuses_a_broken_one(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let reload = |token: &str| {
         app.http
@@ -271,11 +266,9 @@ async fn admin_reload_swaps_a_valid_policy_and_refuses_a_broken_one(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn metrics_answer_only_with_the_metrics_token_once_one_is_set(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn metrics_answer_only_with_the_metrics_token_once_one_is_set(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     app.config.metrics_token = signoff::config::Secret::new("scrape-secret");
     app.restart().await;
@@ -298,10 +291,10 @@ async fn metrics_answer_only_with_the_metrics_token_once_one_is_set(
     assert!(response.text().await.unwrap().contains("# TYPE"));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
 async fn admin_reload_without_a_token_trusts_no_loopback_caller_a_proxy_forwarded(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] backend: Backend,
 ) {
     let mut app = spawn_app!(backend);
     app.config.admin_token = signoff::config::Secret::default();
@@ -332,11 +325,9 @@ async fn admin_reload_without_a_token_trusts_no_loopback_caller_a_proxy_forwarde
     assert_eq!(response.status(), StatusCode::OK);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn admin_reload_refusals_name_the_problems_but_no_path(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn admin_reload_refusals_name_the_problems_but_no_path(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let reload = || {
         app.http

@@ -12,6 +12,7 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 use signoff::config::Secret;
 use signoff::delivery::Delivery;
@@ -19,7 +20,7 @@ use signoff::server::RunningServer;
 
 use crate::spawn_app;
 use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
-use crate::support::{eventually, Backend, TestApp};
+use crate::support::{backends, eventually, Backend, TestApp};
 
 /// A receiver that accepts connections and never answers; counts the connections.
 async fn dead_receiver() -> (String, Arc<AtomicUsize>) {
@@ -77,11 +78,9 @@ fn posted_request_ids(app: &TestApp, ids: &[String]) -> Vec<Option<String>> {
         .collect()
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_dead_receiver_holds_only_its_own_hosts_slots(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_dead_receiver_holds_only_its_own_hosts_slots(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let (dead_url, accepted) = dead_receiver().await;
     let alive = WebhookReceiver::start().await;
@@ -120,11 +119,9 @@ async fn a_dead_receiver_holds_only_its_own_hosts_slots(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_flooded_channel_serves_agents_round_robin(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_flooded_channel_serves_agents_round_robin(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let flooder = app.create_agent("flooder", &[]).await;
     let late = app.create_agent("late", &[]).await;
@@ -155,11 +152,9 @@ async fn a_flooded_channel_serves_agents_round_robin(
     assert_eq!(posted[position]["channel"], "C0MEDIUM");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn two_replicas_deliver_each_slow_webhook_once(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn two_replicas_deliver_each_slow_webhook_once(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     // Deliveries take longer than a lease: only renewal keeps them from being taken again.
     app.config.outbox_lease_ms = 900;
@@ -189,11 +184,9 @@ async fn two_replicas_deliver_each_slow_webhook_once(
     replica.shutdown(Duration::from_secs(5)).await;
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_posted_card_whose_record_fails_is_not_posted_again(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_posted_card_whose_record_fails_is_not_posted_again(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     app.config.outbox_lease_ms = 600;
     app.restart().await;
@@ -237,11 +230,9 @@ async fn a_posted_card_whose_record_fails_is_not_posted_again(
     assert_eq!(app.slack.calls("chat.postMessage").len(), 1);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_replica_without_slack_leaves_slack_cards_to_one_with_it(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_replica_without_slack_leaves_slack_cards_to_one_with_it(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     app.stop().await;

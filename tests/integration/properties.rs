@@ -13,6 +13,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 use signoff::audit::AuditEvent;
 use signoff::domain::{
@@ -24,7 +25,7 @@ use signoff::policy::Effect;
 use signoff::store::{AgentRecord, RequestChange};
 
 use crate::spawn_app;
-use crate::support::{Backend, TestApp};
+use crate::support::{backends, Backend, TestApp};
 
 /// Deploys: `dev` is allowed, `forbidden` denied, a missing environment denied too (the
 /// `when` conditions fail closed); staging, canary and production need approval in tiers
@@ -1114,11 +1115,9 @@ fn runner_config() -> ProptestConfig {
     config
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_sequences_keep_the_decision_invariants(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn random_sequences_keep_the_decision_invariants(#[case] backend: Backend) {
     let app = spawn_app!(backend, POLICY);
     check_the_model(&app);
     let runtime = tokio::runtime::Handle::current();

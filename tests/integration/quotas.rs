@@ -5,17 +5,16 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::spawn_app;
-use crate::support::{error_code, Backend};
+use crate::support::{backends, error_code, Backend};
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_pending_cap_answers_too_many_pending_for_that_agent_only(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_pending_cap_answers_too_many_pending_for_that_agent_only(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     app.config.max_pending_per_agent = 3;
     app.restart().await;
@@ -65,11 +64,9 @@ async fn the_pending_cap_answers_too_many_pending_for_that_agent_only(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_rate_limit_answers_rate_limited_with_retry_after(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_rate_limit_answers_rate_limited_with_retry_after(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     app.config.agent_rate_limit = 1;
     app.restart().await;
@@ -115,11 +112,9 @@ async fn the_rate_limit_answers_rate_limited_with_retry_after(
     app.submit_ok(&other, json!({"action": "users.get"})).await;
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_long_poll_cap_answers_too_many_waiting_for_that_agent_only(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_long_poll_cap_answers_too_many_waiting_for_that_agent_only(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     app.config.max_waiting_per_agent = 2;
     app.restart().await;
@@ -161,11 +156,9 @@ async fn the_long_poll_cap_answers_too_many_waiting_for_that_agent_only(
     assert_eq!(status, StatusCode::OK, "{body}");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn connections_that_send_no_headers_in_time_are_closed(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn connections_that_send_no_headers_in_time_are_closed(#[case] backend: Backend) {
     let mut app = spawn_app!(backend);
     app.config.header_read_timeout_ms = 300;
     app.restart().await;

@@ -4,18 +4,17 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 use signoff::domain::Status;
 
 use crate::spawn_app;
 use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
-use crate::support::{eventually, Backend};
+use crate::support::{backends, eventually, Backend};
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vote_on_one_replica_wakes_a_long_poll_on_another(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_vote_on_one_replica_wakes_a_long_poll_on_another(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let replica = app.start_replica().await;
     let agent = app.create_agent("bot", &[]).await;
@@ -47,11 +46,9 @@ async fn a_vote_on_one_replica_wakes_a_long_poll_on_another(
     replica.shutdown(Duration::from_secs(5)).await;
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_expiring_together_are_expired_and_announced_once(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn requests_expiring_together_are_expired_and_announced_once(#[case] backend: Backend) {
     const REQUESTS: usize = 200;
     let policy = crate::support::TEST_POLICY.replace("ttl: 1s", "ttl: 3s");
     let app = spawn_app!(backend, &policy);

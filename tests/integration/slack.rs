@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 use signoff::domain::Status;
 
 use crate::support::fake_slack::{
     button_value, click_payload, slack_signature, Failure, SlackDriver,
 };
-use crate::support::{Backend, TestApp};
+use crate::support::{backends, Backend, TestApp};
 
 const SLACK_POLICY: &str = r#"version: 1
 default: deny
@@ -100,11 +101,9 @@ async fn explanations(app: &TestApp, count: usize) -> Vec<String> {
         .collect()
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn cards_go_to_every_destination_of_the_tier(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn cards_go_to_every_destination_of_the_tier(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     app.submit_ok(&agent, json!({"action": "users.get"})).await;
@@ -146,11 +145,9 @@ async fn cards_go_to_every_destination_of_the_tier(
     assert!(medium_card["text"].as_str().unwrap().contains("email.send"));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn an_approve_click_decides_and_updates_the_card(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn an_approve_click_decides_and_updates_the_card(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
@@ -189,11 +186,9 @@ async fn an_approve_click_decides_and_updates_the_card(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn deny_asks_for_a_reason_in_a_modal(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn deny_asks_for_a_reason_in_a_modal(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
@@ -241,11 +236,9 @@ async fn deny_asks_for_a_reason_in_a_modal(
     assert!(text_of(update.last().unwrap()).contains("Wrong customer"));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn modify_validates_json_in_the_modal_and_starts_a_revision(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn modify_validates_json_in_the_modal_and_starts_a_revision(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app
@@ -316,11 +309,9 @@ async fn modify_validates_json_in_the_modal_and_starts_a_revision(
     cards_show(&app, &["C0HIGH"], &id, &["Modified", "Approved"]).await;
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn two_person_rule_and_refusals_in_slack(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn two_person_rule_and_refusals_in_slack(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app
@@ -391,11 +382,9 @@ async fn two_person_rule_and_refusals_in_slack(
     assert!(told[3].contains("already approved"), "{told:?}");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn slack_user_group_members_may_approve(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn slack_user_group_members_may_approve(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
@@ -413,11 +402,9 @@ async fn slack_user_group_members_may_approve(
         .any(|call| call["usergroup"] == "S0ONCALL"));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn unsigned_forged_and_stale_requests_are_refused(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn unsigned_forged_and_stale_requests_are_refused(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
@@ -495,11 +482,9 @@ async fn unsigned_forged_and_stale_requests_are_refused(
     assert_eq!(app.stored(&id).await.status, Status::Approved);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_slack_outage_delays_cards_but_never_loses_or_doubles_them(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_slack_outage_delays_cards_but_never_loses_or_doubles_them(#[case] backend: Backend) {
     let app = slack_app!(backend);
     app.slack.fail_next(
         "chat.postMessage",
@@ -544,11 +529,9 @@ async fn a_slack_outage_delays_cards_but_never_loses_or_doubles_them(
     .await;
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn every_copy_is_updated_after_the_decision(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn every_copy_is_updated_after_the_decision(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app
@@ -564,11 +547,9 @@ async fn every_copy_is_updated_after_the_decision(
     cards_show(&app, &["C0HIGH", "C0AUDIT"], &id, &["Approved"]).await;
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_slash_command_lists_and_decides(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_slash_command_lists_and_decides(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let email = app.submit_id(&agent, json!({"action": "email.send"})).await;
@@ -645,11 +626,9 @@ async fn the_slash_command_lists_and_decides(
     }
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn events_answer_url_verification(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn events_answer_url_verification(#[case] backend: Backend) {
     let app = slack_app!(backend);
     let body = json!({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"}).to_string();
     let now = chrono::Utc::now().timestamp();
@@ -692,11 +671,9 @@ rules:
     tier: brief
 "#;
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn reminders_and_escalation_follow_the_tier(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn reminders_and_escalation_follow_the_tier(#[case] backend: Backend) {
     let Some(app) = TestApp::spawn_with_policy(backend, LIFECYCLE_POLICY).await else {
         return;
     };
@@ -745,11 +722,9 @@ async fn reminders_and_escalation_follow_the_tier(
     cards_show(&app, &["C0ONCALL", "C0SLOW"], &id, &["Approved"]).await;
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn expiry_updates_the_card_and_is_final(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn expiry_updates_the_card_and_is_final(#[case] backend: Backend) {
     let Some(app) = TestApp::spawn_with_policy(backend, LIFECYCLE_POLICY).await else {
         return;
     };
@@ -773,11 +748,9 @@ async fn expiry_updates_the_card_and_is_final(
     assert!(told[0].contains("expired"), "{told:?}");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn agents_and_webhooks_never_see_the_voters_aliases(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn agents_and_webhooks_never_see_the_voters_aliases(#[case] backend: Backend) {
     use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
     let app = slack_app!(backend);
     let receiver = WebhookReceiver::start().await;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 use signoff::audit::NewAuditEvent;
 use signoff::config::{Config, Secret};
@@ -15,7 +16,7 @@ use signoff::store::{
     OutboxOutcome, RequestChange, Store, StoreError,
 };
 
-use crate::support::{Backend, TestDatabase};
+use crate::support::{backends, Backend, TestDatabase};
 
 /// A migrated store on a fresh database with an agent `bot`, and a stored request of that
 /// agent to copy. No server: nothing else claims from its outbox.
@@ -100,11 +101,9 @@ fn operator_event(kind: AuditKind, payload: serde_json::Value) -> NewAuditEvent 
     }
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_refused_request_does_not_take_its_group_with_it(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_refused_request_does_not_take_its_group_with_it(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
         return;
@@ -161,11 +160,9 @@ async fn a_refused_request_does_not_take_its_group_with_it(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn appends_by_another_process_between_commits_keep_the_chain_whole(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn appends_by_another_process_between_commits_keep_the_chain_whole(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((database, store, template)) = store_with_request(backend, &directory).await else {
         return;
@@ -221,11 +218,9 @@ async fn appends_by_another_process_between_commits_keep_the_chain_whole(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_database_refuses_requests_of_a_revoked_agent(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_database_refuses_requests_of_a_revoked_agent(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
         return;
@@ -272,11 +267,9 @@ async fn claim(store: &Arc<dyn Store>, waiting: Vec<String>) -> Vec<signoff::sto
     store.claim_outbox(now(), lease_until, &ids).await.unwrap()
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn claims_skip_destinations_out_of_pacing_tokens(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn claims_skip_destinations_out_of_pacing_tokens(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
         return;
@@ -334,11 +327,9 @@ async fn claims_skip_destinations_out_of_pacing_tokens(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_long_backlog_for_one_channel_hides_no_other_destination(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_long_backlog_for_one_channel_hides_no_other_destination(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
         return;
@@ -389,10 +380,10 @@ async fn a_long_backlog_for_one_channel_hides_no_other_destination(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
 async fn candidates_hold_each_agents_oldest_message_behind_another_agents_backlog(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] backend: Backend,
 ) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
@@ -462,10 +453,10 @@ async fn candidates_hold_each_agents_oldest_message_behind_another_agents_backlo
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
 async fn a_full_hosts_webhooks_are_left_out_of_the_read_rather_than_fill_it(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] backend: Backend,
 ) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
@@ -526,10 +517,10 @@ async fn a_full_hosts_webhooks_are_left_out_of_the_read_rather_than_fill_it(
     assert_eq!(destinations, ["https://alive.example.com/hook"]);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
 async fn a_renewed_lease_keeps_a_running_delivery_from_being_claimed_again(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] backend: Backend,
 ) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
@@ -625,11 +616,9 @@ async fn a_renewed_lease_keeps_a_running_delivery_from_being_claimed_again(
     );
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_delivery_finishes_with_its_chat_reference_and_audit_event(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_delivery_finishes_with_its_chat_reference_and_audit_event(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
         return;
@@ -678,11 +667,9 @@ async fn a_delivery_finishes_with_its_chat_reference_and_audit_event(
 /// A vote and a delivery's finish touch the same outbox row and both append to the audit
 /// trail; they must take those locks in one order (on PostgreSQL the other order deadlocks
 /// and one of them fails after `deadlock_timeout`).
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vote_racing_a_delivery_finish_never_deadlocks(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_vote_racing_a_delivery_finish_never_deadlocks(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {
         return;
@@ -738,11 +725,9 @@ async fn a_vote_racing_a_delivery_finish_never_deadlocks(
     }
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn the_decision_watcher_finds_which_awaited_requests_are_decided(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn the_decision_watcher_finds_which_awaited_requests_are_decided(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, decided)) = store_with_request(backend, &directory).await else {
         return;
@@ -788,11 +773,9 @@ async fn execute_sql(database: &TestDatabase, sql: &str) -> u64 {
     }
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn requests_that_cannot_expire_hold_up_none_of_the_others(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn requests_that_cannot_expire_hold_up_none_of_the_others(#[case] backend: Backend) {
     let directory = tempfile::tempdir().unwrap();
     let Some((database, store, template)) = store_with_request(backend, &directory).await else {
         return;
@@ -856,11 +839,9 @@ async fn requests_that_cannot_expire_hold_up_none_of_the_others(
     assert!(still_due.iter().all(|id| id.starts_with("apr_broken_")));
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_attempt_whose_idempotency_key_was_taken_over_cannot_commit(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn an_attempt_whose_idempotency_key_was_taken_over_cannot_commit(#[case] backend: Backend) {
     use signoff::store::{IdempotencyKey, Reservation};
     let directory = tempfile::tempdir().unwrap();
     let Some((_database, store, template)) = store_with_request(backend, &directory).await else {

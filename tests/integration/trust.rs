@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 use signoff::domain::Status;
 
 use crate::support::fake_slack::{
     button_value, click_payload, slack_signature, slash_body, Failure, SlackDriver,
 };
-use crate::support::{stderr, stdout, Backend, TestApp};
+use crate::support::{backends, stderr, stdout, Backend, TestApp};
 
 /// Production deploys need two people of `release` (or alice), forbidden ones are denied,
 /// everything else needs one person of `ops`.
@@ -89,11 +90,9 @@ async fn snapshot(app: &TestApp, id: &str) -> (Value, Vec<String>) {
     (stored, app.audit_kinds(Some(id)).await)
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_modification_into_denied_args_is_refused_and_changes_nothing(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_modification_into_denied_args_is_refused_and_changes_nothing(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("staging")).await;
@@ -133,11 +132,9 @@ async fn a_modification_into_denied_args_is_refused_and_changes_nothing(
     assert_eq!(app.stored(&id).await.status, Status::Pending);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_modification_into_a_higher_tier_moves_the_request_up(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_modification_into_a_higher_tier_moves_the_request_up(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("staging")).await;
@@ -215,11 +212,9 @@ async fn a_modification_into_a_higher_tier_moves_the_request_up(
     assert_eq!(stored.status, Status::Pending);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_or_replayed_click_after_a_modification_is_refused(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_stale_or_replayed_click_after_a_modification_is_refused(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("production")).await;
@@ -349,10 +344,10 @@ async fn a_stale_or_replayed_click_after_a_modification_is_refused(
     assert_eq!(decided.decision.unwrap().args["service"], "api");
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_votes_on_the_revision_it_names_and_only_as_cli_principals(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] backend: Backend,
 ) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
@@ -386,10 +381,10 @@ async fn the_cli_votes_on_the_revision_it_names_and_only_as_cli_principals(
     assert_eq!(app.stored(&id).await.status, Status::Approved);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_person_counts_once_and_owners_are_refused_under_any_principal(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] backend: Backend,
 ) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &["cli:owen"]).await;
@@ -443,10 +438,10 @@ async fn one_person_counts_once_and_owners_are_refused_under_any_principal(
     assert_eq!(app.stored(&id).await.status, Status::Approved);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slack_user_whose_email_cannot_be_read_is_refused_where_people_are_named_by_email(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] backend: Backend,
 ) {
     let app = deploy_app!(backend);
     // The requester is named by email: U05HIDDEN could be them.
@@ -476,11 +471,9 @@ async fn a_slack_user_whose_email_cannot_be_read_is_refused_where_people_are_nam
     assert_eq!(app.stored(&plain).await.status, Status::Approved);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_workspace_cannot_click_or_command(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn another_workspace_cannot_click_or_command(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("staging")).await;
@@ -534,11 +527,9 @@ async fn another_workspace_cannot_click_or_command(
     assert_eq!(app.stored(&id).await.status, Status::Approved);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn show_answers_only_people_who_may_see_the_request(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn show_answers_only_people_who_may_see_the_request(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app
@@ -581,11 +572,9 @@ fn signed_command(user: &str, text: &str, timestamp: i64) -> (String, String) {
     (body, signature)
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replayed_typed_approve_cannot_count_for_a_later_revision(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_replayed_typed_approve_cannot_count_for_a_later_revision(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("production")).await;
@@ -626,11 +615,9 @@ async fn a_replayed_typed_approve_cannot_count_for_a_later_revision(
     assert_eq!(app.stored(&id).await.status, Status::Pending);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_modification_needs_the_quorum_of_the_policy_in_force(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_modification_needs_the_quorum_of_the_policy_in_force(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("staging")).await;
@@ -674,11 +661,9 @@ async fn a_modification_needs_the_quorum_of_the_policy_in_force(
     assert_eq!(app.stored(&id).await.status, Status::Approved);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clicks_are_refused_while_the_workspace_cannot_be_confirmed(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn clicks_are_refused_while_the_workspace_cannot_be_confirmed(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("staging")).await;

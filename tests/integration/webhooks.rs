@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{json, Value};
 
 use crate::spawn_app;
 use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
-use crate::support::{eventually, Backend};
+use crate::support::{backends, eventually, Backend};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -17,11 +18,9 @@ fn event(delivery: &crate::support::webhook_receiver::Delivery) -> Value {
     serde_json::from_slice(&delivery.body).expect("JSON body")
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn decisions_expiry_and_cancellation_are_signed_webhooks(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn decisions_expiry_and_cancellation_are_signed_webhooks(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let receiver = WebhookReceiver::start().await;
     let agent = app.create_agent("bot", &[]).await;
@@ -72,11 +71,9 @@ async fn decisions_expiry_and_cancellation_are_signed_webhooks(
     assert!(verifier.verify(&forged.body, &forged.headers).is_err());
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn failures_are_retried_with_the_same_id_and_410_stops(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn failures_are_retried_with_the_same_id_and_410_stops(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     let receiver = WebhookReceiver::start().await;
     let agent = app.create_agent("bot", &[]).await;
@@ -118,11 +115,9 @@ async fn failures_are_retried_with_the_same_id_and_410_stops(
     assert_eq!(receiver.deliveries("flaky").len(), 3);
 }
 
-#[rstest]
+#[apply(backends)]
 #[tokio::test]
-async fn a_dead_receiver_delays_nothing_else(
-    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
-) {
+async fn a_dead_receiver_delays_nothing_else(#[case] backend: Backend) {
     let app = spawn_app!(backend);
     // Another host: a dead host holds only its own few slots (same-host webhooks queue
     // behind it once those are taken).

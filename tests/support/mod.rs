@@ -33,6 +33,25 @@ pub enum Backend {
     Postgres,
 }
 
+/// The backend matrix, written once: a test under `#[apply(backends)]` runs once on each
+/// backend, as `case_1_sqlite` and `case_2_postgres`, its `#[case] backend: Backend` argument
+/// saying which. The test keeps its own `#[tokio::test]` (flavour and worker threads are its
+/// choice) right after the `#[apply]`, where `#[rstest]` wants it:
+///
+/// ```ignore
+/// #[apply(backends)]
+/// #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// async fn a_scenario(#[case] backend: Backend) { /* ... */ }
+/// ```
+///
+/// The attributes are pasted into the test's module, which therefore needs `rstest::rstest`
+/// and `rstest_reuse::apply` in scope.
+#[rstest_reuse::template]
+#[rstest]
+#[case::sqlite(crate::support::Backend::Sqlite)]
+#[case::postgres(crate::support::Backend::Postgres)]
+pub fn backends(#[case] backend: Backend) {}
+
 /// The policy most tests run under.
 pub const TEST_POLICY: &str = r#"version: 1
 default: deny
