@@ -335,7 +335,8 @@ async fn quota_cost(
     let checks = {
         let harness = Harness::start(args, database, directory, false).await?;
         let quotas = Quotas::new(100_000_000, 1_000_000_000, 1_000_000);
-        let store = harness.server.engine().store().clone();
+        // Opened beside the server's, on the same database and settings.
+        let store = signoff::store::connect(&harness.config).await?;
         const CALLS: u32 = 200_000;
         let started = Instant::now();
         for _ in 0..CALLS {
@@ -831,6 +832,8 @@ fn bench_config(database: &Database, policy: &Path, listen: &str) -> Config {
 
 struct Harness {
     server: RunningServer,
+    /// The server's configuration, for opening the same database beside it.
+    config: Config,
     /// The server runs on its own runtime, so the load generator's timers and tasks do
     /// not queue behind the server's (they still share the machine's cores).
     server_runtime: tokio::runtime::Runtime,
@@ -939,7 +942,9 @@ impl Harness {
             .thread_name(SERVER_THREAD_NAME)
             .enable_all()
             .build()?;
-        let server = server_runtime.spawn(RunningServer::start(config)).await??;
+        let server = server_runtime
+            .spawn(RunningServer::start(config.clone()))
+            .await??;
         // Several harnesses may start on one database in a run (the quota cost's rounds).
         static HARNESSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let number = HARNESSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -954,6 +959,7 @@ impl Harness {
         Ok(Self {
             base_url: format!("http://{}", server.address()),
             server,
+            config,
             server_runtime,
             key: credentials.api_key,
             http: reqwest::Client::builder()
