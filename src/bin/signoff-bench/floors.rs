@@ -3,15 +3,14 @@
 //! below any database one 4 KiB write + fdatasync per due time.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use sqlx::{Connection, Executor};
 use tokio::task::JoinSet;
 
 use crate::harness::{bench_config, settle_disk, Backend, Database};
-use crate::latency::{schedule, LoadResult};
+use crate::latency::{histogram, paced, schedule, LoadResult};
 
 /// Raw inserts of the same rows, one row per commit, at the server's durability setting.
 pub async fn floors(
@@ -71,7 +70,7 @@ pub async fn floors(
 /// commit for each due time, in order, so a stall of the disk delays the ones behind it
 /// exactly as it would delay a server that commits each request alone.
 pub async fn floor_under_load(database: &Database, rate: f64, seconds: f64) -> LoadResult {
-    let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+    let mut histogram = histogram();
     let mut errors = 0;
     let connection = floor_connection(database).await;
     let Ok(mut connection) = connection else {
@@ -103,15 +102,8 @@ pub fn disk_sync_under_load(
     let path = directory.join("sync-probe.bin");
     let file = std::fs::File::create(&path)?;
     let page = [7u8; 4096];
-    let mut histogram = Histogram::<u64>::new(3)?;
-    let total = (rate * seconds).max(1.0) as u64;
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let started = Instant::now();
-    for index in 0..total {
-        let due = started + interval * index as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
+    let mut histogram = histogram();
+    for (index, due) in (0u64..).zip(paced(rate, seconds)) {
         // Sixteen pages written over and over: the file never grows, so no metadata is synced.
         file.write_all_at(&page, (index % 16) * 4096)?;
         file.sync_data()?;

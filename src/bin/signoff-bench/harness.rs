@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use serde_json::Value;
+use serde_json::{json, Value};
 use signoff::config::{Config, Secret, SlackConfig};
 use signoff::server::RunningServer;
 use sqlx::{Connection, Executor};
@@ -26,20 +26,25 @@ pub enum Backend {
 
 pub struct Database {
     pub url: String,
-    pub scratch: Option<(String, String)>,
+    scratch: Option<(String, String)>,
 }
 
 impl Database {
+    /// A SQLite file, which needs no dropping.
+    pub fn sqlite(file: &Path) -> Self {
+        Self {
+            url: format!("sqlite://{}", file.display()),
+            scratch: None,
+        }
+    }
+
     pub async fn create(
         backend: Backend,
         directory: &Path,
         postgres_url: &str,
     ) -> anyhow::Result<Self> {
         match backend {
-            Backend::Sqlite => Ok(Self {
-                url: format!("sqlite://{}", directory.join("bench.db").display()),
-                scratch: None,
-            }),
+            Backend::Sqlite => Ok(Self::sqlite(&directory.join("bench.db"))),
             Backend::Postgres => {
                 let name = format!("signoff_bench_{}", std::process::id());
                 let mut admin = sqlx::PgConnection::connect(postgres_url)
@@ -105,6 +110,30 @@ pub fn bench_config(database: &Database, policy: &Path, listen: &str) -> Config 
     }
 }
 
+/// The per-agent quotas on, checked on every submission and never refusing: the rate
+/// limiter's state is spent, the pending count is cached and re-read once a second.
+pub fn turn_quotas_on(config: &mut Config) {
+    config.max_pending_per_agent = 100_000_000;
+    config.agent_rate_limit = 1_000_000_000;
+    config.max_waiting_per_agent = 1_000_000;
+}
+
+/// A request the bench's policy allows at once (rule `reads`).
+pub fn auto_allowed() -> Value {
+    json!({"action": "customers.get", "args": {"id": 42}})
+}
+
+/// The two intakes measured: allowed at once, and pending (a card posted to the fake Slack).
+pub fn intakes() -> [(&'static str, Value); 2] {
+    [
+        ("auto-allowed intake", auto_allowed()),
+        (
+            "pending intake",
+            json!({"action": "email.send", "args": {"to": "a@example.com"}}),
+        ),
+    ]
+}
+
 pub struct Harness {
     pub server: RunningServer,
     /// The server's configuration, for opening the same database beside it.
@@ -130,11 +159,7 @@ impl Harness {
         let mut config = bench_config(database, &policy, "127.0.0.1:0");
         config.sqlite_synchronous = args.sqlite_synchronous.clone();
         if quotas_on {
-            // Checked on every submission, never refusing: the rate limiter's state is
-            // spent, the pending count is cached and re-read once a second.
-            config.max_pending_per_agent = 100_000_000;
-            config.agent_rate_limit = 1_000_000_000;
-            config.max_waiting_per_agent = 1_000_000;
+            turn_quotas_on(&mut config);
         }
         config.slack = SlackConfig {
             bot_token: Secret::new("xoxb-bench"),
@@ -178,14 +203,16 @@ impl Harness {
         self.server_runtime.shutdown_background();
     }
 
-    pub async fn submit(&self, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
+    /// A submission of `body` by the harness's agent, ready to send.
+    pub fn intake(&self, body: &Value) -> reqwest::RequestBuilder {
+        self.http
             .post(format!("{}/v1/requests", self.base_url))
             .bearer_auth(&self.key)
             .json(body)
-            .send()
-            .await?;
+    }
+
+    pub async fn submit(&self, body: &Value) -> anyhow::Result<Value> {
+        let response = self.intake(body).send().await?;
         if response.status() != reqwest::StatusCode::CREATED {
             bail!("submit answered {}", response.status());
         }

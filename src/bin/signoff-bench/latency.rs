@@ -31,22 +31,35 @@ pub struct LoadResult {
 /// thread's sleep is accurate to tens of microseconds, tokio's timers only to the
 /// millisecond, and a late send would be counted against the server.
 pub fn schedule(rate: f64, seconds: f64) -> tokio::sync::mpsc::UnboundedReceiver<Instant> {
-    let total = (rate * seconds).max(1.0) as u64;
-    let interval = Duration::from_secs_f64(1.0 / rate);
     let (sender, due_times) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
-        let started = Instant::now();
-        for index in 0..total {
-            let due = started + interval * index as u32;
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
+        for due in paced(rate, seconds) {
             if sender.send(due).is_err() {
                 break;
             }
         }
     });
     due_times
+}
+
+/// Due times at `rate` per second for `seconds`, from now; each is yielded once it has
+/// come, the calling thread sleeping until then.
+pub fn paced(rate: f64, seconds: f64) -> impl Iterator<Item = Instant> {
+    let total = (rate * seconds).max(1.0) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let started = Instant::now();
+    (0..total).map(move |index| {
+        let due = started + interval * index as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        due
+    })
+}
+
+/// An empty latency histogram: any value, three significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new(3).expect("three significant digits are valid")
 }
 
 /// Attempts per rate step: a step is sustained when one of them has no errors and its p99
@@ -155,7 +168,7 @@ pub fn policy_evaluation() -> Vec<(usize, u64, u64)> {
     let mut results = Vec::new();
     for rules in [10, 100, 1000] {
         let policy = policies::generated_policy(rules);
-        let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+        let mut histogram = histogram();
         for _ in 0..20_000 {
             let started = Instant::now();
             let verdict = policy.evaluate(EvaluationInput {
@@ -183,16 +196,10 @@ impl Harness {
     pub async fn run_load(&self, body: &Value, rate: f64, seconds: f64) -> LoadResult {
         // One request built up front and cloned per send (its body is shared bytes), so
         // the generator spends its share of the two cores on sending, not on serialising.
-        let prototype = self
-            .http
-            .post(format!("{}/v1/requests", self.base_url))
-            .bearer_auth(&self.key)
-            .json(body)
-            .timeout(Duration::from_secs(10))
-            .build();
+        let prototype = self.intake(body).timeout(Duration::from_secs(10)).build();
         let Ok(prototype) = prototype else {
             return LoadResult {
-                histogram: Histogram::<u64>::new(3).expect("histogram"),
+                histogram: histogram(),
                 errors: 1,
             };
         };
@@ -215,7 +222,7 @@ impl Harness {
                 (ok, due.elapsed())
             });
         }
-        let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+        let mut histogram = histogram();
         let mut errors = 0;
         while let Some(result) = tasks.join_next().await {
             match result {
@@ -240,7 +247,7 @@ impl Harness {
     /// From the vote's commit to the waiting agent's answer, sequentially.
     pub async fn wake_latency(&self, samples: usize) -> anyhow::Result<Histogram<u64>> {
         settle_disk();
-        let mut histogram = Histogram::<u64>::new(3)?;
+        let mut histogram = histogram();
         let voter = Voter::new(
             "cli:bench"
                 .parse()
@@ -279,7 +286,7 @@ impl Harness {
     /// A signed Approve click on a fresh pending request, to the HTTP answer.
     pub async fn slack_ack_latency(&self, samples: usize) -> anyhow::Result<Histogram<u64>> {
         settle_disk();
-        let mut histogram = Histogram::<u64>::new(3)?;
+        let mut histogram = histogram();
         for _ in 0..samples {
             let request = self.submit(&json!({"action": "email.send"})).await?;
             let id = request["id"].as_str().unwrap_or_default();

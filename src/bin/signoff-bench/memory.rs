@@ -21,10 +21,7 @@ pub struct Resident {
 
 /// Resident memory of a server process, idle and with many pending requests in its database.
 pub async fn resident(directory: &Path, pending: usize) -> anyhow::Result<Resident> {
-    let database = Database {
-        url: format!("sqlite://{}", directory.join("memory.db").display()),
-        scratch: None,
-    };
+    let database = Database::sqlite(&directory.join("memory.db"));
     let policy = directory.join("memory-policy.yaml");
     std::fs::write(&policy, BENCH_POLICY)?;
     let config = directory.join("memory.toml");

@@ -4,10 +4,11 @@
 use std::path::Path;
 
 use hdrhistogram::Histogram;
-use serde_json::json;
 
 use crate::floors::{disk_sync_under_load, floor_under_load, floors};
-use crate::harness::{cpu_model, num_cpus, settle_disk, Backend, Database, Harness};
+use crate::harness::{
+    auto_allowed, cpu_model, intakes, num_cpus, settle_disk, Backend, Database, Harness,
+};
 use crate::latency::{max_sustainable_rate, P99_CEILING, THROUGHPUT_CEILING};
 use crate::saturation::SATURATION_CLIENTS;
 use crate::{latency, memory, saturation, Args};
@@ -98,30 +99,19 @@ pub async fn backend_table(
         )
         .await;
     println!(
-        "| HTTP ceiling: GET /healthz, {SATURATION_CLIENTS} clients back to back | {:.0} req/s (p50 {} · p99 {}; {}) | | |",
+        "| HTTP ceiling: GET /healthz, {SATURATION_CLIENTS} clients back to back | {:.0} req/s ({}; {}) | | |",
         health.rate,
-        micros(health.histogram.value_at_quantile(0.5)),
-        micros(health.histogram.value_at_quantile(0.99)),
+        p50_p99(&health.histogram),
         health.cpu(),
     );
-    for (name, body) in [
-        (
-            "auto-allowed intake",
-            json!({"action": "customers.get", "args": {"id": 42}}),
-        ),
-        (
-            "pending intake",
-            json!({"action": "email.send", "args": {"to": "a@example.com"}}),
-        ),
-    ] {
+    for (name, body) in intakes() {
         let saturated = harness
             .saturation(&body, SATURATION_CLIENTS, args.step_seconds * 2.0)
             .await;
         println!(
-            "| {name}: {SATURATION_CLIENTS} clients back to back | {:.0} req/s (p50 {} · p99 {} · errors {}; {}) | {floor:.0} rows/s | {:.2}x |",
+            "| {name}: {SATURATION_CLIENTS} clients back to back | {:.0} req/s ({} · errors {}; {}) | {floor:.0} rows/s | {:.2}x |",
             saturated.rate,
-            micros(saturated.histogram.value_at_quantile(0.5)),
-            micros(saturated.histogram.value_at_quantile(0.99)),
+            p50_p99(&saturated.histogram),
             saturated.errors,
             saturated.cpu(),
             saturated.rate / floor
@@ -175,15 +165,13 @@ pub async fn backend_table(
     }
     let wake = harness.wake_latency(200).await?;
     println!(
-        "| long-poll wake (commit to answer) | p50 {} · p99 {} | | |",
-        micros(wake.value_at_quantile(0.5)),
-        micros(wake.value_at_quantile(0.99))
+        "| long-poll wake (commit to answer) | {} | | |",
+        p50_p99(&wake)
     );
     let ack = harness.slack_ack_latency(200).await?;
     println!(
-        "| Slack approve click to HTTP answer | p50 {} · p99 {} | | |\n",
-        micros(ack.value_at_quantile(0.5)),
-        micros(ack.value_at_quantile(0.99))
+        "| Slack approve click to HTTP answer | {} | | |\n",
+        p50_p99(&ack)
     );
     harness.stop().await;
     Ok(())
@@ -204,7 +192,7 @@ pub async fn probe_table(
         .create_agent("bench", Vec::new())
         .await
         .map_err(|error| anyhow::anyhow!("{error}"))?;
-    let body = json!({"action": "customers.get", "args": {"id": 42}});
+    let body = auto_allowed();
     println!(
         "{backend:?}, server synchronous={}:\n\n| rate | attempt | raw inserts (floor) | intake |\n|---|---|---|---|",
         args.sqlite_synchronous
@@ -275,12 +263,20 @@ pub async fn memory_table(directory: &Path, pending: usize) -> anyhow::Result<()
     Ok(())
 }
 
+/// `p50 · p99` of a latency histogram in microseconds.
+pub fn p50_p99(histogram: &Histogram<u64>) -> String {
+    format!(
+        "p50 {} · p99 {}",
+        micros(histogram.value_at_quantile(0.5)),
+        micros(histogram.value_at_quantile(0.99))
+    )
+}
+
 /// `p50 · p99 · p99.9 · max` of a latency histogram in microseconds.
 pub fn tail(histogram: &Histogram<u64>) -> String {
     format!(
-        "p50 {} · p99 {} · p99.9 {} · max {}",
-        micros(histogram.value_at_quantile(0.5)),
-        micros(histogram.value_at_quantile(0.99)),
+        "{} · p99.9 {} · max {}",
+        p50_p99(histogram),
         micros(histogram.value_at_quantile(0.999)),
         micros(histogram.max())
     )

@@ -6,11 +6,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
+use serde_json::Value;
 use signoff::quota::Quotas;
 use tokio::task::JoinSet;
 
-use crate::harness::{settle_disk, Database, Harness, SERVER_THREAD_NAME};
+use crate::harness::{intakes, settle_disk, turn_quotas_on, Database, Harness, SERVER_THREAD_NAME};
+use crate::latency::histogram;
 use crate::report::micros;
 use crate::Args;
 
@@ -88,13 +89,13 @@ impl Harness {
         let mut runs = Vec::new();
         for _ in 0..3 {
             settle_disk();
-            let request = self
-                .http
-                .post(format!("{}/v1/requests", self.base_url))
-                .bearer_auth(&self.key)
-                .json(body);
             let run = self
-                .saturate(request, reqwest::StatusCode::CREATED, clients, seconds)
+                .saturate(
+                    self.intake(body),
+                    reqwest::StatusCode::CREATED,
+                    clients,
+                    seconds,
+                )
                 .await;
             eprintln!("  saturation run: {:.0} req/s ({})", run.rate, run.cpu());
             runs.push(run);
@@ -123,7 +124,7 @@ impl Harness {
             };
             let http = self.http.clone();
             tasks.spawn(async move {
-                let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+                let mut histogram = histogram();
                 let mut errors = 0u64;
                 let Ok(request) = request else {
                     return (histogram, 1);
@@ -144,7 +145,7 @@ impl Harness {
                 (histogram, errors)
             });
         }
-        let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+        let mut histogram = histogram();
         let mut errors = 0;
         while let Some(Ok((part, part_errors))) = tasks.join_next().await {
             let _ = histogram.add(&part);
@@ -177,16 +178,7 @@ pub async fn quota_cost(
     directory: &Path,
     rounds: usize,
 ) -> anyhow::Result<QuotaCost> {
-    let bodies = [
-        (
-            "auto-allowed intake",
-            json!({"action": "customers.get", "args": {"id": 42}}),
-        ),
-        (
-            "pending intake",
-            json!({"action": "email.send", "args": {"to": "a@example.com"}}),
-        ),
-    ];
+    let bodies = intakes();
     // cpu[body][arm]: server CPU per request, in microseconds, one per round.
     let mut cpu = vec![[Vec::new(), Vec::new()]; bodies.len()];
     for round in 0..rounds {
@@ -211,7 +203,9 @@ pub async fn quota_cost(
     // submission pays for them, set against a whole request's server CPU below.
     let checks = {
         let harness = Harness::start(args, database, directory, false).await?;
-        let quotas = Quotas::new(100_000_000, 1_000_000_000, 1_000_000);
+        let mut quotas_on = harness.config.clone();
+        turn_quotas_on(&mut quotas_on);
+        let quotas = Quotas::from_config(&quotas_on);
         // Opened beside the server's, on the same database and settings.
         let store = signoff::store::connect(&harness.config).await?;
         const CALLS: u32 = 200_000;
