@@ -19,7 +19,8 @@ WORKDIR /build
 # 1. Dependencies only, cached in this layer until Cargo.toml or Cargo.lock change:
 #    build against stub sources, then forget everything built from the stubs. Every target
 #    Cargo.toml names (the bench binary, the integration tests, the criterion bench) gets a
-#    stub, or cargo refuses the manifest; only the server binary is built.
+#    stub, or cargo refuses the manifest; only the server binary is built. The bench binary
+#    and the crates only it uses need the `bench` feature, so none of them is built here.
 #    .ci/docker-build replays these steps in CI: keep the two in step.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin/signoff-bench tests/integration benches \
