@@ -6,17 +6,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::callbacks::CallbackGuard;
-use crate::channels::{self, slack::SlackChannel};
+use crate::channels::slack::SlackChannel;
+use crate::channels::{ChatChannel, ChatChannels};
 use crate::config::Config;
-use crate::delivery::Delivery;
-use crate::engine::{load_policy, Engine};
+use crate::engine::{load_policy, Clock, Engine, SystemClock};
 use crate::http::{router, AppState};
 use crate::quota::Quotas;
 use crate::store;
+use crate::workers::{Delivery, Workers};
 
 /// Opens and migrates the database and loads the policy: what every command that decides needs.
 pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
@@ -26,12 +26,8 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         .migrate()
         .await
         .context("applying database migrations")?;
-    // Cards are written for every chat destination whatever this process's own config says:
-    // a vote cast from the CLI must still update the cards the servers posted. A server
-    // without that channel configured leaves the message to one that has it.
     let callbacks = CallbackGuard::new(config.callback_networks()?);
     Ok(Engine::new(store, policy)
-        .with_card_channels(vec![channels::SLACK])
         .with_callback_guard(callbacks)
         .with_quotas(Quotas::from_config(config)))
 }
@@ -56,7 +52,7 @@ async fn serve(
     listener: TcpListener,
     app: axum::Router,
     header_read_timeout: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     use tower::Service as _;
     let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -76,7 +72,7 @@ async fn serve(
                     continue;
                 }
             },
-            _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => break,
+            _ = shutdown.cancelled() => break,
         };
         let Ok(service) = make_service.call(remote).await;
         let service = hyper_util::service::TowerToHyperService::new(service);
@@ -95,75 +91,99 @@ async fn serve(
     graceful.shutdown().await;
 }
 
+/// What a server runs beyond its config: the clock, extra chat channels, and whether the
+/// background loops run (tests drive the workers' steps themselves).
+pub struct ServerOptions {
+    pub clock: Arc<dyn Clock>,
+    /// Registered after the configured ones (a test's recording channel, say).
+    pub channels: Vec<Arc<dyn ChatChannel>>,
+    /// Run the delivery and sweeper loops. Off, nothing is delivered or swept until
+    /// `RunningServer::deliver_due` / `sweep_once` is called. The watcher always runs.
+    pub background_workers: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            channels: Vec::new(),
+            background_workers: true,
+        }
+    }
+}
+
 /// A server listening and its background workers.
 pub struct RunningServer {
     address: SocketAddr,
     engine: Engine,
     config: Arc<Config>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    delivery: Arc<Delivery>,
+    workers: Workers,
 }
 
 impl RunningServer {
     /// Binds `config.listen` (port 0 picks a free port), migrates, and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        Self::start_with(config, ServerOptions::default()).await
+    }
+
+    pub async fn start_with(config: Config, options: ServerOptions) -> anyhow::Result<Self> {
         // Installed before anything records, so no early sample is lost.
         crate::telemetry::prometheus();
-        let engine = build_engine(&config).await?;
+        let engine = build_engine(&config).await?.with_clock(options.clock);
         let listener = TcpListener::bind(config.listen_address()?)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let address = listener.local_addr()?;
         let config = Arc::new(config);
-        let (shutdown, shutdown_signal) = watch::channel(false);
+        let http = http_client()?;
+        // The chat platforms this server runs: one line each.
+        let mut channels = ChatChannels::default();
+        if let Some(slack) = SlackChannel::configured(&config, http)? {
+            channels.register(slack);
+        }
+        for channel in options.channels {
+            channels.register(channel);
+        }
         let state = AppState {
             engine: engine.clone(),
             config: config.clone(),
         };
-        let http = http_client()?;
-        let slack = if config.slack_enabled() {
-            Some(Arc::new(SlackChannel::from_config(&config.slack, http)?))
-        } else {
-            None
-        };
-        let channel_routes = match &slack {
-            Some(slack) => {
-                channels::slack::router(engine.clone(), slack.clone(), config.max_body_bytes)
-            }
-            None => axum::Router::new(),
-        };
-        let app = router(state, channel_routes);
+        let app = router(state, channels.routes(&engine, config.max_body_bytes));
         let webhooks = engine
             .callback_guard()
             .webhook_client()
             .context("building the webhook client")?;
         let delivery = Arc::new(
-            Delivery::new(engine.clone(), slack, webhooks).with_lease(config.outbox_lease()),
+            Delivery::new(engine.clone(), channels, webhooks).with_lease(config.outbox_lease()),
         );
-        let http = tokio::spawn(serve(
+        let workers = Workers::default();
+        workers.spawn(serve(
             listener,
             app,
             config.header_read_timeout(),
-            shutdown_signal.clone(),
+            workers.cancellation(),
         ));
-        let sweeper = tokio::spawn(crate::sweeper::run_sweeper(
-            engine.clone(),
-            config.sweep_interval(),
-            shutdown_signal.clone(),
-        ));
-        let watcher = tokio::spawn(crate::watcher::run_decision_watcher(
+        if options.background_workers {
+            workers.spawn(crate::workers::sweeper::run(
+                engine.clone(),
+                config.sweep_interval(),
+                workers.cancellation(),
+            ));
+            workers.spawn(delivery.clone().run(workers.cancellation()));
+        }
+        workers.spawn(crate::workers::watcher::run(
             engine.clone(),
             config.watch_interval(),
-            shutdown_signal.clone(),
+            workers.cancellation(),
         ));
-        let delivery = tokio::spawn(delivery.run(shutdown_signal));
         tracing::info!(%address, policy_hash = engine.policy().hash(), "signoff listening");
         Ok(Self {
             address,
             engine,
             config,
-            shutdown,
-            tasks: vec![http, sweeper, watcher, delivery],
+            delivery,
+            workers,
         })
     }
 
@@ -175,6 +195,11 @@ impl RunningServer {
         &self.engine
     }
 
+    /// The outbox worker, for driving it one step at a time.
+    pub fn delivery(&self) -> &Arc<Delivery> {
+        &self.delivery
+    }
+
     pub fn reload_policy(&self) -> anyhow::Result<()> {
         self.engine.reload_policy(&self.config.policy).map(|_| ())
     }
@@ -183,10 +208,6 @@ impl RunningServer {
     /// between rows.
     pub async fn shutdown(self, grace: Duration) {
         self.engine.begin_shutdown();
-        let _ = self.shutdown.send(true);
-        let all = futures::future::join_all(self.tasks);
-        if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!("shutdown grace period over; abandoning unfinished work");
-        }
+        self.workers.stop(grace).await;
     }
 }

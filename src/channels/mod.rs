@@ -1,228 +1,139 @@
-//! The chat-channel boundary: what a card must show (platform-neutral), which destinations a
-//! request's cards go to, and what a verified click asks the engine to do. Platform code
-//! lives below: `slack/` (and later `teams/`).
+//! The chat-channel boundary (ARCHITECTURE.md): `trait ChatChannel` is everything the rest
+//! of signoff asks of a chat platform — post and update a card, post a reminder, say who
+//! clicked, serve its own signed routes — and `ChatChannels` is the registry the server
+//! fills and the delivery worker looks destinations up in. Platform code lives below, one
+//! folder each (`slack/`); nothing outside this folder names a platform.
 
 pub mod slack;
+mod view;
 
-use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::Value;
 
-use crate::domain::{ApprovalRequest, Principal, Status, VoteRequest};
+use crate::domain::{ApprovalRequest, Destination, Voter};
+use crate::engine::{Engine, EngineError};
 
-/// Destination kinds a card can go to, as written in a tier's `route`.
-pub const SLACK: &str = "slack";
+pub use view::{
+    changed_args, parse_modified_args, vote_from_form, CardView, VoteTarget, APPROVE, DENY, MODIFY,
+};
 
-/// Everything a card shows, independent of the platform that draws it.
+/// A chat platform signoff posts approval cards to and takes votes from.
+#[async_trait]
+pub trait ChatChannel: Send + Sync + 'static {
+    /// The platform its destinations name (`slack` in `slack:C0HIGH`).
+    fn platform(&self) -> &'static str;
+
+    /// Makes the card at `destination` show `request` as it is now: posts it when
+    /// `posted` is `None` (the answer's reference is saved with the delivery), else
+    /// updates that message.
+    async fn sync_card(
+        &self,
+        request: &ApprovalRequest,
+        destination: &Destination,
+        posted: Option<&Value>,
+    ) -> Result<CardSync, ChannelError>;
+
+    /// Reminds the approvers in the thread of the card message `posted`.
+    async fn post_reminder(
+        &self,
+        reminder: &Reminder,
+        destination: &Destination,
+        posted: &Value,
+    ) -> Result<(), ChannelError>;
+
+    /// Who the platform's user `user` is, as the engine judges a vote on `request`: their
+    /// principal, aliases (an email) and groups, as far as the platform can tell.
+    async fn resolve_voter(
+        &self,
+        engine: &Engine,
+        request: &ApprovalRequest,
+        user: &str,
+    ) -> Result<Voter, ChannelError>;
+
+    /// The platform's inbound routes (signed interactions, commands, events), each
+    /// verified before anything is parsed and limited to `body_limit` bytes.
+    fn routes(self: Arc<Self>, engine: Engine, body_limit: usize) -> axum::Router;
+}
+
+/// What syncing a card did.
 #[derive(Clone, Debug, PartialEq)]
-pub struct CardView {
-    pub id: String,
-    pub action: String,
-    pub agent: String,
-    pub requester: Option<Principal>,
-    pub tier: Option<String>,
-    pub rule: Option<String>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub args: Value,
-    pub summary: Option<String>,
-    pub reason: Option<String>,
-    pub reversible: Option<bool>,
-    pub links: Vec<String>,
-    pub status: Status,
-    pub approvals: usize,
-    pub approvals_required: u32,
-    pub approvers: Vec<Principal>,
-    pub revision: u32,
-    /// Top-level args that approvers changed, as (key, before, after).
-    pub changes: Vec<(String, Value, Value)>,
-    pub modified_by: Option<Principal>,
-    pub decided_by: Vec<Principal>,
-    pub decided_at: Option<DateTime<Utc>>,
-    pub decision_reason: Option<String>,
-    pub escalated_at: Option<DateTime<Utc>>,
+pub enum CardSync {
+    /// A new message: where it lives, kept with the delivery's finish so later changes
+    /// update it in place.
+    Posted {
+        reference: Value,
+    },
+    Updated,
 }
 
-impl CardView {
-    pub fn of(request: &ApprovalRequest) -> Self {
-        let decision = request.decision.as_ref();
-        let modified_by = (request.revision > 1)
-            .then(|| {
-                request
-                    .votes
-                    .iter()
-                    .find(|vote| vote.revision == request.revision)
-                    .map(|vote| vote.principal.clone())
+/// Why a call to a chat platform failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("chat call failed, will retry: {reason}")]
+    Retry {
+        reason: String,
+        /// The platform's Retry-After, when it sent one.
+        after: Option<Duration>,
+    },
+    #[error("chat platform refused the call: {0}")]
+    Permanent(String),
+}
+
+impl From<EngineError> for ChannelError {
+    fn from(error: EngineError) -> Self {
+        ChannelError::Retry {
+            reason: error.to_string(),
+            after: None,
+        }
+    }
+}
+
+/// A reminder's content, as the sweeper wrote it into the outbox.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Reminder {
+    /// Everyone who may vote, as the policy names them.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    #[serde(default)]
+    pub approvals: u64,
+    #[serde(default)]
+    pub required: u64,
+}
+
+/// The chat channels this process runs, by platform.
+#[derive(Clone, Default)]
+pub struct ChatChannels {
+    by_platform: HashMap<&'static str, Arc<dyn ChatChannel>>,
+}
+
+impl ChatChannels {
+    /// Adds `channel`; a later channel of the same platform replaces an earlier one.
+    pub fn register(&mut self, channel: Arc<dyn ChatChannel>) {
+        self.by_platform.insert(channel.platform(), channel);
+    }
+
+    /// The channel that delivers to `destination`, if this process runs it.
+    pub fn for_destination(&self, destination: &Destination) -> Option<&Arc<dyn ChatChannel>> {
+        self.by_platform.get(destination.platform())
+    }
+
+    /// Does this process run the channel of `destination` (as stored in the outbox)?
+    pub fn delivers_to(&self, destination: &str) -> bool {
+        Destination::parse(destination)
+            .is_some_and(|destination| self.for_destination(&destination).is_some())
+    }
+
+    /// Every channel's inbound routes, merged.
+    pub fn routes(&self, engine: &Engine, body_limit: usize) -> axum::Router {
+        self.by_platform
+            .values()
+            .fold(axum::Router::new(), |router, channel| {
+                router.merge(channel.clone().routes(engine.clone(), body_limit))
             })
-            .flatten();
-        Self {
-            id: request.id.clone(),
-            action: request.action.clone(),
-            agent: request.agent.clone(),
-            requester: request.on_behalf_of.clone(),
-            tier: request.tier.clone(),
-            rule: request.rule.clone(),
-            expires_at: request.expires_at,
-            args: request.args.clone(),
-            summary: request.context.summary.clone(),
-            reason: request.context.reason.clone(),
-            reversible: request.context.reversible,
-            links: request.context.links.clone(),
-            status: request.status,
-            approvals: request.current_approvers().len(),
-            approvals_required: request.approvals_required,
-            approvers: request.current_approvers().into_iter().cloned().collect(),
-            revision: request.revision,
-            changes: changed_args(&request.original_args, &request.args),
-            modified_by,
-            decided_by: decision
-                .map(|decision| decision.by.clone())
-                .unwrap_or_default(),
-            decided_at: decision.map(|decision| decision.at),
-            decision_reason: decision.and_then(|decision| decision.reason.clone()),
-            escalated_at: request.escalated_at,
-        }
-    }
-
-    pub fn is_pending(&self) -> bool {
-        self.status == Status::Pending
-    }
-}
-
-/// Top-level keys whose values differ between two args objects, in key order.
-pub fn changed_args(before: &Value, after: &Value) -> Vec<(String, Value, Value)> {
-    let (Some(before), Some(after)) = (before.as_object(), after.as_object()) else {
-        return Vec::new();
-    };
-    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter_map(|key| {
-            let old = before.get(key).cloned().unwrap_or(Value::Null);
-            let new = after.get(key).cloned().unwrap_or(Value::Null);
-            (old != new).then(|| (key.clone(), old, new))
-        })
-        .collect()
-}
-
-/// What a card's button, a modal or a listing names: the request AND the revision the
-/// person was shown, so a vote binds to exactly what they saw. Carried as a small JSON
-/// object in button values, modal metadata and Adaptive Card data.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VoteTarget {
-    pub request_id: String,
-    pub revision: u32,
-}
-
-impl VoteTarget {
-    pub fn of(card: &CardView) -> Self {
-        Self {
-            request_id: card.id.clone(),
-            revision: card.revision,
-        }
-    }
-
-    pub fn encode(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    /// `None` for anything else, a bare request id (a card from before votes were bound
-    /// to revisions) included: such a click is answered with the current card.
-    pub fn decode(text: &str) -> Option<Self> {
-        serde_json::from_str(text).ok()
-    }
-}
-
-/// Button action ids, the same on every platform.
-pub const APPROVE: &str = "approve";
-pub const DENY: &str = "deny";
-pub const MODIFY: &str = "modify";
-
-/// Parses the args an approver typed into a modify form.
-pub fn parse_modified_args(text: &str) -> Result<Value, String> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|error| format!("not valid JSON: {error}"))?;
-    if !value.is_object() {
-        return Err("args must be a JSON object, like {\"amount\": 100}".into());
-    }
-    Ok(value)
-}
-
-/// A vote asked for in chat, ready for the engine.
-pub fn vote_from_form(action: &str, text: Option<&str>) -> Result<VoteRequest, String> {
-    match action {
-        APPROVE => Ok(VoteRequest::Approve {
-            note: text.map(str::to_string),
-        }),
-        DENY => Ok(VoteRequest::Deny {
-            reason: text.unwrap_or_default().to_string(),
-        }),
-        MODIFY => Ok(VoteRequest::Modify {
-            args: parse_modified_args(text.unwrap_or_default())?,
-            note: None,
-        }),
-        other => Err(format!("unknown action {other:?}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn changed_args_lists_differences_by_key() {
-        let table = [
-            (
-                json!({"a": 1, "b": 2}),
-                json!({"a": 1, "b": 3}),
-                vec![("b", json!(2), json!(3))],
-            ),
-            (
-                json!({"a": 1}),
-                json!({"a": 1, "c": true}),
-                vec![("c", json!(null), json!(true))],
-            ),
-            (
-                json!({"a": 1}),
-                json!({}),
-                vec![("a", json!(1), json!(null))],
-            ),
-            (json!({"a": 1}), json!({"a": 1}), vec![]),
-        ];
-        for (before, after, expected) in table {
-            let expected: Vec<(String, Value, Value)> = expected
-                .into_iter()
-                .map(|(key, old, new)| (key.to_string(), old, new))
-                .collect();
-            assert_eq!(changed_args(&before, &after), expected);
-        }
-    }
-
-    #[test]
-    fn vote_targets_round_trip_and_refuse_bare_ids() {
-        let target = VoteTarget {
-            request_id: "apr_1".into(),
-            revision: 3,
-        };
-        assert_eq!(VoteTarget::decode(&target.encode()), Some(target));
-        for text in [
-            "apr_1",
-            "",
-            "{\"request_id\":\"apr_1\"}",
-            "{\"revision\":1}",
-        ] {
-            assert_eq!(VoteTarget::decode(text), None, "{text}");
-        }
-    }
-
-    #[test]
-    fn modified_args_must_be_an_object() {
-        assert!(parse_modified_args("{\"amount\": 5}").is_ok());
-        assert!(parse_modified_args("[1]")
-            .unwrap_err()
-            .contains("JSON object"));
-        assert!(parse_modified_args("{amount: 5}")
-            .unwrap_err()
-            .contains("not valid JSON"));
     }
 }

@@ -1,11 +1,13 @@
 //! The approval request, its status state machine, votes, decisions, principals and ids — pure, no I/O.
 
 pub mod canonical_json;
+mod destination;
 mod kinds;
 mod principal;
 mod request;
 mod voting;
 
+pub use destination::Destination;
 pub use kinds::{AuditKind, OutboxKind};
 pub use principal::{Principal, PrincipalError};
 pub use request::{

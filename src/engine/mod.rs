@@ -78,8 +78,6 @@ pub struct Engine {
     policy: Arc<ArcSwap<Policy>>,
     clock: Arc<dyn Clock>,
     waiters: Waiters,
-    /// Chat destination kinds (`slack`, ...) that get cards; others in a route are skipped.
-    card_channels: Arc<Vec<&'static str>>,
     /// Wakes the local outbox worker after a commit that wrote outbox messages.
     outbox_signal: Arc<OutboxSignal>,
     /// Turns true when the server stops: long-polls answer at once instead of holding it up.
@@ -114,7 +112,6 @@ impl Engine {
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             clock: Arc::new(SystemClock),
             waiters: Waiters::default(),
-            card_channels: Arc::new(Vec::new()),
             outbox_signal: Arc::default(),
             stopping: watch::channel(false).0,
             submitters: Arc::default(),
@@ -154,12 +151,6 @@ impl Engine {
     /// (another replica, or this one after restart).
     pub fn begin_shutdown(&self) {
         self.stopping.send_replace(true);
-    }
-
-    /// Cards go to route destinations of these kinds.
-    pub fn with_card_channels(mut self, kinds: Vec<&'static str>) -> Self {
-        self.card_channels = Arc::new(kinds);
-        self
     }
 
     pub fn outbox_signal(&self) -> Arc<OutboxSignal> {
@@ -246,7 +237,7 @@ impl Engine {
         at: DateTime<Utc>,
     ) -> Vec<NewOutboxMessage> {
         self.policy()
-            .card_destinations(request, &self.card_channels)
+            .card_destinations(request)
             .into_iter()
             .map(|destination| NewOutboxMessage {
                 request_id: request.id.clone(),

@@ -251,10 +251,11 @@ impl Policy {
         identified
     }
 
-    /// The destinations that should carry `request`'s card, among the enabled channel kinds:
-    /// its tier's route, once escalated the escalation destinations, and the routes of the
-    /// tiers a modification moved it up from.
-    pub fn card_destinations(&self, request: &ApprovalRequest, enabled: &[&str]) -> Vec<String> {
+    /// The destinations that should carry `request`'s card: its tier's route, once
+    /// escalated the escalation destinations, and the routes of the tiers a modification
+    /// moved it up from. Cards are written for every one of them, whatever platforms this
+    /// process runs: a vote cast from the CLI must still update the cards servers posted.
+    pub fn card_destinations(&self, request: &ApprovalRequest) -> Vec<String> {
         let Some(tier) = request.tier.as_deref().and_then(|tier| self.tier(tier)) else {
             return Vec::new();
         };
@@ -272,11 +273,8 @@ impl Policy {
             .chain(escalated.into_iter().flatten())
             .chain(earlier_routes)
         {
-            let enabled_here = destination
-                .split_once(':')
-                .is_some_and(|(kind, _)| enabled.contains(&kind));
             // A channel both routed to and escalated to gets one card.
-            if enabled_here && !destinations.contains(destination) {
+            if !destinations.contains(destination) {
                 destinations.push(destination.clone());
             }
         }

@@ -14,9 +14,10 @@ use reqwest::StatusCode;
 use rstest::rstest;
 use rstest_reuse::apply;
 use serde_json::{json, Value};
+use signoff::channels::ChatChannels;
 use signoff::config::Secret;
-use signoff::delivery::Delivery;
 use signoff::server::RunningServer;
+use signoff::workers::Delivery;
 
 use crate::spawn_app;
 use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
@@ -256,7 +257,7 @@ async fn a_replica_without_slack_leaves_slack_cards_to_one_with_it(#[case] backe
     // A worker without Slack looks, and claims nothing.
     let worker = Arc::new(Delivery::new(
         without_slack.engine().clone(),
-        None,
+        ChatChannels::default(),
         reqwest::Client::new(),
     ));
     assert_eq!(worker.step().await.unwrap(), 0);

@@ -24,44 +24,34 @@ const TRANSIENT_ERRORS: &[&str] = &[
     "team_added_to_org",
 ];
 
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum SlackCallError {
-    #[error("Slack call failed, will retry: {reason}")]
-    Retry {
-        reason: String,
-        /// Slack's Retry-After, when it sent one.
-        after: Option<Duration>,
-    },
-    #[error("Slack refused the call: {0}")]
-    Permanent(String),
-}
+/// Slack calls fail like any chat platform's: retry (maybe after Retry-After), or never.
+pub type SlackCallError = crate::channels::ChannelError;
 
-impl SlackCallError {
-    fn from_client(method: &str, error: SlackClientError) -> Self {
-        match error {
-            SlackClientError::ApiError(api) if TRANSIENT_ERRORS.contains(&api.code.as_str()) => {
-                SlackCallError::Retry {
-                    reason: format!("{method}: {}", api.code),
-                    after: None,
-                }
-            }
-            SlackClientError::ApiError(api) => {
-                SlackCallError::Permanent(format!("{method}: {}", api.code))
-            }
-            SlackClientError::RateLimitError(limit) => SlackCallError::Retry {
-                reason: format!("{method}: rate limited"),
-                after: limit.retry_after,
-            },
-            SlackClientError::HttpError(http)
-                if http.status_code.is_client_error() && http.status_code.as_u16() != 408 =>
-            {
-                SlackCallError::Permanent(format!("{method}: HTTP {}", http.status_code))
-            }
-            other => SlackCallError::Retry {
-                reason: format!("{method}: {other}"),
+/// Sorts a slack-morphism failure of `method` into retry or never.
+fn call_error(method: &str, error: SlackClientError) -> SlackCallError {
+    match error {
+        SlackClientError::ApiError(api) if TRANSIENT_ERRORS.contains(&api.code.as_str()) => {
+            SlackCallError::Retry {
+                reason: format!("{method}: {}", api.code),
                 after: None,
-            },
+            }
         }
+        SlackClientError::ApiError(api) => {
+            SlackCallError::Permanent(format!("{method}: {}", api.code))
+        }
+        SlackClientError::RateLimitError(limit) => SlackCallError::Retry {
+            reason: format!("{method}: rate limited"),
+            after: limit.retry_after,
+        },
+        SlackClientError::HttpError(http)
+            if http.status_code.is_client_error() && http.status_code.as_u16() != 408 =>
+        {
+            SlackCallError::Permanent(format!("{method}: HTTP {}", http.status_code))
+        }
+        other => SlackCallError::Retry {
+            reason: format!("{method}: {other}"),
+            after: None,
+        },
     }
 }
 
@@ -101,7 +91,7 @@ impl SlackApi {
         F: std::future::Future<Output = Result<T, SlackClientError>>,
     {
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(result) => result.map_err(|error| SlackCallError::from_client(method, error)),
+            Ok(result) => result.map_err(|error| call_error(method, error)),
             Err(_) => Err(SlackCallError::Retry {
                 reason: format!("{method}: no answer within {CALL_TIMEOUT:?}"),
                 after: None,
@@ -190,7 +180,7 @@ impl SlackApi {
                 Ok(None)
             }
             Ok(Err(SlackClientError::ProtocolError(_))) => Ok(None),
-            Ok(Err(error)) => Err(SlackCallError::from_client("auth.test", error)),
+            Ok(Err(error)) => Err(call_error("auth.test", error)),
             Err(_) => Err(SlackCallError::Retry {
                 reason: format!("auth.test: no answer within {CALL_TIMEOUT:?}"),
                 after: None,

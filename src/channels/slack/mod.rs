@@ -10,15 +10,19 @@ use std::sync::Arc;
 use slack_morphism::prelude::SlackSigningSecret;
 use slack_morphism::signature_verifier::SlackEventSignatureVerifier;
 
+use async_trait::async_trait;
+use serde_json::Value;
+
 use self::api::{PostedMessage, SlackApi, SlackCallError};
 use self::card::{card_fallback_text, reminder_text, render_card};
 use self::directory::Directory;
-use super::CardView;
-use crate::config::SlackConfig;
-use crate::domain::{ApprovalRequest, Voter};
-use crate::engine::{Engine, EngineError};
+use super::{CardSync, CardView, ChannelError, ChatChannel, Reminder};
+use crate::config::{Config, SlackConfig};
+use crate::domain::{ApprovalRequest, Destination, Voter};
+use crate::engine::Engine;
 
-pub use handlers::router;
+/// Route destinations `slack:<channel id>`.
+pub const PLATFORM: &str = "slack";
 
 /// Everything Slack-specific a server holds: the Web API client, the user directory, the
 /// request verifier and the slash command's name.
@@ -33,17 +37,15 @@ pub struct SlackChannel {
     home_team: tokio::sync::OnceCell<Option<String>>,
 }
 
-/// What syncing a card did.
-#[derive(Clone, Debug, PartialEq)]
-pub enum CardSync {
-    /// A new message: where it lives, for the caller to keep with the delivery's finish.
-    Posted {
-        reference: serde_json::Value,
-    },
-    Updated,
-}
-
 impl SlackChannel {
+    /// The Slack channel `config` asks for, if it asks for one (a bot token is set).
+    pub fn configured(config: &Config, http: reqwest::Client) -> anyhow::Result<Option<Arc<Self>>> {
+        if !config.slack_enabled() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(Self::from_config(&config.slack, http)?)))
+    }
+
     pub fn from_config(config: &SlackConfig, http: reqwest::Client) -> anyhow::Result<Self> {
         let api = Arc::new(SlackApi::new(&config.api_url, config.bot_token.expose())?);
         Ok(Self {
@@ -78,36 +80,6 @@ impl SlackChannel {
         }
     }
 
-    /// Makes the card for `request_id` in `channel` show the request as it is now: posts it
-    /// the first time (the caller saves the reference), updates that message afterwards.
-    pub async fn sync_card(
-        &self,
-        engine: &Engine,
-        request_id: &str,
-        destination: &str,
-        channel: &str,
-    ) -> Result<CardSync, CardSyncError> {
-        let request = engine.request(request_id).await?;
-        let view = CardView::of(&request);
-        let blocks = render_card(&view);
-        let text = card_fallback_text(&view);
-        let existing = engine
-            .chat_message(request_id, destination)
-            .await?
-            .and_then(|message| serde_json::from_value::<PostedMessage>(message).ok());
-        match existing {
-            Some(message) => {
-                self.api.update_message(&message, text, blocks).await?;
-                Ok(CardSync::Updated)
-            }
-            None => {
-                let posted = self.api.post_message(channel, text, blocks, None).await?;
-                let reference = serde_json::to_value(&posted).unwrap_or_default();
-                Ok(CardSync::Posted { reference })
-            }
-        }
-    }
-
     /// Posts a message to an interaction's `response_url` (Slack shows it to that user).
     pub async fn respond(
         &self,
@@ -127,43 +99,6 @@ impl SlackChannel {
         } else {
             Err(format!("response_url answered {}", response.status()))
         }
-    }
-
-    /// Posts a reminder in the thread of the request's card in `channel`. Waits (retries)
-    /// while the card itself has not been posted yet.
-    pub async fn post_reminder(
-        &self,
-        engine: &Engine,
-        request_id: &str,
-        destination: &str,
-        reminder: &serde_json::Value,
-    ) -> Result<(), CardSyncError> {
-        let card = engine
-            .chat_message(request_id, destination)
-            .await?
-            .and_then(|message| serde_json::from_value::<PostedMessage>(message).ok())
-            .ok_or_else(|| SlackCallError::Retry {
-                reason: "the card is not posted yet".into(),
-                after: None,
-            })?;
-        let approvers: Vec<String> = reminder["approvers"]
-            .as_array()
-            .map(|names| {
-                names
-                    .iter()
-                    .filter_map(|name| name.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let text = reminder_text(
-            &approvers,
-            reminder["approvals"].as_u64().unwrap_or(0),
-            reminder["required"].as_u64().unwrap_or(0),
-        );
-        self.api
-            .post_message(&card.channel, text, Vec::new(), Some(&card.ts))
-            .await?;
-        Ok(())
     }
 
     /// The voter behind a Slack user, for this request's tier.
@@ -204,10 +139,65 @@ impl SlackChannel {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum CardSyncError {
-    #[error(transparent)]
-    Slack(#[from] SlackCallError),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
+#[async_trait]
+impl ChatChannel for SlackChannel {
+    fn platform(&self) -> &'static str {
+        PLATFORM
+    }
+
+    async fn sync_card(
+        &self,
+        request: &ApprovalRequest,
+        destination: &Destination,
+        posted: Option<&Value>,
+    ) -> Result<CardSync, ChannelError> {
+        let view = CardView::of(request);
+        let blocks = render_card(&view);
+        let text = card_fallback_text(&view);
+        let existing = posted
+            .and_then(|message| serde_json::from_value::<PostedMessage>(message.clone()).ok());
+        match existing {
+            Some(message) => {
+                self.api.update_message(&message, text, blocks).await?;
+                Ok(CardSync::Updated)
+            }
+            None => {
+                let posted = self
+                    .api
+                    .post_message(destination.conversation(), text, blocks, None)
+                    .await?;
+                let reference = serde_json::to_value(&posted).unwrap_or_default();
+                Ok(CardSync::Posted { reference })
+            }
+        }
+    }
+
+    async fn post_reminder(
+        &self,
+        reminder: &Reminder,
+        _destination: &Destination,
+        posted: &Value,
+    ) -> Result<(), ChannelError> {
+        let card = serde_json::from_value::<PostedMessage>(posted.clone()).map_err(|error| {
+            ChannelError::Permanent(format!("the card's Slack reference is unreadable: {error}"))
+        })?;
+        let text = reminder_text(&reminder.approvers, reminder.approvals, reminder.required);
+        self.api
+            .post_message(&card.channel, text, Vec::new(), Some(&card.ts))
+            .await?;
+        Ok(())
+    }
+
+    async fn resolve_voter(
+        &self,
+        engine: &Engine,
+        request: &ApprovalRequest,
+        user: &str,
+    ) -> Result<Voter, ChannelError> {
+        self.voter_for(engine, request, user).await
+    }
+
+    fn routes(self: Arc<Self>, engine: Engine, body_limit: usize) -> axum::Router {
+        handlers::router(engine, self, body_limit)
+    }
 }

@@ -1,39 +1,36 @@
-//! The outbox worker: claims due messages, posts and updates chat cards, sends signed
-//! webhooks, retries with exponential backoff (honouring Retry-After) and paces each
-//! destination. Runs on every replica; claims are leases, so nothing is done twice at once.
+//! The outbox worker: claims due messages, has chat channels post and update cards and
+//! reminders, sends signed webhooks, retries with exponential backoff (honouring
+//! Retry-After) and paces each destination. Runs on every replica; claims are leases, so
+//! nothing is done twice at once. It names no chat platform: cards go to whichever
+//! `ChatChannel` the registry holds for a destination's platform.
 //!
-//! No agent can starve another here (ARCHITECTURE.md): the claim loop never waits for a delivery
-//! (each runs in its own task); it claims only what there is room for (a few webhooks in
-//! flight per receiver host, a few cards in all), so a slow or dead receiver holds only its
-//! own host's slots; and a paced channel takes its next card from the agent whose turn it
-//! is, round-robin, so one agent's flood does not push another's card back. Leases of
-//! deliveries still running are renewed, so no other replica takes them meanwhile.
+//! No agent can starve another here (ARCHITECTURE.md): the claim loop never waits for a
+//! delivery (each runs in its own task); it claims only what there is room for (a few
+//! webhooks in flight per receiver host, a few cards in all), so a slow or dead receiver
+//! holds only its own host's slots; and a paced destination takes its next card from the
+//! agent whose turn it is, round-robin, so one agent's flood does not push another's card
+//! back. Leases of deliveries still running are renewed, so no other replica takes them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use base64::Engine as _;
-use chrono::Utc;
-use hmac::{Hmac, Mac};
+use chrono::{DateTime, Utc};
 use rand::Rng;
-use sha2::Sha256;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::pacing::{TokenBucket, Turns};
+use super::webhook::send_webhook;
 use crate::audit::NewAuditEvent;
-use crate::callbacks::{self, CallbackRefused};
-use crate::channels::slack::api::SlackCallError;
-use crate::channels::slack::{CardSync, CardSyncError, SlackChannel};
-use crate::domain::now;
+use crate::channels::{CardSync, ChannelError, ChatChannels, Reminder};
+use crate::domain::{AuditKind, Destination, OutboxKind};
 use crate::engine::{Engine, EngineResult};
 use crate::store::{
     receiver_host, CandidateQuery, DeliveryRecord, OutboxCandidate, OutboxMessage, OutboxOutcome,
 };
 use crate::telemetry;
-
-/// Why a message for a channel this server does not run is dropped (quietly: expected).
-const NOT_CONFIGURED: &str = "is not configured on this server";
 
 /// A claimed message is ours this long unless renewed; every call inside has a shorter
 /// timeout, and running deliveries are renewed every third of it.
@@ -48,23 +45,16 @@ const WEBHOOKS_PER_HOST: usize = 4;
 const CANDIDATES: i64 = 256;
 /// How often the worker looks for due work when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
-const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Webhooks are retried at least 24 h (README: webhooks); give up after three days.
-const WEBHOOK_GIVE_UP: chrono::Duration = chrono::Duration::days(3);
-const WEBHOOK_MAX_BACKOFF: Duration = Duration::from_secs(3600);
-/// Cards keep being retried (a Slack outage delays cards, never loses them), at most this far apart.
+/// Cards keep being retried (a chat outage delays cards, never loses them), at most this far apart.
 const CARD_MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Recording a successful delivery is retried this far apart at most (see `finish`).
 const RECORD_MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// About one post per second per destination, with a short burst.
-const BURST: f64 = 3.0;
-const PER_SECOND: f64 = 1.0;
 /// Destinations whose round-robin state is kept before it starts over (bounds memory).
 const TRACKED_DESTINATIONS: usize = 10_000;
 
 pub struct Delivery {
     engine: Engine,
-    slack: Option<Arc<SlackChannel>>,
+    channels: ChatChannels,
     http: reqwest::Client,
     lease: Duration,
     pacing: Mutex<HashMap<String, TokenBucket>>,
@@ -73,6 +63,8 @@ pub struct Delivery {
     in_flight: Mutex<InFlight>,
     /// A delivery finished: there is room to claim again.
     freed: Notify,
+    /// The last delivery in flight finished.
+    idle: Notify,
     deliveries: TaskTracker,
 }
 
@@ -86,25 +78,20 @@ struct InFlight {
     by_host: HashMap<String, usize>,
 }
 
-/// Round-robin among the agents of one destination: the agent served longest ago (or
-/// never) goes next.
-#[derive(Debug, Default)]
-struct Turns {
-    served: HashMap<String, u64>,
-    next: u64,
-}
-
 impl Delivery {
-    pub fn new(engine: Engine, slack: Option<Arc<SlackChannel>>, http: reqwest::Client) -> Self {
+    /// A worker for `engine`'s outbox: cards through `channels`, webhooks through `http`
+    /// (the client that refuses addresses callbacks may not reach).
+    pub fn new(engine: Engine, channels: ChatChannels, http: reqwest::Client) -> Self {
         Self {
             engine,
-            slack,
+            channels,
             http,
             lease: LEASE,
             pacing: Mutex::default(),
             turns: Mutex::default(),
             in_flight: Mutex::default(),
             freed: Notify::new(),
+            idle: Notify::new(),
             deliveries: TaskTracker::new(),
         }
     }
@@ -115,24 +102,21 @@ impl Delivery {
         self
     }
 
-    /// Runs until `shutdown`; in-flight deliveries finish (each is bounded by its timeout).
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `cancel`; in-flight deliveries finish (each is bounded by its timeout).
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let signal = self.engine.outbox_signal();
         let renewing = tokio::spawn(self.clone().renew_leases());
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
+        while !cancel.is_cancelled() {
             match self.step().await {
                 Ok(claimed) if claimed > 0 => continue,
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "claiming outbox messages failed"),
             }
-            // Nothing to send now. Look again when a waiting channel gets a token, when
+            // Nothing to send now. Look again when a waiting destination gets a token, when
             // work arrives for a destination that is not waiting, when a delivery ends
             // (room to claim), or at the poll interval (work written by other processes,
-            // retries coming due). Work for a waiting channel alone is no reason to look:
-            // its messages could not be sent yet.
+            // retries coming due). Work for a waiting destination alone is no reason to
+            // look: its messages could not be sent yet.
             let look_again = tokio::time::Instant::now()
                 + self
                     .next_token_in()
@@ -148,7 +132,7 @@ impl Delivery {
                     }
                     _ = self.freed.notified() => break,
                     _ = tokio::time::sleep_until(look_again) => break,
-                    _ = shutdown.changed() => break,
+                    _ = cancel.cancelled() => break,
                 }
             }
         }
@@ -172,7 +156,7 @@ impl Delivery {
             .filter(|(_, &count)| count >= WEBHOOKS_PER_HOST)
             .map(|(host, _)| host.clone())
             .collect();
-        let at = now();
+        let at = self.engine.now();
         let candidates = self
             .engine
             .outbox_candidates(
@@ -200,6 +184,34 @@ impl Delivery {
         Ok(count)
     }
 
+    /// Delivers everything due now (as far as pacing allows) and returns once those
+    /// deliveries have finished and been recorded: the step tests and operators drive.
+    /// Returns how many messages were delivered or given up on.
+    pub async fn deliver_due(self: &Arc<Self>) -> EngineResult<usize> {
+        let mut handled = 0;
+        loop {
+            let claimed = self.step().await?;
+            self.until_idle().await;
+            if claimed == 0 {
+                return Ok(handled);
+            }
+            handled += claimed;
+        }
+    }
+
+    /// Returns once no delivery is in flight.
+    async fn until_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if lock(&self.in_flight).ids.is_empty() {
+                return;
+            }
+            idle.await;
+        }
+    }
+
     /// What to claim of `candidates` (oldest first): webhooks while their host and the
     /// worker have room; for each paced destination with a token, one card, from the agent
     /// whose turn it is.
@@ -211,7 +223,7 @@ impl Delivery {
             let mut webhook_room = WEBHOOKS_IN_FLIGHT.saturating_sub(in_flight.webhooks);
             let mut host_room: HashMap<String, usize> = HashMap::new();
             for candidate in candidates {
-                if candidate.kind == "webhook" {
+                if OutboxKind::parse(&candidate.kind) == Some(OutboxKind::Webhook) {
                     let host = receiver_host(&candidate.destination);
                     let room = host_room.entry(host).or_insert_with_key(|host| {
                         WEBHOOKS_PER_HOST
@@ -224,8 +236,9 @@ impl Delivery {
                     }
                     continue;
                 }
-                // Left for a replica that runs Slack: claiming it here could only fail it.
-                if self.slack.is_none() && is_slack(&candidate.destination) {
+                // Left for a replica that runs this destination's channel: claiming it
+                // here could only fail it.
+                if !self.channels.delivers_to(&candidate.destination) {
                     continue;
                 }
                 match paced
@@ -248,24 +261,18 @@ impl Delivery {
                 continue;
             }
             let turns = turns.entry(destination).or_default();
-            // Oldest first among agents never served or served equally long ago.
-            let Some(next) = queue
-                .iter()
-                .min_by_key(|candidate| turns.served.get(&candidate.agent).copied())
-            else {
-                continue;
-            };
-            turns.next += 1;
-            let turn = turns.next;
-            turns.served.insert(next.agent.clone(), turn);
-            chosen.push(next.id);
+            if let Some(next) =
+                turns.take_turn(queue.iter().map(|candidate| candidate.agent.as_str()))
+            {
+                chosen.push(queue[next].id);
+            }
         }
         chosen
     }
 
     /// Counts the message in flight and delivers it in a task of its own.
     fn start(self: &Arc<Self>, message: OutboxMessage) {
-        let host = (message.kind == "webhook").then(|| receiver_host(&message.destination));
+        let host = is_webhook(&message).then(|| receiver_host(&message.destination));
         {
             let mut in_flight = lock(&self.in_flight);
             in_flight.ids.insert(message.id);
@@ -281,7 +288,7 @@ impl Delivery {
         self.deliveries.spawn(async move {
             let outcome = worker.deliver(&message).await;
             worker.finish(&message, outcome).await;
-            {
+            let idle = {
                 let mut in_flight = lock(&worker.in_flight);
                 in_flight.ids.remove(&message.id);
                 match &host {
@@ -296,8 +303,12 @@ impl Delivery {
                     }
                     None => in_flight.cards = in_flight.cards.saturating_sub(1),
                 }
-            }
+                in_flight.ids.is_empty()
+            };
             worker.freed.notify_one();
+            if idle {
+                worker.idle.notify_waiters();
+            }
         });
     }
 
@@ -315,7 +326,7 @@ impl Delivery {
             if ids.is_empty() {
                 continue;
             }
-            let until = now() + to_chrono(self.lease);
+            let until = self.engine.now() + to_chrono(self.lease);
             if let Err(error) = self.engine.renew_outbox_leases(&ids, until).await {
                 // The next tick tries again; a lease is three ticks long.
                 tracing::warn!(%error, count = ids.len(), "renewing outbox leases failed");
@@ -324,12 +335,8 @@ impl Delivery {
     }
 
     async fn finish(&self, message: &OutboxMessage, outcome: OutboxOutcome) {
-        let unconfigured =
-            matches!(&outcome, OutboxOutcome::Abandon { error } if error.ends_with(NOT_CONFIGURED));
-        if let (false, OutboxOutcome::Retry { error, .. } | OutboxOutcome::Abandon { error }) =
-            (unconfigured, &outcome)
-        {
-            let destination_kind = if message.kind == "webhook" {
+        if let OutboxOutcome::Retry { error, .. } | OutboxOutcome::Abandon { error } = &outcome {
+            let destination_kind = if is_webhook(message) {
                 "webhook"
             } else {
                 message
@@ -341,8 +348,8 @@ impl Delivery {
                 .increment(1);
             tracing::warn!(outbox_id = message.id, kind = %message.kind, destination = %message.destination, %error, "delivery failed");
         }
-        // Reconcile after, rather than record before: Slack gives a card's `ts` only once
-        // it is posted, and chat.postMessage has no idempotency key, so nothing could be
+        // Reconcile after, rather than record before: a chat platform gives a card's
+        // reference only once it is posted, and has no idempotency key, so nothing could be
         // recorded first that would stop a second post. Instead a delivery that happened
         // is recorded until the record holds: its lease is renewed meanwhile (the message
         // is still in flight), so no replica posts the card (or sends the webhook) again.
@@ -369,135 +376,98 @@ impl Delivery {
 
     #[tracing::instrument(skip_all, fields(outbox_id = message.id, kind = %message.kind))]
     async fn deliver(&self, message: &OutboxMessage) -> OutboxOutcome {
-        match (message.kind.as_str(), message.destination.split_once(':')) {
-            ("card", Some((crate::channels::SLACK, channel))) => {
-                self.deliver_slack_card(message, channel).await
-            }
-            ("reminder", Some((crate::channels::SLACK, _))) => {
-                self.deliver_slack_reminder(message).await
-            }
-            ("webhook", _) => self.deliver_webhook(message).await,
-            _ => OutboxOutcome::Abandon {
+        let kind = OutboxKind::parse(&message.kind);
+        if kind == Some(OutboxKind::Webhook) {
+            return match send_webhook(&self.engine, &self.http, message).await {
+                OutboxOutcome::Delivered(_) => OutboxOutcome::Delivered(DeliveryRecord {
+                    chat_message: None,
+                    audit: Some(self.delivered_event(message, OutboxKind::Webhook)),
+                }),
+                other => other,
+            };
+        }
+        let channel = Destination::parse(&message.destination).and_then(|destination| {
+            let channel = self.channels.for_destination(&destination)?.clone();
+            Some((destination, channel))
+        });
+        let (Some(kind), Some((destination, channel))) = (kind, channel) else {
+            return OutboxOutcome::Abandon {
                 error: format!(
-                    "no channel configured for {} {}",
+                    "no channel on this server delivers {} to {}",
                     message.kind, message.destination
                 ),
-            },
-        }
-    }
-
-    async fn deliver_slack_card(&self, message: &OutboxMessage, channel: &str) -> OutboxOutcome {
-        let Some(slack) = &self.slack else {
-            return OutboxOutcome::Abandon {
-                error: format!("Slack {NOT_CONFIGURED}"),
             };
         };
-        let result = slack
-            .sync_card(
-                &self.engine,
-                &message.request_id,
-                &message.destination,
-                channel,
-            )
-            .await;
-        card_outcome(
-            message,
-            result.map(|sync| match sync {
-                CardSync::Posted { reference } => DeliveryRecord {
-                    chat_message: Some(reference),
-                    audit: Some(delivered_event(message, "card")),
-                },
-                CardSync::Updated => DeliveryRecord::default(),
-            }),
-        )
-    }
-
-    async fn deliver_slack_reminder(&self, message: &OutboxMessage) -> OutboxOutcome {
-        let Some(slack) = &self.slack else {
-            return OutboxOutcome::Abandon {
-                error: format!("Slack {NOT_CONFIGURED}"),
-            };
-        };
-        let result = slack
-            .post_reminder(
-                &self.engine,
-                &message.request_id,
-                &message.destination,
-                &message.payload,
-            )
-            .await;
-        card_outcome(message, result.map(|()| DeliveryRecord::default()))
-    }
-
-    /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
-    /// HMAC-SHA256(secret, id.timestamp.body)>`. The id is stable across retries.
-    async fn deliver_webhook(&self, message: &OutboxMessage) -> OutboxOutcome {
-        // The URL passed at submission, but the config may have changed since.
-        if let Err(refused) = self
+        let posted = match self
             .engine
-            .callback_guard()
-            .check_before_connect(&message.destination)
+            .chat_message(&message.request_id, &message.destination)
+            .await
         {
-            return refused_webhook(message, &refused);
-        }
-        let secret = match self.engine.webhook_secret(&message.request_id).await {
-            Ok(secret) => secret,
-            Err(error) => {
-                return OutboxOutcome::Retry {
-                    at: retry_at(message.attempts, WEBHOOK_MAX_BACKOFF, None),
-                    error: error.to_string(),
-                }
-            }
+            Ok(posted) => posted,
+            Err(error) => return self.chat_outcome(message, Err(error.into())),
         };
-        let body = serde_json::to_vec(&message.payload).unwrap_or_default();
-        // Stable across retries, unique across databases (the request id is random).
-        let id = format!("msg_{}_{}", message.request_id, message.id);
-        let timestamp = Utc::now().timestamp();
-        let signature = match sign_webhook(&secret, &id, timestamp, &body) {
-            Ok(signature) => signature,
-            Err(error) => return OutboxOutcome::Abandon { error },
-        };
-        let sent = self
-            .http
-            .post(&message.destination)
-            .header("content-type", "application/json")
-            .header("webhook-id", &id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .timeout(WEBHOOK_TIMEOUT)
-            .body(body)
-            .send()
-            .await;
-        let failure = match sent {
-            Ok(response) if response.status().is_success() => {
-                return OutboxOutcome::Delivered(DeliveryRecord {
-                    chat_message: None,
-                    audit: Some(delivered_event(message, "webhook")),
-                });
-            }
-            // 410 Gone: the receiver asks us to stop.
-            Ok(response) if response.status() == reqwest::StatusCode::GONE => {
-                return OutboxOutcome::Abandon {
-                    error: "receiver answered 410 Gone".into(),
-                };
-            }
-            Ok(response) => format!("receiver answered {}", response.status()),
-            Err(error) => match callbacks::refusal_in(&error) {
-                Some(refused) => return refused_webhook(message, refused),
-                None => format!("could not reach the receiver: {error}"),
+        let result = match kind {
+            OutboxKind::Card => match self.engine.request(&message.request_id).await {
+                Ok(request) => channel
+                    .sync_card(&request, &destination, posted.as_ref())
+                    .await
+                    .map(|sync| match sync {
+                        CardSync::Posted { reference } => DeliveryRecord {
+                            chat_message: Some(reference),
+                            audit: Some(self.delivered_event(message, OutboxKind::Card)),
+                        },
+                        CardSync::Updated => DeliveryRecord::default(),
+                    }),
+                Err(error) => Err(error.into()),
             },
+            OutboxKind::Reminder => {
+                // A reminder goes in the card's thread: it waits until the card is posted.
+                let Some(posted) = posted else {
+                    return self.chat_outcome(
+                        message,
+                        Err(ChannelError::Retry {
+                            reason: "the card is not posted yet".into(),
+                            after: None,
+                        }),
+                    );
+                };
+                let reminder: Reminder =
+                    serde_json::from_value(message.payload.clone()).unwrap_or_default();
+                channel
+                    .post_reminder(&reminder, &destination, &posted)
+                    .await
+                    .map(|()| DeliveryRecord::default())
+            }
+            OutboxKind::Webhook => unreachable!("webhooks are sent above"),
         };
-        if message.created_at + WEBHOOK_GIVE_UP < Utc::now() {
-            return OutboxOutcome::Abandon {
-                error: format!(
-                    "{failure}; gave up after {} days",
-                    WEBHOOK_GIVE_UP.num_days()
-                ),
-            };
+        self.chat_outcome(message, result)
+    }
+
+    /// What a chat delivery's result means for its outbox message.
+    fn chat_outcome(
+        &self,
+        message: &OutboxMessage,
+        result: Result<DeliveryRecord, ChannelError>,
+    ) -> OutboxOutcome {
+        let now = self.engine.now();
+        match result {
+            Ok(record) => OutboxOutcome::Delivered(record),
+            Err(ChannelError::Permanent(error)) => OutboxOutcome::Abandon { error },
+            Err(ChannelError::Retry { reason, after }) => OutboxOutcome::Retry {
+                at: retry_at(now, message.attempts, CARD_MAX_BACKOFF, after),
+                error: reason,
+            },
         }
-        OutboxOutcome::Retry {
-            at: retry_at(message.attempts, WEBHOOK_MAX_BACKOFF, None),
-            error: failure,
+    }
+
+    /// The audit event for a card's first post or a webhook's delivery.
+    fn delivered_event(&self, message: &OutboxMessage, kind: OutboxKind) -> NewAuditEvent {
+        NewAuditEvent {
+            at: self.engine.now(),
+            request_id: Some(message.request_id.clone()),
+            kind: AuditKind::Delivered,
+            actor: "system:delivery".into(),
+            payload: serde_json::json!({"kind": kind.as_str(), "destination": message.destination}),
         }
     }
 
@@ -537,20 +507,8 @@ impl Delivery {
     }
 }
 
-/// A webhook whose address callbacks may not reach is never sent, and not retried: the
-/// address will not become allowed by waiting (a change to `callback_allowed_networks`
-/// is a restart, and DNS pointing a callback inside is an attack, not an outage).
-fn refused_webhook(message: &OutboxMessage, refused: &CallbackRefused) -> OutboxOutcome {
-    tracing::warn!(
-        outbox_id = message.id,
-        request_id = %message.request_id,
-        destination = %message.destination,
-        reason = %refused,
-        "webhook not sent: its callback address is not allowed; giving up"
-    );
-    OutboxOutcome::Abandon {
-        error: format!("callback address refused: {refused}"),
-    }
+fn is_webhook(message: &OutboxMessage) -> bool {
+    OutboxKind::parse(&message.kind) == Some(OutboxKind::Webhook)
 }
 
 /// The maps and counters behind these locks hold no invariant a panic could break halfway.
@@ -558,110 +516,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn is_slack(destination: &str) -> bool {
-    destination
-        .split_once(':')
-        .is_some_and(|(kind, _)| kind == crate::channels::SLACK)
-}
-
-/// The audit event for a card's first post or a webhook's delivery.
-fn delivered_event(message: &OutboxMessage, kind: &str) -> NewAuditEvent {
-    NewAuditEvent {
-        at: now(),
-        request_id: Some(message.request_id.clone()),
-        kind: crate::domain::AuditKind::Delivered,
-        actor: "system:delivery".into(),
-        payload: serde_json::json!({"kind": kind, "destination": message.destination}),
-    }
-}
-
-/// What a chat delivery's result means for its outbox message.
-fn card_outcome(
-    message: &OutboxMessage,
-    result: Result<DeliveryRecord, CardSyncError>,
-) -> OutboxOutcome {
-    match result {
-        Ok(record) => OutboxOutcome::Delivered(record),
-        Err(CardSyncError::Slack(SlackCallError::Permanent(error))) => {
-            OutboxOutcome::Abandon { error }
-        }
-        Err(CardSyncError::Slack(SlackCallError::Retry { reason, after })) => {
-            OutboxOutcome::Retry {
-                at: retry_at(message.attempts, CARD_MAX_BACKOFF, after),
-                error: reason,
-            }
-        }
-        Err(CardSyncError::Engine(error)) => OutboxOutcome::Retry {
-            at: retry_at(message.attempts, CARD_MAX_BACKOFF, None),
-            error: error.to_string(),
-        },
-    }
-}
-
-/// `v1,<base64 signature>` for a Standard Webhooks secret (`whsec_<base64 key>`).
-pub fn sign_webhook(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(secret.trim_start_matches("whsec_"))
-        .map_err(|_| "the agent's webhook secret is not base64".to_string())?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).map_err(|error| error.to_string())?;
-    mac.update(id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    Ok(format!(
-        "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-    ))
-}
-
 /// Exponential backoff with jitter from 1 s, capped; never sooner than Retry-After.
-fn retry_at(attempts: i32, cap: Duration, retry_after: Option<Duration>) -> chrono::DateTime<Utc> {
+pub(super) fn retry_at(
+    now: DateTime<Utc>,
+    attempts: i32,
+    cap: Duration,
+    retry_after: Option<Duration>,
+) -> DateTime<Utc> {
     let exponent = attempts.clamp(0, 20) as u32;
     let backoff = Duration::from_secs(1u64 << exponent).min(cap);
     let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
     let wait = retry_after.map_or(jittered, |after| after.max(jittered));
-    now() + to_chrono(wait)
+    now + to_chrono(wait)
 }
 
 fn to_chrono(duration: Duration) -> chrono::Duration {
     chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
-}
-
-struct TokenBucket {
-    tokens: f64,
-    updated: Instant,
-}
-
-impl TokenBucket {
-    fn full() -> Self {
-        Self {
-            tokens: BURST,
-            updated: Instant::now(),
-        }
-    }
-
-    fn has_token(&self) -> bool {
-        self.next_token_in().is_none()
-    }
-
-    /// `None` when a token is there now.
-    fn next_token_in(&self) -> Option<Duration> {
-        let tokens = self.tokens + self.updated.elapsed().as_secs_f64() * PER_SECOND;
-        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) / PER_SECOND))
-    }
-
-    fn take(&mut self) -> Option<Duration> {
-        let elapsed = self.updated.elapsed().as_secs_f64();
-        self.updated = Instant::now();
-        self.tokens = (self.tokens + elapsed * PER_SECOND).min(BURST);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            None
-        } else {
-            Some(Duration::from_secs_f64((1.0 - self.tokens) / PER_SECOND))
-        }
-    }
 }
 
 #[cfg(test)]
@@ -669,44 +539,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn webhook_signature_matches_the_standard_webhooks_example() {
-        // The example from the Standard Webhooks specification.
-        let signature = sign_webhook(
-            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-            "msg_p5jXN8AQM9LWM0D4loKWxJek",
-            1614265330,
-            br#"{"test": 2432232314}"#,
-        )
-        .unwrap();
-        assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
-    }
-
-    #[test]
     fn backoff_grows_and_respects_retry_after() {
-        let soon = retry_at(0, CARD_MAX_BACKOFF, None) - now();
+        let now = crate::domain::now();
+        let soon = retry_at(now, 0, CARD_MAX_BACKOFF, None) - now;
         assert!(soon <= chrono::Duration::seconds(1));
-        let capped = retry_at(30, CARD_MAX_BACKOFF, None) - now();
+        let capped = retry_at(now, 30, CARD_MAX_BACKOFF, None) - now;
         assert!(
             capped <= chrono::Duration::seconds(300) && capped >= chrono::Duration::seconds(149)
         );
-        let told = retry_at(0, CARD_MAX_BACKOFF, Some(Duration::from_secs(30))) - now();
+        let told = retry_at(now, 0, CARD_MAX_BACKOFF, Some(Duration::from_secs(30))) - now;
         assert!(told >= chrono::Duration::seconds(29));
-    }
-
-    #[test]
-    fn pacing_allows_a_burst_then_about_one_per_second() {
-        let mut bucket = TokenBucket::full();
-        for _ in 0..3 {
-            assert!(bucket.has_token());
-            assert_eq!(bucket.next_token_in(), None);
-            assert_eq!(bucket.take(), None);
-        }
-        // Spent: the worker knows how long to sleep before this channel may be sent to.
-        assert!(!bucket.has_token());
-        let next = bucket.next_token_in().expect("no token left");
-        assert!(next > Duration::ZERO && next <= Duration::from_secs(1));
-        let wait = bucket.take().expect("the burst is spent");
-        assert!(wait <= Duration::from_secs(1));
     }
 
     #[tokio::test]

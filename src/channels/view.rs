@@ -1,0 +1,222 @@
+//! What every chat platform's card shows and what a click on it names, independent of
+//! the platform that draws it.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::domain::{ApprovalRequest, Principal, Status, VoteRequest};
+
+/// Everything a card shows, independent of the platform that draws it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CardView {
+    pub id: String,
+    pub action: String,
+    pub agent: String,
+    pub requester: Option<Principal>,
+    pub tier: Option<String>,
+    pub rule: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub args: Value,
+    pub summary: Option<String>,
+    pub reason: Option<String>,
+    pub reversible: Option<bool>,
+    pub links: Vec<String>,
+    pub status: Status,
+    pub approvals: usize,
+    pub approvals_required: u32,
+    pub approvers: Vec<Principal>,
+    pub revision: u32,
+    /// Top-level args that approvers changed, as (key, before, after).
+    pub changes: Vec<(String, Value, Value)>,
+    pub modified_by: Option<Principal>,
+    pub decided_by: Vec<Principal>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub decision_reason: Option<String>,
+    pub escalated_at: Option<DateTime<Utc>>,
+}
+
+impl CardView {
+    pub fn of(request: &ApprovalRequest) -> Self {
+        let decision = request.decision.as_ref();
+        let modified_by = (request.revision > 1)
+            .then(|| {
+                request
+                    .votes
+                    .iter()
+                    .find(|vote| vote.revision == request.revision)
+                    .map(|vote| vote.principal.clone())
+            })
+            .flatten();
+        Self {
+            id: request.id.clone(),
+            action: request.action.clone(),
+            agent: request.agent.clone(),
+            requester: request.on_behalf_of.clone(),
+            tier: request.tier.clone(),
+            rule: request.rule.clone(),
+            expires_at: request.expires_at,
+            args: request.args.clone(),
+            summary: request.context.summary.clone(),
+            reason: request.context.reason.clone(),
+            reversible: request.context.reversible,
+            links: request.context.links.clone(),
+            status: request.status,
+            approvals: request.current_approvers().len(),
+            approvals_required: request.approvals_required,
+            approvers: request.current_approvers().into_iter().cloned().collect(),
+            revision: request.revision,
+            changes: changed_args(&request.original_args, &request.args),
+            modified_by,
+            decided_by: decision
+                .map(|decision| decision.by.clone())
+                .unwrap_or_default(),
+            decided_at: decision.map(|decision| decision.at),
+            decision_reason: decision.and_then(|decision| decision.reason.clone()),
+            escalated_at: request.escalated_at,
+        }
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.status == Status::Pending
+    }
+}
+
+/// Top-level keys whose values differ between two args objects, in key order.
+pub fn changed_args(before: &Value, after: &Value) -> Vec<(String, Value, Value)> {
+    let (Some(before), Some(after)) = (before.as_object(), after.as_object()) else {
+        return Vec::new();
+    };
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|key| {
+            let old = before.get(key).cloned().unwrap_or(Value::Null);
+            let new = after.get(key).cloned().unwrap_or(Value::Null);
+            (old != new).then(|| (key.clone(), old, new))
+        })
+        .collect()
+}
+
+/// What a card's button, a modal or a listing names: the request AND the revision the
+/// person was shown, so a vote binds to exactly what they saw. Carried as a small JSON
+/// object in button values, modal metadata and Adaptive Card data.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VoteTarget {
+    pub request_id: String,
+    pub revision: u32,
+}
+
+impl VoteTarget {
+    pub fn of(card: &CardView) -> Self {
+        Self {
+            request_id: card.id.clone(),
+            revision: card.revision,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// `None` for anything else, a bare request id (a card from before votes were bound
+    /// to revisions) included: such a click is answered with the current card.
+    pub fn decode(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+}
+
+/// Button action ids, the same on every platform.
+pub const APPROVE: &str = "approve";
+pub const DENY: &str = "deny";
+pub const MODIFY: &str = "modify";
+
+/// Parses the args an approver typed into a modify form.
+pub fn parse_modified_args(text: &str) -> Result<Value, String> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|error| format!("not valid JSON: {error}"))?;
+    if !value.is_object() {
+        return Err("args must be a JSON object, like {\"amount\": 100}".into());
+    }
+    Ok(value)
+}
+
+/// A vote asked for in chat, ready for the engine.
+pub fn vote_from_form(action: &str, text: Option<&str>) -> Result<VoteRequest, String> {
+    match action {
+        APPROVE => Ok(VoteRequest::Approve {
+            note: text.map(str::to_string),
+        }),
+        DENY => Ok(VoteRequest::Deny {
+            reason: text.unwrap_or_default().to_string(),
+        }),
+        MODIFY => Ok(VoteRequest::Modify {
+            args: parse_modified_args(text.unwrap_or_default())?,
+            note: None,
+        }),
+        other => Err(format!("unknown action {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn changed_args_lists_differences_by_key() {
+        let table = [
+            (
+                json!({"a": 1, "b": 2}),
+                json!({"a": 1, "b": 3}),
+                vec![("b", json!(2), json!(3))],
+            ),
+            (
+                json!({"a": 1}),
+                json!({"a": 1, "c": true}),
+                vec![("c", json!(null), json!(true))],
+            ),
+            (
+                json!({"a": 1}),
+                json!({}),
+                vec![("a", json!(1), json!(null))],
+            ),
+            (json!({"a": 1}), json!({"a": 1}), vec![]),
+        ];
+        for (before, after, expected) in table {
+            let expected: Vec<(String, Value, Value)> = expected
+                .into_iter()
+                .map(|(key, old, new)| (key.to_string(), old, new))
+                .collect();
+            assert_eq!(changed_args(&before, &after), expected);
+        }
+    }
+
+    #[test]
+    fn vote_targets_round_trip_and_refuse_bare_ids() {
+        let target = VoteTarget {
+            request_id: "apr_1".into(),
+            revision: 3,
+        };
+        assert_eq!(VoteTarget::decode(&target.encode()), Some(target));
+        for text in [
+            "apr_1",
+            "",
+            "{\"request_id\":\"apr_1\"}",
+            "{\"revision\":1}",
+        ] {
+            assert_eq!(VoteTarget::decode(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn modified_args_must_be_an_object() {
+        assert!(parse_modified_args("{\"amount\": 5}").is_ok());
+        assert!(parse_modified_args("[1]")
+            .unwrap_err()
+            .contains("JSON object"));
+        assert!(parse_modified_args("{amount: 5}")
+            .unwrap_err()
+            .contains("not valid JSON"));
+    }
+}
