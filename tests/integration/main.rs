@@ -6,6 +6,7 @@ mod support;
 mod agent_api;
 mod audit_trail;
 mod callbacks;
+mod channels;
 mod cli;
 mod concurrency;
 mod decisions;

@@ -82,7 +82,7 @@ fn posted_request_ids(app: &TestApp, ids: &[String]) -> Vec<Option<String>> {
 #[apply(backends)]
 #[tokio::test]
 async fn a_dead_receiver_holds_only_its_own_hosts_slots(#[case] backend: Backend) {
-    let app = spawn_app!(backend);
+    let app = spawn_app!(live backend);
     let (dead_url, accepted) = dead_receiver().await;
     let alive = WebhookReceiver::start().await;
     let flooder = app.create_agent("flooder", &[]).await;
@@ -123,7 +123,7 @@ async fn a_dead_receiver_holds_only_its_own_hosts_slots(#[case] backend: Backend
 #[apply(backends)]
 #[tokio::test]
 async fn a_flooded_channel_serves_agents_round_robin(#[case] backend: Backend) {
-    let app = spawn_app!(backend);
+    let app = spawn_app!(live backend);
     let flooder = app.create_agent("flooder", &[]).await;
     let late = app.create_agent("late", &[]).await;
     let mut flood = Vec::new();
@@ -156,7 +156,7 @@ async fn a_flooded_channel_serves_agents_round_robin(#[case] backend: Backend) {
 #[apply(backends)]
 #[tokio::test]
 async fn two_replicas_deliver_each_slow_webhook_once(#[case] backend: Backend) {
-    let mut app = spawn_app!(backend);
+    let mut app = spawn_app!(live backend);
     // Deliveries take longer than a lease: only renewal keeps them from being taken again.
     app.config.outbox_lease_ms = 900;
     app.restart().await;
@@ -188,7 +188,7 @@ async fn two_replicas_deliver_each_slow_webhook_once(#[case] backend: Backend) {
 #[apply(backends)]
 #[tokio::test]
 async fn a_posted_card_whose_record_fails_is_not_posted_again(#[case] backend: Backend) {
-    let mut app = spawn_app!(backend);
+    let mut app = spawn_app!(live backend);
     app.config.outbox_lease_ms = 600;
     app.restart().await;
     let agent = app.create_agent("bot", &[]).await;
@@ -234,7 +234,7 @@ async fn a_posted_card_whose_record_fails_is_not_posted_again(#[case] backend: B
 #[apply(backends)]
 #[tokio::test]
 async fn a_replica_without_slack_leaves_slack_cards_to_one_with_it(#[case] backend: Backend) {
-    let mut app = spawn_app!(backend);
+    let mut app = spawn_app!(live backend);
     let agent = app.create_agent("bot", &[]).await;
     app.stop().await;
     let mut config = app.config.clone();

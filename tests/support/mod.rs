@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_slack;
+pub mod recording_channel;
 pub mod webhook_receiver;
 
 use std::future::Future;
@@ -14,11 +15,13 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use signoff::channels::ChatChannel;
 use signoff::config::{Config, Secret, SlackConfig};
 use signoff::domain::{ApprovalRequest, Principal, VoteEffect, VoteRequest, Voter};
-use signoff::engine::{Engine, EngineResult};
-use signoff::server::RunningServer;
+use signoff::engine::{Engine, EngineResult, ManualClock};
+use signoff::server::{RunningServer, ServerOptions};
 use signoff::store::Store;
+use signoff::workers::{sweep_once, Swept};
 use sqlx::Connection;
 use tempfile::TempDir;
 
@@ -195,6 +198,13 @@ pub struct TestAgent {
 
 pub struct TestApp {
     pub backend: Backend,
+    /// The time the server sees. It stands still until a test moves it (`advance`).
+    pub clock: ManualClock,
+    /// Extra chat channels the server registers (a recording fake, say).
+    channels: Vec<Arc<dyn ChatChannel>>,
+    /// Run the real clock and the workers' loops: for the few tests whose subject is the
+    /// loops' own timing (leases, pacing, concurrency across replicas).
+    live: bool,
     pub slack: FakeSlack,
     pub base_url: String,
     pub config: Config,
@@ -213,6 +223,15 @@ impl TestApp {
     }
 
     pub async fn spawn_with_policy(backend: Backend, policy: &str) -> Option<Self> {
+        Self::spawn_with_channels(backend, policy, Vec::new()).await
+    }
+
+    /// A server that also runs `channels` (each delivers its platform's destinations).
+    pub async fn spawn_with_channels(
+        backend: Backend,
+        policy: &str,
+        channels: Vec<Arc<dyn ChatChannel>>,
+    ) -> Option<Self> {
         let directory = tempfile::tempdir().expect("temp dir");
         let database = TestDatabase::create(backend, &directory).await?;
         let policy_path = directory.path().join("policy.yaml");
@@ -253,6 +272,9 @@ impl TestApp {
         .expect("write config");
         let mut app = Self {
             backend,
+            clock: ManualClock::new(),
+            channels,
+            live: false,
             slack,
             base_url: String::new(),
             config,
@@ -270,9 +292,33 @@ impl TestApp {
         Some(app)
     }
 
+    /// Servers in tests run no delivery or sweeper loops: a test moves the clock and
+    /// calls `deliver` and `sweep`, so nothing happens behind its back or on a timer.
+    fn server_options(&self) -> ServerOptions {
+        if self.live {
+            return ServerOptions {
+                channels: self.channels.clone(),
+                ..ServerOptions::default()
+            };
+        }
+        ServerOptions {
+            clock: Arc::new(self.clock.clone()),
+            channels: self.channels.clone(),
+            background_workers: false,
+        }
+    }
+
+    /// A server on the real clock with its delivery and sweeper loops running.
+    pub async fn spawn_live(backend: Backend) -> Option<Self> {
+        let mut app = Self::spawn(backend).await?;
+        app.live = true;
+        app.restart().await;
+        Some(app)
+    }
+
     async fn start(&mut self) {
         init_test_logging();
-        let server = RunningServer::start(self.config.clone())
+        let server = RunningServer::start_with(self.config.clone(), self.server_options())
             .await
             .expect("server starts");
         self.base_url = format!("http://{}", server.address());
@@ -281,9 +327,45 @@ impl TestApp {
 
     /// Another server on the same database and policy: a second replica.
     pub async fn start_replica(&self) -> RunningServer {
-        RunningServer::start(self.config.clone())
+        RunningServer::start_with(self.config.clone(), self.server_options())
             .await
             .expect("replica starts")
+    }
+
+    /// Delivers every outbox message due at the test clock (cards, reminders, webhooks)
+    /// and returns once they are delivered and recorded.
+    pub async fn deliver(&self) -> usize {
+        self.server
+            .as_ref()
+            .expect("server running")
+            .delivery()
+            .deliver_due()
+            .await
+            .expect("deliver due outbox messages")
+    }
+
+    /// One sweep at the test clock: expiry, escalation, reminders.
+    pub async fn sweep(&self) -> Swept {
+        sweep_once(self.engine()).await
+    }
+
+    /// Moves the test clock forward.
+    pub fn advance(&self, by: Duration) {
+        self.clock
+            .advance(chrono::Duration::from_std(by).expect("duration in range"));
+    }
+
+    /// Delivers what is due, then the fake Slack's successful `method` calls, of which
+    /// there must be at least `count`.
+    pub async fn delivered(&self, method: &str, count: usize) -> Vec<Value> {
+        self.deliver().await;
+        let calls = self.slack.calls(method);
+        assert!(
+            calls.len() >= count,
+            "fake Slack: expected {count} {method} call(s) after delivery, got {}: {calls:#?}",
+            calls.len()
+        );
+        calls
     }
 
     /// Stops the server (gracefully) and starts a new one on the same database.
@@ -644,6 +726,12 @@ pub fn stderr(output: &Output) -> String {
 macro_rules! spawn_app {
     ($backend:expr) => {
         match $crate::support::TestApp::spawn($backend).await {
+            Some(app) => app,
+            None => return,
+        }
+    };
+    (live $backend:expr) => {
+        match $crate::support::TestApp::spawn_live($backend).await {
             Some(app) => app,
             None => return,
         }
