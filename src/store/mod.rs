@@ -1,8 +1,14 @@
-//! Durable state: the `Store` trait and its SQLite and PostgreSQL implementations (all SQL lives here).
+//! Durable state: the `Store` trait and the types it takes and returns. All SQL lives in
+//! this folder, one file per area; `backend` says what SQLite and PostgreSQL do differently.
 
+mod agents;
+mod audit;
+mod backend;
 mod group_commit;
+mod idempotency;
+mod outbox;
 mod postgres;
-mod shared;
+mod requests;
 mod sqlite;
 
 use std::sync::Arc;
