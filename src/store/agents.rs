@@ -78,6 +78,7 @@ where
     }
 
     /// An active agent by the SHA-256 of its API key.
+    #[tracing::instrument(skip_all)]
     pub(super) async fn agent_by_key_hash(
         &self,
         api_key_hash: &str,
@@ -92,6 +93,7 @@ where
         Ok(row.map(agent_from_row))
     }
 
+    #[tracing::instrument(skip_all, fields(agent = %name))]
     pub(super) async fn agent(&self, name: &str) -> StoreResult<Option<AgentRecord>> {
         let row: Option<AgentRow> = sqlx::query_as(
             "SELECT name, api_key_hash, webhook_secret, owners, created_at, revoked_at \
@@ -103,6 +105,7 @@ where
         Ok(row.map(agent_from_row))
     }
 
+    #[tracing::instrument(skip_all)]
     pub(super) async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
         let rows: Vec<AgentRow> = sqlx::query_as(
             "SELECT name, api_key_hash, webhook_secret, owners, created_at, revoked_at \

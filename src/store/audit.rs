@@ -71,6 +71,7 @@ where
     for<'q> &'q str: Param<'q, DB>,
     for<'q> Json<&'q RawValue>: Param<'q, DB>,
 {
+    #[tracing::instrument(skip_all, fields(after = after))]
     pub(super) async fn audit_events(
         &self,
         after: i64,
@@ -87,6 +88,7 @@ where
         Ok(rows.into_iter().map(audit_event_from_row).collect())
     }
 
+    #[tracing::instrument(skip_all)]
     pub(super) async fn latest_audit_seq(&self) -> StoreResult<i64> {
         let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events")
             .fetch_one(&self.pool)
@@ -102,6 +104,7 @@ where
     }
 
     /// Events that go with no other change, in a transaction of their own.
+    #[tracing::instrument(skip_all, fields(count = events.len()))]
     pub(super) async fn append_audit(&self, events: Vec<NewAuditEvent>) -> StoreResult<()> {
         let mut transaction = DB::begin_write(self).await?;
         Self::append_audit_events(&mut transaction, events).await?;

@@ -198,6 +198,7 @@ where
         Ok(())
     }
 
+    #[tracing::instrument(skip_all)]
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -292,6 +293,7 @@ where
         self.append_audit(events).await
     }
 
+    #[tracing::instrument(skip_all)]
     async fn finalized_notifications(&self) -> StoreResult<Option<Notifications>> {
         DB::finalized_notifications(self).await
     }

@@ -108,6 +108,7 @@ where
         Ok(())
     }
 
+    #[tracing::instrument(skip_all)]
     pub(super) async fn purge_idempotency_keys(&self, before: DateTime<Utc>) -> StoreResult<u64> {
         let mut connection = DB::write_connection(self).await?;
         let purged = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")

@@ -85,6 +85,7 @@ where
     for<'q> Json<&'q Value>: Param<'q, DB>,
     for<'q> Json<&'q RawValue>: Param<'q, DB>,
 {
+    #[tracing::instrument(skip_all)]
     pub(super) async fn pending_outbox(&self, limit: i64) -> StoreResult<Vec<OutboxMessage>> {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, request_id, kind, destination, payload, attempts, generation, created_at \
@@ -255,6 +256,7 @@ where
         DB::commit(transaction).await
     }
 
+    #[tracing::instrument(skip_all)]
     pub(super) async fn outbox_backlog(&self) -> StoreResult<OutboxBacklog> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT kind, COUNT(*) FROM outbox WHERE state = 'pending' GROUP BY kind ORDER BY kind",
@@ -264,6 +266,7 @@ where
         Ok(OutboxBacklog { by_kind: rows })
     }
 
+    #[tracing::instrument(skip_all, fields(request_id = %request_id))]
     pub(super) async fn chat_message(
         &self,
         request_id: &str,

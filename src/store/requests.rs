@@ -178,6 +178,7 @@ where
         });
     }
 
+    #[tracing::instrument(skip_all, fields(request_id = %id))]
     pub(super) async fn request(&self, id: &str) -> StoreResult<Option<ApprovalRequest>> {
         let row: Option<RequestRow> = sqlx::query_as(
             "SELECT body, version, remind_at, escalate_at FROM requests WHERE id = $1",
@@ -235,6 +236,7 @@ where
         DB::commit(transaction).await
     }
 
+    #[tracing::instrument(skip_all)]
     pub(super) async fn list_requests(
         &self,
         filter: &RequestFilter,
@@ -253,6 +255,7 @@ where
         Ok(rows.into_iter().map(request_from_row).collect())
     }
 
+    #[tracing::instrument(skip_all)]
     pub(super) async fn pending_count(&self) -> StoreResult<i64> {
         let (count,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM requests WHERE status = 'pending'")
@@ -271,6 +274,7 @@ where
         Ok(count)
     }
 
+    #[tracing::instrument(skip_all, fields(due = due.as_str()))]
     pub(super) async fn due_request_ids(
         &self,
         due: Due,
@@ -286,6 +290,7 @@ where
     }
 
     /// `Backend::DECIDED_AMONG`: the set of ids comes as a JSON array.
+    #[tracing::instrument(skip_all, fields(count = request_ids.len()))]
     pub(super) async fn decided_among(&self, request_ids: &[String]) -> StoreResult<Vec<String>> {
         if request_ids.is_empty() {
             return Ok(Vec::new());
