@@ -107,6 +107,13 @@ impl OutboxKind {
     }
 }
 
+/// A kind equals its stored name (`OutboxKind::Card == "card"`).
+impl PartialEq<&str> for OutboxKind {
+    fn eq(&self, name: &&str) -> bool {
+        self.as_str() == *name
+    }
+}
+
 impl fmt::Display for OutboxKind {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(self.as_str())

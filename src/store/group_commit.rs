@@ -8,7 +8,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::shared::StoredRequest;
+use super::backend::{Backend, SqlStore};
+use super::requests::StoredRequest;
 use super::{IdempotencyKey, NewOutboxMessage, NewRequest, StoreError, StoreResult};
 use crate::audit::{NewAuditEvent, PreparedAuditEvent};
 use crate::domain::ApprovalRequest;
@@ -18,7 +19,7 @@ use crate::domain::ApprovalRequest;
 const GROUP_COMMIT_LIMIT: usize = 256;
 
 /// A new request waiting for the group-commit writer, and where to send its outcome.
-pub(super) struct QueuedRequest {
+pub struct QueuedRequest {
     pub request: ApprovalRequest,
     /// The stored form of the request, serialised by the caller: the writer only copies it.
     pub body: Box<RawValue>,
@@ -120,4 +121,46 @@ pub(super) async fn committed(outcome: oneshot::Receiver<StoreResult<()>>) -> St
     outcome
         .await
         .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?
+}
+
+impl<DB: Backend> SqlStore<DB> {
+    /// Starts the group-commit writer tasks, on a copy of this store without them.
+    pub(super) fn with_group_commit(self) -> Self {
+        let group_commit = GroupCommit::start(DB::GROUP_WRITERS, {
+            let store = self.clone();
+            move |group| {
+                let store = store.clone();
+                async move { store.commit_group(group).await }
+            }
+        });
+        Self {
+            group_commit: Some(group_commit),
+            ..self
+        }
+    }
+
+    /// Commits a group of new requests in one transaction (`Backend::write_group`) and
+    /// answers each. If the group is refused (a duplicate id, say), each request is tried
+    /// on its own, so one bad request never takes the others with it.
+    pub(super) async fn commit_group(&self, group: Vec<QueuedRequest>) {
+        let result = DB::write_group(self, &group).await;
+        match result {
+            Ok(()) => {
+                for queued in group {
+                    let _ = queued.committed.send(Ok(()));
+                }
+            }
+            Err(error) if group.len() == 1 => {
+                if let Some(queued) = group.into_iter().next() {
+                    let _ = queued.committed.send(Err(error));
+                }
+            }
+            Err(_) => {
+                for queued in group {
+                    let result = DB::write_group(self, std::slice::from_ref(&queued)).await;
+                    let _ = queued.committed.send(result);
+                }
+            }
+        }
+    }
 }

@@ -1,8 +1,14 @@
-//! Durable state: the `Store` trait and its SQLite and PostgreSQL implementations (all SQL lives here).
+//! Durable state: the `Store` trait and the types it takes and returns. All SQL lives in
+//! this folder, one file per area; `backend` says what SQLite and PostgreSQL do differently.
 
+mod agents;
+mod audit;
+mod backend;
 mod group_commit;
+mod idempotency;
+mod outbox;
 mod postgres;
-mod shared;
+mod requests;
 mod sqlite;
 
 use std::sync::Arc;
@@ -83,7 +89,7 @@ pub struct NewOutboxMessage {
 pub struct OutboxMessage {
     pub id: i64,
     pub request_id: String,
-    pub kind: String,
+    pub kind: OutboxKind,
     pub destination: String,
     pub payload: Value,
     /// Failed attempts in a row, for the backoff.
@@ -122,7 +128,7 @@ pub enum OutboxOutcome {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboxCandidate {
     pub id: i64,
-    pub kind: String,
+    pub kind: OutboxKind,
     pub destination: String,
     /// The agent whose request it reports, for round-robin across agents.
     pub agent: String,

@@ -1,18 +1,26 @@
 //! The PostgreSQL backend for several replicas: audit appends serialised by an advisory lock,
 //! decisions announced with NOTIFY, new requests committed in groups.
 
+use std::sync::LazyLock;
+
 use anyhow::Context as _;
 use futures::StreamExt;
+use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
+use sqlx::postgres::{PgListener, PgPoolOptions, PgQueryResult};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Transaction};
 
-use super::group_commit::{GroupCommit, QueuedRequest};
-use super::shared::{
-    claimed_columns_sql, implement_store, pending_queues_sql, refused_request_insert,
-};
-use super::{NewOutboxMessage, StoreError, StoreResult};
+use super::backend::{Backend, SqlStore};
+use super::group_commit::QueuedRequest;
+use super::outbox::candidates_sql;
+use super::requests::refused_request_insert;
+use super::{NewOutboxMessage, Notifications, StoreError, StoreResult};
 use crate::config::Config;
+
+/// The store on PostgreSQL. New requests are committed in groups: the audit lock is held to
+/// commit, so one transaction per request would flush the WAL once per request, one after
+/// another.
+pub type PostgresStore = SqlStore<Postgres>;
 
 /// The NOTIFY channel on which a committed decision names its request id.
 pub const FINALIZED_CHANNEL: &str = "signoff_finalized";
@@ -21,57 +29,7 @@ pub const FINALIZED_CHANNEL: &str = "signoff_finalized";
 /// hashes are appended one transaction at a time across every replica.
 const AUDIT_APPEND_LOCK: i64 = 0x5167_0ff0_a0d1;
 
-#[derive(Clone, Debug)]
-pub struct PostgresStore {
-    pool: PgPool,
-    /// New requests are committed in groups: the audit lock is held to commit, so one
-    /// transaction per request would flush the WAL once per request, one after another.
-    /// `None` inside the group-commit task itself.
-    group_commit: Option<GroupCommit>,
-}
-
 impl PostgresStore {
-    const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
-    /// The first `$2` due messages of each (destination, agent) queue whose destination is
-    /// not in the JSON array `$4` nor its host in `$5` (an index range each), the oldest `$3`
-    /// in all.
-    const OUTBOX_CANDIDATES: &'static str = concat!(
-        pending_queues_sql!(
-            "SELECT jsonb_array_elements_text($4::jsonb)",
-            "SELECT jsonb_array_elements_text($5::jsonb)"
-        ),
-        "SELECT candidate.* FROM queues CROSS JOIN LATERAL (\
-         SELECT id, kind, destination, agent, available_at FROM outbox \
-         WHERE state = 'pending' AND destination = queues.destination AND agent = queues.agent \
-         AND available_at <= $1 AND (lease_until IS NULL OR lease_until <= $1) \
-         ORDER BY available_at, id LIMIT $2) candidate \
-         WHERE queues.agent IS NOT NULL ORDER BY candidate.available_at, candidate.id LIMIT $3"
-    );
-
-    /// Of the ids in the JSON array `$3`, those still due and unleased at `$1`, leased until
-    /// `$2`. `SKIP LOCKED`: replicas claiming at once take different messages.
-    const CLAIM_OUTBOX: &'static str = concat!(
-        "UPDATE outbox SET lease_until = $2 WHERE id IN (SELECT id FROM outbox \
-         WHERE id IN (SELECT jsonb_array_elements_text($3::jsonb)::bigint) \
-         AND state = 'pending' AND available_at <= $1 \
-         AND (lease_until IS NULL OR lease_until <= $1) FOR UPDATE SKIP LOCKED)",
-        claimed_columns_sql!()
-    );
-
-    /// Of the ids in the JSON array `$1`, those still leased (delivery running), until `$2`.
-    const RENEW_OUTBOX_LEASES: &'static str = "UPDATE outbox SET lease_until = $2 \
-         WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint) \
-         AND state = 'pending' AND lease_until IS NOT NULL";
-
-    /// Two groups in flight: one inserts its rows while the other holds the audit lock to
-    /// append and commit.
-    const GROUP_WRITERS: usize = 2;
-
-    /// Which of the ids in the JSON array `$1` are decided.
-    const DECIDED_AMONG: &'static str = "SELECT id FROM requests \
-         WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) AND status <> 'pending'";
-
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections.max(2))
@@ -83,42 +41,76 @@ impl PostgresStore {
             .context("cannot connect to PostgreSQL")?;
         let store = Self {
             pool,
+            writer: (),
             group_commit: None,
         };
         Ok(store.with_group_commit())
     }
+}
 
-    /// Decisions committed by any replica or CLI. The listener reconnects by itself; what
-    /// it misses meanwhile the watcher's periodic re-check finds.
-    async fn notifications(&self) -> StoreResult<Option<super::Notifications>> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(FINALIZED_CHANNEL).await?;
-        let stream = listener
-            .into_stream()
-            .filter_map(|notification| async move {
-                notification
-                    .ok()
-                    .map(|notification| notification.payload().to_string())
-            })
-            .boxed();
-        Ok(Some(stream))
+impl Backend for Postgres {
+    /// The pool is all: PostgreSQL serialises writers itself.
+    type Writer = ();
+    type Transaction = Transaction<'static, Postgres>;
+    type WriteConnection = PoolConnection<Postgres>;
+
+    const MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+    /// Two groups in flight: one inserts its rows while the other holds the audit lock to
+    /// append and commit.
+    const GROUP_WRITERS: usize = 2;
+
+    const DECIDED_AMONG: &'static str = "SELECT id FROM requests \
+         WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) AND status <> 'pending'";
+
+    /// `SKIP LOCKED`: replicas claiming at once take different messages.
+    const CLAIM_OUTBOX: &'static str = "UPDATE outbox SET lease_until = $2 \
+         WHERE id IN (SELECT id FROM outbox \
+         WHERE id IN (SELECT jsonb_array_elements_text($3::jsonb)::bigint) \
+         AND state = 'pending' AND available_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1) FOR UPDATE SKIP LOCKED) \
+         RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at";
+
+    const RENEW_OUTBOX_LEASES: &'static str = "UPDATE outbox SET lease_until = $2 \
+         WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint) \
+         AND state = 'pending' AND lease_until IS NOT NULL";
+
+    /// Each queue's messages by a `LATERAL` subquery, an index range each.
+    fn outbox_candidates_sql() -> &'static str {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            candidates_sql(
+                "SELECT jsonb_array_elements_text($4::jsonb)",
+                "SELECT jsonb_array_elements_text($5::jsonb)",
+                "SELECT candidate.* FROM queues CROSS JOIN LATERAL (\
+                 SELECT id, kind, destination, agent, available_at FROM outbox \
+                 WHERE state = 'pending' AND destination = queues.destination AND agent = queues.agent \
+                 AND available_at <= $1 AND (lease_until IS NULL OR lease_until <= $1) \
+                 ORDER BY available_at, id LIMIT $2) candidate \
+                 WHERE queues.agent IS NOT NULL ORDER BY candidate.available_at, candidate.id LIMIT $3",
+            )
+        });
+        &SQL
     }
 
-    async fn begin_write(&self) -> StoreResult<Transaction<'static, Postgres>> {
-        Ok(self.pool.begin().await?)
+    async fn begin_write(store: &PostgresStore) -> StoreResult<Transaction<'static, Postgres>> {
+        Ok(store.pool.begin().await?)
+    }
+
+    async fn commit(transaction: Transaction<'static, Postgres>) -> StoreResult<()> {
+        transaction.commit().await?;
+        Ok(())
     }
 
     /// PostgreSQL runs concurrent single statements itself.
-    async fn write_connection(&self) -> StoreResult<PoolConnection<Postgres>> {
-        Ok(self.pool.acquire().await?)
+    async fn write_connection(store: &PostgresStore) -> StoreResult<PoolConnection<Postgres>> {
+        Ok(store.pool.acquire().await?)
     }
 
     /// One transaction per group: the rows first, then the audit lock, the audit append and
     /// the commit, so the lock that orders every replica's appends is held briefly.
-    async fn write_group(&self, group: &[QueuedRequest]) -> StoreResult<()> {
-        let mut transaction = self.begin_write().await?;
+    async fn write_group(store: &PostgresStore, group: &[QueuedRequest]) -> StoreResult<()> {
+        let mut transaction = Self::begin_write(store).await?;
         let mut requests = QueryBuilder::new("");
-        Self::push_request_rows(&mut requests, group);
+        PostgresStore::push_request_rows(&mut requests, group);
         requests
             .build()
             .execute(&mut *transaction)
@@ -126,11 +118,16 @@ impl PostgresStore {
             .map_err(refused_request_insert)?;
         let outbox: Vec<&NewOutboxMessage> =
             group.iter().flat_map(|queued| &queued.outbox).collect();
-        Self::append_outbox(&mut transaction, &outbox).await?;
+        PostgresStore::append_outbox(&mut transaction, &outbox).await?;
         for queued in group {
             if let Some((key, response)) = &queued.idempotency {
                 let mut answer = QueryBuilder::new("");
-                Self::push_idempotency_answer(&mut answer, &queued.request.id, key, response);
+                PostgresStore::push_idempotency_answer(
+                    &mut answer,
+                    &queued.request.id,
+                    key,
+                    response,
+                );
                 // The key row stays locked to the commit: no takeover can slip in after.
                 let answered = answer
                     .build()
@@ -145,14 +142,14 @@ impl PostgresStore {
             }
         }
         let audit: Vec<_> = group.iter().flat_map(|queued| &queued.audit).collect();
-        Self::append_prepared_audit_events(&mut transaction, &audit).await?;
+        PostgresStore::append_prepared_audit_events(&mut transaction, &audit).await?;
         transaction.commit().await?;
         Ok(())
     }
 
     /// Taken just before the audit head is read and held to commit: writers queue only for
     /// the append and the commit, not for their whole transaction.
-    async fn serialize_audit_appends(connection: &mut sqlx::PgConnection) -> StoreResult<()> {
+    async fn serialize_audit_appends(connection: &mut PgConnection) -> StoreResult<()> {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(AUDIT_APPEND_LOCK)
             .execute(&mut *connection)
@@ -161,10 +158,7 @@ impl PostgresStore {
     }
 
     /// Delivered to listeners only if the transaction commits.
-    async fn notify_finalized(
-        connection: &mut sqlx::PgConnection,
-        request_id: &str,
-    ) -> StoreResult<()> {
+    async fn notify_finalized(connection: &mut PgConnection, request_id: &str) -> StoreResult<()> {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(FINALIZED_CHANNEL)
             .bind(request_id)
@@ -172,6 +166,31 @@ impl PostgresStore {
             .await?;
         Ok(())
     }
-}
 
-implement_store!(PostgresStore, sqlx::Postgres);
+    /// Decisions committed by any replica or CLI. The listener reconnects by itself; what
+    /// it misses meanwhile the watcher's periodic re-check finds.
+    async fn finalized_notifications(store: &PostgresStore) -> StoreResult<Option<Notifications>> {
+        let mut listener = PgListener::connect_with(&store.pool).await?;
+        listener.listen(FINALIZED_CHANNEL).await?;
+        let stream = listener
+            .into_stream()
+            .filter_map(|notification| async move {
+                notification
+                    .ok()
+                    .map(|notification| notification.payload().to_string())
+            })
+            .boxed();
+        Ok(Some(stream))
+    }
+
+    async fn execute_built(
+        builder: &mut QueryBuilder<'_, Postgres>,
+        connection: &mut PgConnection,
+    ) -> Result<u64, sqlx::Error> {
+        Ok(builder.build().execute(connection).await?.rows_affected())
+    }
+
+    fn rows_affected(result: &PgQueryResult) -> u64 {
+        result.rows_affected()
+    }
+}

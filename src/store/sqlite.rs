@@ -3,39 +3,40 @@
 
 use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection as _, QueryBuilder, SqliteConnection, SqlitePool};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
+    SqliteSynchronous,
+};
+use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use super::group_commit::{GroupCommit, QueuedRequest};
-use super::shared::{
-    audit_head_sql, claimed_columns_sql, implement_store, pending_queues_sql,
-    refused_request_insert, seal_events,
-};
-use super::{NewOutboxMessage, StoreResult};
+use super::audit::seal_events;
+use super::backend::{Backend, SqlStore};
+use super::group_commit::QueuedRequest;
+use super::outbox::candidates_sql;
+use super::requests::refused_request_insert;
+use super::{NewOutboxMessage, Notifications, StoreResult};
 use crate::config::Config;
 
-/// Opens a write transaction and reads the audit head in one round trip.
-const BEGIN_WITH_AUDIT_HEAD: &str = concat!("BEGIN IMMEDIATE; ", audit_head_sql!());
+/// The store on SQLite: its pool serves readers (WAL lets them run beside the writer), and
+/// every write of this process goes through one writer connection.
+pub type SqliteStore = SqlStore<Sqlite>;
 
-#[derive(Clone, Debug)]
-pub struct SqliteStore {
-    /// Readers; WAL lets them run beside the writer.
-    pool: SqlitePool,
-    writer: Arc<Mutex<Writer>>,
-    /// New requests are committed in groups; `None` inside the group-commit task itself.
-    group_commit: Option<GroupCommit>,
-}
+/// Opens a write transaction and reads the audit head (`audit::AUDIT_HEAD`) in one round
+/// trip.
+const BEGIN_WITH_AUDIT_HEAD: &str =
+    "BEGIN IMMEDIATE; SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1";
 
 /// The one connection this process writes through. Writes queue for it in order (a fair
 /// async mutex), so they never meet SQLite's busy handler, which sleeps and polls; its
 /// statements stay prepared, and no pool checkout sits on the commit path.
 #[derive(Debug)]
-struct Writer {
+pub struct Writer {
     connection: SqliteConnection,
     /// A write that began a transaction and never finished it (its caller went away):
     /// the next one rolls it back first.
@@ -51,17 +52,7 @@ struct Writer {
 /// The writer, held: `Deref`s to its connection. From `begin_write` it is inside
 /// `BEGIN IMMEDIATE` until `commit`; from `write_connection` each statement commits alone.
 #[derive(Debug)]
-pub(super) struct HeldWriter(OwnedMutexGuard<Writer>);
-
-impl HeldWriter {
-    pub async fn commit(mut self) -> StoreResult<()> {
-        sqlx::query("COMMIT")
-            .execute(&mut self.0.connection)
-            .await?;
-        self.0.in_transaction = false;
-        Ok(())
-    }
-}
+pub struct HeldWriter(OwnedMutexGuard<Writer>);
 
 impl Deref for HeldWriter {
     type Target = SqliteConnection;
@@ -77,44 +68,6 @@ impl DerefMut for HeldWriter {
 }
 
 impl SqliteStore {
-    const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-    /// The first `$2` due messages of each (destination, agent) queue whose destination is
-    /// not in the JSON array `$4` nor its host in `$5` (an index range each), the oldest `$3`
-    /// in all.
-    const OUTBOX_CANDIDATES: &'static str = concat!(
-        pending_queues_sql!(
-            "SELECT value FROM json_each($4)",
-            "SELECT value FROM json_each($5)"
-        ),
-        "SELECT outbox.id, outbox.kind, outbox.destination, outbox.agent, outbox.available_at \
-         FROM queues JOIN outbox ON outbox.id IN (\
-         SELECT id FROM outbox WHERE state = 'pending' AND destination = queues.destination \
-         AND agent = queues.agent AND available_at <= $1 \
-         AND (lease_until IS NULL OR lease_until <= $1) ORDER BY available_at, id LIMIT $2) \
-         WHERE queues.agent IS NOT NULL ORDER BY outbox.available_at, outbox.id LIMIT $3"
-    );
-
-    /// One statement under SQLite's single writer lock: of the ids in the JSON array `$3`,
-    /// those still due and unleased at `$1`, leased until `$2`.
-    const CLAIM_OUTBOX: &'static str = concat!(
-        "UPDATE outbox SET lease_until = $2 WHERE id IN (SELECT value FROM json_each($3)) \
-         AND state = 'pending' AND available_at <= $1 \
-         AND (lease_until IS NULL OR lease_until <= $1)",
-        claimed_columns_sql!()
-    );
-
-    /// Of the ids in the JSON array `$1`, those still leased (delivery running), until `$2`.
-    const RENEW_OUTBOX_LEASES: &'static str = "UPDATE outbox SET lease_until = $2 \
-         WHERE id IN (SELECT value FROM json_each($1)) AND state = 'pending' AND lease_until IS NOT NULL";
-
-    /// One connection writes, so one task commits groups.
-    const GROUP_WRITERS: usize = 1;
-
-    /// Which of the ids in the JSON array `$1` are decided.
-    const DECIDED_AMONG: &'static str = "SELECT id FROM requests \
-         WHERE id IN (SELECT value FROM json_each($1)) AND status <> 'pending'";
-
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let synchronous = match config.sqlite_synchronous.as_str() {
             "normal" => SqliteSynchronous::Normal,
@@ -147,56 +100,6 @@ impl SqliteStore {
             group_commit: None,
         };
         Ok(store.with_group_commit())
-    }
-
-    /// The writer, outside any transaction: each statement commits on its own.
-    async fn write_connection(&self) -> StoreResult<HeldWriter> {
-        let mut writer = self.writer.clone().lock_owned().await;
-        if writer.in_transaction {
-            // Fails harmlessly if the transaction never began; a real problem shows at the
-            // next BEGIN.
-            let _ = sqlx::query("ROLLBACK")
-                .execute(&mut writer.connection)
-                .await;
-            writer.in_transaction = false;
-        }
-        Ok(HeldWriter(writer))
-    }
-
-    /// One round trip to the writer connection's thread for a whole group when the audit
-    /// head is known (`BEGIN IMMEDIATE`, every insert and the `COMMIT` as one batch of
-    /// statements), two when it must be read first. Each round trip wakes that thread and
-    /// then ours, which on an idle virtual machine costs more than the statements do.
-    async fn write_group(&self, group: &[QueuedRequest]) -> StoreResult<()> {
-        let mut writer = self.write_connection().await?;
-        if let Some(head) = writer.0.audit_head.take() {
-            match Self::write_group_batch(&mut writer, group, Some(head), "BEGIN IMMEDIATE; ").await
-            {
-                Ok(()) => return Ok(()),
-                // Most likely another process appended to the audit trail; if not, the
-                // slow way fails the same way and says why.
-                Err(_) => {
-                    // Fails harmlessly if the batch failed before its BEGIN took effect.
-                    let _ = sqlx::query("ROLLBACK").execute(&mut *writer).await;
-                    writer.0.in_transaction = false;
-                }
-            }
-        }
-        writer.0.in_transaction = true;
-        let written = match sqlx::query_as(BEGIN_WITH_AUDIT_HEAD)
-            .fetch_optional(&mut *writer)
-            .await
-        {
-            Ok(head) => Self::write_group_batch(&mut writer, group, head, "").await,
-            Err(error) => Err(error.into()),
-        };
-        if written.is_err() {
-            // Let go of SQLite's write lock now, not at this process's next write: the CLI
-            // may be waiting for it.
-            let _ = sqlx::query("ROLLBACK").execute(&mut *writer).await;
-            writer.0.in_transaction = false;
-        }
-        written
     }
 
     /// Every row of `group` chained onto `head`, and the `COMMIT`, as one batch after
@@ -249,24 +152,122 @@ impl SqliteStore {
         writer.0.audit_head = sealed.last().map(|(_, link)| (link.seq, link.hash.clone()));
         Ok(())
     }
+}
+
+impl Backend for Sqlite {
+    type Writer = Arc<Mutex<Writer>>;
+    type Transaction = HeldWriter;
+    type WriteConnection = HeldWriter;
+
+    const MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+    /// One connection writes, so one task commits groups.
+    const GROUP_WRITERS: usize = 1;
+
+    const DECIDED_AMONG: &'static str = "SELECT id FROM requests \
+         WHERE id IN (SELECT value FROM json_each($1)) AND status <> 'pending'";
+
+    /// One statement under SQLite's single writer lock.
+    const CLAIM_OUTBOX: &'static str = "UPDATE outbox SET lease_until = $2 \
+         WHERE id IN (SELECT value FROM json_each($3)) \
+         AND state = 'pending' AND available_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1) \
+         RETURNING id, request_id, kind, destination, payload, attempts, generation, created_at";
+
+    const RENEW_OUTBOX_LEASES: &'static str = "UPDATE outbox SET lease_until = $2 \
+         WHERE id IN (SELECT value FROM json_each($1)) AND state = 'pending' AND lease_until IS NOT NULL";
+
+    /// Each queue's messages by a correlated `IN (... LIMIT $2)`, an index range each.
+    fn outbox_candidates_sql() -> &'static str {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            candidates_sql(
+                "SELECT value FROM json_each($4)",
+                "SELECT value FROM json_each($5)",
+                "SELECT outbox.id, outbox.kind, outbox.destination, outbox.agent, outbox.available_at \
+                 FROM queues JOIN outbox ON outbox.id IN (\
+                 SELECT id FROM outbox WHERE state = 'pending' AND destination = queues.destination \
+                 AND agent = queues.agent AND available_at <= $1 \
+                 AND (lease_until IS NULL OR lease_until <= $1) ORDER BY available_at, id LIMIT $2) \
+                 WHERE queues.agent IS NOT NULL ORDER BY outbox.available_at, outbox.id LIMIT $3",
+            )
+        });
+        &SQL
+    }
 
     /// `BEGIN IMMEDIATE` takes SQLite's write lock up front (other processes, such as the
     /// CLI, wait for it under the busy timeout).
-    async fn begin_write(&self) -> StoreResult<HeldWriter> {
-        let mut writer = self.write_connection().await?;
+    async fn begin_write(store: &SqliteStore) -> StoreResult<HeldWriter> {
+        let mut writer = Self::write_connection(store).await?;
         writer.0.audit_head = None;
         sqlx::query("BEGIN IMMEDIATE").execute(&mut *writer).await?;
         writer.0.in_transaction = true;
         Ok(writer)
     }
 
-    /// Writers already take the single write lock at `BEGIN IMMEDIATE`.
-    async fn serialize_audit_appends(_connection: &mut SqliteConnection) -> StoreResult<()> {
+    async fn commit(mut transaction: HeldWriter) -> StoreResult<()> {
+        sqlx::query("COMMIT").execute(&mut *transaction).await?;
+        transaction.0.in_transaction = false;
         Ok(())
     }
 
-    async fn notifications(&self) -> StoreResult<Option<super::Notifications>> {
-        Ok(None)
+    /// The writer, outside any transaction: each statement commits on its own.
+    async fn write_connection(store: &SqliteStore) -> StoreResult<HeldWriter> {
+        let mut writer = store.writer.clone().lock_owned().await;
+        if writer.in_transaction {
+            // Fails harmlessly if the transaction never began; a real problem shows at the
+            // next BEGIN.
+            let _ = sqlx::query("ROLLBACK")
+                .execute(&mut writer.connection)
+                .await;
+            writer.in_transaction = false;
+        }
+        Ok(HeldWriter(writer))
+    }
+
+    /// One round trip to the writer connection's thread for a whole group when the audit
+    /// head is known (`BEGIN IMMEDIATE`, every insert and the `COMMIT` as one batch of
+    /// statements), two when it must be read first. Each round trip wakes that thread and
+    /// then ours, which on an idle virtual machine costs more than the statements do.
+    async fn write_group(store: &SqliteStore, group: &[QueuedRequest]) -> StoreResult<()> {
+        let mut writer = Self::write_connection(store).await?;
+        if let Some(head) = writer.0.audit_head.take() {
+            match SqliteStore::write_group_batch(
+                &mut writer,
+                group,
+                Some(head),
+                "BEGIN IMMEDIATE; ",
+            )
+            .await
+            {
+                Ok(()) => return Ok(()),
+                // Most likely another process appended to the audit trail; if not, the
+                // slow way fails the same way and says why.
+                Err(_) => {
+                    // Fails harmlessly if the batch failed before its BEGIN took effect.
+                    let _ = sqlx::query("ROLLBACK").execute(&mut *writer).await;
+                    writer.0.in_transaction = false;
+                }
+            }
+        }
+        writer.0.in_transaction = true;
+        let written = match sqlx::query_as(BEGIN_WITH_AUDIT_HEAD)
+            .fetch_optional(&mut *writer)
+            .await
+        {
+            Ok(head) => SqliteStore::write_group_batch(&mut writer, group, head, "").await,
+            Err(error) => Err(error.into()),
+        };
+        if written.is_err() {
+            // Let go of SQLite's write lock now, not at this process's next write: the CLI
+            // may be waiting for it.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *writer).await;
+            writer.0.in_transaction = false;
+        }
+        written
+    }
+
+    /// Writers already take the single write lock at `BEGIN IMMEDIATE`.
+    async fn serialize_audit_appends(_connection: &mut SqliteConnection) -> StoreResult<()> {
+        Ok(())
     }
 
     /// Other processes learn of decisions from the audit table (see `watcher`).
@@ -276,6 +277,34 @@ impl SqliteStore {
     ) -> StoreResult<()> {
         Ok(())
     }
+
+    /// No such channel: the watcher polls.
+    async fn finalized_notifications(_store: &SqliteStore) -> StoreResult<Option<Notifications>> {
+        Ok(None)
+    }
+
+    async fn execute_built(
+        builder: &mut QueryBuilder<'_, Sqlite>,
+        connection: &mut SqliteConnection,
+    ) -> Result<u64, sqlx::Error> {
+        Ok(builder.build().execute(connection).await?.rows_affected())
+    }
+
+    fn rows_affected(result: &SqliteQueryResult) -> u64 {
+        result.rows_affected()
+    }
 }
 
-implement_store!(SqliteStore, sqlx::Sqlite);
+#[cfg(test)]
+mod tests {
+    use super::BEGIN_WITH_AUDIT_HEAD;
+    use crate::store::audit::AUDIT_HEAD;
+
+    #[test]
+    fn the_group_commit_reads_the_same_audit_head_as_every_append() {
+        assert_eq!(
+            BEGIN_WITH_AUDIT_HEAD,
+            format!("BEGIN IMMEDIATE; {AUDIT_HEAD}")
+        );
+    }
+}

@@ -223,7 +223,7 @@ impl Delivery {
             let mut webhook_room = WEBHOOKS_IN_FLIGHT.saturating_sub(in_flight.webhooks);
             let mut host_room: HashMap<String, usize> = HashMap::new();
             for candidate in candidates {
-                if OutboxKind::parse(&candidate.kind) == Some(OutboxKind::Webhook) {
+                if candidate.kind == OutboxKind::Webhook {
                     let host = receiver_host(&candidate.destination);
                     let room = host_room.entry(host).or_insert_with_key(|host| {
                         WEBHOOKS_PER_HOST
@@ -376,8 +376,8 @@ impl Delivery {
 
     #[tracing::instrument(skip_all, fields(outbox_id = message.id, kind = %message.kind))]
     async fn deliver(&self, message: &OutboxMessage) -> OutboxOutcome {
-        let kind = OutboxKind::parse(&message.kind);
-        if kind == Some(OutboxKind::Webhook) {
+        let kind = message.kind;
+        if kind == OutboxKind::Webhook {
             return match send_webhook(&self.engine, &self.http, message).await {
                 OutboxOutcome::Delivered(_) => OutboxOutcome::Delivered(DeliveryRecord {
                     chat_message: None,
@@ -390,7 +390,7 @@ impl Delivery {
             let channel = self.channels.for_destination(&destination)?.clone();
             Some((destination, channel))
         });
-        let (Some(kind), Some((destination, channel))) = (kind, channel) else {
+        let Some((destination, channel)) = channel else {
             return OutboxOutcome::Abandon {
                 error: format!(
                     "no channel on this server delivers {} to {}",
@@ -508,7 +508,7 @@ impl Delivery {
 }
 
 fn is_webhook(message: &OutboxMessage) -> bool {
-    OutboxKind::parse(&message.kind) == Some(OutboxKind::Webhook)
+    message.kind == OutboxKind::Webhook
 }
 
 /// The maps and counters behind these locks hold no invariant a panic could break halfway.
