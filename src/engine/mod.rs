@@ -92,6 +92,9 @@ pub struct Engine {
 }
 
 /// What a use case makes of the request as it stands now (see `Engine::transition`).
+// One lives at a time, for the moment between planning and storing: boxing would only add
+// an allocation per change.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Planned<T> {
     /// Store `next` (from `ApprovalRequest::successor`) in place of what was read, with
     /// these audit events and outbox messages; then answer `answer`.
