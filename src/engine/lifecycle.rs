@@ -289,7 +289,7 @@ impl Engine {
         };
         let mut names: Vec<String> = tier.approvers.principals.iter().cloned().collect();
         names.sort();
-        names.extend(tier.approvers.slack_groups.iter().cloned());
+        names.extend(tier.approvers.user_groups.iter().cloned());
         names
     }
 

@@ -461,7 +461,7 @@ impl Checker {
                             .principals
                             .extend(principals.iter().map(ToString::to_string));
                     }
-                    Ok(ApproverEntry::SlackGroup) => approvers.slack_groups.push(member),
+                    Ok(ApproverEntry::UserGroup) => approvers.user_groups.push(member),
                     Err(error) => self.issue(line, None, format!("{context}: {error}")),
                 }
             }
@@ -540,7 +540,8 @@ enum ApproverEntry {
     Principal(Principal),
     /// `person:NAME`: every principal of that person.
     Person(Vec<Principal>),
-    SlackGroup,
+    /// A chat platform's user group (`slack-group:S…`), resolved by its channel.
+    UserGroup,
 }
 
 fn approver_entry(entry: &str, people: &People) -> Result<ApproverEntry, String> {
@@ -556,7 +557,7 @@ fn approver_entry(entry: &str, people: &People) -> Result<ApproverEntry, String>
                 "{entry:?} is not a Slack user group id (slack-group:S0123)"
             ));
         }
-        return Ok(ApproverEntry::SlackGroup);
+        return Ok(ApproverEntry::UserGroup);
     }
     entry
         .parse::<Principal>()

@@ -100,8 +100,8 @@ impl People {
 #[derive(Debug, Default)]
 pub struct Approvers {
     pub principals: HashSet<String>,
-    /// `slack-group:S…` entries, resolved to members by the Slack channel.
-    pub slack_groups: Vec<String>,
+    /// Chat user groups (`slack-group:S…`), resolved to members by their chat channel.
+    pub user_groups: Vec<String>,
 }
 
 impl Approvers {
@@ -115,7 +115,7 @@ impl Approvers {
             || voter
                 .groups
                 .iter()
-                .any(|group| self.slack_groups.contains(group))
+                .any(|group| self.user_groups.contains(group))
     }
 }
 

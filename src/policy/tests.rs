@@ -329,7 +329,7 @@ fn approvers_expand_groups() {
     assert!(approver("high", "cli:bob"));
     assert!(!approver("nonexistent", "cli:alice"));
     assert_eq!(
-        policy.tier("high").unwrap().approvers.slack_groups,
+        policy.tier("high").unwrap().approvers.user_groups,
         vec!["slack-group:S01BBBB"]
     );
     assert!(policy.hash().starts_with("sha256:"));

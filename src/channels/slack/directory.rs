@@ -39,13 +39,13 @@ impl Directory {
         }
     }
 
-    /// The voter behind Slack user `user`, with memberships checked for `slack_groups`
+    /// The voter behind Slack user `user`, with memberships checked for `user_groups`
     /// (the groups the request's tier names). Fails closed: if Slack cannot tell us who
     /// the user is, the caller refuses the vote.
     pub async fn voter(
         &self,
         user: &str,
-        slack_groups: &[String],
+        user_groups: &[String],
         needs_email: bool,
     ) -> Result<Voter, SlackCallError> {
         let principal: Principal = format!("slack:{user}")
@@ -62,7 +62,7 @@ impl Directory {
             // Asked for and not told: the engine refuses where the email matters.
             None => voter.email_unreadable = needs_email,
         }
-        for group in slack_groups {
+        for group in user_groups {
             let id = group.trim_start_matches("slack-group:");
             if self.is_member(id, user).await? {
                 voter.groups.push(group.clone());

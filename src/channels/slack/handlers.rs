@@ -22,12 +22,9 @@ use super::card::{
 use super::SlackChannel;
 use crate::channels::{parse_modified_args, CardView, VoteTarget, APPROVE, DENY, MODIFY};
 use crate::config::check_outbound_url;
-use crate::domain::{
-    ApprovalRequest, Status, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
-};
+use crate::domain::{ApprovalRequest, VoteKind, VoteRefusal, VoteRequest, Voter};
 use crate::engine::{Engine, EngineError};
 use crate::http::ApiError;
-use crate::store::RequestFilter;
 
 /// The parts of an interaction payload signoff reads. Slack adds fields over time and
 /// omits some by surface, so only these are required to be present, and none strictly.
@@ -105,19 +102,19 @@ impl View {
 }
 
 /// Cards fit five to a message within Block Kit's 50-block limit.
-const CARDS_PER_MESSAGE: usize = 5;
+pub(super) const CARDS_PER_MESSAGE: usize = 5;
 
 #[derive(Clone)]
-struct SlackState {
-    engine: Engine,
-    slack: Arc<SlackChannel>,
+pub(super) struct SlackState {
+    pub(super) engine: Engine,
+    pub(super) slack: Arc<SlackChannel>,
     body_limit: usize,
 }
 
 pub fn router(engine: Engine, slack: Arc<SlackChannel>, body_limit: usize) -> Router {
     Router::new()
         .route("/slack/interactions", post(interactions))
-        .route("/slack/commands", post(commands))
+        .route("/slack/commands", post(super::commands::commands))
         .route("/slack/events", post(events))
         .with_state(SlackState {
             engine,
@@ -129,10 +126,10 @@ pub fn router(engine: Engine, slack: Arc<SlackChannel>, body_limit: usize) -> Ro
 
 /// A request body Slack signed: within the body limit, signature verified in constant time,
 /// timestamp within 300 s of now — all before anything is parsed.
-struct SignedBody {
-    body: String,
+pub(super) struct SignedBody {
+    pub(super) body: String,
     /// The signed timestamp (Unix seconds): when Slack sent it.
-    signed_at: i64,
+    pub(super) signed_at: i64,
 }
 
 impl FromRequest<SlackState> for SignedBody {
@@ -170,7 +167,7 @@ impl FromRequest<SlackState> for SignedBody {
     }
 }
 
-fn form_fields(body: &str) -> HashMap<String, String> {
+pub(super) fn form_fields(body: &str) -> HashMap<String, String> {
     url::form_urlencoded::parse(body.as_bytes())
         .into_owned()
         .collect()
@@ -204,7 +201,7 @@ async fn interactions(
 }
 
 /// Refuses (403, nothing changed) anything from a workspace other than the bot's own.
-async fn foreign_workspace(state: &SlackState, teams: &[&str]) -> Option<Response> {
+pub(super) async fn foreign_workspace(state: &SlackState, teams: &[&str]) -> Option<Response> {
     match state.slack.is_home_team(teams).await {
         Ok(true) => None,
         Ok(false) => {
@@ -449,7 +446,7 @@ fn modal_error(block: &str, message: &str) -> Response {
 }
 
 /// The request and the voter behind Slack user `user`, or a message saying why not.
-async fn voter(
+pub(super) async fn voter(
     state: &SlackState,
     request_id: &str,
     user: &str,
@@ -500,7 +497,7 @@ fn tell_user(state: &SlackState, interaction: &Interaction, message: Value) {
 }
 
 /// An engine refusal in words for the person who clicked.
-fn explain(error: &EngineError) -> String {
+pub(super) fn explain(error: &EngineError) -> String {
     match error {
         EngineError::Refused(refusal) => format!("Nothing was recorded: {refusal}."),
         EngineError::NotFound => "That request does not exist.".into(),
@@ -514,180 +511,6 @@ fn explain(error: &EngineError) -> String {
             "signoff could not record that just now; please try again.".into()
         }
     }
-}
-
-const HELP: &str = "*signoff* — approve what your AI agents want to do.\n\
-• `pending` — requests you can decide, with their buttons\n\
-• `show ID` — one request\n\
-• `approve ID [note]` — approve\n\
-• `deny ID reason` — deny, with a reason\n\
-• `help` — this message";
-
-/// The slash command. Every answer is ephemeral.
-async fn commands(
-    State(state): State<SlackState>,
-    SignedBody { body, signed_at }: SignedBody,
-) -> Response {
-    let fields = form_fields(&body);
-    let team = fields
-        .get("team_id")
-        .map(String::as_str)
-        .unwrap_or_default();
-    if let Some(refused) = foreign_workspace(&state, &[team]).await {
-        return refused;
-    }
-    let user = fields.get("user_id").cloned().unwrap_or_default();
-    let text = fields.get("text").cloned().unwrap_or_default();
-    let mut words = text.split_whitespace();
-    let subcommand = words.next().unwrap_or("help").to_ascii_lowercase();
-    let id = words.next().map(str::to_string);
-    let rest = words.collect::<Vec<_>>().join(" ");
-    let answer = match (subcommand.as_str(), id) {
-        ("pending", _) => pending_for(&state, &user).await,
-        ("show", Some(id)) => show_to(&state, &id, &user).await,
-        ("approve", Some(id)) => {
-            let note = (!rest.is_empty()).then_some(rest);
-            vote_from_command(&state, &id, &user, signed_at, VoteRequest::Approve { note }).await
-        }
-        ("deny", Some(id)) if !rest.is_empty() => {
-            let vote = VoteRequest::Deny { reason: rest };
-            vote_from_command(&state, &id, &user, signed_at, vote).await
-        }
-        ("deny", Some(_)) => ephemeral(format!(
-            "A deny needs a reason: `{} deny ID reason`",
-            state.slack.command
-        )),
-        ("show" | "approve" | "deny", None) => ephemeral(format!(
-            "Which request? `{} {subcommand} ID`",
-            state.slack.command
-        )),
-        _ => ephemeral(HELP.replace("*signoff*", &format!("*{}*", state.slack.command))),
-    };
-    Json(answer).into_response()
-}
-
-/// `show ID`: the card, for people who may see the request (approvers of its tier, its
-/// requester, the agent's owners); anyone else learns nothing, not even that it exists.
-async fn show_to(state: &SlackState, id: &str, user: &str) -> Value {
-    const NOT_SHOWN: &str = "That request does not exist, or you may not see it.";
-    let (request, voter) = match voter(state, id, user).await {
-        Ok(found) => found,
-        Err(_) => return ephemeral(NOT_SHOWN.into()),
-    };
-    match state.engine.may_view(&request, &voter).await {
-        Ok(true) => ephemeral_blocks(
-            format!("Request {id}"),
-            render_card(&CardView::of(&request)),
-        ),
-        Ok(false) => ephemeral(NOT_SHOWN.into()),
-        Err(error) => ephemeral(explain(&error)),
-    }
-}
-
-/// A typed vote acts on the revision that was current when it was typed (its signed
-/// timestamp): a captured command sent again after a modification cannot count for the
-/// new args. The answer says which revision, and the args it approved.
-async fn vote_from_command(
-    state: &SlackState,
-    id: &str,
-    user: &str,
-    signed_at: i64,
-    vote: VoteRequest,
-) -> Value {
-    let (request, voter) = match voter(state, id, user).await {
-        Ok(found) => found,
-        Err(message) => return ephemeral(message),
-    };
-    let typed_at = chrono::DateTime::from_timestamp(signed_at, 0).unwrap_or_default();
-    let seen_revision = request.revision_at(typed_at);
-    match state
-        .engine
-        .record_vote(id, &voter, vote, Some(seen_revision))
-        .await
-    {
-        Ok((
-            request,
-            VoteEffect::Counted {
-                approvals,
-                required,
-            },
-        )) => ephemeral(format!(
-            "Recorded your approval of `{id}` (revision {}): {approvals} of {required} approvals. Args: `{}`",
-            request.revision,
-            escape(&request.args.to_string())
-        )),
-        Ok((request, VoteEffect::Decided(status))) => ephemeral(format!(
-            "`{id}` is now {} (revision {}). Args: `{}`",
-            status.as_str(),
-            request.revision,
-            escape(&request.args.to_string())
-        )),
-        Err(error) => ephemeral(explain(&error)),
-    }
-}
-
-/// Pending requests this user may approve, as cards with buttons.
-async fn pending_for(state: &SlackState, user: &str) -> Value {
-    let pending = match state
-        .engine
-        .list_requests(RequestFilter {
-            status: Some(Status::Pending),
-            agent: None,
-            limit: 1000,
-        })
-        .await
-    {
-        Ok(pending) => pending,
-        Err(error) => return ephemeral(explain(&error)),
-    };
-    let mut decidable = Vec::new();
-    for request in pending {
-        let Ok(voter) = state.slack.voter_for(&state.engine, &request, user).await else {
-            return ephemeral(
-                "Slack could not tell signoff who you are just now. Please try again.".into(),
-            );
-        };
-        if state
-            .engine
-            .check_voter(&request.id, &voter, VoteKind::Approve, None)
-            .await
-            .is_ok()
-        {
-            decidable.push(request);
-        }
-    }
-    if decidable.is_empty() {
-        return ephemeral("Nothing is waiting for you.".into());
-    }
-    let total = decidable.len();
-    let mut blocks = vec![SlackBlock::from(SlackSectionBlock::new().with_text(md!(
-        format!(
-            "*{total} request{} waiting for you*",
-            if total == 1 { "" } else { "s" }
-        )
-    )))];
-    for request in decidable.iter().take(CARDS_PER_MESSAGE) {
-        blocks.push(SlackDividerBlock::new().into());
-        blocks.extend(render_card(&CardView::of(request)));
-    }
-    if total > CARDS_PER_MESSAGE {
-        blocks.push(
-            SlackContextBlock::new(vec![md!(format!(
-                "…and {} more. Decide these first, or list them all with `signoff pending`.",
-                total - CARDS_PER_MESSAGE
-            ))])
-            .into(),
-        );
-    }
-    ephemeral_blocks(format!("{total} pending"), blocks)
-}
-
-fn ephemeral(text: String) -> Value {
-    json!({"response_type": "ephemeral", "text": text})
-}
-
-fn ephemeral_blocks(text: String, blocks: Vec<SlackBlock>) -> Value {
-    json!({"response_type": "ephemeral", "text": escape(&text), "blocks": blocks})
 }
 
 /// Events API: answers the URL verification handshake; other events are acknowledged.

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod card;
+mod commands;
 mod directory;
 mod handlers;
 
@@ -111,7 +112,7 @@ impl SlackChannel {
         let policy = engine.policy();
         let tier = request.tier.as_deref().and_then(|tier| policy.tier(tier));
         let groups = tier
-            .map(|tier| tier.approvers.slack_groups.clone())
+            .map(|tier| tier.approvers.user_groups.clone())
             .unwrap_or_default();
         // The email (users.info) matters only where someone is named by email: an approver,
         // the requester, or an owner of the agent. Elsewhere a Slack outage cannot block votes.

@@ -1,0 +1,190 @@
+//! The slash command (`/signoff pending | show | approve | deny | help`): verified like every
+//! Slack request, answered ephemerally to the person who typed it.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use slack_morphism::prelude::*;
+
+use super::card::{escape, render_card};
+use super::handlers::{
+    explain, foreign_workspace, form_fields, voter, SignedBody, SlackState, CARDS_PER_MESSAGE,
+};
+use crate::channels::CardView;
+use crate::domain::{Status, VoteEffect, VoteKind, VoteRequest};
+use crate::store::RequestFilter;
+
+const HELP: &str = "*signoff* — approve what your AI agents want to do.\n\
+• `pending` — requests you can decide, with their buttons\n\
+• `show ID` — one request\n\
+• `approve ID [note]` — approve\n\
+• `deny ID reason` — deny, with a reason\n\
+• `help` — this message";
+
+/// The slash command. Every answer is ephemeral.
+pub(super) async fn commands(
+    State(state): State<SlackState>,
+    SignedBody { body, signed_at }: SignedBody,
+) -> Response {
+    let fields = form_fields(&body);
+    let team = fields
+        .get("team_id")
+        .map(String::as_str)
+        .unwrap_or_default();
+    if let Some(refused) = foreign_workspace(&state, &[team]).await {
+        return refused;
+    }
+    let user = fields.get("user_id").cloned().unwrap_or_default();
+    let text = fields.get("text").cloned().unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let subcommand = words.next().unwrap_or("help").to_ascii_lowercase();
+    let id = words.next().map(str::to_string);
+    let rest = words.collect::<Vec<_>>().join(" ");
+    let answer = match (subcommand.as_str(), id) {
+        ("pending", _) => pending_for(&state, &user).await,
+        ("show", Some(id)) => show_to(&state, &id, &user).await,
+        ("approve", Some(id)) => {
+            let note = (!rest.is_empty()).then_some(rest);
+            vote_from_command(&state, &id, &user, signed_at, VoteRequest::Approve { note }).await
+        }
+        ("deny", Some(id)) if !rest.is_empty() => {
+            let vote = VoteRequest::Deny { reason: rest };
+            vote_from_command(&state, &id, &user, signed_at, vote).await
+        }
+        ("deny", Some(_)) => ephemeral(format!(
+            "A deny needs a reason: `{} deny ID reason`",
+            state.slack.command
+        )),
+        ("show" | "approve" | "deny", None) => ephemeral(format!(
+            "Which request? `{} {subcommand} ID`",
+            state.slack.command
+        )),
+        _ => ephemeral(HELP.replace("*signoff*", &format!("*{}*", state.slack.command))),
+    };
+    Json(answer).into_response()
+}
+
+/// `show ID`: the card, for people who may see the request (approvers of its tier, its
+/// requester, the agent's owners); anyone else learns nothing, not even that it exists.
+async fn show_to(state: &SlackState, id: &str, user: &str) -> Value {
+    const NOT_SHOWN: &str = "That request does not exist, or you may not see it.";
+    let (request, voter) = match voter(state, id, user).await {
+        Ok(found) => found,
+        Err(_) => return ephemeral(NOT_SHOWN.into()),
+    };
+    match state.engine.may_view(&request, &voter).await {
+        Ok(true) => ephemeral_blocks(
+            format!("Request {id}"),
+            render_card(&CardView::of(&request)),
+        ),
+        Ok(false) => ephemeral(NOT_SHOWN.into()),
+        Err(error) => ephemeral(explain(&error)),
+    }
+}
+
+/// A typed vote acts on the revision that was current when it was typed (its signed
+/// timestamp): a captured command sent again after a modification cannot count for the
+/// new args. The answer says which revision, and the args it approved.
+async fn vote_from_command(
+    state: &SlackState,
+    id: &str,
+    user: &str,
+    signed_at: i64,
+    vote: VoteRequest,
+) -> Value {
+    let (request, voter) = match voter(state, id, user).await {
+        Ok(found) => found,
+        Err(message) => return ephemeral(message),
+    };
+    let typed_at = chrono::DateTime::from_timestamp(signed_at, 0).unwrap_or_default();
+    let seen_revision = request.revision_at(typed_at);
+    match state
+        .engine
+        .record_vote(id, &voter, vote, Some(seen_revision))
+        .await
+    {
+        Ok((
+            request,
+            VoteEffect::Counted {
+                approvals,
+                required,
+            },
+        )) => ephemeral(format!(
+            "Recorded your approval of `{id}` (revision {}): {approvals} of {required} approvals. Args: `{}`",
+            request.revision,
+            escape(&request.args.to_string())
+        )),
+        Ok((request, VoteEffect::Decided(status))) => ephemeral(format!(
+            "`{id}` is now {} (revision {}). Args: `{}`",
+            status.as_str(),
+            request.revision,
+            escape(&request.args.to_string())
+        )),
+        Err(error) => ephemeral(explain(&error)),
+    }
+}
+
+/// Pending requests this user may approve, as cards with buttons.
+async fn pending_for(state: &SlackState, user: &str) -> Value {
+    let pending = match state
+        .engine
+        .list_requests(RequestFilter {
+            status: Some(Status::Pending),
+            agent: None,
+            limit: 1000,
+        })
+        .await
+    {
+        Ok(pending) => pending,
+        Err(error) => return ephemeral(explain(&error)),
+    };
+    let mut decidable = Vec::new();
+    for request in pending {
+        let Ok(voter) = state.slack.voter_for(&state.engine, &request, user).await else {
+            return ephemeral(
+                "Slack could not tell signoff who you are just now. Please try again.".into(),
+            );
+        };
+        if state
+            .engine
+            .check_voter(&request.id, &voter, VoteKind::Approve, None)
+            .await
+            .is_ok()
+        {
+            decidable.push(request);
+        }
+    }
+    if decidable.is_empty() {
+        return ephemeral("Nothing is waiting for you.".into());
+    }
+    let total = decidable.len();
+    let mut blocks = vec![SlackBlock::from(SlackSectionBlock::new().with_text(md!(
+        format!(
+            "*{total} request{} waiting for you*",
+            if total == 1 { "" } else { "s" }
+        )
+    )))];
+    for request in decidable.iter().take(CARDS_PER_MESSAGE) {
+        blocks.push(SlackDividerBlock::new().into());
+        blocks.extend(render_card(&CardView::of(request)));
+    }
+    if total > CARDS_PER_MESSAGE {
+        blocks.push(
+            SlackContextBlock::new(vec![md!(format!(
+                "…and {} more. Decide these first, or list them all with `signoff pending`.",
+                total - CARDS_PER_MESSAGE
+            ))])
+            .into(),
+        );
+    }
+    ephemeral_blocks(format!("{total} pending"), blocks)
+}
+
+fn ephemeral(text: String) -> Value {
+    json!({"response_type": "ephemeral", "text": text})
+}
+
+fn ephemeral_blocks(text: String, blocks: Vec<SlackBlock>) -> Value {
+    json!({"response_type": "ephemeral", "text": escape(&text), "blocks": blocks})
+}
