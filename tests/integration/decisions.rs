@@ -1,4 +1,4 @@
-//! The decision rules of DESIGN §7 through the engine the CLI and chat channels share.
+//! The decision rules through the engine the CLI and chat channels share.
 
 use rstest::rstest;
 use rstest_reuse::apply;

@@ -1,4 +1,4 @@
-//! No agent starves another in the outbox (DESIGN §6, §8): a dead webhook receiver holds
+//! No agent starves another in the outbox: a dead webhook receiver holds
 //! only its own host's slots, a flooded channel serves agents round-robin, leases of running
 //! deliveries are renewed so two replicas never both deliver, a delivery whose bookkeeping
 //! fails is not repeated, and a replica without Slack leaves Slack cards to one with it.

@@ -1,6 +1,6 @@
-//! Property tests of the decision engine (DESIGN §13): random sequences of submissions,
+//! Property tests of the decision engine: random sequences of submissions,
 //! votes, modifications, cancellations, expiries and executions, checked step by step
-//! against a model of the decision rules (DESIGN §7) and, at the end, against the
+//! against a model of the decision rules (README) and, at the end, against the
 //! invariants every request must keep whatever happened to it.
 //!
 //! One server per backend serves every case; each case has its own agent and requests.
@@ -380,7 +380,7 @@ enum Kind {
     Modify,
 }
 
-/// The refusal DESIGN §7 gives this vote, in the order the engine checks, if any.
+/// The refusal the decision rules give this vote, in the order the engine checks, if any.
 fn expected_refusal(
     request: &Modelled,
     requesters: &BTreeSet<&str>,
@@ -818,7 +818,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// DESIGN §13's invariants over every request of the case and the whole audit chain.
+    /// The invariants over every request of the case and the whole audit chain.
     async fn check_invariants(&self) -> Result<(), TestCaseError> {
         let engine = self.app.engine();
         // Only this case's part of the trail: reading all of it each case would make a

@@ -1,4 +1,4 @@
-//! Per-agent quotas (DESIGN §6): pending cap, submission rate limit, long-poll cap, each a
+//! Per-agent quotas: pending cap, submission rate limit, long-poll cap, each a
 //! 429 with its own code that leaves other agents alone; and the header-read timeout.
 
 use std::time::Duration;
