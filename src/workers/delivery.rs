@@ -438,7 +438,8 @@ impl Delivery {
                     .await
                     .map(|()| DeliveryRecord::default())
             }
-            OutboxKind::Webhook => unreachable!("webhooks are sent above"),
+            // Sent above; a webhook never reaches a chat channel.
+            OutboxKind::Webhook => Err(ChannelError::Permanent("not a chat message".into())),
         };
         self.chat_outcome(message, result)
     }
