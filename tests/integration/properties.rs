@@ -686,7 +686,6 @@ impl Run<'_> {
             return Ok(());
         }
         self.make_overdue(&id).await;
-        // The server's own sweeper may get there first: either way it expires once.
         match how {
             Expiry::Sweep => {
                 engine.expire_overdue().await.expect("sweep");
@@ -712,8 +711,9 @@ impl Run<'_> {
         self.check_matches(&self.requests[position], &stored)
     }
 
-    /// Moves the request's expiry into the past, as time passing would: the engine reads
-    /// the wall clock, so the request moves instead of the clock.
+    /// Moves the request's expiry into the past, as time passing would for it alone:
+    /// moving the test clock would make every pending request of the case overdue at once,
+    /// and the model expires one request at a time.
     async fn make_overdue(&self, id: &str) {
         let store = self.app.store().await;
         let current = self.stored(id).await;
