@@ -1,16 +1,24 @@
 //! The operator and agent command line, run as a separate process on the same database.
 
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use rstest::rstest;
 use rstest_reuse::apply;
 use serde_json::{json, Value};
+use signoff::domain::Status;
 
 use crate::spawn_app;
-use crate::support::{backends, error_code, stderr, stdout, Backend, TestAgent};
+use crate::support::{backends, error_code, eventually, stderr, stdout, Backend, TestAgent};
 
 fn request_cli(app: &crate::support::TestApp, key: &str, args: &[&str]) -> std::process::Output {
+    request_cli_at(&app.base_url, key, args)
+}
+
+/// `signoff request` against the server at `url`.
+fn request_cli_at(url: &str, key: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_signoff"))
-        .args(["request", "--url", &app.base_url, "--key", key])
+        .args(["request", "--url", url, "--key", key])
         .args(args)
         .output()
         .unwrap()
@@ -241,10 +249,21 @@ async fn request_command_exits_by_outcome(#[case] backend: Backend) {
         "pending"
     );
 
-    let output = tokio::task::block_in_place(|| {
-        request_cli(&app, &key, &["--action", "flash.go", "--wait", "20s"])
+    // The CLI waits on the server's clock: once its long-poll waits, the test moves that
+    // clock past the one-second ttl and sweeps, which wakes the long-poll.
+    let (url, flash_key) = (app.base_url.clone(), key.clone());
+    let waiting = tokio::task::spawn_blocking(move || {
+        request_cli_at(&url, &flash_key, &["--action", "flash.go", "--wait", "20s"])
     });
+    let flash = eventually(Duration::from_secs(10), || async {
+        app.engine().awaited_request_ids().pop()
+    })
+    .await;
+    app.advance(Duration::from_secs(2));
+    app.sweep().await;
+    let output = waiting.await.unwrap();
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert_eq!(app.stored(&flash).await.status, Status::Expired);
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&output)).unwrap()["status"],
         "expired"

@@ -6,9 +6,10 @@ use rstest::rstest;
 use rstest_reuse::apply;
 use serde_json::json;
 use signoff::domain::Status;
+use signoff::engine::Clock;
 
 use crate::spawn_app;
-use crate::support::{backends, eventually, stderr, Backend};
+use crate::support::{backends, stderr, Backend};
 
 #[apply(backends)]
 #[tokio::test]
@@ -17,12 +18,13 @@ async fn the_sweeper_expires_overdue_requests(#[case] backend: Backend) {
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "flash.go"})).await;
 
-    // Read the store directly: the sweeper, not a reader, must do the expiring.
-    let expired = eventually(Duration::from_secs(10), || async {
-        let stored = app.stored(&id).await;
-        (stored.status == Status::Expired).then_some(stored)
-    })
-    .await;
+    // Past the one-second ttl. Read the store directly: the sweeper, not a reader, must
+    // do the expiring.
+    app.advance(Duration::from_secs(2));
+    assert_eq!(app.stored(&id).await.status, Status::Pending);
+    assert_eq!(app.sweep().await.expired, 1);
+    let expired = app.stored(&id).await;
+    assert_eq!(expired.status, Status::Expired);
     let decision = expired.decision.unwrap();
     assert_eq!(decision.by[0].as_str(), "system:expiry");
     assert!(decision.at >= expired.expires_at.unwrap());
@@ -53,10 +55,8 @@ async fn a_restart_keeps_everything_and_expires_what_fell_due(#[case] backend: B
     // While no server runs, the flash request's one-second ttl passes.
     let expires_at: chrono::DateTime<chrono::Utc> =
         flash["expires_at"].as_str().unwrap().parse().unwrap();
-    let remaining = (expires_at - chrono::Utc::now())
-        .to_std()
-        .unwrap_or_default();
-    tokio::time::sleep(remaining + Duration::from_millis(50)).await;
+    let remaining = (expires_at - app.clock.now()).to_std().unwrap_or_default();
+    app.advance(remaining + Duration::from_millis(50));
     app.start_again().await;
 
     for id in &acknowledged {
@@ -73,10 +73,10 @@ async fn a_restart_keeps_everything_and_expires_what_fell_due(#[case] backend: B
         app.stored(allowed["id"].as_str().unwrap()).await.status,
         Status::Approved
     );
-    eventually(Duration::from_secs(10), || async {
-        (app.stored(&flash_id).await.status == Status::Expired).then_some(())
-    })
-    .await;
+    // The first sweep after the restart expires what fell due meanwhile.
+    assert_eq!(app.stored(&flash_id).await.status, Status::Pending);
+    assert_eq!(app.sweep().await.expired, 1);
+    assert_eq!(app.stored(&flash_id).await.status, Status::Expired);
     assert!(app.engine().verify_audit_chain().await.unwrap().is_ok());
 }
 

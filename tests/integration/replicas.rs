@@ -7,10 +7,11 @@ use rstest::rstest;
 use rstest_reuse::apply;
 use serde_json::{json, Value};
 use signoff::domain::Status;
+use signoff::workers::sweep_once;
 
 use crate::spawn_app;
 use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
-use crate::support::{backends, eventually, Backend};
+use crate::support::{backends, Backend};
 
 #[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,8 +51,7 @@ async fn a_vote_on_one_replica_wakes_a_long_poll_on_another(#[case] backend: Bac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_expiring_together_are_expired_and_announced_once(#[case] backend: Backend) {
     const REQUESTS: usize = 200;
-    let policy = crate::support::TEST_POLICY.replace("ttl: 1s", "ttl: 3s");
-    let app = spawn_app!(backend, &policy);
+    let app = spawn_app!(backend);
     let receiver = WebhookReceiver::start().await;
     let agent = app.create_agent("bot", &[]).await;
     let callback = receiver.url("expiries", Behaviour::Accept);
@@ -65,23 +65,35 @@ async fn requests_expiring_together_are_expired_and_announced_once(#[case] backe
             .await,
         );
     }
-    // Two more replicas join; all three sweep and deliver.
+    // Two more replicas join; past the one-second ttl, all three sweep at once, then
+    // deliver at once.
     let second = app.start_replica().await;
     let third = app.start_replica().await;
+    app.advance(Duration::from_secs(2));
+    let swept = tokio::join!(
+        app.sweep(),
+        sweep_once(second.engine()),
+        sweep_once(third.engine())
+    );
+    assert_eq!(
+        swept.0.expired + swept.1.expired + swept.2.expired,
+        REQUESTS,
+        "each request expired by one replica: {swept:?}"
+    );
+    let (_, second_delivered, third_delivered) = tokio::join!(
+        app.deliver(),
+        second.delivery().deliver_due(),
+        third.delivery().deliver_due()
+    );
+    second_delivered.unwrap();
+    third_delivered.unwrap();
 
-    let deliveries = receiver
-        .wait_for("expiries", REQUESTS, Duration::from_secs(60))
-        .await;
-    eventually(Duration::from_secs(30), || async {
-        let pending = app.store().await.pending_outbox(1000).await.unwrap();
-        pending
-            .iter()
-            .all(|message| message.kind != "webhook")
-            .then_some(())
-    })
-    .await;
-    let deliveries = receiver.deliveries("expiries").len().max(deliveries.len());
-    assert_eq!(deliveries, REQUESTS, "each webhook exactly once");
+    app.assert_none_pending("webhook").await;
+    assert_eq!(
+        receiver.deliveries("expiries").len(),
+        REQUESTS,
+        "each webhook exactly once"
+    );
 
     let mut per_request: HashMap<String, usize> = HashMap::new();
     for delivery in receiver.deliveries("expiries") {

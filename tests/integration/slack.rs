@@ -8,6 +8,7 @@ use rstest::rstest;
 use rstest_reuse::apply;
 use serde_json::{json, Value};
 use signoff::domain::Status;
+use signoff::workers::Swept;
 
 use crate::support::fake_slack::{
     button_value, click_payload, slack_signature, Failure, SlackDriver,
@@ -44,6 +45,9 @@ rules:
 "#;
 
 const WAIT: Duration = Duration::from_secs(10);
+/// The longest backoff before a card's next attempt (jittered below it): four of these
+/// stay inside the medium tier's 30-minute ttl.
+const CARD_RETRY: Duration = Duration::from_secs(5 * 60);
 
 async fn slack_app(backend: Backend) -> Option<TestApp> {
     let app = TestApp::spawn_with_policy(backend, SLACK_POLICY).await?;
@@ -72,19 +76,20 @@ fn text_of(call: &Value) -> String {
     call["blocks"].to_string()
 }
 
-/// Waits until the latest card for `id` in each of `channels` contains every one of `words`.
+/// Delivers what is due, then asserts that the latest card for `id` in each of `channels`
+/// contains every one of `words`.
 async fn cards_show(app: &TestApp, channels: &[&str], id: &str, words: &[&str]) {
-    crate::support::eventually(WAIT, || async {
-        channels
-            .iter()
-            .all(|channel| {
-                app.slack
-                    .latest_card(channel, id)
-                    .is_some_and(|card| words.iter().all(|word| text_of(&card).contains(word)))
-            })
-            .then_some(())
-    })
-    .await;
+    app.deliver_all().await;
+    for channel in channels {
+        let card = app
+            .slack
+            .latest_card(channel, id)
+            .unwrap_or_else(|| panic!("no card for {id} in {channel}"));
+        let text = text_of(&card);
+        for word in words {
+            assert!(text.contains(word), "{channel}: no {word:?} in {text}");
+        }
+    }
 }
 
 /// The ephemeral explanations sent so far (through response_url), once there are `count`.
@@ -117,7 +122,7 @@ async fn cards_go_to_every_destination_of_the_tier(#[case] backend: Backend) {
         )
         .await;
 
-    let posts = app.slack.wait_for("chat.postMessage", 3, WAIT).await;
+    let posts = app.delivered("chat.postMessage", 3).await;
     let mut channels: Vec<(String, bool)> = posts
         .iter()
         .map(|post| {
@@ -151,7 +156,7 @@ async fn an_approve_click_decides_and_updates_the_card(#[case] backend: Backend)
     let app = slack_app!(backend);
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
 
     let status = app
         .slack_driver()
@@ -162,7 +167,7 @@ async fn an_approve_click_decides_and_updates_the_card(#[case] backend: Backend)
     assert_eq!(stored.status, Status::Approved);
     assert_eq!(stored.decision.unwrap().by[0].as_str(), "slack:U01ALICE");
 
-    let updates = app.slack.wait_for("chat.update", 1, WAIT).await;
+    let updates = app.delivered("chat.update", 1).await;
     let update = updates.last().unwrap();
     assert_eq!(update["channel"], "C0MEDIUM");
     assert_eq!(
@@ -194,7 +199,7 @@ async fn deny_asks_for_a_reason_in_a_modal(#[case] backend: Backend) {
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
     let driver = app.slack_driver();
     // Only a posted card can be clicked.
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
 
     assert_eq!(
         driver.click("U02BOB", "C0MEDIUM", "deny", &id).await,
@@ -232,7 +237,7 @@ async fn deny_asks_for_a_reason_in_a_modal(#[case] backend: Backend) {
         stored.decision.unwrap().reason.as_deref(),
         Some("Wrong customer")
     );
-    let update = app.slack.wait_for("chat.update", 1, WAIT).await;
+    let update = app.delivered("chat.update", 1).await;
     assert!(text_of(update.last().unwrap()).contains("Wrong customer"));
 }
 
@@ -499,34 +504,36 @@ async fn a_slack_outage_delays_cards_but_never_loses_or_doubles_them(#[case] bac
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "email.send"})).await;
 
-    let posts = app
-        .slack
-        .wait_for("chat.postMessage", 1, Duration::from_secs(20))
-        .await;
+    // Each failed attempt is retried after its backoff (never sooner than Retry-After):
+    // the card waits, it is not lost. Six attempts at one channel outrun its burst of
+    // three, hence `deliver_all`.
+    for failures in 1..=3 {
+        app.deliver_all().await;
+        assert_eq!(app.slack.failed_calls("chat.postMessage"), failures);
+        assert!(app.slack.calls("chat.postMessage").is_empty());
+        app.advance(CARD_RETRY);
+    }
+    app.deliver_all().await;
     assert_eq!(app.slack.failed_calls("chat.postMessage"), 3);
-    assert_eq!(posts.len(), 1);
+    assert_eq!(app.slack.calls("chat.postMessage").len(), 1);
 
     // The update after the decision rides out a failure the same way.
     app.slack
         .fail_next("chat.update", vec![Failure::ServerError]);
     app.approve(&id, "slack:U01ALICE").await.unwrap();
-    app.slack
-        .wait_for("chat.update", 1, Duration::from_secs(20))
-        .await;
+    app.deliver_all().await;
+    assert_eq!(app.slack.failed_calls("chat.update"), 1);
+    assert!(app.slack.calls("chat.update").is_empty());
+    app.advance(CARD_RETRY);
+    app.deliver_all().await;
+    assert_eq!(app.slack.calls("chat.update").len(), 1);
     assert_eq!(
         app.slack.calls("chat.postMessage").len(),
         1,
         "the card is updated, not posted again"
     );
     assert_eq!(app.slack.failed_calls("chat.update"), 1);
-    crate::support::eventually(WAIT, || async {
-        let pending = app.store().await.pending_outbox(10).await.unwrap();
-        pending
-            .iter()
-            .all(|message| message.kind != "card")
-            .then_some(())
-    })
-    .await;
+    app.assert_none_pending("card").await;
 }
 
 #[apply(backends)]
@@ -540,7 +547,7 @@ async fn every_copy_is_updated_after_the_decision(#[case] backend: Backend) {
             json!({"action": "payments.refund", "args": {"amount": 10}}),
         )
         .await;
-    app.slack.wait_for("chat.postMessage", 2, WAIT).await;
+    app.delivered("chat.postMessage", 2).await;
     app.approve(&id, "slack:U01ALICE").await.unwrap();
     app.approve(&id, "slack:U02BOB").await.unwrap();
 
@@ -680,17 +687,24 @@ async fn reminders_and_escalation_follow_the_tier(#[case] backend: Backend) {
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "slow.job"})).await;
 
-    // The card, a reminder in its thread naming the approvers, then a card in the
-    // escalation channel: three posts.
-    let posts = app.slack.wait_for("chat.postMessage", 3, WAIT).await;
-    let card = posts
-        .iter()
-        .find(|post| post["channel"] == "C0SLOW" && post["thread_ts"].is_null())
-        .unwrap();
-    let reminder = posts
-        .iter()
-        .find(|post| !post["thread_ts"].is_null())
-        .expect("a threaded reminder");
+    // The card, a reminder in its thread naming the approvers once `remind_after` has
+    // passed, then a card in the escalation channel once `escalate_after` has: three posts.
+    let posts = app.delivered("chat.postMessage", 1).await;
+    assert_eq!(posts.len(), 1);
+    let card = &posts[0];
+    assert_eq!(card["channel"], "C0SLOW");
+    assert!(card["thread_ts"].is_null(), "{card}");
+    app.advance(Duration::from_millis(400));
+    assert_eq!(
+        app.sweep().await,
+        Swept {
+            reminded: 1,
+            ..Swept::default()
+        }
+    );
+    let posts = app.delivered("chat.postMessage", 2).await;
+    assert_eq!(posts.len(), 2);
+    let reminder = &posts[1];
     assert_eq!(reminder["channel"], "C0SLOW");
     assert_eq!(
         reminder["thread_ts"], "1700000000.000001",
@@ -702,10 +716,18 @@ async fn reminders_and_escalation_follow_the_tier(#[case] backend: Backend) {
         "{text}"
     );
     assert!(text_of(card).contains(&id));
-    let escalated = posts
-        .iter()
-        .find(|post| post["channel"] == "C0ONCALL")
-        .expect("posted to escalate_to");
+    app.advance(Duration::from_millis(400));
+    assert_eq!(
+        app.sweep().await,
+        Swept {
+            escalated: 1,
+            ..Swept::default()
+        }
+    );
+    let posts = app.delivered("chat.postMessage", 3).await;
+    assert_eq!(posts.len(), 3);
+    let escalated = &posts[2];
+    assert_eq!(escalated["channel"], "C0ONCALL", "posted to escalate_to");
     assert!(text_of(escalated).contains("Escalated"));
 
     // The original card is updated to say so, too.
@@ -717,7 +739,8 @@ async fn reminders_and_escalation_follow_the_tier(#[case] backend: Backend) {
         vec!["submitted", "verdict", "reminded", "escalated"]
     );
 
-    // Deciding updates every copy, the escalation one included.
+    // Deciding updates every copy, the escalation one included (the fourth message to
+    // C0SLOW: `cards_show` waits for its pacing).
     app.approve(&id, "slack:U01ALICE").await.unwrap();
     cards_show(&app, &["C0ONCALL", "C0SLOW"], &id, &["Approved"]).await;
 }
@@ -730,13 +753,16 @@ async fn expiry_updates_the_card_and_is_final(#[case] backend: Backend) {
     };
     let agent = app.create_agent("bot", &[]).await;
     let id = app.submit_id(&agent, json!({"action": "brief.job"})).await;
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
-    crate::support::eventually(WAIT, || async {
-        let card = app.slack.latest_card("C0BRIEF", &id)?;
-        (text_of(&card).contains("Expired") && !text_of(&card).contains("\"actions\""))
-            .then_some(())
-    })
-    .await;
+    app.delivered("chat.postMessage", 1).await;
+    // Past the one-second ttl.
+    app.advance(Duration::from_secs(2));
+    assert_eq!(app.sweep().await.expired, 1);
+    app.delivered("chat.update", 1).await;
+    let card = app.slack.latest_card("C0BRIEF", &id).unwrap();
+    assert!(
+        text_of(&card).contains("Expired") && !text_of(&card).contains("\"actions\""),
+        "{card}"
+    );
     assert_eq!(
         app.slack_driver()
             .click("U01ALICE", "C0BRIEF", "approve", &id)
@@ -787,6 +813,7 @@ async fn agents_and_webhooks_never_see_the_voters_aliases(#[case] backend: Backe
     assert_eq!(status, StatusCode::OK);
     assert_eq!(seen["votes"].as_array().map(Vec::len), Some(2), "{seen}");
     assert!(!shows_aliases(&seen), "{seen}");
+    app.deliver().await;
     let deliveries = receiver.wait_for("decided", 1, WAIT).await;
     let event: Value = serde_json::from_slice(&deliveries[0].body).unwrap();
     assert_eq!(

@@ -2,8 +2,6 @@
 //! again, votes bind to the revision shown, one person votes once under any principal,
 //! separation of duties fails closed, and other workspaces cannot decide anything.
 
-use std::time::Duration;
-
 use reqwest::StatusCode;
 use rstest::rstest;
 use rstest_reuse::apply;
@@ -52,8 +50,6 @@ rules:
     effect: require_approval
     tier: staging
 "#;
-
-const WAIT: Duration = Duration::from_secs(10);
 
 async fn deploy_app(backend: Backend) -> Option<TestApp> {
     let app = TestApp::spawn_with_policy(backend, DEPLOY_POLICY).await?;
@@ -113,7 +109,7 @@ async fn a_modification_into_denied_args_is_refused_and_changes_nothing(#[case] 
     assert_eq!(snapshot(&app, &id).await, before);
 
     // The same through Slack's modify modal: the modal shows why.
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
     let (status, answer) = app
         .slack_driver()
         .submit_modal(
@@ -138,7 +134,7 @@ async fn a_modification_into_a_higher_tier_moves_the_request_up(#[case] backend:
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("staging")).await;
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
 
     // Bob approves staging alone, but is no approver of production: his modification
     // moves the request up and does not count as one of its approvals.
@@ -162,17 +158,17 @@ async fn a_modification_into_a_higher_tier_moves_the_request_up(#[case] backend:
     assert_eq!(stored.revision, 2);
 
     // A card goes to production's route, and the staging card is kept current.
-    let posts = app.slack.wait_for("chat.postMessage", 2, WAIT).await;
+    app.catch_up_with_the_cli();
+    let posts = app.delivered("chat.postMessage", 2).await;
     assert!(
         posts.iter().any(|post| post["channel"] == "C0PROD"),
         "{posts:#?}"
     );
-    crate::support::eventually(WAIT, || async {
-        app.slack
-            .latest_card("C0STAGING", &id)
-            .filter(|card| card["blocks"].to_string().contains("production"))
-    })
-    .await;
+    let staging = app.slack.latest_card("C0STAGING", &id).unwrap();
+    assert!(
+        staging["blocks"].to_string().contains("production"),
+        "{staging}"
+    );
 
     // Bob cannot approve it now; two people of production's approvers can.
     let output = app.cli(&["approve", &id, "--as", "cli:bob"]);
@@ -218,7 +214,7 @@ async fn a_stale_or_replayed_click_after_a_modification_is_refused(#[case] backe
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("production")).await;
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
     let driver = app.slack_driver();
 
     // Carol's click on revision 1, signed by Slack; it counts there.
@@ -389,7 +385,7 @@ async fn one_person_counts_once_and_owners_are_refused_under_any_principal(
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &["cli:owen"]).await;
     let id = app.submit_id(&agent, deploy("production")).await;
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
     let driver = app.slack_driver();
 
     // Alice in Slack, then Alice on the command line: one person, one approval.
@@ -411,7 +407,7 @@ async fn one_person_counts_once_and_owners_are_refused_under_any_principal(
     // Owen owns the agent as cli:owen; as slack:U0OWEN he is an ops approver, and still
     // may not approve his own agent's staging deploy.
     let staging = app.submit_id(&agent, deploy("staging")).await;
-    app.slack.wait_for("chat.postMessage", 2, WAIT).await;
+    app.delivered("chat.postMessage", 2).await;
     let (status, answer) = driver
         .click_at("U0OWEN", "C0STAGING", "approve", &staging, 1)
         .await;
@@ -449,7 +445,7 @@ async fn a_slack_user_whose_email_cannot_be_read_is_refused_where_people_are_nam
     let mut body = deploy("staging");
     body["on_behalf_of"] = json!("email:someone@example.com");
     let id = app.submit_id(&agent, body).await;
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
     let before = snapshot(&app, &id).await;
 
     let (status, answer) = app
@@ -462,7 +458,7 @@ async fn a_slack_user_whose_email_cannot_be_read_is_refused_where_people_are_nam
 
     // Where nobody is named by email, the same user may approve.
     let plain = app.submit_id(&agent, deploy("staging")).await;
-    app.slack.wait_for("chat.postMessage", 2, WAIT).await;
+    app.delivered("chat.postMessage", 2).await;
     let (status, answer) = app
         .slack_driver()
         .click_at("U05HIDDEN", "C0STAGING", "approve", &plain, 1)
@@ -477,7 +473,7 @@ async fn another_workspace_cannot_click_or_command(#[case] backend: Backend) {
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("staging")).await;
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
     let before = snapshot(&app, &id).await;
     let driver = app.slack_driver();
 
@@ -667,7 +663,7 @@ async fn clicks_are_refused_while_the_workspace_cannot_be_confirmed(#[case] back
     let app = deploy_app!(backend);
     let agent = app.create_agent("deployer", &[]).await;
     let id = app.submit_id(&agent, deploy("staging")).await;
-    app.slack.wait_for("chat.postMessage", 1, WAIT).await;
+    app.delivered("chat.postMessage", 1).await;
     let before = snapshot(&app, &id).await;
 
     // A revoked token: auth.test cannot say which workspace is ours, so nothing counts.

@@ -18,10 +18,10 @@ use serde_json::{json, Value};
 use signoff::channels::ChatChannel;
 use signoff::config::{Config, Secret, SlackConfig};
 use signoff::domain::{ApprovalRequest, Principal, VoteEffect, VoteRequest, Voter};
-use signoff::engine::{Engine, EngineResult, ManualClock};
+use signoff::engine::{Clock, Engine, EngineResult, ManualClock};
 use signoff::server::{RunningServer, ServerOptions};
-use signoff::store::Store;
-use signoff::workers::{sweep_once, Swept};
+use signoff::store::{CandidateQuery, Store};
+use signoff::workers::{sweep_once, Delivery, Swept};
 use sqlx::Connection;
 use tempfile::TempDir;
 
@@ -332,16 +332,55 @@ impl TestApp {
             .expect("replica starts")
     }
 
+    /// This server's outbox worker, for a test that drives its steps itself.
+    pub fn delivery(&self) -> &Arc<Delivery> {
+        self.server.as_ref().expect("server running").delivery()
+    }
+
     /// Delivers every outbox message due at the test clock (cards, reminders, webhooks)
     /// and returns once they are delivered and recorded.
     pub async fn deliver(&self) -> usize {
-        self.server
-            .as_ref()
-            .expect("server running")
-            .delivery()
+        self.delivery()
             .deliver_due()
             .await
             .expect("deliver due outbox messages")
+    }
+
+    /// `deliver`, again as paced chat destinations get tokens back (about one a second,
+    /// real time), until nothing is due at the test clock: for a test that sends one
+    /// destination more than its burst of three. Retries scheduled later are not due.
+    pub async fn deliver_all(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut handled = 0;
+        loop {
+            handled += self.deliver().await;
+            if !self.anything_due().await {
+                return handled;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outbox messages still due after delivering for 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether any outbox message is due at the test clock and not being delivered.
+    async fn anything_due(&self) -> bool {
+        let due = self
+            .engine()
+            .outbox_candidates(
+                self.engine().now(),
+                &CandidateQuery {
+                    skip: &[],
+                    skip_hosts: &[],
+                    per_queue: 1,
+                    limit: 1,
+                },
+            )
+            .await
+            .expect("outbox candidates");
+        !due.is_empty()
     }
 
     /// One sweep at the test clock: expiry, escalation, reminders.
@@ -353,6 +392,31 @@ impl TestApp {
     pub fn advance(&self, by: Duration) {
         self.clock
             .advance(chrono::Duration::from_std(by).expect("duration in range"));
+    }
+
+    /// Asserts that no outbox message of `kind` is pending: each was delivered or given up,
+    /// none waits for a retry.
+    pub async fn assert_none_pending(&self, kind: &str) {
+        let pending = self
+            .store()
+            .await
+            .pending_outbox(1000)
+            .await
+            .expect("pending outbox");
+        let left: Vec<_> = pending
+            .iter()
+            .filter(|message| message.kind == kind)
+            .collect();
+        assert!(left.is_empty(), "{kind} messages still pending: {left:#?}");
+    }
+
+    /// Moves the test clock up to the real time, if behind it: what the CLI (a process on
+    /// the real clock) queued becomes due.
+    pub fn catch_up_with_the_cli(&self) {
+        let now = chrono::Utc::now();
+        if now > self.clock.now() {
+            self.clock.set(now);
+        }
     }
 
     /// Delivers what is due, then the fake Slack's successful `method` calls, of which
