@@ -51,8 +51,34 @@ pub struct Writer {
 
 /// The writer, held: `Deref`s to its connection. From `begin_write` it is inside
 /// `BEGIN IMMEDIATE` until `commit`; from `write_connection` each statement commits alone.
+///
+/// Dropped inside a transaction (an error returned early, a conflict, a caller that went
+/// away), it rolls back at once in a task of its own: SQLite's write lock must not stay
+/// taken until this process's next write, while the CLI and other processes wait on it.
 #[derive(Debug)]
-pub struct HeldWriter(OwnedMutexGuard<Writer>);
+pub struct HeldWriter(OwnedMutexGuard<Writer>, Arc<Mutex<Writer>>);
+
+impl Drop for HeldWriter {
+    fn drop(&mut self) {
+        if !self.0.in_transaction {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let writer = self.1.clone();
+        // Runs once this guard is gone; a writer that gets the lock first rolls back itself.
+        runtime.spawn(async move {
+            let mut writer = writer.lock().await;
+            if writer.in_transaction {
+                let _ = sqlx::query("ROLLBACK")
+                    .execute(&mut writer.connection)
+                    .await;
+                writer.in_transaction = false;
+            }
+        });
+    }
+}
 
 impl Deref for HeldWriter {
     type Target = SqliteConnection;
@@ -220,7 +246,7 @@ impl Backend for Sqlite {
                 .await;
             writer.in_transaction = false;
         }
-        Ok(HeldWriter(writer))
+        Ok(HeldWriter(writer, store.writer.clone()))
     }
 
     /// One round trip to the writer connection's thread for a whole group when the audit
