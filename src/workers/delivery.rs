@@ -60,6 +60,10 @@ pub struct Delivery {
     pacing: Mutex<HashMap<String, TokenBucket>>,
     /// Per paced destination, whose turn it is among the agents with cards waiting.
     turns: Mutex<HashMap<String, Turns>>,
+    /// Destinations of platforms this process runs no channel for (another replica may):
+    /// left out of every read, so their rows can never crowd out what this one can send.
+    /// Route destinations are few (the policy names them), so this stays small.
+    foreign: Mutex<HashSet<String>>,
     in_flight: Mutex<InFlight>,
     /// A delivery finished: there is room to claim again.
     freed: Notify,
@@ -89,6 +93,7 @@ impl Delivery {
             lease: LEASE,
             pacing: Mutex::default(),
             turns: Mutex::default(),
+            foreign: Mutex::default(),
             in_flight: Mutex::default(),
             freed: Notify::new(),
             idle: Notify::new(),
@@ -148,7 +153,8 @@ impl Delivery {
     /// waits for a delivery. Returns how many were claimed.
     #[tracing::instrument(skip_all)]
     pub async fn step(self: &Arc<Self>) -> EngineResult<usize> {
-        let waiting = self.waiting_destinations();
+        let mut skip = self.waiting_destinations();
+        skip.extend(lock(&self.foreign).iter().cloned());
         // Hosts at their cap: their webhooks are not read, so they cannot fill the read.
         let full_hosts: Vec<String> = lock(&self.in_flight)
             .by_host
@@ -162,7 +168,7 @@ impl Delivery {
             .outbox_candidates(
                 at,
                 &CandidateQuery {
-                    skip: &waiting,
+                    skip: &skip,
                     skip_hosts: &full_hosts,
                     per_queue: WEBHOOKS_PER_HOST as i64,
                     limit: CANDIDATES,
@@ -239,6 +245,7 @@ impl Delivery {
                 // Left for a replica that runs this destination's channel: claiming it
                 // here could only fail it.
                 if !self.channels.delivers_to(&candidate.destination) {
+                    lock(&self.foreign).insert(candidate.destination);
                     continue;
                 }
                 match paced
