@@ -566,8 +566,9 @@ fn approver_entry(entry: &str, people: &People) -> Result<ApproverEntry, String>
 }
 
 fn validate_destination(destination: &str) -> Result<(), String> {
-    match destination.split_once(':') {
-        Some(("slack" | "teams", id)) if !id.is_empty() && !id.contains(char::is_whitespace) => Ok(()),
+    let parsed = crate::domain::Destination::parse(destination);
+    match parsed.as_ref().map(|d| (d.platform(), d.conversation())) {
+        Some(("slack" | "teams", id)) if !id.contains(char::is_whitespace) => Ok(()),
         _ => Err(format!(
             "route destination {destination:?} must be slack:<channel id> or teams:<conversation id>"
         )),

@@ -175,8 +175,14 @@ impl Delivery {
                 },
             )
             .await?;
+        let foreign_before = lock(&self.foreign).len();
         let chosen = self.choose(candidates);
         if chosen.is_empty() {
+            // The read was filled by destinations this process cannot serve: now that they
+            // are left out, read again at once instead of at the next poll.
+            if lock(&self.foreign).len() > foreign_before {
+                return Box::pin(self.step()).await;
+            }
             return Ok(0);
         }
         let claimed = self
@@ -344,14 +350,12 @@ impl Delivery {
     async fn finish(&self, message: &OutboxMessage, outcome: OutboxOutcome) {
         if let OutboxOutcome::Retry { error, .. } | OutboxOutcome::Abandon { error } = &outcome {
             let destination_kind = if is_webhook(message) {
-                "webhook"
+                "webhook".to_string()
             } else {
-                message
-                    .destination
-                    .split_once(':')
-                    .map_or("unknown", |(kind, _)| kind)
+                Destination::parse(&message.destination)
+                    .map_or("unknown".to_string(), |d| d.platform().to_string())
             };
-            metrics::counter!(telemetry::DELIVERY_FAILURES, "destination" => destination_kind.to_string())
+            metrics::counter!(telemetry::DELIVERY_FAILURES, "destination" => destination_kind)
                 .increment(1);
             tracing::warn!(outbox_id = message.id, kind = %message.kind, destination = %message.destination, %error, "delivery failed");
         }

@@ -113,3 +113,57 @@ async fn expiry_follows_the_test_clock(#[case] backend: Backend) {
         .collect();
     assert_eq!(statuses.last(), Some(&Status::Expired));
 }
+
+/// Cards for a platform this server runs no channel for wait for one that does; however
+/// many there are, and however old, they never hold back a card this server can send.
+const CROWDED_POLICY: &str = r#"version: 1
+default: deny
+groups:
+  ops: ["cli:alice"]
+tiers:
+  elsewhere:
+    route: ["teams:19:ops@thread.tacv2"]
+    approvers: ["group:ops"]
+    approvals: 1
+    ttl: 1h
+  here:
+    route: ["slack:C0HERE"]
+    approvers: ["group:ops"]
+    approvals: 1
+    ttl: 1h
+rules:
+  - name: elsewhere
+    match: ["bulk.*"]
+    effect: require_approval
+    tier: elsewhere
+  - name: here
+    match: ["email.send"]
+    effect: require_approval
+    tier: here
+"#;
+
+#[apply(backends)]
+#[tokio::test]
+async fn another_platforms_backlog_never_crowds_out_a_sendable_card(#[case] backend: Backend) {
+    let Some(app) = TestApp::spawn_with_policy(backend, CROWDED_POLICY).await else {
+        return;
+    };
+    // More (destination, agent) queues than the worker reads at a time (256), all older.
+    for n in 0..300 {
+        let agent = app.create_agent(&format!("bulk-{n}"), &[]).await;
+        app.submit_ok(&agent, json!({"action": "bulk.update", "args": {"n": n}}))
+            .await;
+    }
+    let mailer = app.create_agent("mailer", &[]).await;
+    let id = app
+        .submit_id(&mailer, json!({"action": "email.send", "args": {}}))
+        .await;
+    app.deliver().await;
+    assert!(app.slack.latest_card("C0HERE", &id).is_some());
+    // The other platform's cards are still queued for a server that runs it.
+    let waiting = app.store().await.pending_outbox(1000).await.unwrap();
+    assert_eq!(waiting.len(), 300, "{:?}", waiting.first());
+    assert!(waiting
+        .iter()
+        .all(|message| message.destination == "teams:19:ops@thread.tacv2"));
+}

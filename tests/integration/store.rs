@@ -911,3 +911,68 @@ async fn an_attempt_whose_idempotency_key_was_taken_over_cannot_commit(#[case] b
         }
     );
 }
+
+/// A lost compare-and-set changes nothing, and lets go of the database at once: another
+/// process (the CLI, a replica) can write straight after, without waiting for this one's
+/// next write to release SQLite's write lock.
+#[apply(backends)]
+#[tokio::test]
+async fn a_lost_compare_and_set_leaves_the_database_free_for_others(#[case] backend: Backend) {
+    use sqlx::Connection as _;
+    let directory = tempfile::tempdir().unwrap();
+    let Some((database, store, stored)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let mut changed = stored.successor();
+    changed.reminded_at = Some(now());
+    let lost = store
+        .update_request(RequestChange {
+            request: &changed,
+            expected_status: stored.status,
+            expected_revision: stored.revision,
+            // Another change won in between.
+            expected_version: stored.version - 1,
+            audit: vec![NewAuditEvent {
+                at: now(),
+                request_id: Some(stored.id.clone()),
+                kind: AuditKind::Reminded,
+                actor: "system:test".into(),
+                payload: json!({}),
+            }],
+            outbox: Vec::new(),
+        })
+        .await;
+    assert!(matches!(lost, Err(StoreError::Conflict(_))), "{lost:?}");
+    assert_eq!(store.request(&stored.id).await.unwrap().unwrap(), stored);
+    // Another process writes, waiting at most two seconds for the lock.
+    let written = match backend {
+        Backend::Sqlite => {
+            let options = database
+                .url
+                .parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .unwrap()
+                .busy_timeout(std::time::Duration::from_secs(2));
+            let mut other = sqlx::SqliteConnection::connect_with(&options)
+                .await
+                .unwrap();
+            sqlx::query("BEGIN IMMEDIATE; UPDATE requests SET id = id WHERE id = ?; COMMIT")
+                .bind(&stored.id)
+                .execute(&mut other)
+                .await
+                .map(|_| ())
+        }
+        Backend::Postgres => {
+            let mut other = sqlx::PgConnection::connect(&database.url).await.unwrap();
+            sqlx::query("SET lock_timeout = '2s'")
+                .execute(&mut other)
+                .await
+                .unwrap();
+            sqlx::query("UPDATE requests SET id = id WHERE id = $1")
+                .bind(&stored.id)
+                .execute(&mut other)
+                .await
+                .map(|_| ())
+        }
+    };
+    written.expect("another process could not write after a lost compare-and-set");
+}
