@@ -1,0 +1,439 @@
+//! Adaptive Card 1.5 rendering of a request's card — pure functions. Every action carries
+//! the request id and the revision shown; the card refreshes itself for whoever views it.
+
+use serde_json::{json, Value};
+
+use crate::channels::{CardView, VoteTarget, APPROVE, DENY, MODIFY};
+use crate::domain::{Principal, Status};
+
+pub const CONTENT_TYPE: &str = "application/vnd.microsoft.card.adaptive";
+pub const REFRESH: &str = "refresh";
+/// The inputs' ids, which come back merged into the action's data.
+pub const REASON_INPUT: &str = "reason";
+pub const ARGS_INPUT: &str = "args";
+/// Room for the args in the card's text before they are truncated with a note.
+const ARGS_LIMIT: usize = 2600;
+/// Longer args are not prefilled for editing (Teams' card payload is limited to ~28 KB).
+pub const INPUT_LIMIT: usize = 10_000;
+
+/// What one person is shown beyond the card itself: why nothing happened (or what did), and
+/// the args they typed when those were refused.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ForViewer<'a> {
+    pub notice: Option<&'a str>,
+    pub typed_args: Option<&'a str>,
+}
+
+/// The card for a request: facts, args, evidence, progress, and either the actions
+/// (pending) or the outcome (final).
+pub fn render_card(card: &CardView) -> Value {
+    render_card_for(card, &ForViewer::default())
+}
+
+pub fn render_card_for(card: &CardView, viewer: &ForViewer<'_>) -> Value {
+    let target = VoteTarget::of(card);
+    let mut body = Vec::new();
+    if let Some(notice) = viewer.notice {
+        body.push(json!({
+            "type": "TextBlock", "text": notice, "wrap": true,
+            "weight": "Bolder", "color": "Attention",
+        }));
+    }
+    body.push(json!({
+        "type": "TextBlock", "text": card.action, "size": "Large",
+        "weight": "Bolder", "wrap": true,
+    }));
+    if let Some(summary) = &card.summary {
+        body.push(json!({"type": "TextBlock", "text": summary, "wrap": true}));
+    }
+    let mut facts = vec![
+        fact("Agent", &card.agent),
+        fact(
+            "Requested by",
+            &card.requester.as_ref().map_or_else(|| "—".into(), name),
+        ),
+        fact("Tier", card.tier.as_deref().unwrap_or("—")),
+        fact("Rule", card.rule.as_deref().unwrap_or("—")),
+    ];
+    if let Some(expires_at) = card.expires_at {
+        facts.push(fact("Expires", &date(expires_at)));
+    }
+    facts.push(fact("Request", &card.id));
+    facts.push(fact("Revision", &card.revision.to_string()));
+    body.push(json!({"type": "FactSet", "facts": facts}));
+    body.extend(args_blocks(card));
+    let evidence = evidence_lines(card);
+    if !evidence.is_empty() {
+        body.push(json!({"type": "TextBlock", "text": evidence.join("\n\n"), "wrap": true}));
+    }
+    if let Some(modification) = modification_text(card) {
+        body.push(json!({"type": "TextBlock", "text": modification, "wrap": true}));
+    }
+    if let (Some(at), true) = (card.escalated_at, card.is_pending()) {
+        body.push(json!({
+            "type": "TextBlock", "color": "Warning", "wrap": true,
+            "text": format!("**Escalated** {} — still waiting for a decision", date(at)),
+        }));
+    }
+    body.push(json!({
+        "type": "TextBlock", "text": progress_text(card), "wrap": true, "isSubtle": true,
+    }));
+    let mut rendered = json!({
+        "type": "AdaptiveCard",
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "version": "1.5",
+        "refresh": {"action": execute(REFRESH, "Refresh", &target)},
+        "body": body,
+    });
+    if card.is_pending() {
+        rendered["actions"] = Value::Array(actions(card, &target, viewer));
+    } else {
+        rendered["body"]
+            .as_array_mut()
+            .map(|body| body.push(outcome_block(card)));
+    }
+    rendered
+}
+
+/// The card as a message's attachment.
+pub fn attachment(card: Value) -> Value {
+    json!({"contentType": CONTENT_TYPE, "content": card})
+}
+
+/// An activity carrying `cards`, with `text` for notifications.
+pub fn card_activity(text: &str, cards: Vec<Value>) -> Value {
+    json!({
+        "type": "message",
+        "text": text,
+        "attachments": cards.into_iter().map(attachment).collect::<Vec<_>>(),
+    })
+}
+
+/// The text Teams shows in notifications.
+pub fn card_fallback_text(card: &CardView) -> String {
+    match card.status {
+        Status::Pending => format!("Approval needed: {} by {}", card.action, card.agent),
+        status => format!("{} {}: {}", card.action, card.agent, status.as_str()),
+    }
+}
+
+/// Approve at once; deny and modify each open a form first. A further choice (an approval
+/// for a limited time, say) would be one more entry here.
+fn actions(card: &CardView, target: &VoteTarget, viewer: &ForViewer<'_>) -> Vec<Value> {
+    let mut actions = vec![
+        execute(APPROVE, "Approve", target),
+        json!({
+            "type": "Action.ShowCard",
+            "title": "Deny",
+            "card": {
+                "type": "AdaptiveCard",
+                "body": [{
+                    "type": "Input.Text", "id": REASON_INPUT, "isMultiline": true,
+                    "isRequired": true, "maxLength": 2000,
+                    "label": "Reason (the agent sees this)",
+                    "errorMessage": "A deny needs a reason.",
+                }],
+                "actions": [execute(DENY, "Deny", target)],
+            },
+        }),
+    ];
+    let prefilled = viewer.typed_args.map(str::to_string).or_else(|| {
+        serde_json::to_string_pretty(&card.args)
+            .ok()
+            .filter(|pretty| pretty.chars().count() <= INPUT_LIMIT)
+    });
+    if let Some(prefilled) = prefilled {
+        actions.push(json!({
+            "type": "Action.ShowCard",
+            "title": "Modify",
+            "card": {
+                "type": "AdaptiveCard",
+                "body": [
+                    {
+                        "type": "TextBlock", "wrap": true, "isSubtle": true,
+                        "text": "Saving starts a new revision: earlier approvals no longer count, and yours counts as the first. The policy checks the new args again: it may refuse them, or move the request to a higher tier.",
+                    },
+                    {
+                        "type": "Input.Text", "id": ARGS_INPUT, "isMultiline": true,
+                        "isRequired": true, "label": "Args (JSON object)", "value": prefilled,
+                    },
+                ],
+                "actions": [execute(MODIFY, "Save and approve", target)],
+            },
+        }));
+    }
+    actions
+}
+
+fn execute(verb: &str, title: &str, target: &VoteTarget) -> Value {
+    let mut action = json!({
+        "type": "Action.Execute",
+        "verb": verb,
+        "title": title,
+        "data": target,
+    });
+    if verb == APPROVE {
+        action["style"] = json!("positive");
+    }
+    if verb == DENY {
+        action["style"] = json!("destructive");
+    }
+    action
+}
+
+fn fact(title: &str, value: &str) -> Value {
+    json!({"title": title, "value": value})
+}
+
+fn args_blocks(card: &CardView) -> Vec<Value> {
+    let pretty = serde_json::to_string_pretty(&card.args).unwrap_or_default();
+    let shown = truncate_chars(&pretty, ARGS_LIMIT);
+    let mut blocks = vec![
+        json!({"type": "TextBlock", "text": "**Args**", "wrap": true}),
+        json!({"type": "TextBlock", "text": shown, "wrap": true, "fontType": "Monospace"}),
+    ];
+    if shown.len() < pretty.len() {
+        let hidden = pretty[shown.len()..].chars().count();
+        blocks.push(json!({
+            "type": "TextBlock", "wrap": true, "isSubtle": true,
+            "text": format!("Truncated: {hidden} more characters not shown. The full args are in `signoff show {}`.", card.id),
+        }));
+    }
+    blocks
+}
+
+fn evidence_lines(card: &CardView) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(reason) = &card.reason {
+        lines.push(format!("**Why:** {reason}"));
+    }
+    if let Some(reversible) = card.reversible {
+        lines.push(format!(
+            "**Reversible:** {}",
+            if reversible { "yes" } else { "no" }
+        ));
+    }
+    if !card.links.is_empty() {
+        lines.push(format!("**Links:** {}", card.links.join(" · ")));
+    }
+    lines
+}
+
+fn modification_text(card: &CardView) -> Option<String> {
+    if card.revision <= 1 {
+        return None;
+    }
+    let by = card
+        .modified_by
+        .as_ref()
+        .map_or_else(|| "an approver".to_string(), name);
+    let mut text = format!("**Modified** by {by} (revision {})", card.revision);
+    for (key, before, after) in &card.changes {
+        text.push_str(&format!(
+            "\n\n- `{key}`: `{}` → `{}`",
+            truncate_chars(&before.to_string(), 200),
+            truncate_chars(&after.to_string(), 200)
+        ));
+    }
+    Some(text)
+}
+
+fn progress_text(card: &CardView) -> String {
+    let mut text = format!(
+        "{} of {} approval{}",
+        card.approvals,
+        card.approvals_required,
+        if card.approvals_required == 1 {
+            ""
+        } else {
+            "s"
+        }
+    );
+    if !card.approvers.is_empty() {
+        let names: Vec<String> = card.approvers.iter().map(name).collect();
+        text.push_str(&format!(" · approved by {}", names.join(", ")));
+    }
+    text
+}
+
+fn outcome_block(card: &CardView) -> Value {
+    let (word, color) = match card.status {
+        Status::Approved => ("Approved", "Good"),
+        Status::Denied => ("Denied", "Attention"),
+        Status::Expired => ("Expired", "Warning"),
+        Status::Cancelled => ("Cancelled", "Default"),
+        Status::Pending => ("Pending", "Default"),
+    };
+    let by: Vec<String> = card.decided_by.iter().map(name).collect();
+    let mut text = format!("**{word}**");
+    if !by.is_empty() {
+        text.push_str(&format!(" by {}", by.join(", ")));
+    }
+    if let Some(at) = card.decided_at {
+        text.push_str(&format!(" · {}", date(at)));
+    }
+    if let Some(reason) = &card.decision_reason {
+        text.push_str(&format!("\n\n**Reason:** {reason}"));
+    }
+    if card.status == Status::Approved && card.revision > 1 {
+        text.push_str("\n\nApproved with the modified args above.");
+    }
+    json!({"type": "TextBlock", "text": text, "wrap": true, "color": color, "weight": "Bolder"})
+}
+
+/// The reminder posted as a reply to a card, naming who can still decide.
+pub fn reminder_text(approvers: &[String], approvals: u64, required: u64) -> String {
+    let missing = required.saturating_sub(approvals);
+    format!(
+        "Still waiting: {missing} more approval{} needed ({approvals} of {required}). Approvers: {}",
+        if missing == 1 { "" } else { "s" },
+        approvers.join(", ")
+    )
+}
+
+/// A principal as the card names it (Teams mentions need the user's display name, which
+/// signoff does not have).
+fn name(principal: &Principal) -> String {
+    principal.as_str().to_string()
+}
+
+/// Adaptive Cards format `{{DATE(…)}}` and `{{TIME(…)}}` in the reader's time zone.
+fn date(at: chrono::DateTime<chrono::Utc>) -> String {
+    let iso = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    format!("{{{{DATE({iso}, SHORT)}}}} {{{{TIME({iso})}}}}")
+}
+
+fn truncate_chars(text: &str, limit: usize) -> &str {
+    match text.char_indices().nth(limit) {
+        Some((index, _)) => &text[..index],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{action_hash, ApprovalRequest, Decision, RequestContext, Vote, VoteKind};
+    use chrono::TimeZone;
+
+    fn at(minute: u32) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc
+            .with_ymd_and_hms(2026, 11, 21, 10, minute, 0)
+            .unwrap()
+    }
+
+    fn pending_refund() -> ApprovalRequest {
+        ApprovalRequest {
+            id: "apr_test0000000000000000000000".into(),
+            agent: "finance-bot".into(),
+            action: "payments.refund".into(),
+            args: json!({"amount": 2000, "currency": "EUR", "order": "A-1042"}),
+            original_args: json!({"amount": 2000, "currency": "EUR", "order": "A-1042"}),
+            context: RequestContext {
+                summary: Some("Refund order A-1042".into()),
+                reason: Some("Item arrived broken".into()),
+                reversible: Some(false),
+                links: vec!["https://shop.example.com/orders/A-1042".into()],
+                extra: serde_json::Map::new(),
+            },
+            on_behalf_of: Some(
+                "teams:00000000-0000-0000-0000-00000000000a"
+                    .parse()
+                    .unwrap(),
+            ),
+            callback_url: None,
+            status: Status::Pending,
+            tier: Some("high".into()),
+            rule: Some("large-refund".into()),
+            approvals_required: 2,
+            revision: 1,
+            votes: vec![Vote {
+                principal: "teams:00000000-0000-0000-0000-0000000a11ce"
+                    .parse()
+                    .unwrap(),
+                vote: VoteKind::Approve,
+                note: None,
+                at: at(5),
+                revision: 1,
+                aliases: vec![],
+            }],
+            decision: None,
+            action_hash: action_hash("payments.refund", &json!({})),
+            policy_hash: "sha256:policy".into(),
+            created_at: at(0),
+            expires_at: Some(at(59)),
+            executed: None,
+            reminded_at: None,
+            escalated_at: None,
+            remind_at: None,
+            escalate_at: None,
+            previous_tiers: Vec::new(),
+            version: 2,
+        }
+    }
+
+    #[test]
+    fn pending_adaptive_card() {
+        insta::assert_json_snapshot!(render_card(&CardView::of(&pending_refund())));
+    }
+
+    #[test]
+    fn denied_adaptive_card() {
+        let mut request = pending_refund();
+        request.status = Status::Denied;
+        request.decision = Some(Decision {
+            outcome: Status::Denied,
+            by: vec!["teams:00000000-0000-0000-0000-0000000da7e0"
+                .parse()
+                .unwrap()],
+            reason: Some("Customer was already refunded".into()),
+            at: at(9),
+            modified: false,
+            args: request.args.clone(),
+        });
+        insta::assert_json_snapshot!(render_card(&CardView::of(&request)));
+    }
+
+    #[test]
+    fn refused_modification_keeps_what_was_typed_and_says_why() {
+        let card = CardView::of(&pending_refund());
+        let rendered = render_card_for(
+            &card,
+            &ForViewer {
+                notice: Some("args: not valid JSON"),
+                typed_args: Some("{amount: 5}"),
+            },
+        );
+        insta::assert_json_snapshot!(rendered);
+    }
+
+    #[test]
+    fn every_execute_carries_the_request_and_revision() {
+        let mut request = pending_refund();
+        request.revision = 3;
+        let rendered = render_card(&CardView::of(&request)).to_string();
+        let data = format!(
+            "\"data\":{{\"request_id\":\"{}\",\"revision\":3}}",
+            request.id
+        );
+        // approve, deny, modify and refresh.
+        assert_eq!(rendered.matches(&data).count(), 4, "{rendered}");
+    }
+
+    #[test]
+    fn long_args_are_truncated_and_not_offered_for_editing() {
+        let mut request = pending_refund();
+        request.args = json!({"blob": "x".repeat(20_000)});
+        let rendered = render_card(&CardView::of(&request));
+        let text = rendered.to_string();
+        assert!(text.contains("Truncated:"), "{text}");
+        assert!(text.len() < 8_000, "{}", text.len());
+        let titles: Vec<&str> = rendered["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|action| action["title"].as_str())
+            .collect();
+        assert_eq!(titles, ["Approve", "Deny"]);
+    }
+}
