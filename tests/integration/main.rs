@@ -20,5 +20,6 @@ mod quotas;
 mod replicas;
 mod slack;
 mod store;
+mod teams;
 mod trust;
 mod webhooks;

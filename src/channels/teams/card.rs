@@ -78,6 +78,9 @@ pub fn render_card_for(card: &CardView, viewer: &ForViewer<'_>) -> Value {
     body.push(json!({
         "type": "TextBlock", "text": progress_text(card), "wrap": true, "isSubtle": true,
     }));
+    if !card.is_pending() {
+        body.push(outcome_block(card));
+    }
     let mut rendered = json!({
         "type": "AdaptiveCard",
         "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
@@ -87,10 +90,6 @@ pub fn render_card_for(card: &CardView, viewer: &ForViewer<'_>) -> Value {
     });
     if card.is_pending() {
         rendered["actions"] = Value::Array(actions(card, &target, viewer));
-    } else {
-        rendered["body"]
-            .as_array_mut()
-            .map(|body| body.push(outcome_block(card)));
     }
     rendered
 }
