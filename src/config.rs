@@ -540,6 +540,37 @@ mod tests {
     }
 
     #[test]
+    fn teams_needs_a_secret_and_calls_only_https_or_loopback() {
+        let teams = |change: fn(&mut TeamsConfig)| {
+            let mut teams = TeamsConfig {
+                app_id: "app".into(),
+                app_password: Secret::new("secret"),
+                ..TeamsConfig::default()
+            };
+            change(&mut teams);
+            Config {
+                teams: Some(teams),
+                ..Config::default()
+            }
+        };
+        assert!(teams(|_| {}).validate().is_ok());
+        assert!(teams(|_| {}).teams_config().is_some());
+        assert!(teams(|teams| teams.app_id = " ".into())
+            .teams_config()
+            .is_none());
+        let refused: [fn(&mut TeamsConfig); 3] = [
+            |teams| teams.app_password = Secret::default(),
+            |teams| teams.allowed_service_urls = vec!["http://smba.example.com/".into()],
+            |teams| teams.openid_metadata_url = "http://login.example.com/openid".into(),
+        ];
+        for change in refused {
+            assert!(teams(change).validate().is_err());
+        }
+        let printed = format!("{:?}", teams(|_| {}));
+        assert!(!printed.contains("\"secret\""), "{printed}");
+    }
+
+    #[test]
     fn callback_allowed_networks_are_cidrs() {
         let directory =
             std::env::temp_dir().join(format!("signoff-networks-{}", std::process::id()));

@@ -24,6 +24,7 @@ const BOB: &str = "00000000-0000-0000-0000-000000000b0b";
 const REQUESTER: &str = "00000000-0000-0000-0000-00000000feed";
 const OWNER: &str = "00000000-0000-0000-0000-0000000000ee";
 const MALLORY: &str = "00000000-0000-0000-0000-0000000bad00";
+const CAROL: &str = "00000000-0000-0000-0000-00000000ca01";
 
 const TEAMS_POLICY: &str = r#"version: 1
 default: deny
@@ -57,7 +58,19 @@ tiers:
     approvers: ["group:ops"]
     approvals: 1
     ttl: 1h
+  slow:
+    route: ["teams:19:ops@thread.tacv2"]
+    approvers: ["group:ops", "email:carol@example.com"]
+    approvals: 1
+    ttl: 1h
+    remind_after: 10m
+    escalate_after: 20m
+    escalate_to: ["teams:19:oncall@thread.tacv2"]
 rules:
+  - name: slow
+    match: ["slow.*"]
+    effect: require_approval
+    tier: slow
   - name: deploy
     match: ["deploy.*"]
     effect: require_approval
@@ -712,4 +725,57 @@ async fn bodies_over_the_limit_are_refused_before_anything_else(#[case] backend:
     let (status, _) = app.teams_send(&update).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(app.fake_teams().jwks_fetches(), 0);
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn reminders_reply_to_the_card_escalation_posts_and_emails_come_from_the_member_list(
+    #[case] backend: Backend,
+) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let teams = app.fake_teams();
+    teams.add_member_email(&format!("29:{CAROL}"), "Carol@Example.com");
+    let id = submit(&app, &agent, "slow.job").await;
+    app.deliver().await;
+    assert_eq!(teams.posted(CHANNEL).len(), 1);
+    app.advance(Duration::from_secs(11 * 60));
+    assert_eq!(app.sweep().await.reminded, 1);
+    app.deliver_all().await;
+    let posted = teams.posted(CHANNEL);
+    assert_eq!(posted.len(), 2, "{posted:#?}");
+    assert_eq!(
+        posted[1].body["replyToId"], "activity-1",
+        "a reply to the card"
+    );
+    assert!(posted[1].body["text"]
+        .as_str()
+        .unwrap()
+        .contains("email:carol@example.com"));
+    app.advance(Duration::from_secs(10 * 60));
+    assert_eq!(app.sweep().await.escalated, 1);
+    app.deliver_all().await;
+    let oncall = "19:oncall@thread.tacv2";
+    let escalated = teams
+        .latest_card(oncall, &id)
+        .expect("posted to escalate_to");
+    assert!(text(&escalated).contains("Escalated"), "{escalated}");
+
+    // Someone whose email the member list does not give cannot vote where people are
+    // named by email; Carol, known by email only, can.
+    let card = app.teams_invoke(MALLORY, "approve", data(&id, 1)).await;
+    assert!(
+        text(&card).contains("cannot read the email address"),
+        "{card}"
+    );
+    let card = app.teams_invoke(CAROL, "approve", data(&id, 1)).await;
+    assert!(text(&card).contains("Approved"), "{card}");
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
+    app.deliver_all().await;
+    for conversation in [CHANNEL, oncall] {
+        let card = teams.latest_card(conversation, &id).unwrap();
+        assert!(text(&card).contains("Approved"), "{conversation}: {card}");
+    }
+    assert!(!teams.updated(oncall).is_empty());
 }
