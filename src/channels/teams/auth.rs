@@ -194,9 +194,19 @@ impl TokenVerifier {
         // Someone else may have fetched while we waited.
         let set = self.keys.load_full();
         let set = if may_refetch(&set) && (stale(&set) || !set.keys.contains_key(kid)) {
-            let fresh = Arc::new(self.fetch(now).await?);
-            self.keys.store(fresh.clone());
-            fresh
+            match self.fetch(now).await {
+                Ok(fresh) => {
+                    let fresh = Arc::new(fresh);
+                    self.keys.store(fresh.clone());
+                    fresh
+                }
+                // Keys merely due for a refresh still verify while the endpoint is down.
+                Err(error) if set.keys.contains_key(kid) => {
+                    tracing::warn!(%error, "refreshing the Bot Framework's keys failed; using the cached ones");
+                    set
+                }
+                Err(error) => return Err(error),
+            }
         } else {
             set
         };

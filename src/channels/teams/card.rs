@@ -34,17 +34,15 @@ pub fn render_card_for(card: &CardView, viewer: &ForViewer<'_>) -> Value {
     let target = VoteTarget::of(card);
     let mut body = Vec::new();
     if let Some(notice) = viewer.notice {
-        body.push(json!({
-            "type": "TextBlock", "text": notice, "wrap": true,
-            "weight": "Bolder", "color": "Attention",
-        }));
+        body.push(plain_block(vec![json!({
+            "type": "TextRun", "text": notice, "weight": "Bolder", "color": "Attention",
+        })]));
     }
-    body.push(json!({
-        "type": "TextBlock", "text": card.action, "size": "Large",
-        "weight": "Bolder", "wrap": true,
-    }));
+    body.push(plain_block(vec![json!({
+        "type": "TextRun", "text": card.action, "size": "Large", "weight": "Bolder",
+    })]));
     if let Some(summary) = &card.summary {
-        body.push(json!({"type": "TextBlock", "text": summary, "wrap": true}));
+        body.push(plain(summary));
     }
     let mut facts = vec![
         fact("Agent", &card.agent),
@@ -62,13 +60,10 @@ pub fn render_card_for(card: &CardView, viewer: &ForViewer<'_>) -> Value {
     facts.push(fact("Revision", &card.revision.to_string()));
     body.push(json!({"type": "FactSet", "facts": facts}));
     body.extend(args_blocks(card));
-    let evidence = evidence_lines(card);
-    if !evidence.is_empty() {
-        body.push(json!({"type": "TextBlock", "text": evidence.join("\n\n"), "wrap": true}));
+    for (label, value) in evidence_lines(card) {
+        body.push(plain_block(vec![bold(&format!("{label}: ")), run(&value)]));
     }
-    if let Some(modification) = modification_text(card) {
-        body.push(json!({"type": "TextBlock", "text": modification, "wrap": true}));
-    }
+    body.extend(modification_blocks(card));
     if let (Some(at), true) = (card.escalated_at, card.is_pending()) {
         body.push(json!({
             "type": "TextBlock", "color": "Warning", "wrap": true,
@@ -188,8 +183,10 @@ fn args_blocks(card: &CardView) -> Vec<Value> {
     let pretty = serde_json::to_string_pretty(&card.args).unwrap_or_default();
     let shown = truncate_chars(&pretty, ARGS_LIMIT);
     let mut blocks = vec![
-        json!({"type": "TextBlock", "text": "**Args**", "wrap": true}),
-        json!({"type": "TextBlock", "text": shown, "wrap": true, "fontType": "Monospace"}),
+        plain_block(vec![bold("Args")]),
+        plain_block(vec![
+            json!({"type": "TextRun", "text": shown, "fontType": "Monospace"}),
+        ]),
     ];
     if shown.len() < pretty.len() {
         let hidden = pretty[shown.len()..].chars().count();
@@ -201,40 +198,41 @@ fn args_blocks(card: &CardView) -> Vec<Value> {
     blocks
 }
 
-fn evidence_lines(card: &CardView) -> Vec<String> {
+/// (label, value) lines of what the agent gave as evidence.
+fn evidence_lines(card: &CardView) -> Vec<(&'static str, String)> {
     let mut lines = Vec::new();
     if let Some(reason) = &card.reason {
-        lines.push(format!("**Why:** {reason}"));
+        lines.push(("Why", reason.clone()));
     }
     if let Some(reversible) = card.reversible {
-        lines.push(format!(
-            "**Reversible:** {}",
-            if reversible { "yes" } else { "no" }
-        ));
+        lines.push(("Reversible", if reversible { "yes" } else { "no" }.into()));
     }
     if !card.links.is_empty() {
-        lines.push(format!("**Links:** {}", card.links.join(" · ")));
+        lines.push(("Links", card.links.join(" · ")));
     }
     lines
 }
 
-fn modification_text(card: &CardView) -> Option<String> {
+fn modification_blocks(card: &CardView) -> Vec<Value> {
     if card.revision <= 1 {
-        return None;
+        return Vec::new();
     }
     let by = card
         .modified_by
         .as_ref()
         .map_or_else(|| "an approver".to_string(), name);
-    let mut text = format!("**Modified** by {by} (revision {})", card.revision);
+    let mut blocks = vec![plain_block(vec![
+        bold("Modified"),
+        run(&format!(" by {by} (revision {})", card.revision)),
+    ])];
     for (key, before, after) in &card.changes {
-        text.push_str(&format!(
-            "\n\n- `{key}`: `{}` → `{}`",
+        blocks.push(plain(&format!(
+            "• {key}: {} → {}",
             truncate_chars(&before.to_string(), 200),
             truncate_chars(&after.to_string(), 200)
-        ));
+        )));
     }
-    Some(text)
+    blocks
 }
 
 fn progress_text(card: &CardView) -> String {
@@ -264,20 +262,42 @@ fn outcome_block(card: &CardView) -> Value {
         Status::Pending => ("Pending", "Default"),
     };
     let by: Vec<String> = card.decided_by.iter().map(name).collect();
-    let mut text = format!("**{word}**");
+    let mut text = word.to_string();
     if !by.is_empty() {
         text.push_str(&format!(" by {}", by.join(", ")));
     }
     if let Some(at) = card.decided_at {
-        text.push_str(&format!(" · {}", date(at)));
+        // Text runs do not format DATE()/TIME() in the reader's zone: UTC, spelt out.
+        text.push_str(&format!(" · {}", at.format("%Y-%m-%d %H:%M UTC")));
     }
+    let mut runs =
+        vec![json!({"type": "TextRun", "text": text, "weight": "Bolder", "color": color})];
     if let Some(reason) = &card.decision_reason {
-        text.push_str(&format!("\n\n**Reason:** {reason}"));
+        runs.push(bold("\nReason: "));
+        runs.push(run(reason));
     }
     if card.status == Status::Approved && card.revision > 1 {
-        text.push_str("\n\nApproved with the modified args above.");
+        runs.push(run("\nApproved with the modified args above."));
     }
-    json!({"type": "TextBlock", "text": text, "wrap": true, "color": color, "weight": "Bolder"})
+    plain_block(runs)
+}
+
+/// Text as written: a RichTextBlock's runs are never read as markdown, so what an agent or
+/// a voter wrote cannot pose as a link or as formatting of the card's own.
+fn plain(text: &str) -> Value {
+    plain_block(vec![run(text)])
+}
+
+fn plain_block(runs: Vec<Value>) -> Value {
+    json!({"type": "RichTextBlock", "inlines": runs})
+}
+
+fn run(text: &str) -> Value {
+    json!({"type": "TextRun", "text": text})
+}
+
+fn bold(text: &str) -> Value {
+    json!({"type": "TextRun", "text": text, "weight": "Bolder"})
 }
 
 /// The reminder posted as a reply to a card, naming who can still decide.
@@ -404,6 +424,43 @@ mod tests {
             },
         );
         insta::assert_json_snapshot!(rendered);
+    }
+
+    #[test]
+    fn what_agents_and_voters_wrote_is_never_read_as_markdown() {
+        let mut request = pending_refund();
+        request.action = "**Urgent** [approve here](https://evil.example)".into();
+        request.context.summary = Some("[approve here](https://evil.example)".into());
+        request.context.reason = Some("_see_ [link](https://evil.example)".into());
+        request.status = Status::Denied;
+        request.decision = Some(Decision {
+            outcome: Status::Denied,
+            by: vec!["teams:00000000-0000-0000-0000-0000000da7e0"
+                .parse()
+                .unwrap()],
+            reason: Some("[x](https://evil.example)".into()),
+            at: at(9),
+            modified: false,
+            args: request.args.clone(),
+        });
+        fn text_blocks(value: &Value, found: &mut Vec<String>) {
+            match value {
+                Value::Object(object) => {
+                    if object.get("type") == Some(&json!("TextBlock")) {
+                        found.push(object["text"].to_string());
+                    }
+                    object.values().for_each(|inner| text_blocks(inner, found));
+                }
+                Value::Array(items) => items.iter().for_each(|inner| text_blocks(inner, found)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        text_blocks(&render_card(&CardView::of(&request)), &mut found);
+        assert!(found.iter().all(|text| !text.contains("evil")), "{found:?}");
+        assert!(render_card(&CardView::of(&request))
+            .to_string()
+            .contains("[x](https://evil.example)"));
     }
 
     #[test]
