@@ -239,6 +239,10 @@ async fn deny_needs_a_reason_and_modify_validates_the_args(#[case] backend: Back
     assert_eq!(stored.revision, 2);
     assert_eq!(stored.args["version"], 8);
     assert!(text(&card).contains("Modified"), "{card}");
+    assert!(
+        text(&card).contains("1 of 2 approvals so far"),
+        "progress: {card}"
+    );
 
     let card = app
         .teams_invoke(
@@ -281,6 +285,11 @@ async fn refusals_are_explained_in_the_card_and_change_nothing(#[case] backend: 
             "{user} expected {expected:?}: {card}"
         );
     }
+    // Who may not deny learns that first, not that a reason is missing.
+    let card = app
+        .teams_invoke(MALLORY, "deny", json!({"request_id": id, "revision": 1}))
+        .await;
+    assert!(text(&card).contains("not an approver"), "{card}");
     // Alice approves on Slack; the same person on Teams is refused.
     let status = app
         .slack_driver()

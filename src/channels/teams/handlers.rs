@@ -231,6 +231,15 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
         DENY => {
             let reason = data["reason"].as_str().unwrap_or_default().trim();
             if reason.is_empty() {
+                // Teams enforces the required input; a client that does not is told why,
+                // after what may matter more (may this person deny at all?).
+                if let Err(error) = state
+                    .engine
+                    .check_voter(request_id, &voter, VoteKind::Deny, seen)
+                    .await
+                {
+                    return refusal_card(state, activity, &voter, request_id, &error).await;
+                }
                 return refused_card(
                     state,
                     activity,
@@ -277,7 +286,7 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
                 VoteEffect::Counted {
                     approvals,
                     required,
-                } => format!("Recorded your approval: {approvals} of {required}."),
+                } => format!("Recorded. {approvals} of {required} approvals so far."),
                 VoteEffect::Decided(status) => {
                     format!("Recorded: the request is now {}.", status.as_str())
                 }
