@@ -1,0 +1,1 @@
+//! `signoff mcp-proxy`: a stdio MCP gateway that asks signoff before every tool call.
