@@ -207,7 +207,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // A blocked stdin read (mcp-proxy's) must not keep the process alive once done.
+    runtime.shutdown_background();
+    match outcome {
         Ok(code) => code,
         // A closed pipe (`signoff pending --json | head`) is the reader's choice, not an error.
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
