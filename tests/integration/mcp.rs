@@ -706,3 +706,71 @@ async fn the_proxy_stops_with_a_clear_message_when_the_upstream_exits(#[case] ba
     assert!(errors.contains("upstream MCP server"), "{errors}");
     assert!(errors.contains("exited"), "{errors}");
 }
+
+/// The Python interpreter with the official `mcp` SDK: `SIGNOFF_TEST_PYTHON` (set by
+/// .ci/run), else the venv .ci/run makes at target/python-venv. None (with a loud line)
+/// when neither has the package; CI must have it.
+fn python_with_mcp() -> Option<PathBuf> {
+    let candidates = std::env::var_os("SIGNOFF_TEST_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join("target/python-venv/bin/python")]);
+    for python in candidates {
+        let has_sdk = std::process::Command::new(&python)
+            .args(["-c", "import mcp"])
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if has_sdk {
+            return Some(python);
+        }
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI: no Python with the `mcp` package (set SIGNOFF_TEST_PYTHON or run .ci/run)"
+    );
+    eprintln!(
+        "SKIPPED: the Python MCP SDK interoperability test: no Python with the `mcp` package \
+         (python3 -m venv target/python-venv && target/python-venv/bin/pip install mcp)"
+    );
+    None
+}
+
+async fn run_python(python: &Path, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_interop.py");
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .await
+        .expect("run python");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python {args:?} failed:\n{printed}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(printed.contains("\"passed\""), "{printed}");
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_mcp_sdk_drives_the_endpoint_and_the_proxy(#[case] backend: Backend) {
+    let Some(python) = python_with_mcp() else {
+        return;
+    };
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("python-bot", &[]).await;
+    run_python(&python, &["http", &app.base_url, &agent.key]).await;
+    let upstream = recording_server();
+    run_python(
+        &python,
+        &[
+            "proxy",
+            env!("CARGO_BIN_EXE_signoff"),
+            &app.base_url,
+            &agent.key,
+            upstream.to_str().expect("UTF-8 path"),
+        ],
+    )
+    .await;
+}
