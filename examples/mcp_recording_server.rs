@@ -49,6 +49,10 @@ impl ServerHandler for RecordingServer {
         };
         Ok(ListToolsResult::with_all_items(vec![
             tool("echo", "Answers its arguments."),
+            tool(
+                "get",
+                "Answers its arguments (a read: the benchmark's allowed call).",
+            ),
             tool("send_email", "Pretends to send an email."),
             tool("delete_table", "Pretends to drop a table."),
             tool("fail", "Always fails (an isError result)."),

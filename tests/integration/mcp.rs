@@ -473,7 +473,7 @@ async fn the_proxy_forwards_allowed_calls_and_never_denied_ones(#[case] backend:
     let names: Vec<&str> = tools.iter().map(|tool| &*tool.name).collect();
     assert_eq!(
         names,
-        ["echo", "send_email", "delete_table", "fail", "crash"]
+        ["echo", "get", "send_email", "delete_table", "fail", "crash"]
     );
 
     let echoed = proxy.call("echo", json!({"text": "hello"})).await;
@@ -666,7 +666,7 @@ async fn the_proxy_fails_closed_when_signoff_is_down(#[case] backend: Backend) {
             .await
             .expect("tools/list")
             .len(),
-        5
+        6
     );
     let result = proxy.call("echo", json!({"text": "hi"})).await;
     assert!(is_error(&result));
