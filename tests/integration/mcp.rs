@@ -774,3 +774,11 @@ async fn the_python_mcp_sdk_drives_the_endpoint_and_the_proxy(#[case] backend: B
     )
     .await;
 }
+
+#[test]
+fn the_example_mcp_policy_is_valid() {
+    let source = include_str!("../../examples/mcp-policy.yaml");
+    if let Err(error) = signoff::policy::Policy::parse(source) {
+        panic!("examples/mcp-policy.yaml: {error}");
+    }
+}
