@@ -41,7 +41,10 @@ impl std::fmt::Debug for SignoffClient {
 }
 
 impl SignoffClient {
+    /// Refuses a URL that would send the key in the clear off this machine: https, or
+    /// plain http only to a loopback address.
     pub fn new(url: &str, key: &str) -> anyhow::Result<Self> {
+        check_url(url)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(POLL_SECONDS + 15))
             .build()?;
@@ -120,6 +123,21 @@ impl SignoffClient {
     }
 }
 
+fn check_url(url: &str) -> anyhow::Result<()> {
+    let parsed = url::Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(address)) => address.is_loopback(),
+        Some(url::Host::Ipv6(address)) => address.is_loopback(),
+        None => false,
+    };
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => bail!("--url {url:?} must be https (plain http only to a loopback address)"),
+    }
+}
+
 /// Submits, then long-polls until the request is final or `wait` is over.
 pub async fn submit_and_wait(request: ClientRequest) -> anyhow::Result<ApprovalRequest> {
     let client = SignoffClient::new(&request.url, &request.key)?;
@@ -149,4 +167,29 @@ async fn read_answer(
         bail!("server refused ({status}, {code}): {message}");
     }
     serde_json::from_value(body).context("the server's answer is not a request object")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_url;
+
+    #[test]
+    fn the_key_travels_in_the_clear_only_to_loopback() {
+        for allowed in [
+            "https://signoff.example.com",
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "http://[::1]:9",
+        ] {
+            assert!(check_url(allowed).is_ok(), "{allowed}");
+        }
+        for refused in [
+            "http://signoff.example.com",
+            "http://10.0.0.1",
+            "ftp://localhost",
+            "nonsense",
+        ] {
+            assert!(check_url(refused).is_err(), "{refused}");
+        }
+    }
 }
