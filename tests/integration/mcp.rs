@@ -782,3 +782,29 @@ fn the_example_mcp_policy_is_valid() {
         panic!("examples/mcp-policy.yaml: {error}");
     }
 }
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_submissions_count_against_the_same_quotas_as_http(#[case] backend: Backend) {
+    let mut app = spawn_mcp_app!(backend);
+    app.config.max_pending_per_agent = 1;
+    app.restart().await;
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    // One pending over /v1 fills the cap for MCP too.
+    app.submit_id(&agent, json!({"action": "email.send"})).await;
+    let client = mcp_client(&app, &agent.key).await;
+    let refused = client
+        .call_tool(call(
+            "request_approval",
+            json!({"action": "email.send", "args": {"n": 2}, "wait_seconds": 0}),
+        ))
+        .await
+        .expect("a result");
+    assert!(is_error(&refused));
+    assert!(
+        text_of(&refused).contains("too_many_pending"),
+        "{}",
+        text_of(&refused)
+    );
+    assert_eq!(app.request_count().await, 1);
+}
