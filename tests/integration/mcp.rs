@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use rmcp::model::{CallToolRequestParams, CallToolResult, ProgressNotificationParam};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, GetPromptRequestParams, ProgressNotificationParam,
+};
 use rmcp::service::{NotificationContext, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::StreamableHttpClientTransport;
@@ -475,6 +477,17 @@ async fn the_proxy_forwards_allowed_calls_and_never_denied_ones(#[case] backend:
         names,
         ["echo", "get", "send_email", "delete_table", "fail", "crash"]
     );
+
+    // Prompts pass through unchecked: they run nothing.
+    let prompts = proxy.client.list_all_prompts().await.expect("prompts/list");
+    assert_eq!(prompts.len(), 1);
+    let prompt = proxy
+        .client
+        .get_prompt(GetPromptRequestParams::new("greeting"))
+        .await
+        .expect("prompts/get");
+    assert!(format!("{prompt:?}").contains("hello from the greeting prompt"));
+    assert_eq!(app.request_count().await, 0);
 
     let echoed = proxy.call("echo", json!({"text": "hello"})).await;
     assert!(!is_error(&echoed), "{}", text_of(&echoed));
