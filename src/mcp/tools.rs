@@ -194,14 +194,20 @@ impl ApprovalTools {
             Submitted::Replayed(answer) => serde_json::from_value(answer)
                 .map_err(|error| EngineError::Internal(error.into()))?,
         };
-        let request = if request.status == Status::Pending && !wait.is_zero() {
-            self.engine
-                .wait_for_decision(&agent.name, &request.id, wait)
-                .await?
-        } else {
-            request
-        };
-        Ok(request_result(&request))
+        if request.status != Status::Pending || wait.is_zero() {
+            return Ok(request_result(&request));
+        }
+        match self
+            .engine
+            .wait_for_decision(&agent.name, &request.id, wait)
+            .await
+        {
+            Ok(decided) => Ok(request_result(&decided)),
+            // The request exists: answer it as it stands (pending, with its id to await)
+            // rather than an error that would lose the id.
+            Err(EngineError::Quota(_)) => Ok(request_result(&request)),
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn await_decision(

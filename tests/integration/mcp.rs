@@ -821,3 +821,50 @@ async fn mcp_submissions_count_against_the_same_quotas_as_http(#[case] backend: 
     );
     assert_eq!(app.request_count().await, 1);
 }
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_whose_wait_meets_the_long_poll_cap_still_answers_its_id(
+    #[case] backend: Backend,
+) {
+    let mut app = spawn_mcp_app!(backend);
+    app.config.max_waiting_per_agent = 1;
+    app.restart().await;
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    let held = app
+        .submit_id(&agent, json!({"action": "email.send", "args": {"n": 1}}))
+        .await;
+    let long_poll = app.spawn_long_poll(&agent, &held, 30);
+    app.until_awaited(&held).await;
+
+    let client = mcp_client(&app, &agent.key).await;
+    let answered = client
+        .call_tool(call(
+            "request_approval",
+            json!({"action": "email.send", "args": {"n": 2}, "wait_seconds": 5}),
+        ))
+        .await
+        .expect("a result");
+    assert!(!is_error(&answered), "{}", text_of(&answered));
+    let request = answered.structured_content.clone().expect("request object");
+    assert_eq!(request["status"], "pending");
+    assert!(text_of(&answered).contains("await_decision"));
+    // The long-poll slot is taken: awaiting is refused with the quota's code.
+    let refused = client
+        .call_tool(call(
+            "await_decision",
+            json!({"id": request["id"], "wait_seconds": 5}),
+        ))
+        .await
+        .expect("a result");
+    assert!(is_error(&refused));
+    assert!(
+        text_of(&refused).contains("too_many_waiting"),
+        "{}",
+        text_of(&refused)
+    );
+
+    cli_ok(&app, &["approve", &held, "--as", "cli:alice"]);
+    let (body, _) = long_poll.await.expect("join");
+    assert_eq!(body["status"], "approved");
+}
