@@ -38,7 +38,7 @@ pub struct RequestApprovalInput {
     /// field, visible to policy conditions.
     #[serde(default)]
     context: Option<Map<String, Value>>,
-    /// The person the agent acts for (`slack:U…`, `email:…`, `cli:…`); they cannot approve.
+    /// The person the agent acts for, a principal such as `email:…`; they cannot approve.
     #[serde(default)]
     on_behalf_of: Option<String>,
     /// Seconds to wait for people to decide, 0 to 55 (default 45).
