@@ -143,6 +143,17 @@ pub struct Decision {
     pub args: Value,
 }
 
+/// A `mode: shadow` rule that matched a request: what it would have done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ShadowMatch {
+    pub rule: String,
+    /// allow, require_approval or deny.
+    pub effect: String,
+    /// The tier of a require_approval rule; null for allow and deny.
+    #[schema(required = true)]
+    pub tier: Option<String>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecutionOutcome {
@@ -223,6 +234,12 @@ pub struct ApprovalRequest {
     /// When the request was escalated to the tier's `escalate_to` destinations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalated_at: Option<DateTime<Utc>>,
+    /// True when an allow rule's `sample` sent this request to review.
+    #[serde(default)]
+    pub sampled: bool,
+    /// The shadow rules that matched: recorded, never enforced.
+    #[serde(default)]
+    pub shadow: Vec<ShadowMatch>,
     /// Bumped by every stored change: the compare-and-set token.
     #[serde(skip)]
     pub version: i64,

@@ -9,7 +9,7 @@ use crate::domain::{
     check_voter, plan_vote, ApprovalRequest, AuditKind, Principal, Reevaluation, VoteContext,
     VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
 };
-use crate::policy::{Effect, EvaluationInput, Policy};
+use crate::policy::{Effect, EvaluationInput, Facts, Policy};
 
 impl Engine {
     /// What the engine needs to judge `voter` (already identified through the policy's
@@ -109,12 +109,16 @@ impl Engine {
         voter: &Voter,
     ) -> Reevaluation {
         let context = serde_json::to_value(&request.context).unwrap_or(Value::Null);
-        let verdict = policy.evaluate(EvaluationInput {
-            action: &request.action,
-            args,
-            agent: &request.agent,
-            context: &context,
-        });
+        // Counters read 0 here: a modification is judged on its args, not on history.
+        let verdict = policy.evaluate_with(
+            EvaluationInput {
+                action: &request.action,
+                args,
+                agent: &request.agent,
+                context: &context,
+            },
+            Facts::at(self.now()),
+        );
         // The new args are judged by the policy in force: the tier's quorum as it is now,
         // if a reload raised it.
         let same_tier = Reevaluation::SameTier {

@@ -291,6 +291,20 @@ impl Backend for Sqlite {
         written
     }
 
+    const RECENT_SUM: &'static str = "SELECT CAST(COALESCE(SUM(CASE \
+         WHEN json_type(body, '$.args.' || $4) IN ('integer', 'real') \
+         THEN json_extract(body, '$.args.' || $4) ELSE 0 END), 0) AS REAL) FROM requests \
+         WHERE agent = $1 AND action = $2 AND created_at > $3 AND status IN ('pending', 'approved')";
+
+    /// The one writer connection, held from `BEGIN IMMEDIATE`, serialises every intake.
+    async fn serialize_intake(
+        _connection: &mut SqliteConnection,
+        _agent: &str,
+        _action: &str,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// Writers already take the single write lock at `BEGIN IMMEDIATE`.
     async fn serialize_audit_appends(_connection: &mut SqliteConnection) -> StoreResult<()> {
         Ok(())

@@ -419,6 +419,8 @@ mod tests {
             executed: None,
             reminded_at: None,
             escalated_at: None,
+            sampled: false,
+            shadow: Vec::new(),
             remind_at: None,
             escalate_at: None,
             previous_tiers: Vec::new(),
