@@ -115,6 +115,9 @@ pub struct Vote {
     /// serialised (not to agents, not in webhooks); the store keeps them beside the body.
     #[serde(default, skip_serializing)]
     pub aliases: Vec<Principal>,
+    /// An approve vote that also asked for a standing grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<super::GrantAsk>,
 }
 
 impl Vote {

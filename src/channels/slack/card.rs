@@ -410,6 +410,7 @@ mod tests {
                 at: at(5),
                 revision: 1,
                 aliases: vec![],
+                grant: None,
             }],
             decision: None,
             action_hash: action_hash("payments.refund", &json!({})),
@@ -449,6 +450,7 @@ mod tests {
             at: at(7),
             revision: 2,
             aliases: vec![],
+            grant: None,
         });
         request.votes.push(Vote {
             principal: "slack:U02CAROL".parse().unwrap(),
@@ -457,6 +459,7 @@ mod tests {
             at: at(8),
             revision: 2,
             aliases: vec![],
+            grant: None,
         });
         request.status = Status::Approved;
         request.decision = Some(Decision {
