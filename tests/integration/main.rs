@@ -10,6 +10,7 @@ mod channels;
 mod cli;
 mod concurrency;
 mod decisions;
+mod grants;
 mod lifecycle;
 mod openapi;
 mod operations;
