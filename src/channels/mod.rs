@@ -19,7 +19,8 @@ use crate::domain::{ApprovalRequest, Destination, Voter};
 use crate::engine::{Engine, EngineError};
 
 pub use view::{
-    changed_args, parse_modified_args, vote_from_form, CardView, VoteTarget, APPROVE, DENY, MODIFY,
+    changed_args, parse_modified_args, vote_from_form, CardView, GrantChoice, VoteTarget, APPROVE,
+    APPROVE_FOR, DENY, MODIFY,
 };
 
 /// A chat platform signoff posts approval cards to and takes votes from.

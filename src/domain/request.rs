@@ -239,9 +239,11 @@ pub struct ApprovalRequest {
     pub escalated_at: Option<DateTime<Utc>>,
     /// True when an allow rule's `sample` sent this request to review.
     #[serde(default)]
+    #[schema(required = true)]
     pub sampled: bool,
     /// The shadow rules that matched: recorded, never enforced.
     #[serde(default)]
+    #[schema(required = true)]
     pub shadow: Vec<ShadowMatch>,
     /// Bumped by every stored change: the compare-and-set token.
     #[serde(skip)]

@@ -368,3 +368,94 @@ async fn read_grants(app: &TestApp, agent: &TestAgent) -> (StatusCode, Value) {
     let status = response.status();
     (status, response.json().await.unwrap())
 }
+
+const SLACK_GRANTS_POLICY: &str = r#"version: 1
+default: deny
+tiers:
+  medium:
+    route: ["slack:C0MEDIUM"]
+    approvers: ["slack:U01ALICE"]
+    ttl: 30m
+    grants: {max_ttl: 6h, max_uses: 4}
+  plain:
+    route: ["slack:C0PLAIN"]
+    approvers: ["slack:U01ALICE"]
+    ttl: 30m
+rules:
+  - name: restarts
+    match: ["ops.restart"]
+    effect: require_approval
+    tier: medium
+  - name: scales
+    match: ["ops.scale"]
+    effect: require_approval
+    tier: plain
+"#;
+
+#[apply(backends)]
+#[tokio::test]
+async fn slack_cards_offer_approve_for_and_the_command_lists_and_revokes(#[case] backend: Backend) {
+    let app = spawn_app!(backend, SLACK_GRANTS_POLICY);
+    app.slack.add_user("U01ALICE", "alice@example.com");
+    let agent = app.create_agent("ops", &[]).await;
+    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
+    let id = app.submit_id(&agent, body.clone()).await;
+    let plain = app.submit_id(&agent, json!({"action": "ops.scale"})).await;
+    app.delivered("chat.postMessage", 2).await;
+    let card = app.slack.latest_card("C0MEDIUM", &id).unwrap();
+    let menu = card["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|block| block["elements"].as_array().cloned().unwrap_or_default())
+        .find(|element| element["action_id"] == "approve_for")
+        .expect("an Approve for menu");
+    let labels: Vec<&str> = menu["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|option| option["text"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        ["Approve for 1h", "Approve for 4h", "Approve for 6h"]
+    );
+    let plain_card = app.slack.latest_card("C0PLAIN", &plain).unwrap();
+    assert!(!plain_card["blocks"].to_string().contains("approve_for"));
+
+    let four_hours = menu["options"][1]["value"].as_str().unwrap().to_string();
+    let (status, _) = app
+        .slack_driver()
+        .choose("U01ALICE", "C0MEDIUM", "approve_for", &four_hours)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let grants = app.engine().list_grants(None).await.unwrap();
+    assert_eq!(grants.len(), 1);
+    assert_eq!((grants[0].expires_at - grants[0].created_at).num_hours(), 4);
+    assert_eq!(grants[0].uses_left, 4);
+    assert_eq!(grants[0].created_by[0].as_str(), "slack:U01ALICE");
+    assert_eq!(
+        app.submit_ok(&agent, body.clone()).await["status"],
+        "approved"
+    );
+
+    let (_, listed) = app.slack_driver().slash("U01ALICE", "grants").await;
+    assert!(
+        listed["text"].as_str().unwrap().contains(&grants[0].id),
+        "{listed}"
+    );
+    let (_, stranger) = app.slack_driver().slash("U09MALLORY", "grants").await;
+    assert!(
+        !stranger["text"].to_string().contains(&grants[0].id),
+        "{stranger}"
+    );
+    let (_, revoked) = app
+        .slack_driver()
+        .slash("U01ALICE", &format!("grants revoke {}", grants[0].id))
+        .await;
+    assert!(
+        revoked["text"].as_str().unwrap().contains("revoked"),
+        "{revoked}"
+    );
+    assert_eq!(app.submit_ok(&agent, body).await["status"], "pending");
+}

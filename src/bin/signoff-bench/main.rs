@@ -12,6 +12,7 @@ mod harness;
 mod latency;
 mod memory;
 mod policies;
+mod policy_cost;
 mod report;
 mod saturation;
 
@@ -77,6 +78,11 @@ pub struct Args {
     /// quotas off and on (order alternating), server CPU per request of both, and their ratio.
     #[arg(long, value_name = "ROUNDS")]
     pub quota_cost: Option<usize>,
+    /// Only the cost of counters and grants on intake: N rounds, each auto-allowed intake
+    /// (baseline), intake allowed by a `recent_count` rule and intake approved by an active
+    /// grant at saturation; server CPU per request relative to the baseline.
+    #[arg(long, value_name = "ROUNDS")]
+    pub policy_cost: Option<usize>,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
     pub serve: Option<PathBuf>,
@@ -115,6 +121,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         report::backend_heading(backend);
         if !args.probe_rates.is_empty() {
             report::probe_table(&args, backend, &database, &directory).await?;
+        } else if let Some(rounds) = args.policy_cost {
+            let cost = policy_cost::policy_cost(&args, &database, &directory, rounds).await?;
+            policy_cost::print_table(&cost, rounds);
         } else if let Some(rounds) = args.quota_cost {
             report::quota_cost_table(&args, &database, &directory, rounds).await?;
         } else {
@@ -122,7 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         database.drop_scratch().await;
     }
-    if !args.saturation_only && args.probe_rates.is_empty() {
+    if !args.saturation_only && args.probe_rates.is_empty() && args.policy_cost.is_none() {
         report::memory_table(&directory, args.memory_requests).await?;
     }
     Ok(())
