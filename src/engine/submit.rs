@@ -263,7 +263,7 @@ impl Engine {
         let verdict_out = verdict_slot.clone();
         let judge: Judge = Box::new(move |facts: IntakeFacts| {
             let values: Vec<(CounterSpec, f64)> =
-                counters.into_iter().zip(facts.counters).collect();
+                counters.iter().cloned().zip(facts.counters).collect();
             let verdict = policy.evaluate_with(
                 EvaluationInput {
                     action: &submission.action,
@@ -290,7 +290,7 @@ impl Engine {
             let judged = engine.judge_request(
                 &policy,
                 &agent_name,
-                submission,
+                submission.clone(),
                 &verdict,
                 at,
                 grant.cloned(),
@@ -302,6 +302,7 @@ impl Engine {
                 .unwrap_or_else(|poison| poison.into_inner()) =
                 Some((verdict, OutboxSignal::destinations_of(&outbox)));
             let idempotency = key
+                .clone()
                 .map(|key| {
                     serde_json::to_value(&request)
                         .map(|response| (key, response))

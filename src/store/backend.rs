@@ -127,6 +127,9 @@ pub struct SqlStore<DB: Backend> {
     pub(super) writer: DB::Writer,
     /// New requests are committed in groups; `None` inside the group-commit task itself.
     pub(super) group_commit: Option<GroupCommit>,
+    /// Judged intakes (counters, grants) are committed in groups too; `None` inside the
+    /// writer task itself.
+    pub(super) judged_commit: Option<super::grants::JudgedCommit>,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {
@@ -135,6 +138,7 @@ impl<DB: Backend> Clone for SqlStore<DB> {
             pool: self.pool.clone(),
             writer: self.writer.clone(),
             group_commit: self.group_commit.clone(),
+            judged_commit: self.judged_commit.clone(),
         }
     }
 }

@@ -6,13 +6,30 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::{ColumnIndex, Executor, QueryBuilder};
+use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, Column, Param, SqlStore};
 use super::group_commit::QueuedRequest;
 use super::requests::{refused_request_insert, StoredRequest, StoredRequestRef};
-use super::{IntakeFacts, IntakeLookup, Judge, NewRequest, StoreError, StoreResult};
+use super::{IntakeFacts, IntakeLookup, Judge, JudgedRequest, NewRequest, StoreError, StoreResult};
 use crate::audit::NewAuditEvent;
-use crate::domain::{ApprovalRequest, AuditKind, Grant};
+use crate::domain::{ApprovalRequest, AuditKind, Grant, Status};
+
+/// At most this many judged intakes share one commit.
+const JUDGED_GROUP_LIMIT: usize = 256;
+
+/// A judged intake waiting for the writer task, and where to send its outcome.
+pub(super) struct QueuedJudgement {
+    lookup: IntakeLookup,
+    judge: Judge,
+    answer: oneshot::Sender<StoreResult<ApprovalRequest>>,
+}
+
+/// The submitting side of the judged-intake writer task.
+#[derive(Clone, Debug)]
+pub(super) struct JudgedCommit {
+    queue: mpsc::UnboundedSender<QueuedJudgement>,
+}
 
 /// This agent's requests for this action created after `$3`, pending or approved (by any
 /// route), through the `requests_agent_action_created` index.
@@ -45,25 +62,218 @@ where
     for<'q> Json<&'q Grant>: Param<'q, DB>,
     for<'q> Json<StoredRequestRef<'q>>: Param<'q, DB>,
 {
-    /// See `Store::insert_judged_request`. Outside the group commit: its reads must see
-    /// every earlier intake of the same agent and action, committed.
+    /// Starts the judged-intake writer task, on a copy of this store without it.
+    pub(super) fn with_judged_commit(self) -> Self {
+        let (queue, mut arrivals) = mpsc::unbounded_channel::<QueuedJudgement>();
+        let store = self.clone();
+        // Apart from the callers, so a client that goes away never leaves a group half
+        // written; ends when the last sender (store clone) is dropped.
+        tokio::spawn(async move {
+            while let Some(first) = arrivals.recv().await {
+                let mut group = vec![first];
+                while group.len() < JUDGED_GROUP_LIMIT {
+                    match arrivals.try_recv() {
+                        Ok(next) => group.push(next),
+                        Err(_) => break,
+                    }
+                }
+                store.commit_judgements(group).await;
+            }
+        });
+        Self {
+            judged_commit: Some(JudgedCommit { queue }),
+            ..self
+        }
+    }
+
+    /// See `Store::insert_judged_request`: queued for the next judged group commit.
     #[tracing::instrument(skip_all, fields(agent = %lookup.agent, action = %lookup.action))]
     pub(super) async fn insert_judged_request(
         &self,
         lookup: IntakeLookup,
         judge: Judge,
     ) -> StoreResult<ApprovalRequest> {
+        let (answer, outcome) = oneshot::channel();
+        let queued = QueuedJudgement {
+            lookup,
+            judge,
+            answer,
+        };
+        match &self.judged_commit {
+            Some(commit) => commit
+                .queue
+                .send(queued)
+                .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?,
+            None => self.commit_judgements(vec![queued]).await,
+        }
+        outcome
+            .await
+            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?
+    }
+
+    /// Judges and writes a group in one transaction; if it fails, each is tried alone, so
+    /// one bad request never takes the others with it.
+    async fn commit_judgements(&self, group: Vec<QueuedJudgement>) {
+        let written = self.write_judgements(&group).await;
+        match written {
+            Ok(answers) => {
+                for (queued, answer) in group.into_iter().zip(answers) {
+                    let _ = queued.answer.send(answer);
+                }
+            }
+            Err(error) if group.len() == 1 => {
+                if let Some(queued) = group.into_iter().next() {
+                    let _ = queued.answer.send(Err(error));
+                }
+            }
+            Err(_) => {
+                for queued in group {
+                    let answer = match self.write_judgements(std::slice::from_ref(&queued)).await {
+                        Ok(mut answers) => answers
+                            .pop()
+                            .unwrap_or(Err(StoreError::Conflict("nothing judged".into()))),
+                        Err(error) => Err(error),
+                    };
+                    let _ = queued.answer.send(answer);
+                }
+            }
+        }
+    }
+
+    /// One transaction: the (agent, action) pairs serialised (in a fixed order, so two
+    /// replicas' groups cannot deadlock), then each request judged in arrival order on the
+    /// database's counters and grants plus what earlier requests of the group add, then
+    /// every row written. The answers are per request (a judge may refuse its own).
+    async fn write_judgements(
+        &self,
+        group: &[QueuedJudgement],
+    ) -> StoreResult<Vec<StoreResult<ApprovalRequest>>> {
         let mut transaction = DB::begin_write(self).await?;
-        DB::serialize_intake(&mut transaction, &lookup.agent, &lookup.action).await?;
+        let mut pairs: Vec<(&str, &str)> = group
+            .iter()
+            .map(|queued| (queued.lookup.agent.as_str(), queued.lookup.action.as_str()))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        for (agent, action) in pairs {
+            DB::serialize_intake(&mut transaction, agent, action).await?;
+        }
+        let mut judged: Vec<JudgedRequest> = Vec::new();
+        let mut answers: Vec<Option<StoreError>> = Vec::new();
+        for queued in group {
+            let facts = Self::intake_facts(&mut transaction, &queued.lookup, &judged).await?;
+            match (queued.judge)(facts) {
+                Ok(judgement) => {
+                    judged.push(judgement);
+                    answers.push(None);
+                }
+                Err(error) => answers.push(Some(error)),
+            }
+        }
+        for judgement in &judged {
+            if let Some(grant_id) = &judgement.grant_used {
+                // The compare-and-set that makes each use count once.
+                let spent = sqlx::query(
+                    "UPDATE grants SET uses_left = uses_left - 1 \
+                     WHERE id = $1 AND uses_left > 0 AND revoked_at IS NULL AND expires_at > $2",
+                )
+                .bind(grant_id.as_str())
+                .bind(judgement.request.created_at)
+                .execute(&mut *transaction)
+                .await?;
+                if DB::rows_affected(&spent) != 1 {
+                    return Err(StoreError::Conflict(format!(
+                        "grant {grant_id} was used up concurrently"
+                    )));
+                }
+            }
+        }
+        if !judged.is_empty() {
+            let rows: Vec<QueuedRequest> = judged
+                .iter()
+                .map(|judgement| {
+                    QueuedRequest::new(NewRequest {
+                        request: &judgement.request,
+                        audit: Vec::new(),
+                        outbox: Vec::new(),
+                        idempotency: None,
+                    })
+                    .map(|(queued, _outcome)| queued)
+                })
+                .collect::<StoreResult<_>>()?;
+            let mut insert = QueryBuilder::new("");
+            Self::push_request_rows(&mut insert, &rows);
+            DB::execute_built(&mut insert, &mut transaction)
+                .await
+                .map_err(refused_request_insert)?;
+        }
+        let outbox: Vec<_> = judged
+            .iter()
+            .flat_map(|judgement| &judgement.outbox)
+            .collect();
+        Self::append_outbox(&mut transaction, &outbox).await?;
+        for judgement in &judged {
+            if let Some((key, response)) = &judgement.idempotency {
+                let mut answer = QueryBuilder::new("");
+                Self::push_idempotency_answer(&mut answer, &judgement.request.id, key, response);
+                if DB::execute_built(&mut answer, &mut transaction).await? == 0 {
+                    return Err(StoreError::IdempotencyKeyTakenOver);
+                }
+            }
+        }
+        let mut audit = Vec::new();
+        let mut finalized = Vec::new();
+        let mut requests = Vec::new();
+        for judgement in judged {
+            if judgement.audit.iter().any(|event| event.kind.is_final()) {
+                finalized.push(judgement.request.id.clone());
+            }
+            audit.extend(judgement.audit);
+            requests.push(judgement.request);
+        }
+        Self::append_audit_events(&mut transaction, audit).await?;
+        for id in &finalized {
+            DB::notify_finalized(&mut transaction, id).await?;
+        }
+        DB::commit(transaction).await?;
+        let mut requests = requests.into_iter();
+        Ok(answers
+            .into_iter()
+            .map(|refused| match refused {
+                Some(error) => Err(error),
+                None => requests
+                    .next()
+                    .ok_or_else(|| StoreError::Conflict("nothing judged".into())),
+            })
+            .collect())
+    }
+
+    /// The lookup's counters and active grants as the database has them, plus what the
+    /// requests judged earlier in the same group add (they are not written yet).
+    async fn intake_facts(
+        connection: &mut DB::Connection,
+        lookup: &IntakeLookup,
+        earlier: &[JudgedRequest],
+    ) -> StoreResult<IntakeFacts> {
         let mut facts = IntakeFacts::default();
+        let same_pair = || {
+            earlier
+                .iter()
+                .map(|judgement| &judgement.request)
+                .filter(|request| {
+                    request.agent == lookup.agent
+                        && request.action == lookup.action
+                        && matches!(request.status, Status::Pending | Status::Approved)
+                })
+        };
         for (field, since) in &lookup.counters {
-            let value: f64 = match field {
+            let stored: f64 = match field {
                 None => {
                     let (count,): (i64,) = sqlx::query_as(RECENT_COUNT)
                         .bind(lookup.agent.as_str())
                         .bind(lookup.action.as_str())
                         .bind(*since)
-                        .fetch_one(&mut *transaction)
+                        .fetch_one(&mut *connection)
                         .await?;
                     count as f64
                 }
@@ -73,74 +283,51 @@ where
                         .bind(lookup.action.as_str())
                         .bind(*since)
                         .bind(field.as_str())
-                        .fetch_one(&mut *transaction)
+                        .fetch_one(&mut *connection)
                         .await?;
                     sum
                 }
             };
-            facts.counters.push(value);
+            let added: f64 = same_pair()
+                .filter(|request| request.created_at > *since)
+                .map(|request| match field {
+                    None => 1.0,
+                    Some(field) => request
+                        .args
+                        .get(field)
+                        .and_then(Value::as_f64)
+                        .unwrap_or(0.0),
+                })
+                .sum();
+            facts.counters.push(stored + added);
         }
         if lookup.grants {
             let rows: Vec<(Json<Grant>, i64)> = sqlx::query_as(ACTIVE_GRANTS)
                 .bind(lookup.agent.as_str())
                 .bind(lookup.action.as_str())
                 .bind(lookup.now)
-                .fetch_all(&mut *transaction)
+                .fetch_all(&mut *connection)
                 .await?;
             facts.grants = rows
                 .into_iter()
-                .map(|(body, uses_left)| Grant {
-                    uses_left: u32::try_from(uses_left).unwrap_or(0),
-                    ..body.0
+                .filter_map(|(body, uses_left)| {
+                    let spent = earlier
+                        .iter()
+                        .filter(|judgement| {
+                            judgement.grant_used.as_deref() == Some(body.0.id.as_str())
+                        })
+                        .count();
+                    let left = usize::try_from(uses_left)
+                        .unwrap_or(0)
+                        .saturating_sub(spent);
+                    (left > 0).then(|| Grant {
+                        uses_left: u32::try_from(left).unwrap_or(u32::MAX),
+                        ..body.0
+                    })
                 })
                 .collect();
         }
-        let judged = judge(facts)?;
-        if let Some(grant_id) = &judged.grant_used {
-            // The compare-and-set that makes each use count once.
-            let spent = sqlx::query(
-                "UPDATE grants SET uses_left = uses_left - 1 \
-                 WHERE id = $1 AND uses_left > 0 AND revoked_at IS NULL AND expires_at > $2",
-            )
-            .bind(grant_id.as_str())
-            .bind(lookup.now)
-            .execute(&mut *transaction)
-            .await?;
-            if DB::rows_affected(&spent) != 1 {
-                return Err(StoreError::Conflict(format!(
-                    "grant {grant_id} was used up concurrently"
-                )));
-            }
-        }
-        let request = judged.request.clone();
-        let (queued, _outcome) = QueuedRequest::new(NewRequest {
-            request: &judged.request,
-            audit: Vec::new(),
-            outbox: Vec::new(),
-            idempotency: None,
-        })?;
-        let group = std::slice::from_ref(&queued);
-        let mut insert = QueryBuilder::new("");
-        Self::push_request_rows(&mut insert, group);
-        DB::execute_built(&mut insert, &mut transaction)
-            .await
-            .map_err(refused_request_insert)?;
-        let outbox: Vec<_> = judged.outbox.iter().collect();
-        Self::append_outbox(&mut transaction, &outbox).await?;
-        if let Some((key, response)) = &judged.idempotency {
-            let mut answer = QueryBuilder::new("");
-            Self::push_idempotency_answer(&mut answer, &request.id, key, response);
-            if DB::execute_built(&mut answer, &mut transaction).await? == 0 {
-                return Err(StoreError::IdempotencyKeyTakenOver);
-            }
-        }
-        let finalized = judged.audit.iter().any(|event| event.kind.is_final());
-        Self::append_audit_events(&mut transaction, judged.audit).await?;
-        if finalized {
-            DB::notify_finalized(&mut transaction, &request.id).await?;
-        }
-        DB::commit(transaction).await?;
-        Ok(request)
+        Ok(facts)
     }
 
     /// Inserts the grants that `audit`'s `grant_created` events carry (their payload is the

@@ -247,9 +247,10 @@ pub struct JudgedRequest {
     pub grant_used: Option<String>,
 }
 
-/// Decides a request from what its lookup found; pure, run inside the transaction. An
-/// error (`Corrupt`: the request could not be built) rolls it back.
-pub type Judge = Box<dyn FnOnce(IntakeFacts) -> StoreResult<JudgedRequest> + Send>;
+/// Decides a request from what its lookup found; pure, run inside the transaction (again,
+/// if a group's transaction fails and each is retried alone). An error (`Corrupt`: the
+/// request could not be built) refuses that request only.
+pub type Judge = Box<dyn Fn(IntakeFacts) -> StoreResult<JudgedRequest> + Send + Sync>;
 
 /// Time-driven work the sweeper looks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

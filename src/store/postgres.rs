@@ -44,8 +44,9 @@ impl PostgresStore {
             pool,
             writer: (),
             group_commit: None,
+            judged_commit: None,
         };
-        Ok(store.with_group_commit())
+        Ok(store.with_group_commit().with_judged_commit())
     }
 }
 

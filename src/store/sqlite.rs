@@ -124,8 +124,9 @@ impl SqliteStore {
                 audit_head: None,
             })),
             group_commit: None,
+            judged_commit: None,
         };
-        Ok(store.with_group_commit())
+        Ok(store.with_group_commit().with_judged_commit())
     }
 
     /// Every row of `group` chained onto `head`, and the `COMMIT`, as one batch after
