@@ -100,11 +100,14 @@ pub struct Variables {
 }
 
 impl Variables {
-    /// `counters` pairs each counter the policy reads with its value for this evaluation.
+    /// `counters` pairs each counter the policy reads with its value for this evaluation;
+    /// with `reads_counters` the counter functions exist even when none was supplied
+    /// (check, explain), and then say they need history.
     pub fn new(
         input: &EvaluationInput<'_>,
         facts: &Facts<'_>,
         counters: &[(CounterSpec, f64)],
+        reads_counters: bool,
     ) -> Self {
         let mut context = cel::Context::with_env(environment());
         context.add_variable_from_value("action", input.action.to_string());
@@ -112,7 +115,7 @@ impl Variables {
         context.add_variable_from_value("args", json_to_cel(input.args));
         context.add_variable_from_value("context", json_to_cel(input.context));
         context.add_variable_from_value("now", timestamp(facts.now));
-        if !counters.is_empty() {
+        if reads_counters || !counters.is_empty() {
             let values: Arc<Vec<(CounterSpec, f64)>> = Arc::new(counters.to_vec());
             let count_values = values.clone();
             // Names no standard function uses, so registering them cannot conflict.
@@ -151,7 +154,12 @@ fn counter_value(
         .iter()
         .find(|(spec, _)| spec.window == window && spec.field.as_deref() == field)
         .map(|(_, value)| *value)
-        .ok_or_else(|| cel::ExecutionError::function_error(name, "counter was not computed"))?;
+        .ok_or_else(|| {
+            cel::ExecutionError::function_error(
+                name,
+                "needs request history, which /v1/check and policy explain do not read",
+            )
+        })?;
     if value.fract() == 0.0 && value.abs() < 9.0e15 {
         Ok(cel::Value::Int(value as i64))
     } else {

@@ -292,7 +292,7 @@ impl Policy {
             return false;
         };
         let facts = Facts::at(at);
-        let variables = condition::Variables::new(&input, &facts, &[]);
+        let variables = condition::Variables::new(&input, &facts, &[], false);
         condition.evaluate(&variables) == Ok(true)
     }
 
@@ -439,7 +439,12 @@ impl Policy {
                 None => (ConditionResult::None, None),
                 Some(condition) => {
                     let variables = variables.get_or_insert_with(|| {
-                        condition::Variables::new(&input, &facts, facts.counters)
+                        condition::Variables::new(
+                            &input,
+                            &facts,
+                            facts.counters,
+                            !self.counters.is_empty(),
+                        )
                     });
                     match condition.evaluate(variables) {
                         Ok(true) => (ConditionResult::True, None),

@@ -670,6 +670,11 @@ fn counters_are_compiled_per_rule_and_read_as_given() {
         Facts::at(at(noon)),
     );
     assert_eq!(unsupplied.effect, Effect::RequireApproval);
+    let error = unsupplied.matches[0]
+        .condition_error
+        .as_deref()
+        .unwrap_or_default();
+    assert!(error.contains("needs request history"), "{error}");
 }
 
 #[test]
