@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 
 use crate::audit::AuditHead;
 use crate::config::Config;
-use crate::domain::{ApprovalRequest, Principal, Status, VoteEffect, VoteKind, VoteRequest, Voter};
+use crate::domain::{
+    ApprovalRequest, GrantAsk, Principal, Status, VoteEffect, VoteKind, VoteRequest, Voter,
+};
 use crate::engine::{Engine, EngineError};
 use crate::policy::{EvaluationInput, Policy};
 use crate::server::{build_engine, RunningServer};
@@ -103,6 +105,7 @@ pub fn policy_explain(
     let policy = crate::engine::load_policy(path)?;
     let args = parse_json_object("--args", args)?;
     let context = parse_json_object("--context", context)?;
+    // No history: counters read 0; sampled rules show their rate.
     let verdict = policy.evaluate(EvaluationInput {
         action,
         args: &args,
@@ -246,6 +249,100 @@ pub async fn vote(
     vote: VoteRequest,
     revision: Option<u32>,
 ) -> anyhow::Result<ExitCode> {
+    vote_asking_grant(config, id, principal, vote, revision, None).await
+}
+
+/// `approve --grant`: the vote asks for a standing grant; see `Engine::record_vote_asking_grant`.
+pub async fn approve_with_grant(
+    config: Config,
+    id: &str,
+    principal: &str,
+    vote: VoteRequest,
+    revision: Option<u32>,
+    ask: GrantAsk,
+) -> anyhow::Result<ExitCode> {
+    let code = vote_asking_grant(config.clone(), id, principal, vote, revision, Some(ask)).await?;
+    let engine = operator_engine(&config).await?;
+    let created = engine
+        .list_grants(None)
+        .await?
+        .into_iter()
+        .find(|grant| grant.request_id == id);
+    match created {
+        Some(grant) => out!(
+            "grant {} created: {}",
+            grant.id,
+            serde_json::to_string(&grant)?
+        ),
+        None => {
+            out!("no grant yet: it is created once every approval of the decision asks for one")
+        }
+    }
+    Ok(code)
+}
+
+/// `--grant DURATION [--grant-uses N] [--grant-when CEL]` as a grant request.
+pub fn grant_ask(
+    duration: &str,
+    uses: Option<u32>,
+    when: Option<String>,
+) -> anyhow::Result<GrantAsk> {
+    let ttl = humantime::parse_duration(duration).map_err(|error| {
+        anyhow::anyhow!("--grant {duration:?} is not a duration like 4h: {error}")
+    })?;
+    Ok(GrantAsk {
+        ttl_seconds: ttl.as_secs(),
+        uses,
+        when,
+    })
+}
+
+pub async fn grants_list(config: Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let engine = operator_engine(&config).await?;
+    let grants = engine.list_grants(None).await?;
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(&grants)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if grants.is_empty() {
+        out!("no grants");
+    }
+    let now = crate::domain::now();
+    for grant in grants {
+        let state = match grant.revoked_at {
+            Some(at) => format!("revoked {}", at.to_rfc3339()),
+            None if grant.expires_at <= now => "expired".into(),
+            None if grant.uses_left == 0 => "spent".into(),
+            None => "active".into(),
+        };
+        out!(
+            "{}\t{}\t{}\t{}\ttier {}\t{} uses left\texpires {}\t{}",
+            grant.id,
+            grant.agent,
+            grant.action,
+            state,
+            grant.tier,
+            grant.uses_left,
+            grant.expires_at.to_rfc3339(),
+            grant.when.as_deref().unwrap_or("same args"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn grants_revoke(config: Config, id: &str, principal: &str) -> anyhow::Result<ExitCode> {
+    let principal = operator_principal(principal)?;
+    let engine = build_engine(&config).await?;
+    let grant = engine
+        .revoke_grant(id, &Voter::new(principal.clone()))
+        .await
+        .map_err(user_error)?;
+    out!("grant {} revoked by {principal}", grant.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--as cli:NAME`: operators act as themselves.
+fn operator_principal(principal: &str) -> anyhow::Result<Principal> {
     let principal: Principal = principal
         .parse()
         .map_err(|error| anyhow::anyhow!("--as: {error}"))?;
@@ -255,9 +352,27 @@ pub async fn vote(
              chat and email principals vote through their own channel"
         );
     }
+    Ok(principal)
+}
+
+async fn vote_asking_grant(
+    config: Config,
+    id: &str,
+    principal: &str,
+    vote: VoteRequest,
+    revision: Option<u32>,
+    grant: Option<GrantAsk>,
+) -> anyhow::Result<ExitCode> {
+    let principal = operator_principal(principal)?;
     let engine = build_engine(&config).await?;
     let (request, effect) = engine
-        .record_vote(id, &Voter::new(principal.clone()), vote.clone(), revision)
+        .record_vote_asking_grant(
+            id,
+            &Voter::new(principal.clone()),
+            vote.clone(),
+            revision,
+            grant,
+        )
         .await
         .map_err(user_error)?;
     let revision_note = format!("revision {}", request.revision);

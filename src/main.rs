@@ -58,7 +58,20 @@ enum Command {
         /// Refuse unless N is the request's current revision (what you reviewed).
         #[arg(long, value_name = "N")]
         revision: Option<u32>,
+        /// Also ask for a standing grant of this length (e.g. 4h): later requests it covers
+        /// are approved at once, if every approval of this decision asked for one.
+        #[arg(long, value_name = "DURATION")]
+        grant: Option<String>,
+        /// The grant's number of uses (default: the tier's max_uses).
+        #[arg(long, value_name = "N", requires = "grant")]
+        grant_uses: Option<u32>,
+        /// Widen the grant from these exact args to args satisfying this CEL.
+        #[arg(long, value_name = "CEL", requires = "grant")]
+        grant_when: Option<String>,
     },
+    /// List and revoke standing grants.
+    #[command(subcommand)]
+    Grants(GrantsCommand),
     /// Vote deny; a reason is required.
     Deny {
         id: String,
@@ -148,6 +161,21 @@ enum PolicyCommand {
         agent: Option<String>,
         #[arg(long)]
         context: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantsCommand {
+    /// List every grant (spent, expired and revoked too).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a grant at once.
+    Revoke {
+        grant_id: String,
+        #[arg(long = "as", value_name = "cli:NAME")]
+        principal: String,
     },
 }
 
@@ -331,10 +359,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             principal,
             note,
             revision,
+            grant,
+            grant_uses,
+            grant_when,
         } => {
             let vote = VoteRequest::Approve { note };
-            commands::vote(config, &id, &principal, vote, revision).await
+            match grant {
+                None => commands::vote(config, &id, &principal, vote, revision).await,
+                Some(duration) => {
+                    let ask = commands::grant_ask(&duration, grant_uses, grant_when)?;
+                    commands::approve_with_grant(config, &id, &principal, vote, revision, ask).await
+                }
+            }
         }
+        Command::Grants(GrantsCommand::List { json }) => commands::grants_list(config, json).await,
+        Command::Grants(GrantsCommand::Revoke {
+            grant_id,
+            principal,
+        }) => commands::grants_revoke(config, &grant_id, &principal).await,
         Command::Deny {
             id,
             principal,

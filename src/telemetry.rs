@@ -13,6 +13,7 @@ pub const OUTBOX_BACKLOG: &str = "signoff_outbox_backlog";
 pub const DELIVERY_FAILURES: &str = "signoff_delivery_failures_total";
 pub const SWEEP_FAILURES: &str = "signoff_sweep_failures_total";
 pub const HTTP_DURATION: &str = "signoff_http_request_duration_seconds";
+pub const SHADOW_MATCHES: &str = "signoff_shadow_matches_total";
 
 /// Seconds: from sub-millisecond HTTP answers to hour-long approvals.
 const BUCKETS: &[f64] = &[

@@ -1,5 +1,5 @@
 //! The chat command words every platform takes (`pending`, `show ID`, `approve ID [note]`,
-//! `deny ID reason`, `help`), parsed once, and an engine refusal in words for a chat user.
+//! `deny ID reason`, `grants`, `grants revoke GRANT_ID`, `help`), parsed once, and an engine refusal in words for a chat user.
 
 use crate::engine::EngineError;
 
@@ -20,6 +20,12 @@ pub enum ChatCommand {
     },
     /// `deny ID` without a reason: a deny needs one.
     DenyWithoutReason,
+    /// `grants`: standing grants of tiers the user approves in.
+    Grants,
+    /// `grants revoke GRANT_ID`.
+    RevokeGrant {
+        id: String,
+    },
     /// `show`, `approve` or `deny` without an id.
     MissingId {
         word: String,
@@ -37,6 +43,10 @@ impl ChatCommand {
         let rest = words.collect::<Vec<_>>().join(" ");
         match (word.as_str(), id) {
             ("pending", _) => Self::Pending,
+            ("grants", None) => Self::Grants,
+            ("grants", Some(verb)) if verb.eq_ignore_ascii_case("revoke") && !rest.is_empty() => {
+                Self::RevokeGrant { id: rest }
+            }
             ("show", Some(id)) => Self::Show { id },
             ("approve", Some(id)) => Self::Approve {
                 id,
@@ -52,11 +62,13 @@ impl ChatCommand {
 
 /// The command words, one per line, each with what it does (`{command}` is replaced by
 /// how the platform invokes them).
-pub const HELP_LINES: [(&str, &str); 5] = [
+pub const HELP_LINES: [(&str, &str); 7] = [
     ("pending", "requests you can decide, with their buttons"),
     ("show ID", "one request"),
     ("approve ID [note]", "approve"),
     ("deny ID reason", "deny, with a reason"),
+    ("grants", "standing grants you approve for"),
+    ("grants revoke GRANT_ID", "end a grant now"),
     ("help", "this message"),
 ];
 

@@ -22,7 +22,8 @@ use crate::engine::{Engine, EngineError};
 
 pub use commands::{explain, ChatCommand, HELP_LINES};
 pub use view::{
-    changed_args, parse_modified_args, vote_from_form, CardView, VoteTarget, APPROVE, DENY, MODIFY,
+    changed_args, parse_modified_args, vote_from_form, CardView, GrantChoice, VoteTarget, APPROVE,
+    APPROVE_FOR, DENY, MODIFY,
 };
 
 /// A chat platform signoff posts approval cards to and takes votes from.

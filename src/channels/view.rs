@@ -33,9 +33,43 @@ pub struct CardView {
     pub decided_at: Option<DateTime<Utc>>,
     pub decision_reason: Option<String>,
     pub escalated_at: Option<DateTime<Utc>>,
+    /// "Approve for …" choices when the tier allows grants (see `with_grant_choices`).
+    pub grant_choices: Vec<GrantChoice>,
 }
 
+/// One "Approve for …" choice: an approve vote asking for a grant of this length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantChoice {
+    pub label: String,
+    pub ttl_seconds: u64,
+}
+
+/// The durations offered, up to the tier's `max_ttl` (which is offered too).
+const GRANT_STEPS: [u64; 5] = [3600, 4 * 3600, 8 * 3600, 24 * 3600, 7 * 24 * 3600];
+
 impl CardView {
+    /// Adds the "Approve for …" choices of a pending request's tier: the standard steps up
+    /// to `max_ttl`, and `max_ttl` itself.
+    pub fn with_grant_choices(mut self, max_ttl: Option<std::time::Duration>) -> Self {
+        let Some(max_ttl) = max_ttl.filter(|_| self.is_pending()) else {
+            return self;
+        };
+        let max = max_ttl.as_secs();
+        let mut steps: Vec<u64> = GRANT_STEPS.into_iter().filter(|step| *step < max).collect();
+        steps.push(max);
+        self.grant_choices = steps
+            .into_iter()
+            .map(|seconds| GrantChoice {
+                label: format!(
+                    "Approve for {}",
+                    humantime::format_duration(std::time::Duration::from_secs(seconds))
+                ),
+                ttl_seconds: seconds,
+            })
+            .collect();
+        self
+    }
+
     pub fn of(request: &ApprovalRequest) -> Self {
         let decision = request.decision.as_ref();
         let modified_by = (request.revision > 1)
@@ -73,6 +107,7 @@ impl CardView {
             decided_at: decision.map(|decision| decision.at),
             decision_reason: decision.and_then(|decision| decision.reason.clone()),
             escalated_at: request.escalated_at,
+            grant_choices: Vec::new(),
         }
     }
 
@@ -105,6 +140,9 @@ pub fn changed_args(before: &Value, after: &Value) -> Vec<(String, Value, Value)
 pub struct VoteTarget {
     pub request_id: String,
     pub revision: u32,
+    /// An "Approve for …" choice: the grant's length in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_seconds: Option<u64>,
 }
 
 impl VoteTarget {
@@ -112,6 +150,7 @@ impl VoteTarget {
         Self {
             request_id: card.id.clone(),
             revision: card.revision,
+            grant_seconds: None,
         }
     }
 
@@ -130,6 +169,8 @@ impl VoteTarget {
 pub const APPROVE: &str = "approve";
 pub const DENY: &str = "deny";
 pub const MODIFY: &str = "modify";
+/// The "Approve for …" choice: an approve vote that asks for a grant.
+pub const APPROVE_FOR: &str = "approve_for";
 
 /// Parses the args an approver typed into a modify form.
 pub fn parse_modified_args(text: &str) -> Result<Value, String> {
@@ -197,6 +238,7 @@ mod tests {
         let target = VoteTarget {
             request_id: "apr_1".into(),
             revision: 3,
+            grant_seconds: None,
         };
         assert_eq!(VoteTarget::decode(&target.encode()), Some(target));
         for text in [

@@ -20,6 +20,9 @@ pub enum AuditKind {
     Escalated,
     /// A card's first post, or a webhook's delivery.
     Delivered,
+    GrantCreated,
+    GrantUsed,
+    GrantRevoked,
 }
 
 impl AuditKind {
@@ -38,6 +41,9 @@ impl AuditKind {
             AuditKind::Reminded => "reminded",
             AuditKind::Escalated => "escalated",
             AuditKind::Delivered => "delivered",
+            AuditKind::GrantCreated => "grant_created",
+            AuditKind::GrantUsed => "grant_used",
+            AuditKind::GrantRevoked => "grant_revoked",
         }
     }
 
@@ -58,6 +64,9 @@ impl AuditKind {
             Reminded,
             Escalated,
             Delivered,
+            GrantCreated,
+            GrantUsed,
+            GrantRevoked,
         ]
         .into_iter()
         .find(|kind| kind.as_str() == text)

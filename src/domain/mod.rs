@@ -2,17 +2,19 @@
 
 pub mod canonical_json;
 mod destination;
+mod grant;
 mod kinds;
 mod principal;
 mod request;
 mod voting;
 
 pub use destination::Destination;
+pub use grant::{new_grant_id, Grant, GrantAsk};
 pub use kinds::{AuditKind, OutboxKind};
 pub use principal::{Principal, PrincipalError};
 pub use request::{
     action_hash, new_request_id, now, ApprovalRequest, Decision, Execution, ExecutionOutcome,
-    Outcome, RequestContext, Status, Vote, VoteKind,
+    Outcome, RequestContext, ShadowMatch, Status, Vote, VoteKind,
 };
 pub use voting::{
     check_voter, plan_vote, Reevaluation, VoteContext, VoteEffect, VoteRefusal, VoteRequest, Voter,

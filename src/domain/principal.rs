@@ -35,6 +35,10 @@ impl Principal {
     pub fn agent(name: &str) -> Self {
         Self(format!("agent:{name}"))
     }
+    /// A standing grant that approved a request: `grant:grt_…`.
+    pub fn grant(id: &str) -> Self {
+        Self(format!("grant:{id}"))
+    }
 }
 
 impl FromStr for Principal {

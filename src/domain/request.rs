@@ -115,6 +115,9 @@ pub struct Vote {
     /// serialised (not to agents, not in webhooks); the store keeps them beside the body.
     #[serde(default, skip_serializing)]
     pub aliases: Vec<Principal>,
+    /// An approve vote that also asked for a standing grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<super::GrantAsk>,
 }
 
 impl Vote {
@@ -141,6 +144,17 @@ pub struct Decision {
     /// The args the agent must execute.
     #[schema(value_type = Object)]
     pub args: Value,
+}
+
+/// A `mode: shadow` rule that matched a request: what it would have done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ShadowMatch {
+    pub rule: String,
+    /// allow, require_approval or deny.
+    pub effect: String,
+    /// The tier of a require_approval rule; null for allow and deny.
+    #[schema(required = true)]
+    pub tier: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -223,6 +237,14 @@ pub struct ApprovalRequest {
     /// When the request was escalated to the tier's `escalate_to` destinations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalated_at: Option<DateTime<Utc>>,
+    /// True when an allow rule's `sample` sent this request to review.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub sampled: bool,
+    /// The shadow rules that matched: recorded, never enforced.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub shadow: Vec<ShadowMatch>,
     /// Bumped by every stored change: the compare-and-set token.
     #[serde(skip)]
     pub version: i64,

@@ -308,6 +308,7 @@ fn record(
         at: voter.now,
         revision: request.revision,
         aliases: voter.aliases.to_vec(),
+        grant: None,
     });
 }
 

@@ -8,6 +8,7 @@
 mod agents;
 mod audit_trail;
 mod clock;
+mod grants;
 mod lifecycle;
 mod outbox;
 mod outbox_signal;

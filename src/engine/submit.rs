@@ -1,22 +1,30 @@
 //! Intake: a submission is checked (quotas, callback URL, Idempotency-Key), judged by the
 //! policy and stored with its audit events and first outbox messages.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tracing::instrument;
 
+use super::grants::covering_grant;
 use super::{
     after, event, record_decision_metrics, Engine, EngineError, EngineResult, OutboxSignal,
 };
+use crate::audit::NewAuditEvent;
 use crate::domain::{
-    action_hash, new_request_id, ApprovalRequest, AuditKind, Principal, RequestContext, Status,
+    action_hash, new_request_id, ApprovalRequest, AuditKind, Grant, Principal, RequestContext,
+    Status,
 };
-use crate::policy::{Effect, EvaluationInput, Verdict};
-use crate::store::{AgentRecord, IdempotencyKey, NewRequest, Reservation, StoreError};
+use crate::policy::{CounterSpec, Effect, EvaluationInput, Facts, Policy, Verdict};
+use crate::store::{
+    AgentRecord, IdempotencyKey, IntakeFacts, IntakeLookup, Judge, JudgedRequest, NewOutboxMessage,
+    NewRequest, Reservation, StoreError,
+};
 use crate::telemetry;
 
 #[derive(Clone, Debug, Serialize)]
@@ -63,14 +71,18 @@ pub enum Submitted {
 }
 
 impl Engine {
-    /// Evaluates the policy without storing anything.
+    /// Evaluates the policy without storing anything, at the engine's clock: counters read
+    /// 0 (no history is looked up) and sampled rules report their rate, not a draw.
     pub fn check(&self, agent: &str, action: &str, args: &Value, context: &Value) -> Verdict {
-        self.policy().evaluate(EvaluationInput {
-            action,
-            args,
-            agent,
-            context,
-        })
+        self.policy().evaluate_with(
+            EvaluationInput {
+                action,
+                args,
+                agent,
+                context,
+            },
+            Facts::at(self.now()),
+        )
     }
 
     /// `check`, for input straight from an agent: an empty action or non-object args are
@@ -179,100 +191,47 @@ impl Engine {
     ) -> EngineResult<ApprovalRequest> {
         let policy = self.policy();
         let context_value = serde_json::to_value(&submission.context).unwrap_or(Value::Null);
-        let verdict = policy.evaluate(EvaluationInput {
-            action: &submission.action,
-            args: &submission.args,
-            agent: &agent.name,
-            context: &context_value,
-        });
         let at = self.now();
-        let mut request = ApprovalRequest {
-            id: new_request_id(),
-            agent: agent.name.clone(),
-            action_hash: action_hash(&submission.action, &submission.args),
-            action: submission.action,
-            original_args: submission.args.clone(),
-            args: submission.args,
-            context: submission.context,
-            on_behalf_of: submission.on_behalf_of,
-            callback_url: submission.callback_url,
-            status: Status::Pending,
-            tier: verdict.tier.clone(),
-            rule: verdict.rule.clone(),
-            approvals_required: verdict.approvals_required,
-            revision: 1,
-            votes: Vec::new(),
-            decision: None,
-            policy_hash: policy.hash().to_string(),
-            created_at: at,
-            expires_at: None,
-            executed: None,
-            reminded_at: None,
-            escalated_at: None,
-            remind_at: None,
-            escalate_at: None,
-            previous_tiers: Vec::new(),
-            version: 1,
-        };
-        let by_policy = Principal::policy_rule(verdict.rule.as_deref().unwrap_or("default"));
-        let mut audit = vec![
-            event(
-                &request,
-                at,
-                AuditKind::Submitted,
-                Principal::agent(&agent.name).as_str(),
-                json!({
-                    "action": request.action,
-                    "args": request.args,
-                    "context": request.context,
-                    "on_behalf_of": request.on_behalf_of,
-                    "action_hash": request.action_hash,
-                }),
-            ),
-            event(
-                &request,
-                at,
-                AuditKind::Verdict,
-                by_policy.as_str(),
-                json!({
-                    "effect": verdict.effect,
-                    "tier": verdict.tier,
-                    "rule": verdict.rule,
-                    "matched": verdict.matches.iter().map(|m| m.rule.as_str()).collect::<Vec<_>>(),
-                    "policy_hash": request.policy_hash,
-                }),
-            ),
-        ];
-        match verdict.effect {
-            Effect::Allow => request.decide(
-                Status::Approved,
-                vec![by_policy.clone()],
-                verdict.reason.clone(),
-                at,
-            ),
-            Effect::Deny => {
-                let reason = verdict
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| match &verdict.rule {
-                        Some(rule) => format!("denied by policy rule {rule:?}"),
-                        None => "denied by the policy default".to_string(),
-                    });
-                request.decide(Status::Denied, vec![by_policy.clone()], Some(reason), at);
-            }
-            Effect::RequireApproval => {
-                let ttl = verdict.ttl.unwrap_or(Duration::from_secs(3600));
-                request.expires_at = Some(after(at, ttl).context("ttl out of range")?);
-                if let Some(tier) = verdict.tier.as_deref().and_then(|tier| policy.tier(tier)) {
-                    request.remind_at = tier.remind_after.and_then(|delay| after(at, delay));
-                    request.escalate_at = tier.escalate_after.and_then(|delay| after(at, delay));
-                }
+        let sample_draw = rand::random::<f64>();
+        let counters = policy.counters_for(&agent.name, &submission.action);
+        if counters.is_empty() {
+            let verdict = policy.evaluate_with(
+                EvaluationInput {
+                    action: &submission.action,
+                    args: &submission.args,
+                    agent: &agent.name,
+                    context: &context_value,
+                },
+                Facts {
+                    now: at,
+                    counters: &[],
+                    sample_draw: Some(sample_draw),
+                },
+            );
+            // Only a require_approval verdict can be met by a grant; everything else
+            // takes the group commit.
+            if !(verdict.effect == Effect::RequireApproval && policy.any_grants()) {
+                let (request, audit, outbox) =
+                    self.judge_request(&policy, &agent.name, submission, &verdict, at, None)?;
+                return self
+                    .insert_plain(agent, request, audit, outbox, &verdict, key)
+                    .await;
             }
         }
-        let mut outbox = self.card_updates(&request, at);
-        if request.status.is_final() {
-            self.announce_final(&request, by_policy.as_str(), &mut audit, &mut outbox);
-        }
+        self.insert_judged(agent, submission, context_value, counters, sample_draw, key)
+            .await
+    }
+
+    /// The common path: the request joins the next group commit.
+    async fn insert_plain(
+        &self,
+        agent: &AgentRecord,
+        request: ApprovalRequest,
+        audit: Vec<NewAuditEvent>,
+        outbox: Vec<NewOutboxMessage>,
+        verdict: &Verdict,
+        key: Option<&IdempotencyKey>,
+    ) -> EngineResult<ApprovalRequest> {
         // The answer kept for the Idempotency-Key, if there is one.
         let response = key
             .map(|key| {
@@ -304,19 +263,268 @@ impl Engine {
             .await?;
         drop(admission);
         self.outbox_signal.wake(destinations);
-        metrics::counter!(
-            telemetry::REQUESTS,
-            "effect" => verdict.effect.as_str(),
-            "tier" => telemetry::label(verdict.tier.as_deref()),
-            "rule" => telemetry::label(verdict.rule.as_deref()),
-        )
-        .increment(1);
-        if request.status.is_final() {
-            record_decision_metrics(&request);
-        }
-        tracing::info!(request_id = %request.id, status = request.status.as_str(), "request submitted");
+        record_intake_metrics(&request, verdict);
         Ok(request)
     }
+
+    /// Counters or a grant decide: the policy is evaluated inside the insert's transaction,
+    /// on the counters and grants it reads there under the (agent, action) serialisation.
+    async fn insert_judged(
+        &self,
+        agent: &AgentRecord,
+        submission: Submission,
+        context_value: Value,
+        counters: Vec<CounterSpec>,
+        sample_draw: f64,
+        key: Option<&IdempotencyKey>,
+    ) -> EngineResult<ApprovalRequest> {
+        let policy = self.policy();
+        let at = self.now();
+        let lookup = IntakeLookup {
+            agent: agent.name.clone(),
+            action: submission.action.clone(),
+            now: at,
+            counters: counters
+                .iter()
+                .map(|spec| {
+                    let window =
+                        chrono::Duration::from_std(spec.window).unwrap_or(chrono::Duration::zero());
+                    (spec.field.clone(), at - window)
+                })
+                .collect(),
+            grants: policy.any_grants(),
+        };
+        // The verdict may turn out pending: hold an admission as the plain path does. (At
+        // the cap this refuses a submission the counters would have allowed.)
+        let admission = self
+            .quotas
+            .admit_pending(&agent.name, self.store.as_ref())
+            .await??;
+        let engine = self.clone();
+        let agent_name = agent.name.clone();
+        let key = key.cloned();
+        let verdict_slot: Arc<Mutex<Option<JudgedOutcome>>> = Arc::default();
+        let verdict_out = verdict_slot.clone();
+        let judge: Judge = Box::new(move |facts: IntakeFacts| {
+            let values: Vec<(CounterSpec, f64)> =
+                counters.iter().cloned().zip(facts.counters).collect();
+            let verdict = policy.evaluate_with(
+                EvaluationInput {
+                    action: &submission.action,
+                    args: &submission.args,
+                    agent: &agent_name,
+                    context: &context_value,
+                },
+                Facts {
+                    now: at,
+                    counters: &values,
+                    sample_draw: Some(sample_draw),
+                },
+            );
+            let grant = covering_grant(
+                &policy,
+                &verdict,
+                &submission.action,
+                &submission.args,
+                &agent_name,
+                &context_value,
+                &facts.grants,
+                at,
+            );
+            let judged = engine.judge_request(
+                &policy,
+                &agent_name,
+                submission.clone(),
+                &verdict,
+                at,
+                grant.cloned(),
+            );
+            let (request, audit, outbox) =
+                judged.map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            *verdict_out
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) =
+                Some((verdict, OutboxSignal::destinations_of(&outbox)));
+            let idempotency = key
+                .clone()
+                .map(|key| {
+                    serde_json::to_value(&request)
+                        .map(|response| (key, response))
+                        .map_err(|error| StoreError::Corrupt(error.to_string()))
+                })
+                .transpose()?;
+            Ok(JudgedRequest {
+                request,
+                audit,
+                outbox,
+                idempotency,
+                grant_used: grant.map(|grant| grant.id.clone()),
+            })
+        });
+        let request = self.store.insert_judged_request(lookup, judge).await?;
+        drop(admission);
+        let judged = verdict_slot
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        if let Some((verdict, destinations)) = judged {
+            self.outbox_signal.wake(destinations);
+            record_intake_metrics(&request, &verdict);
+        }
+        Ok(request)
+    }
+
+    /// The request, its audit events and outbox rows for `verdict` (and the grant that
+    /// approves it, if one does).
+    fn judge_request(
+        &self,
+        policy: &Policy,
+        agent: &str,
+        submission: Submission,
+        verdict: &Verdict,
+        at: DateTime<Utc>,
+        grant: Option<Grant>,
+    ) -> EngineResult<(ApprovalRequest, Vec<NewAuditEvent>, Vec<NewOutboxMessage>)> {
+        let mut request = ApprovalRequest {
+            id: new_request_id(),
+            agent: agent.to_string(),
+            action_hash: action_hash(&submission.action, &submission.args),
+            action: submission.action,
+            original_args: submission.args.clone(),
+            args: submission.args,
+            context: submission.context,
+            on_behalf_of: submission.on_behalf_of,
+            callback_url: submission.callback_url,
+            status: Status::Pending,
+            tier: verdict.tier.clone(),
+            rule: verdict.rule.clone(),
+            approvals_required: verdict.approvals_required,
+            revision: 1,
+            votes: Vec::new(),
+            decision: None,
+            policy_hash: policy.hash().to_string(),
+            created_at: at,
+            expires_at: None,
+            executed: None,
+            reminded_at: None,
+            escalated_at: None,
+            sampled: verdict.sampled,
+            shadow: verdict.shadow.clone(),
+            remind_at: None,
+            escalate_at: None,
+            previous_tiers: Vec::new(),
+            version: 1,
+        };
+        let by_policy = Principal::policy_rule(verdict.rule.as_deref().unwrap_or("default"));
+        let mut audit = vec![
+            event(
+                &request,
+                at,
+                AuditKind::Submitted,
+                Principal::agent(agent).as_str(),
+                json!({
+                    "action": request.action,
+                    "args": request.args,
+                    "context": request.context,
+                    "on_behalf_of": request.on_behalf_of,
+                    "action_hash": request.action_hash,
+                }),
+            ),
+            event(
+                &request,
+                at,
+                AuditKind::Verdict,
+                by_policy.as_str(),
+                json!({
+                    "effect": verdict.effect,
+                    "tier": verdict.tier,
+                    "rule": verdict.rule,
+                    "matched": verdict.matches.iter().map(|m| m.rule.as_str()).collect::<Vec<_>>(),
+                    "sampled": verdict.sampled,
+                    "shadow": verdict.shadow,
+                    "policy_hash": request.policy_hash,
+                }),
+            ),
+        ];
+        let mut decided_by = by_policy.clone();
+        match (verdict.effect, grant) {
+            (Effect::Allow, _) => request.decide(
+                Status::Approved,
+                vec![by_policy.clone()],
+                verdict.reason.clone(),
+                at,
+            ),
+            (Effect::Deny, _) => {
+                let reason = verdict
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| match &verdict.rule {
+                        Some(rule) => format!("denied by policy rule {rule:?}"),
+                        None => "denied by the policy default".to_string(),
+                    });
+                request.decide(Status::Denied, vec![by_policy.clone()], Some(reason), at);
+            }
+            (Effect::RequireApproval, Some(grant)) => {
+                decided_by = Principal::grant(&grant.id);
+                audit.push(event(
+                    &request,
+                    at,
+                    AuditKind::GrantUsed,
+                    decided_by.as_str(),
+                    json!({
+                        "grant_id": grant.id,
+                        "uses_left": grant.uses_left.saturating_sub(1),
+                    }),
+                ));
+                request.decide(
+                    Status::Approved,
+                    vec![decided_by.clone()],
+                    Some(format!("approved by standing grant {}", grant.id)),
+                    at,
+                );
+            }
+            (Effect::RequireApproval, None) => {
+                let ttl = verdict.ttl.unwrap_or(Duration::from_secs(3600));
+                request.expires_at = Some(after(at, ttl).context("ttl out of range")?);
+                if let Some(tier) = verdict.tier.as_deref().and_then(|tier| policy.tier(tier)) {
+                    request.remind_at = tier.remind_after.and_then(|delay| after(at, delay));
+                    request.escalate_at = tier.escalate_after.and_then(|delay| after(at, delay));
+                }
+            }
+        }
+        let mut outbox = self.card_updates(&request, at);
+        if request.status.is_final() {
+            self.announce_final(&request, decided_by.as_str(), &mut audit, &mut outbox);
+        }
+        Ok((request, audit, outbox))
+    }
+}
+
+/// What the judge leaves for after the commit: its verdict (for metrics) and the card
+/// destinations to wake the worker for.
+type JudgedOutcome = (Verdict, Vec<String>);
+
+/// Counts the submission in the request metrics and its shadow matches, once each.
+fn record_intake_metrics(request: &ApprovalRequest, verdict: &Verdict) {
+    metrics::counter!(
+        telemetry::REQUESTS,
+        "effect" => verdict.effect.as_str(),
+        "tier" => telemetry::label(verdict.tier.as_deref()),
+        "rule" => telemetry::label(verdict.rule.as_deref()),
+    )
+    .increment(1);
+    for shadow in &verdict.shadow {
+        metrics::counter!(
+            telemetry::SHADOW_MATCHES,
+            "rule" => shadow.rule.clone(),
+            "effect" => shadow.effect.clone(),
+        )
+        .increment(1);
+    }
+    if request.status.is_final() {
+        record_decision_metrics(request);
+    }
+    tracing::info!(request_id = %request.id, status = request.status.as_str(), "request submitted");
 }
 
 fn submission_hash(submission: &Submission) -> String {

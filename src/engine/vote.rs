@@ -4,12 +4,13 @@
 use serde_json::{json, Value};
 use tracing::instrument;
 
+use super::grants::{check_grant_ask, grant_from_approval};
 use super::{after, event, Engine, EngineError, EngineResult, Planned};
 use crate::domain::{
-    check_voter, plan_vote, ApprovalRequest, AuditKind, Principal, Reevaluation, VoteContext,
-    VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
+    check_voter, plan_vote, ApprovalRequest, AuditKind, GrantAsk, Principal, Reevaluation, Status,
+    VoteContext, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
 };
-use crate::policy::{Effect, EvaluationInput, Policy};
+use crate::policy::{Effect, EvaluationInput, Facts, Policy};
 
 impl Engine {
     /// What the engine needs to judge `voter` (already identified through the policy's
@@ -109,12 +110,16 @@ impl Engine {
         voter: &Voter,
     ) -> Reevaluation {
         let context = serde_json::to_value(&request.context).unwrap_or(Value::Null);
-        let verdict = policy.evaluate(EvaluationInput {
-            action: &request.action,
-            args,
-            agent: &request.agent,
-            context: &context,
-        });
+        // Counters read 0 here: a modification is judged on its args, not on history.
+        let verdict = policy.evaluate_with(
+            EvaluationInput {
+                action: &request.action,
+                args,
+                agent: &request.agent,
+                context: &context,
+            },
+            Facts::at(self.now()),
+        );
         // The new args are judged by the policy in force: the tier's quorum as it is now,
         // if a reload raised it.
         let same_tier = Reevaluation::SameTier {
@@ -162,6 +167,27 @@ impl Engine {
         vote: VoteRequest,
         seen_revision: Option<u32>,
     ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
+        self.record_vote_asking_grant(id, voter, vote, seen_revision, None)
+            .await
+    }
+
+    /// `record_vote`, where an approve vote may also ask for a standing grant. A grant
+    /// the tier does not allow refuses the vote (nothing is cast); the grant is created
+    /// with the approval only if every counted approval asked for one.
+    #[instrument(skip_all, fields(request_id = %id, principal = %voter.principal))]
+    pub async fn record_vote_asking_grant(
+        &self,
+        id: &str,
+        voter: &Voter,
+        vote: VoteRequest,
+        seen_revision: Option<u32>,
+        grant: Option<GrantAsk>,
+    ) -> EngineResult<(ApprovalRequest, VoteEffect)> {
+        if grant.is_some() && !matches!(vote, VoteRequest::Approve { .. }) {
+            return Err(EngineError::Invalid(
+                "only an approve vote can ask for a grant".into(),
+            ));
+        }
         let principal = &voter.principal;
         let policy = self.policy();
         let voter = policy.identify(voter);
@@ -183,11 +209,18 @@ impl Engine {
                 _ => None,
             };
             context.modification = reevaluation.as_ref();
+            if let Some(ask) = &grant {
+                check_voter(current, VoteKind::Approve, &context)?;
+                check_grant_ask(&policy, current.tier.as_deref(), ask)?;
+            }
             let mut next = current.successor();
             let effect = match plan_vote(&mut next, vote.clone(), context) {
                 Ok(effect) => effect,
                 Err(refusal) => return Err(refusal.into()),
             };
+            if let (Some(ask), Some(cast)) = (&grant, next.votes.last_mut()) {
+                cast.grant = Some(ask.clone());
+            }
             if next.tier != current.tier {
                 schedule_follow_ups(&policy, &mut next);
             }
@@ -216,7 +249,7 @@ impl Engine {
                     AuditKind::Vote,
                     json!({
                         "vote": "approve", "note": note, "revision": next.revision,
-                        "channel": voter.channel,
+                        "channel": voter.channel, "grant": grant,
                     }),
                 ),
                 VoteRequest::Deny { reason } => (
@@ -230,6 +263,18 @@ impl Engine {
             let mut audit = vec![event(&next, at, kind, principal.as_str(), payload)];
             let mut outbox = self.card_updates(&next, at);
             if let VoteEffect::Decided(_) = effect {
+                if next.status == Status::Approved {
+                    if let Some(created) = grant_from_approval(&policy, &next, at) {
+                        // The store inserts the grant this event carries, in this commit.
+                        audit.push(event(
+                            &next,
+                            at,
+                            AuditKind::GrantCreated,
+                            principal.as_str(),
+                            serde_json::to_value(&created).unwrap_or(Value::Null),
+                        ));
+                    }
+                }
                 self.announce_final(&next, principal.as_str(), &mut audit, &mut outbox);
             }
             Ok(Planned::Commit {

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, AppState, AuthenticatedAgent, ErrorBody, JsonBody, SubmittingAgent};
-use crate::domain::{ApprovalRequest, ExecutionOutcome, RequestContext, Status};
+use crate::domain::{ApprovalRequest, ExecutionOutcome, Grant, RequestContext, Status};
 use crate::engine::{Submission, Submitted};
 use crate::policy::Explanation;
 use crate::store::RequestFilter;
@@ -339,4 +339,25 @@ pub async fn check_policy(
             .engine
             .check_agent_input(&agent.name, &body.action, &body.args, &body.context)?;
     Ok(Json(verdict.explain(state.engine.policy().hash())).into_response())
+}
+
+/// The agent's own standing grants, newest first: spent, expired and revoked too.
+#[utoipa::path(
+    get,
+    path = "/v1/grants",
+    tag = "grants",
+    operation_id = "list_grants",
+    summary = "List the agent's standing grants",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The grants", body = Vec<Grant>),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ),
+)]
+pub async fn list_grants(
+    State(state): State<AppState>,
+    AuthenticatedAgent(agent): AuthenticatedAgent,
+) -> Result<Response, ApiError> {
+    let grants = state.engine.list_grants(Some(&agent.name)).await?;
+    Ok(Json(grants).into_response())
 }

@@ -76,6 +76,7 @@ pub fn router(state: AppState, channel_routes: Router) -> Router {
             post(agent_api::record_execution),
         )
         .route("/v1/check", post(agent_api::check_policy))
+        .route("/v1/grants", get(agent_api::list_grants))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

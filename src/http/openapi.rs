@@ -24,6 +24,7 @@ use super::{admin, agent_api, health};
         agent_api::cancel_request,
         agent_api::record_execution,
         agent_api::check_policy,
+        agent_api::list_grants,
         health::healthz,
         health::readyz,
         health::metrics,
@@ -33,6 +34,7 @@ use super::{admin, agent_api, health};
     tags(
         (name = "requests", description = "Approval requests"),
         (name = "policy", description = "Policy evaluation"),
+        (name = "grants", description = "Standing grants"),
         (name = "health", description = "Liveness and readiness"),
         (name = "admin", description = "Operator endpoints (admin_token)"),
     ),

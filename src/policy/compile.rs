@@ -11,7 +11,7 @@ use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use super::condition::Condition;
-use super::{Approvers, Effect, People, Policy, Rule, Tier};
+use super::{Approvers, CounterSpec, Effect, GrantLimits, People, Policy, Rule, Tier};
 use crate::domain::Principal;
 
 /// One problem in a policy file.
@@ -82,6 +82,15 @@ struct RawTier {
     escalate_after: Option<DurationText>,
     #[serde(default)]
     escalate_to: Vec<String>,
+    #[serde(default)]
+    grants: Option<RawGrantLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrantLimits {
+    max_ttl: DurationText,
+    max_uses: u32,
 }
 
 #[derive(Deserialize)]
@@ -99,10 +108,14 @@ struct RawRule {
     tier: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    sample: Option<f64>,
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 /// `30m`, `1h 30m`, or a bare number of seconds.
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(untagged)]
 enum DurationText {
     Text(String),
@@ -243,6 +256,7 @@ impl Checker {
         }
 
         let mut rules = Vec::new();
+        let mut counters: Vec<CounterSpec> = Vec::new();
         let mut patterns = GlobSetBuilder::new();
         let mut pattern_rule = Vec::new();
         let mut names = HashSet::new();
@@ -277,13 +291,44 @@ impl Checker {
             let effect = self
                 .effect(&raw_rule.effect, line, Some(name))
                 .unwrap_or(Effect::Deny);
-            let tier = match &raw_rule.tier {
-                None => None,
-                Some(_) if effect != Effect::RequireApproval => {
+            let sampled_allow = effect == Effect::Allow && raw_rule.sample.is_some();
+            if let Some(rate) = raw_rule.sample {
+                if effect != Effect::Allow {
+                    self.issue(line, Some(name), "`sample` only applies to allow rules");
+                } else if !(0.0..=1.0).contains(&rate) {
                     self.issue(
                         line,
                         Some(name),
-                        "`tier` only applies to require_approval rules",
+                        format!("`sample` {rate} must be between 0 and 1"),
+                    );
+                }
+                if effect == Effect::Allow && raw_rule.tier.is_none() {
+                    self.issue(
+                        line,
+                        Some(name),
+                        "a sampled allow rule needs a `tier` to send its samples to",
+                    );
+                }
+            }
+            let shadow = match raw_rule.mode.as_deref() {
+                None | Some("enforce") => false,
+                Some("shadow") => true,
+                Some(other) => {
+                    self.issue(
+                        line,
+                        Some(name),
+                        format!("unknown mode {other:?}; expected shadow or enforce"),
+                    );
+                    false
+                }
+            };
+            let tier = match &raw_rule.tier {
+                None => None,
+                Some(_) if effect != Effect::RequireApproval && !sampled_allow => {
+                    self.issue(
+                        line,
+                        Some(name),
+                        "`tier` only applies to require_approval rules and sampled allow rules",
                     );
                     None
                 }
@@ -315,6 +360,17 @@ impl Checker {
                     self.issue(line, Some(name), "empty agent name in `agents`");
                 }
             }
+            let mut rule_counters = Vec::new();
+            for spec in condition.iter().flat_map(|condition| condition.counters()) {
+                let index = counters
+                    .iter()
+                    .position(|known| known == spec)
+                    .unwrap_or_else(|| {
+                        counters.push(spec.clone());
+                        counters.len() - 1
+                    });
+                rule_counters.push(index);
+            }
             rules.push(Rule {
                 name: name.to_string(),
                 line,
@@ -323,6 +379,9 @@ impl Checker {
                 effect,
                 tier,
                 reason: raw_rule.reason.clone(),
+                sample: raw_rule.sample.filter(|_| sampled_allow),
+                shadow,
+                counters: rule_counters,
             });
         }
 
@@ -330,8 +389,11 @@ impl Checker {
             self.issue(1, None, format!("globs do not compile together: {error}"));
             globset::GlobSet::empty()
         });
+        let any_grants = tiers.iter().any(|tier| tier.grants.is_some());
         Policy {
             hash: format!("sha256:{}", hex::encode(Sha256::digest(source.as_bytes()))),
+            counters,
+            any_grants,
             default_effect,
             default_tier,
             people,
@@ -516,6 +578,10 @@ impl Checker {
         let ttl = duration("ttl", &raw.ttl).unwrap_or(DEFAULT_TTL);
         let remind_after = duration("remind_after", &raw.remind_after);
         let escalate_after = duration("escalate_after", &raw.escalate_after);
+        let grant_ttl = raw
+            .grants
+            .as_ref()
+            .and_then(|limits| duration("grants.max_ttl", &Some(limits.max_ttl.clone())));
         if escalate_after.is_some() && raw.escalate_to.is_empty() {
             self.issue(
                 line,
@@ -523,6 +589,21 @@ impl Checker {
                 format!("{context}: escalate_after needs escalate_to"),
             );
         }
+        let grants = match (&raw.grants, grant_ttl) {
+            (Some(limits), _) if limits.max_uses == 0 => {
+                self.issue(
+                    line,
+                    None,
+                    format!("{context}: grants.max_uses must be at least 1"),
+                );
+                None
+            }
+            (Some(limits), Some(max_ttl)) => Some(GrantLimits {
+                max_ttl,
+                max_uses: limits.max_uses,
+            }),
+            _ => None,
+        };
         Tier {
             name: name.to_string(),
             route: raw.route.clone(),
@@ -532,6 +613,7 @@ impl Checker {
             remind_after,
             escalate_after,
             escalate_to: raw.escalate_to.clone(),
+            grants,
         }
     }
 }

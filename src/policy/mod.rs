@@ -11,10 +11,13 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::domain::{ApprovalRequest, Principal, Voter};
+use chrono::{DateTime, Utc};
+
+use crate::domain::{ApprovalRequest, Principal, ShadowMatch, Voter};
 
 pub use compile::{PolicyError, PolicyIssue};
 use condition::Condition;
+pub use condition::CounterSpec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -44,6 +47,10 @@ pub struct Policy {
     people: People,
     tiers: Vec<Tier>,
     rules: Vec<Rule>,
+    /// Every counter any rule's `when` reads, once each; rules name them by index.
+    counters: Vec<CounterSpec>,
+    /// Does any tier allow grants? If not, intake never looks for one.
+    any_grants: bool,
     /// Every rule's globs in one set; `pattern_rule[i]` is the rule of pattern `i`.
     patterns: GlobSet,
     pattern_rule: Vec<usize>,
@@ -59,6 +66,15 @@ pub struct Tier {
     pub remind_after: Option<Duration>,
     pub escalate_after: Option<Duration>,
     pub escalate_to: Vec<String>,
+    /// Caps on grants given in this tier; `None`: approvers may not grant.
+    pub grants: Option<GrantLimits>,
+}
+
+/// A tier's `grants: {max_ttl, max_uses}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantLimits {
+    pub max_ttl: Duration,
+    pub max_uses: u32,
 }
 
 /// The `people` map: one person, several principals (a Slack id, a Teams id, an email, a
@@ -128,6 +144,33 @@ struct Rule {
     effect: Effect,
     tier: Option<usize>,
     reason: Option<String>,
+    /// `sample: F` of an allow rule: that fraction of its matches go to review at `tier`.
+    sample: Option<f64>,
+    /// `mode: shadow`: recorded when it matches, never enforced.
+    shadow: bool,
+    /// Indexes into `Policy::counters` of the counters its `when` reads.
+    counters: Vec<usize>,
+}
+
+/// What intake knows beside the request: the clock, the counters' values (in the order of
+/// `Policy::counters_for`) and a uniform draw in [0, 1) for sampling. `/v1/check` and
+/// `explain` have no history and make no draw: counters read 0 and no rule is sampled.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    pub now: DateTime<Utc>,
+    pub counters: &'a [(CounterSpec, f64)],
+    pub sample_draw: Option<f64>,
+}
+
+impl Facts<'_> {
+    /// No history and no draw, at `now`.
+    pub fn at(now: DateTime<Utc>) -> Facts<'static> {
+        Facts {
+            now,
+            counters: &[],
+            sample_draw: None,
+        }
+    }
 }
 
 /// What an action is evaluated on.
@@ -159,6 +202,10 @@ pub struct Verdict {
     pub ttl: Option<Duration>,
     /// Every rule that matched, in file order.
     pub matches: Vec<RuleMatch>,
+    /// True when a sampled allow rule sent the request to review (never from check/explain).
+    pub sampled: bool,
+    /// Shadow rules that matched: what they would have done, never enforced.
+    pub shadow: Vec<ShadowMatch>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
@@ -173,6 +220,9 @@ pub struct RuleMatch {
     /// Why the condition could not be evaluated, when it failed closed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub condition_error: Option<String>,
+    /// An allow rule's sample rate: the fraction of its matches sent to review.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
@@ -228,6 +278,70 @@ impl Policy {
 
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    /// Does `source` (a grant's `when`) compile and hold for `input` at `at`? Anything
+    /// else, an evaluation error included, is false: a grant never widens by accident.
+    pub fn condition_holds(
+        &self,
+        source: &str,
+        input: EvaluationInput<'_>,
+        at: DateTime<Utc>,
+    ) -> bool {
+        let Ok(condition) = Condition::compile(source) else {
+            return false;
+        };
+        let facts = Facts::at(at);
+        let variables = condition::Variables::new(&input, &facts, &[], false);
+        condition.evaluate(&variables) == Ok(true)
+    }
+
+    /// Checks a grant's `when`: it must compile and use no counters.
+    pub fn check_grant_condition(source: &str) -> Result<(), String> {
+        let condition = Condition::compile(source)?;
+        if condition.counters().is_empty() {
+            Ok(())
+        } else {
+            Err("a grant's `when` cannot use recent_count or recent_sum".into())
+        }
+    }
+
+    /// Does any tier allow grants?
+    pub fn any_grants(&self) -> bool {
+        self.any_grants
+    }
+
+    /// The counters the rules that could match `agent`'s `action` read (whatever their
+    /// `when` says): intake computes exactly these. Empty for most actions.
+    pub fn counters_for(&self, agent: &str, action: &str) -> Vec<CounterSpec> {
+        if self.counters.is_empty() {
+            return Vec::new();
+        }
+        let mut indexes: Vec<usize> = self
+            .candidate_rules(action)
+            .into_iter()
+            .map(|index| &self.rules[index])
+            .filter(|rule| rule.agents.is_empty() || rule.agents.iter().any(|name| name == agent))
+            .flat_map(|rule| rule.counters.iter().copied())
+            .collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        indexes
+            .into_iter()
+            .map(|index| self.counters[index].clone())
+            .collect()
+    }
+
+    fn candidate_rules(&self, action: &str) -> Vec<usize> {
+        let mut candidates = Vec::new();
+        self.patterns.matches_into(action, &mut candidates);
+        let mut rule_indexes: Vec<usize> = candidates
+            .iter()
+            .map(|&pattern| self.pattern_rule[pattern])
+            .collect();
+        rule_indexes.sort_unstable();
+        rule_indexes.dedup();
+        rule_indexes
     }
 
     pub fn people(&self) -> &People {
@@ -302,19 +416,20 @@ impl Policy {
 
     /// Deny beats require_approval beats allow; the highest tier wins among approvals;
     /// nothing matching means the default.
+    /// `evaluate_with` at `now` with no history and no sampling draw.
     pub fn evaluate(&self, input: EvaluationInput<'_>) -> Verdict {
-        let mut candidates = Vec::new();
-        self.patterns.matches_into(input.action, &mut candidates);
-        let mut rule_indexes: Vec<usize> = candidates
-            .iter()
-            .map(|&pattern| self.pattern_rule[pattern])
-            .collect();
-        rule_indexes.sort_unstable();
-        rule_indexes.dedup();
+        self.evaluate_with(input, Facts::at(crate::domain::now()))
+    }
 
+    /// Evaluates with the clock, counters and sampling draw intake supplies. A sampled
+    /// allow rule counts as require_approval at its tier; shadow rules are listed apart and
+    /// never decide.
+    pub fn evaluate_with(&self, input: EvaluationInput<'_>, facts: Facts<'_>) -> Verdict {
+        let rule_indexes = self.candidate_rules(input.action);
         let mut variables = None;
         let mut matches = Vec::new();
-        let mut deciding: Option<&Rule> = None;
+        let mut shadow = Vec::new();
+        let mut deciding: Option<(&Rule, Effect, Option<usize>)> = None;
         for index in rule_indexes {
             let rule = &self.rules[index];
             if !rule.agents.is_empty() && !rule.agents.iter().any(|agent| agent == input.agent) {
@@ -323,8 +438,14 @@ impl Policy {
             let (condition, condition_error) = match &rule.condition {
                 None => (ConditionResult::None, None),
                 Some(condition) => {
-                    let variables =
-                        variables.get_or_insert_with(|| condition::Variables::new(&input));
+                    let variables = variables.get_or_insert_with(|| {
+                        condition::Variables::new(
+                            &input,
+                            &facts,
+                            facts.counters,
+                            !self.counters.is_empty(),
+                        )
+                    });
                     match condition.evaluate(variables) {
                         Ok(true) => (ConditionResult::True, None),
                         Ok(false) => continue,
@@ -334,25 +455,57 @@ impl Policy {
                     }
                 }
             };
+            let tier_name = rule.tier.map(|tier| self.tiers[tier].name.clone());
+            if rule.shadow {
+                shadow.push(ShadowMatch {
+                    rule: rule.name.clone(),
+                    effect: rule.effect.as_str().to_string(),
+                    tier: (rule.effect == Effect::RequireApproval)
+                        .then(|| self.effective_tier(rule.effect, rule.tier))
+                        .flatten()
+                        .map(|tier| self.tiers[tier].name.clone()),
+                });
+                continue;
+            }
             matches.push(RuleMatch {
                 rule: rule.name.clone(),
                 line: rule.line,
                 effect: rule.effect,
-                tier: rule.tier.map(|tier| self.tiers[tier].name.clone()),
+                tier: tier_name,
                 condition,
                 condition_error,
+                sample: rule.sample,
             });
-            if deciding.is_none_or(|current| self.outranks(rule, current)) {
-                deciding = Some(rule);
+            // A sampled match is a require_approval at the rule's tier.
+            let sampled = rule.effect == Effect::Allow
+                && rule
+                    .sample
+                    .zip(facts.sample_draw)
+                    .is_some_and(|(rate, draw)| draw < rate);
+            let (effect, tier) = if sampled {
+                (Effect::RequireApproval, rule.tier)
+            } else {
+                (rule.effect, self.effective_tier(rule.effect, rule.tier))
+            };
+            if deciding.is_none_or(|(_, current_effect, current_tier)| {
+                (effect, tier) > (current_effect, current_tier)
+                    && (effect != current_effect || effect == Effect::RequireApproval)
+            }) {
+                deciding = Some((rule, effect, tier));
             }
         }
 
+        let sampled = deciding.is_some_and(|(rule, effect, _)| rule.effect != effect);
         let (effect, tier, rule, reason) = match deciding {
-            Some(rule) => (
-                rule.effect,
-                self.effective_tier(rule.effect, rule.tier),
+            Some((rule, effect, tier)) => (
+                effect,
+                tier,
                 Some(rule.name.clone()),
-                rule.reason.clone(),
+                if sampled {
+                    Some(format!("sampled for review by rule {:?}", rule.name))
+                } else {
+                    rule.reason.clone()
+                },
             ),
             None => (
                 self.default_effect,
@@ -370,6 +523,8 @@ impl Policy {
             approvals_required: tier.map_or(0, |tier| tier.approvals),
             ttl: tier.map(|tier| tier.ttl),
             matches,
+            sampled,
+            shadow,
         }
     }
 
@@ -377,16 +532,6 @@ impl Policy {
         (effect == Effect::RequireApproval)
             .then(|| tier.or(self.default_tier))
             .flatten()
-    }
-
-    /// Does `candidate` decide over `current`? Earlier rules win ties.
-    fn outranks(&self, candidate: &Rule, current: &Rule) -> bool {
-        if candidate.effect != current.effect {
-            return candidate.effect > current.effect;
-        }
-        candidate.effect == Effect::RequireApproval
-            && self.effective_tier(candidate.effect, candidate.tier)
-                > self.effective_tier(current.effect, current.tier)
     }
 }
 

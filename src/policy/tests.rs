@@ -516,3 +516,297 @@ fn every_error_is_reported_at_once() {
     assert!(printed.contains("line 3: rule \"r1\""), "{printed}");
     assert!(printed.contains("line 6: rule \"r2\""), "{printed}");
 }
+
+const INTAKE_POLICY: &str = r#"version: 1
+default: allow
+tiers:
+  low:
+    approvers: ["cli:alice"]
+  medium:
+    approvers: ["cli:alice"]
+    grants: {max_ttl: 8h, max_uses: 20}
+  high:
+    approvers: ["cli:alice"]
+rules:
+  - name: first-three-free
+    match: ["email.send"]
+    when: "recent_count('1h') >= 3"
+    effect: require_approval
+    tier: medium
+  - name: daily-budget
+    match: ["payments.*"]
+    when: "recent_sum('amount', '24h') + args.amount > 1000"
+    effect: require_approval
+    tier: high
+  - name: office-hours
+    match: ["content.publish"]
+    when: "!(now.getHours('Europe/Berlin') >= 9 && now.getHours('Europe/Berlin') < 17)"
+    effect: require_approval
+    tier: low
+  - name: weekend
+    match: ["deploy.*"]
+    when: "now.getDayOfWeek('America/New_York') == 0"
+    effect: deny
+  - name: spot-check
+    match: ["tickets.update"]
+    effect: allow
+    sample: 0.25
+    tier: low
+  - name: trial-deny
+    match: ["users.delete", "tickets.update"]
+    effect: deny
+    mode: shadow
+  - name: trial-review
+    match: ["users.delete"]
+    effect: require_approval
+    tier: high
+    mode: shadow
+"#;
+
+fn intake_policy() -> Policy {
+    Policy::parse(INTAKE_POLICY).unwrap_or_else(|error| panic!("intake policy invalid:\n{error}"))
+}
+
+fn at(text: &str) -> chrono::DateTime<chrono::Utc> {
+    text.parse().unwrap()
+}
+
+/// Evaluates with every counter `counters_for` names set to `value`.
+fn evaluate_with(
+    policy: &Policy,
+    action: &str,
+    args: Value,
+    now: &str,
+    counter_value: f64,
+    sample_draw: Option<f64>,
+) -> Verdict {
+    let counters: Vec<(CounterSpec, f64)> = policy
+        .counters_for("bot", action)
+        .into_iter()
+        .map(|spec| (spec, counter_value))
+        .collect();
+    policy.evaluate_with(
+        EvaluationInput {
+            action,
+            args: &args,
+            agent: "bot",
+            context: &json!({}),
+        },
+        Facts {
+            now: at(now),
+            counters: &counters,
+            sample_draw,
+        },
+    )
+}
+
+#[test]
+fn counters_are_compiled_per_rule_and_read_as_given() {
+    let policy = intake_policy();
+    let hour = std::time::Duration::from_secs(3600);
+    assert_eq!(
+        policy.counters_for("bot", "email.send"),
+        vec![CounterSpec {
+            field: None,
+            window: hour
+        }]
+    );
+    assert_eq!(
+        policy.counters_for("bot", "payments.refund"),
+        vec![CounterSpec {
+            field: Some("amount".into()),
+            window: 24 * hour
+        }]
+    );
+    assert!(policy.counters_for("bot", "users.get").is_empty());
+    let noon = "2026-12-07T12:00:00Z";
+    // (action, args, counter value, effect, tier)
+    let table: Vec<(&str, Value, f64, Effect, Option<&str>)> = vec![
+        ("email.send", json!({}), 0.0, Effect::Allow, None),
+        ("email.send", json!({}), 2.0, Effect::Allow, None),
+        (
+            "email.send",
+            json!({}),
+            3.0,
+            Effect::RequireApproval,
+            Some("medium"),
+        ),
+        (
+            "payments.refund",
+            json!({"amount": 100}),
+            900.0,
+            Effect::Allow,
+            None,
+        ),
+        (
+            "payments.refund",
+            json!({"amount": 101}),
+            900.0,
+            Effect::RequireApproval,
+            Some("high"),
+        ),
+        (
+            "payments.refund",
+            json!({"amount": 1}),
+            999.5,
+            Effect::RequireApproval,
+            Some("high"),
+        ),
+    ];
+    for (action, args, value, effect, tier) in table {
+        let verdict = evaluate_with(&policy, action, args.clone(), noon, value, None);
+        assert_eq!(verdict.effect, effect, "{action} {args} at {value}");
+        assert_eq!(verdict.tier.as_deref(), tier, "{action} {args} at {value}");
+    }
+    // Without the counters supplied (no history), the condition fails: closed for
+    // require_approval.
+    let unsupplied = policy.evaluate_with(
+        EvaluationInput {
+            action: "email.send",
+            args: &json!({}),
+            agent: "bot",
+            context: &json!({}),
+        },
+        Facts::at(at(noon)),
+    );
+    assert_eq!(unsupplied.effect, Effect::RequireApproval);
+    let error = unsupplied.matches[0]
+        .condition_error
+        .as_deref()
+        .unwrap_or_default();
+    assert!(error.contains("needs request history"), "{error}");
+}
+
+#[test]
+fn now_reads_the_clock_in_a_time_zone() {
+    let policy = intake_policy();
+    // (action, now in UTC, effect): Berlin is UTC+1 in December; New York UTC-5.
+    let table: Vec<(&str, &str, Effect)> = vec![
+        (
+            "content.publish",
+            "2026-12-07T07:59:00Z",
+            Effect::RequireApproval,
+        ),
+        ("content.publish", "2026-12-07T08:00:00Z", Effect::Allow),
+        ("content.publish", "2026-12-07T15:59:00Z", Effect::Allow),
+        (
+            "content.publish",
+            "2026-12-07T16:00:00Z",
+            Effect::RequireApproval,
+        ),
+        // Sunday 03:00 UTC is still Saturday in New York.
+        ("deploy.web", "2026-12-06T03:00:00Z", Effect::Allow),
+        ("deploy.web", "2026-12-06T06:00:00Z", Effect::Deny),
+    ];
+    for (action, now, effect) in table {
+        let verdict = evaluate_with(&policy, action, json!({}), now, 0.0, None);
+        assert_eq!(verdict.effect, effect, "{action} at {now}");
+    }
+}
+
+#[test]
+fn sampling_sends_a_fraction_to_review_and_check_reports_the_rate() {
+    let policy = intake_policy();
+    let noon = "2026-12-07T12:00:00Z";
+    // (draw, effect, sampled)
+    let table: Vec<(Option<f64>, Effect, bool)> = vec![
+        (None, Effect::Allow, false),
+        (Some(0.0), Effect::RequireApproval, true),
+        (Some(0.2499), Effect::RequireApproval, true),
+        (Some(0.25), Effect::Allow, false),
+        (Some(0.99), Effect::Allow, false),
+    ];
+    for (draw, effect, sampled) in table {
+        let verdict = evaluate_with(&policy, "tickets.update", json!({}), noon, 0.0, draw);
+        assert_eq!(verdict.effect, effect, "draw {draw:?}");
+        assert_eq!(verdict.sampled, sampled, "draw {draw:?}");
+        assert_eq!(verdict.matches[0].sample, Some(0.25));
+        if sampled {
+            assert_eq!(verdict.tier.as_deref(), Some("low"));
+            assert_eq!(verdict.rule.as_deref(), Some("spot-check"));
+        }
+    }
+}
+
+#[test]
+fn shadow_rules_are_listed_and_never_decide() {
+    let policy = intake_policy();
+    let noon = "2026-12-07T12:00:00Z";
+    let verdict = evaluate_with(&policy, "users.delete", json!({}), noon, 0.0, None);
+    assert_eq!(
+        verdict.effect,
+        Effect::Allow,
+        "the default, not the shadow deny"
+    );
+    assert_eq!(verdict.rule, None);
+    assert!(verdict.matches.is_empty());
+    assert_eq!(
+        verdict.shadow,
+        vec![
+            ShadowMatch {
+                rule: "trial-deny".into(),
+                effect: "deny".into(),
+                tier: None
+            },
+            ShadowMatch {
+                rule: "trial-review".into(),
+                effect: "require_approval".into(),
+                tier: Some("high".into()),
+            },
+        ]
+    );
+    let plain = evaluate_with(&policy, "users.get", json!({}), noon, 0.0, None);
+    assert!(plain.shadow.is_empty());
+    let explained = serde_json::to_value(verdict.explain("sha256:x")).unwrap();
+    assert_eq!(explained["shadow"][0]["rule"], "trial-deny");
+    assert_eq!(explained["shadow"][0]["tier"], Value::Null);
+}
+
+#[test]
+fn intake_feature_validation_errors() {
+    let tiers = "version: 1\ntiers:\n  t:\n    approvers: [\"cli:a\"]\nrules:\n";
+    // (name, rules, rule, line, message)
+    let table: Vec<(&str, &str, Option<&str>, u64, &str)> = vec![
+        ("sample on a deny rule", "  - name: r\n    match: a\n    effect: deny\n    sample: 0.5\n", Some("r"), 6, "`sample` only applies to allow rules"),
+        ("sample without a tier", "  - name: r\n    match: a\n    effect: allow\n    sample: 0.5\n", Some("r"), 6, "needs a `tier`"),
+        ("sample out of range", "  - name: r\n    match: a\n    effect: allow\n    sample: 1.5\n    tier: t\n", Some("r"), 6, "between 0 and 1"),
+        ("unknown mode", "  - name: r\n    match: a\n    effect: deny\n    mode: trial\n", Some("r"), 6, "unknown mode"),
+        ("counter window not literal", "  - name: r\n    match: a\n    when: \"recent_count(args.w) > 1\"\n    effect: deny\n", Some("r"), 6, "string literal"),
+        ("counter window not a duration", "  - name: r\n    match: a\n    when: \"recent_count('soon') > 1\"\n    effect: deny\n", Some("r"), 6, "not a duration"),
+        ("sum field not a key", "  - name: r\n    match: a\n    when: \"recent_sum('a.b', '1h') > 1\"\n    effect: deny\n", Some("r"), 6, "top-level args key"),
+        ("unknown variable", "  - name: r\n    match: a\n    when: \"later > 1\"\n    effect: deny\n", Some("r"), 6, "unknown variable"),
+    ];
+    for (name, rules, rule, line, message) in table {
+        let source = format!("{tiers}{rules}");
+        let error = Policy::parse(&source).expect_err(name);
+        let issue = error
+            .issues
+            .iter()
+            .find(|issue| issue.message.contains(message))
+            .unwrap_or_else(|| panic!("{name}: no issue mentions {message:?}: {error}"));
+        assert_eq!(issue.rule.as_deref(), rule, "{name}: {error}");
+        assert_eq!(issue.line, Some(line), "{name}: {error}");
+    }
+    let grants = Policy::parse(
+        "version: 1\ntiers:\n  t:\n    approvers: [\"cli:a\"]\n    grants: {max_ttl: forever, max_uses: 0}\n",
+    )
+    .unwrap_err();
+    let printed = grants.to_string();
+    assert!(
+        printed.contains("line 4: tier \"t\": grants.max_ttl"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("grants.max_uses must be at least 1"),
+        "{printed}"
+    );
+    let policy = intake_policy();
+    assert_eq!(
+        policy.tier("medium").and_then(|tier| tier.grants),
+        Some(GrantLimits {
+            max_ttl: std::time::Duration::from_secs(8 * 3600),
+            max_uses: 20
+        })
+    );
+    assert!(policy.any_grants());
+}

@@ -23,12 +23,12 @@ use sqlx::{
 use super::group_commit::{GroupCommit, QueuedRequest};
 use super::requests::{StoredRequest, StoredRequestRef};
 use super::{
-    AgentRecord, CandidateQuery, ConversationEndpoint, Due, IdempotencyKey, NewRequest,
-    Notifications, OutboxBacklog, OutboxCandidate, OutboxMessage, OutboxOutcome, RequestChange,
-    RequestFilter, Reservation, Store, StoreError, StoreResult,
+    AgentRecord, CandidateQuery, ConversationEndpoint, Due, IdempotencyKey, IntakeLookup, Judge,
+    NewRequest, Notifications, OutboxBacklog, OutboxCandidate, OutboxMessage, OutboxOutcome,
+    RequestChange, RequestFilter, Reservation, Store, StoreError, StoreResult,
 };
 use crate::audit::{AuditEvent, NewAuditEvent};
-use crate::domain::{ApprovalRequest, Principal};
+use crate::domain::{ApprovalRequest, Grant, Principal};
 
 /// What a backend does its own way: how writes serialise and commit, the audit lock,
 /// decision announcements, and the statements whose SQL differs (sets from a JSON array,
@@ -79,6 +79,16 @@ pub trait Backend:
     fn serialize_audit_appends(
         connection: &mut Self::Connection,
     ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// `SELECT` of the sum of numeric `args->>$4` over this agent's (`$1`) requests for
+    /// action `$2` created after `$3` that are pending or approved, as a double.
+    const RECENT_SUM: &'static str;
+    /// Called first in a judged intake's transaction: holds whatever serialises intakes of
+    /// the same agent and action across processes until the commit.
+    fn serialize_intake(
+        connection: &mut Self::Connection,
+        agent: &str,
+        action: &str,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Announces a decision to other processes when the transaction commits.
     fn notify_finalized(
         connection: &mut Self::Connection,
@@ -117,6 +127,9 @@ pub struct SqlStore<DB: Backend> {
     pub(super) writer: DB::Writer,
     /// New requests are committed in groups; `None` inside the group-commit task itself.
     pub(super) group_commit: Option<GroupCommit>,
+    /// Judged intakes (counters, grants) are committed in groups too; `None` inside the
+    /// writer task itself.
+    pub(super) judged_commit: Option<super::grants::JudgedCommit>,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {
@@ -125,6 +138,7 @@ impl<DB: Backend> Clone for SqlStore<DB> {
             pool: self.pool.clone(),
             writer: self.writer.clone(),
             group_commit: self.group_commit.clone(),
+            judged_commit: self.judged_commit.clone(),
         }
     }
 }
@@ -167,6 +181,9 @@ where
     Json<Value>: Column<DB>,
     Json<Vec<Principal>>: Column<DB>,
     Json<StoredRequest>: Column<DB>,
+    Json<Grant>: Column<DB>,
+    f64: Column<DB>,
+    for<'q> Json<&'q Grant>: Param<'q, DB>,
     for<'q> &'q str: Param<'q, DB>,
     for<'q> Option<&'q str>: Param<'q, DB>,
     for<'q> Json<&'q Value>: Param<'q, DB>,
@@ -226,6 +243,31 @@ where
 
     async fn insert_request(&self, new: NewRequest<'_>) -> StoreResult<()> {
         self.insert_request(new).await
+    }
+
+    async fn insert_judged_request(
+        &self,
+        lookup: IntakeLookup,
+        judge: Judge,
+    ) -> StoreResult<ApprovalRequest> {
+        self.insert_judged_request(lookup, judge).await
+    }
+
+    async fn list_grants(&self, agent: Option<&str>) -> StoreResult<Vec<Grant>> {
+        self.list_grants(agent).await
+    }
+
+    async fn grant(&self, id: &str) -> StoreResult<Option<Grant>> {
+        self.grant(id).await
+    }
+
+    async fn revoke_grant(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        audit: NewAuditEvent,
+    ) -> StoreResult<bool> {
+        self.revoke_grant(id, at, audit).await
     }
 
     async fn request(&self, id: &str) -> StoreResult<Option<ApprovalRequest>> {

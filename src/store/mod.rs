@@ -5,6 +5,7 @@ mod agents;
 mod audit;
 mod backend;
 mod conversations;
+mod grants;
 mod group_commit;
 mod idempotency;
 mod outbox;
@@ -21,7 +22,7 @@ use serde_json::Value;
 
 use crate::audit::{AuditEvent, NewAuditEvent};
 use crate::config::Config;
-use crate::domain::{ApprovalRequest, OutboxKind, Principal, Status};
+use crate::domain::{ApprovalRequest, Grant, OutboxKind, Principal, Status};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -217,6 +218,41 @@ pub struct NewRequest<'a> {
     pub idempotency: Option<(&'a IdempotencyKey, Value)>,
 }
 
+/// What a judged intake reads under its (agent, action) serialisation before it decides:
+/// one counter per entry (`field: None` counts, `Some` sums `args.field`) over requests
+/// created after `since`, and, when `grants`, the active grants for this agent and action.
+#[derive(Clone, Debug)]
+pub struct IntakeLookup {
+    pub agent: String,
+    pub action: String,
+    pub now: DateTime<Utc>,
+    pub counters: Vec<(Option<String>, DateTime<Utc>)>,
+    pub grants: bool,
+}
+
+/// What the lookup found: counter values in `IntakeLookup::counters` order, active grants.
+#[derive(Clone, Debug, Default)]
+pub struct IntakeFacts {
+    pub counters: Vec<f64>,
+    pub grants: Vec<Grant>,
+}
+
+/// A request judged with `IntakeFacts`, ready to insert; `grant_used` is spent in the same
+/// transaction.
+#[derive(Debug)]
+pub struct JudgedRequest {
+    pub request: ApprovalRequest,
+    pub audit: Vec<NewAuditEvent>,
+    pub outbox: Vec<NewOutboxMessage>,
+    pub idempotency: Option<(IdempotencyKey, Value)>,
+    pub grant_used: Option<String>,
+}
+
+/// Decides a request from what its lookup found; pure, run inside the transaction (again,
+/// if a group's transaction fails and each is retried alone). An error (`Corrupt`: the
+/// request could not be built) refuses that request only.
+pub type Judge = Box<dyn Fn(IntakeFacts) -> StoreResult<JudgedRequest> + Send + Sync>;
+
 /// Time-driven work the sweeper looks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Due {
@@ -260,6 +296,23 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_agent(&self, name: &str, audit: NewAuditEvent) -> StoreResult<bool>;
 
     async fn insert_request(&self, new: NewRequest<'_>) -> StoreResult<()>;
+    /// Reads `lookup` and inserts what `judge` makes of it, in one transaction serialised
+    /// per (agent, action): counters and grant uses are exact under concurrency.
+    async fn insert_judged_request(
+        &self,
+        lookup: IntakeLookup,
+        judge: Judge,
+    ) -> StoreResult<ApprovalRequest>;
+    /// Every grant (spent, expired and revoked too), of one agent or all, newest first.
+    async fn list_grants(&self, agent: Option<&str>) -> StoreResult<Vec<Grant>>;
+    async fn grant(&self, id: &str) -> StoreResult<Option<Grant>>;
+    /// Marks the grant revoked at `at` with its audit event; false when already revoked.
+    async fn revoke_grant(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+        audit: NewAuditEvent,
+    ) -> StoreResult<bool>;
     async fn request(&self, id: &str) -> StoreResult<Option<ApprovalRequest>>;
     /// `Err(Conflict)` when the stored request is no longer at the expected state.
     async fn update_request(&self, change: RequestChange<'_>) -> StoreResult<()>;

@@ -5,6 +5,7 @@ use std::sync::LazyLock;
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPoolOptions, PgQueryResult};
@@ -43,8 +44,9 @@ impl PostgresStore {
             pool,
             writer: (),
             group_commit: None,
+            judged_commit: None,
         };
-        Ok(store.with_group_commit())
+        Ok(store.with_group_commit().with_judged_commit())
     }
 }
 
@@ -158,6 +160,32 @@ impl Backend for Postgres {
     }
 
     /// Delivered to listeners only if the transaction commits.
+    const RECENT_SUM: &'static str = "SELECT COALESCE(SUM(CASE \
+         WHEN jsonb_typeof(body->'args'->$4) = 'number' THEN (body->'args'->>$4)::float8 \
+         ELSE 0 END), 0)::float8 FROM requests \
+         WHERE agent = $1 AND action = $2 AND created_at > $3 AND status IN ('pending', 'approved')";
+
+    /// A transaction-scoped advisory lock on a hash of (agent, action): replicas' intakes
+    /// of the same agent and action take turns, others do not wait.
+    async fn serialize_intake(
+        connection: &mut PgConnection,
+        agent: &str,
+        action: &str,
+    ) -> StoreResult<()> {
+        let digest = Sha256::new()
+            .chain_update(agent.as_bytes())
+            .chain_update([0])
+            .chain_update(action.as_bytes())
+            .finalize();
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&digest[..8]);
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(i64::from_be_bytes(key))
+            .execute(connection)
+            .await?;
+        Ok(())
+    }
+
     async fn notify_finalized(connection: &mut PgConnection, request_id: &str) -> StoreResult<()> {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(FINALIZED_CHANNEL)

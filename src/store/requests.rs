@@ -132,6 +132,9 @@ where
     Option<DateTime<Utc>>: Column<DB>,
     Json<Value>: Column<DB>,
     Json<StoredRequest>: Column<DB>,
+    Json<crate::domain::Grant>: Column<DB>,
+    f64: Column<DB>,
+    for<'q> Json<&'q crate::domain::Grant>: Param<'q, DB>,
     for<'q> &'q str: Param<'q, DB>,
     for<'q> Option<&'q str>: Param<'q, DB>,
     for<'q> Json<&'q Value>: Param<'q, DB>,
@@ -217,6 +220,7 @@ where
                 request.id
             )));
         }
+        Self::insert_created_grants(&mut transaction, &change.audit).await?;
         let finalized = change.audit.iter().any(|event| event.kind.is_final());
         // Outbox rows before the audit lock, as every transaction that touches both does (a
         // delivery's finish locks its outbox row first): the other order deadlocks against

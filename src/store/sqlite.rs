@@ -124,8 +124,9 @@ impl SqliteStore {
                 audit_head: None,
             })),
             group_commit: None,
+            judged_commit: None,
         };
-        Ok(store.with_group_commit())
+        Ok(store.with_group_commit().with_judged_commit())
     }
 
     /// Every row of `group` chained onto `head`, and the `COMMIT`, as one batch after
@@ -289,6 +290,20 @@ impl Backend for Sqlite {
             writer.0.in_transaction = false;
         }
         written
+    }
+
+    const RECENT_SUM: &'static str = "SELECT CAST(COALESCE(SUM(CASE \
+         WHEN json_type(body, '$.args.' || $4) IN ('integer', 'real') \
+         THEN json_extract(body, '$.args.' || $4) ELSE 0 END), 0) AS REAL) FROM requests \
+         WHERE agent = $1 AND action = $2 AND created_at > $3 AND status IN ('pending', 'approved')";
+
+    /// The one writer connection, held from `BEGIN IMMEDIATE`, serialises every intake.
+    async fn serialize_intake(
+        _connection: &mut SqliteConnection,
+        _agent: &str,
+        _action: &str,
+    ) -> StoreResult<()> {
+        Ok(())
     }
 
     /// Writers already take the single write lock at `BEGIN IMMEDIATE`.

@@ -1133,3 +1133,146 @@ async fn random_sequences_keep_the_decision_invariants(#[case] backend: Backend)
         panic!("{failure}");
     }
 }
+
+/// Grants: one restart tier that grants, a deny for production restarts.
+const GRANT_POLICY: &str = r#"version: 1
+default: deny
+tiers:
+  ops:
+    route: ["slack:C0OPS"]
+    approvers: ["cli:bob"]
+    ttl: 30m
+    grants: {max_ttl: 8h, max_uses: 5}
+rules:
+  - name: restarts
+    match: ["ops.restart"]
+    effect: require_approval
+    tier: ops
+  - name: no-prod
+    match: ["ops.restart"]
+    when: "has(args.env) && args.env == 'prod'"
+    effect: deny
+"#;
+
+#[derive(Clone, Copy, Debug)]
+enum GrantOp {
+    /// Submit the granted args (0), other args (1) or args the policy denies (2).
+    Submit(u8),
+    /// Move the clock on by this many minutes.
+    Wait(u16),
+    Revoke,
+}
+
+fn grant_ops() -> impl Strategy<Value = (u32, u64, Vec<GrantOp>)> {
+    let op = prop_oneof![
+        6 => (0u8..3).prop_map(GrantOp::Submit),
+        2 => (1u16..90).prop_map(GrantOp::Wait),
+        1 => Just(GrantOp::Revoke),
+    ];
+    (1u32..=5, 1u64..=3, proptest::collection::vec(op, 1..14))
+}
+
+fn grant_args(which: u8) -> Value {
+    match which {
+        0 => json!({"service": "web"}),
+        1 => json!({"service": "db"}),
+        _ => json!({"service": "web", "env": "prod"}),
+    }
+}
+
+/// One case: a grant of `uses` uses and `hours` hours, then the ops; every submission's
+/// outcome is checked against the model: a grant never approves what the policy denies,
+/// never more than its uses, never after it expires or is revoked.
+async fn run_grant_case(
+    app: &TestApp,
+    (uses, hours, ops): (u32, u64, Vec<GrantOp>),
+) -> Result<(), TestCaseError> {
+    static AGENTS: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("granted-{}", AGENTS.fetch_add(1, Ordering::Relaxed));
+    let agent = app.create_agent(&name, &[]).await;
+    let first = app
+        .submit_id(
+            &agent,
+            json!({"action": "ops.restart", "args": grant_args(0)}),
+        )
+        .await;
+    let bob = Voter::new("cli:bob".parse().unwrap());
+    app.engine()
+        .record_vote_asking_grant(
+            &first,
+            &bob,
+            VoteRequest::Approve { note: None },
+            None,
+            Some(signoff::domain::GrantAsk {
+                ttl_seconds: hours * 3600,
+                uses: Some(uses),
+                when: None,
+            }),
+        )
+        .await
+        .map_err(|error| TestCaseError::fail(error.to_string()))?;
+    let grant = app.engine().list_grants(Some(&name)).await.unwrap()[0].clone();
+    let mut uses_left = uses;
+    let mut waited = std::time::Duration::ZERO;
+    let lifetime = std::time::Duration::from_secs(hours * 3600);
+    let mut revoked = false;
+    for op in ops {
+        match op {
+            GrantOp::Wait(minutes) => {
+                let step = std::time::Duration::from_secs(u64::from(minutes) * 60);
+                app.advance(step);
+                waited += step;
+            }
+            GrantOp::Revoke => {
+                let revoking = app.engine().revoke_grant(&grant.id, &bob).await;
+                prop_assert_eq!(revoking.is_ok(), !revoked, "{:?}", revoking);
+                revoked = true;
+            }
+            GrantOp::Submit(which) => {
+                let request = app
+                    .submit_ok(
+                        &agent,
+                        json!({"action": "ops.restart", "args": grant_args(which)}),
+                    )
+                    .await;
+                let covered = which == 0 && !revoked && waited < lifetime && uses_left > 0;
+                let expected = match which {
+                    2 => "denied",
+                    _ if covered => "approved",
+                    _ => "pending",
+                };
+                prop_assert_eq!(request["status"].as_str(), Some(expected), "{}", request);
+                if covered {
+                    uses_left -= 1;
+                    prop_assert_eq!(
+                        &request["decision"]["by"],
+                        &json!([format!("grant:{}", grant.id)])
+                    );
+                }
+            }
+        }
+    }
+    let stored = app.engine().list_grants(Some(&name)).await.unwrap();
+    prop_assert_eq!(stored[0].uses_left, uses_left);
+    Ok(())
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_never_exceed_their_uses_time_or_the_policy(#[case] backend: Backend) {
+    let app = spawn_app!(backend, GRANT_POLICY);
+    let runtime = tokio::runtime::Handle::current();
+    let mut config = runner_config();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = 24;
+    }
+    let mut runner = TestRunner::new(config);
+    let result = tokio::task::block_in_place(|| {
+        runner.run(&grant_ops(), |case| {
+            runtime.block_on(run_grant_case(&app, case))
+        })
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}

@@ -361,6 +361,27 @@ impl SlackDriver {
         self.interact(payload).await
     }
 
+    /// A choice in a card's select menu (`action_id`), whose option carries `value`, as
+    /// Slack's block_actions payload.
+    pub async fn choose(
+        &self,
+        user: &str,
+        channel: &str,
+        action_id: &str,
+        value: &str,
+    ) -> (StatusCode, String) {
+        let mut payload = click_payload(user, channel, action_id, "");
+        payload["actions"][0] = json!({
+            "type": "static_select",
+            "action_id": action_id,
+            "block_id": "signoff",
+            "selected_option": {"text": {"type": "plain_text", "text": "choice"}, "value": value},
+            "action_ts": "1700000001.000002"
+        });
+        payload["response_url"] = json!(self.response_url);
+        self.interact(payload).await
+    }
+
     /// A modal opened on revision 1, submitted with one input value.
     pub async fn submit_modal(
         &self,

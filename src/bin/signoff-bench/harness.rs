@@ -153,21 +153,33 @@ impl Harness {
         directory: &Path,
         quotas_on: bool,
     ) -> anyhow::Result<Self> {
-        Self::start_configured(args, database, directory, quotas_on, |_| {}).await
+        Self::start_configured(args, database, directory, quotas_on, BENCH_POLICY, |_| {}).await
     }
 
-    /// `start`, with `configure` changing the server's config last (another policy, a
-    /// chat platform more).
+    /// `start`, under another policy (`--policy-cost`).
+    pub async fn start_with_policy(
+        args: &Args,
+        database: &Database,
+        directory: &Path,
+        quotas_on: bool,
+        policy_source: &str,
+    ) -> anyhow::Result<Self> {
+        Self::start_configured(args, database, directory, quotas_on, policy_source, |_| {}).await
+    }
+
+    /// `start` under `policy_source`, with `configure` changing the server's config last
+    /// (a chat platform more).
     pub async fn start_configured(
         args: &Args,
         database: &Database,
         directory: &Path,
         quotas_on: bool,
+        policy_source: &str,
         configure: impl FnOnce(&mut Config),
     ) -> anyhow::Result<Self> {
         let slack = fake_slack::start().await?;
         let policy = directory.join("bench-policy.yaml");
-        std::fs::write(&policy, BENCH_POLICY)?;
+        std::fs::write(&policy, policy_source)?;
         let mut config = bench_config(database, &policy, "127.0.0.1:0");
         config.sqlite_synchronous = args.sqlite_synchronous.clone();
         if quotas_on {

@@ -14,6 +14,7 @@ mod latency;
 mod mcp_proxy;
 mod memory;
 mod policies;
+mod policy_cost;
 mod report;
 mod saturation;
 mod teams_ack;
@@ -91,6 +92,11 @@ pub struct Args {
     /// `mcp_recording_server` example built beside the benchmark.
     #[arg(long, value_name = "CALLS")]
     pub mcp_proxy: Option<usize>,
+    /// Only the cost of counters and grants on intake: N rounds, each auto-allowed intake
+    /// (baseline), intake allowed by a `recent_count` rule and intake approved by an active
+    /// grant at saturation; server CPU per request relative to the baseline.
+    #[arg(long, value_name = "ROUNDS")]
+    pub policy_cost: Option<usize>,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
     pub serve: Option<PathBuf>,
@@ -133,6 +139,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             report::teams_ack_table(&args, &database, &directory, samples).await?;
         } else if let Some(calls) = args.mcp_proxy {
             report::mcp_proxy_table(&args, &database, &directory, calls).await?;
+        } else if let Some(rounds) = args.policy_cost {
+            let cost = policy_cost::policy_cost(&args, &database, &directory, rounds).await?;
+            policy_cost::print_table(&cost, rounds);
         } else if let Some(rounds) = args.quota_cost {
             report::quota_cost_table(&args, &database, &directory, rounds).await?;
         } else {
@@ -144,6 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         && args.probe_rates.is_empty()
         && args.teams_ack_only.is_none()
         && args.mcp_proxy.is_none()
+        && args.policy_cost.is_none()
     {
         report::memory_table(&directory, args.memory_requests).await?;
     }

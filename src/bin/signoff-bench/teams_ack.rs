@@ -11,7 +11,7 @@ use signoff::channels::teams::auth::TokenVerifier;
 use signoff::config::{Secret, TeamsConfig};
 
 use crate::fake_teams;
-use crate::harness::{settle_disk, Database, Harness};
+use crate::harness::{settle_disk, Database, Harness, BENCH_POLICY};
 use crate::latency::histogram;
 use crate::Args;
 
@@ -65,11 +65,12 @@ pub async fn measure(
         default_service_url: service_url.clone(),
         allowed_service_urls: vec![service_url.clone()],
     };
-    let harness = Harness::start_configured(args, database, directory, false, |config| {
-        config.policy = policy.clone();
-        config.teams = Some(teams_config.clone());
-    })
-    .await?;
+    let harness =
+        Harness::start_configured(args, database, directory, false, BENCH_POLICY, |config| {
+            config.policy = policy.clone();
+            config.teams = Some(teams_config.clone());
+        })
+        .await?;
     // The Bot Framework reuses a token for many activities: signed once, outside the timing.
     let token = fake_teams::token(&service_url)?;
     let slack = harness.slack_ack_latency(samples).await?;

@@ -2,7 +2,7 @@
 
 use slack_morphism::prelude::*;
 
-use crate::channels::{CardView, VoteTarget, APPROVE, DENY, MODIFY};
+use crate::channels::{CardView, VoteTarget, APPROVE, APPROVE_FOR, DENY, MODIFY};
 use crate::domain::{Principal, Status};
 
 /// Block Kit limits (https://api.slack.com/reference/block-kit/blocks).
@@ -110,7 +110,7 @@ fn buttons(card: &CardView) -> SlackActionsBlock {
         pt!("Approve"),
         pt!("Cancel"),
     );
-    SlackActionsBlock::new(slack_blocks![
+    let mut elements = slack_blocks![
         some_into(
             SlackBlockButtonElement::new(pt!("Approve"))
                 .with_action_id(APPROVE.into())
@@ -129,8 +129,42 @@ fn buttons(card: &CardView) -> SlackActionsBlock {
                 .with_action_id(MODIFY.into())
                 .with_value(target)
         )
-    ])
-    .with_block_id(format!("signoff:{}:{}", card.id, card.revision).into())
+    ];
+    if let Some(select) = grant_select(card) {
+        elements.push(select.into());
+    }
+    SlackActionsBlock::new(elements)
+        .with_block_id(format!("signoff:{}:{}", card.id, card.revision).into())
+}
+
+/// "Approve for …": each option an approve vote asking for a grant of its length.
+fn grant_select(card: &CardView) -> Option<SlackBlockStaticSelectElement> {
+    if card.grant_choices.is_empty() {
+        return None;
+    }
+    let options = card
+        .grant_choices
+        .iter()
+        .map(|choice| {
+            let target = VoteTarget {
+                grant_seconds: Some(choice.ttl_seconds),
+                ..VoteTarget::of(card)
+            };
+            SlackBlockChoiceItem::new(pt!(choice.label.clone()), target.encode())
+        })
+        .collect();
+    Some(
+        SlackBlockStaticSelectElement::new()
+            .with_action_id(APPROVE_FOR.into())
+            .with_placeholder(pt!("Approve for…"))
+            .with_options(options)
+            .with_confirm(SlackBlockConfirmItem::new(
+                pt!("Approve and grant?"),
+                md!("Your approval is recorded under your name, and later requests for the same action and args are approved at once until the grant expires or is revoked."),
+                pt!("Approve"),
+                pt!("Cancel"),
+            )),
+    )
 }
 
 fn field(label: &str, value: &str) -> SlackBlockText {
@@ -410,6 +444,7 @@ mod tests {
                 at: at(5),
                 revision: 1,
                 aliases: vec![],
+                grant: None,
             }],
             decision: None,
             action_hash: action_hash("payments.refund", &json!({})),
@@ -419,6 +454,8 @@ mod tests {
             executed: None,
             reminded_at: None,
             escalated_at: None,
+            sampled: false,
+            shadow: Vec::new(),
             remind_at: None,
             escalate_at: None,
             previous_tiers: Vec::new(),
@@ -447,6 +484,7 @@ mod tests {
             at: at(7),
             revision: 2,
             aliases: vec![],
+            grant: None,
         });
         request.votes.push(Vote {
             principal: "slack:U02CAROL".parse().unwrap(),
@@ -455,6 +493,7 @@ mod tests {
             at: at(8),
             revision: 2,
             aliases: vec![],
+            grant: None,
         });
         request.status = Status::Approved;
         request.decision = Some(Decision {
@@ -540,7 +579,8 @@ mod tests {
             VoteTarget::decode(modify["private_metadata"].as_str().unwrap()),
             Some(VoteTarget {
                 request_id: card.id.clone(),
-                revision: card.revision
+                revision: card.revision,
+                grant_seconds: None,
             })
         );
         assert_eq!(modify["callback_id"], MODIFY_CALLBACK);

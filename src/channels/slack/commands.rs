@@ -7,7 +7,7 @@ use axum::Json;
 use serde_json::{json, Value};
 use slack_morphism::prelude::*;
 
-use super::card::{escape, render_card};
+use super::card::{escape, mention, render_card};
 use super::handlers::{
     explain, foreign_workspace, form_fields, voter, SignedBody, SlackState, CARDS_PER_MESSAGE,
 };
@@ -41,6 +41,8 @@ pub(super) async fn commands(
     let text = fields.get("text").cloned().unwrap_or_default();
     let answer = match ChatCommand::parse(&text) {
         ChatCommand::Pending => pending_for(&state, &user).await,
+        ChatCommand::Grants => grants_for(&state, &user).await,
+        ChatCommand::RevokeGrant { id } => revoke_grant(&state, &id, &user).await,
         ChatCommand::Show { id } => show_to(&state, &id, &user).await,
         ChatCommand::Approve { id, note } => {
             vote_from_command(&state, &id, &user, signed_at, VoteRequest::Approve { note }).await
@@ -60,6 +62,73 @@ pub(super) async fn commands(
         ChatCommand::Help => ephemeral(help(&state.slack.command)),
     };
     Json(answer).into_response()
+}
+
+/// `grants`: the grants of tiers this user approves in, newest first (spent, expired and
+/// revoked too).
+async fn grants_for(state: &SlackState, user: &str) -> Value {
+    let grants = match state.engine.list_grants(None).await {
+        Ok(grants) => grants,
+        Err(error) => return ephemeral(explain(&error)),
+    };
+    let policy = state.engine.policy();
+    let mut lines = Vec::new();
+    let now = state.engine.now();
+    for grant in grants.iter().take(50) {
+        let Ok((_, voter)) = voter(state, &grant.request_id, user).await else {
+            continue;
+        };
+        if !policy.admits(&grant.tier, &policy.identify(&voter)) {
+            continue;
+        }
+        let state_text = match grant.revoked_at {
+            Some(_) => "revoked",
+            None if grant.expires_at <= now => "expired",
+            None if grant.uses_left == 0 => "spent",
+            None => "active",
+        };
+        lines.push(format!(
+            "• `{}` {} · `{}` by {} · {state_text} · {} uses left · until {}",
+            grant.id,
+            escape(&grant.agent),
+            escape(&grant.action),
+            grant
+                .created_by
+                .iter()
+                .map(mention)
+                .collect::<Vec<_>>()
+                .join(", "),
+            grant.uses_left,
+            grant.expires_at.to_rfc3339(),
+        ));
+    }
+    if lines.is_empty() {
+        return ephemeral("No grants in tiers you approve for.".into());
+    }
+    ephemeral(format!("Standing grants:\n{}", lines.join("\n")))
+}
+
+/// `grants revoke GRANT_ID`: approvers of the grant's tier may end it at once.
+async fn revoke_grant(state: &SlackState, id: &str, user: &str) -> Value {
+    const UNKNOWN: &str = "That grant does not exist, or you may not revoke it.";
+    let Ok(Some(grant)) = state
+        .engine
+        .list_grants(None)
+        .await
+        .map(|grants| grants.into_iter().find(|grant| grant.id == id))
+    else {
+        return ephemeral(UNKNOWN.into());
+    };
+    let Ok((_, voter)) = voter(state, &grant.request_id, user).await else {
+        return ephemeral(UNKNOWN.into());
+    };
+    match state.engine.revoke_grant(id, &voter).await {
+        Ok(grant) => ephemeral(format!(
+            "Grant `{}` revoked; it approves nothing more.",
+            grant.id
+        )),
+        Err(error) => ephemeral(explain(&error)),
+    }
 }
 
 /// `show ID`: the card, for people who may see the request (approvers of its tier, its

@@ -21,9 +21,11 @@ use super::card::{
 };
 use super::SlackChannel;
 pub(super) use crate::channels::explain;
-use crate::channels::{parse_modified_args, CardView, VoteTarget, APPROVE, DENY, MODIFY};
+use crate::channels::{
+    parse_modified_args, CardView, VoteTarget, APPROVE, APPROVE_FOR, DENY, MODIFY,
+};
 use crate::config::check_outbound_url;
-use crate::domain::{ApprovalRequest, VoteKind, VoteRefusal, VoteRequest, Voter};
+use crate::domain::{ApprovalRequest, GrantAsk, VoteKind, VoteRefusal, VoteRequest, Voter};
 use crate::engine::{Engine, EngineError};
 use crate::http::ApiError;
 
@@ -69,6 +71,27 @@ struct Container {
 struct Action {
     action_id: String,
     value: Option<String>,
+    /// A select's choice (the "Approve for …" menu).
+    selected_option: Option<SelectedOption>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct SelectedOption {
+    value: String,
+}
+
+impl Action {
+    /// A button's value, or a select's chosen option's.
+    fn target_text(&self) -> &str {
+        self.value
+            .as_deref()
+            .or(self
+                .selected_option
+                .as_ref()
+                .map(|option| option.value.as_str()))
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -324,7 +347,7 @@ fn vote_target(value: &str) -> Result<VoteTarget, Refusal> {
 async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<Refusal> {
     let user = interaction.user.id.as_str();
     let action = interaction.actions.first()?;
-    let target = match vote_target(action.value.as_deref().unwrap_or_default()) {
+    let target = match vote_target(action.target_text()) {
         Ok(target) => target,
         Err(refusal) => return Some(refusal),
     };
@@ -348,6 +371,32 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
             Ok(_) => None,
             Err(error) => Some(Refusal::of(state, request_id, &voter, &error).await),
         },
+        APPROVE_FOR => {
+            let Some(ttl_seconds) = target.grant_seconds else {
+                return Some(
+                    String::from("That choice names no grant; nothing was recorded.").into(),
+                );
+            };
+            let ask = GrantAsk {
+                ttl_seconds,
+                uses: None,
+                when: None,
+            };
+            match state
+                .engine
+                .record_vote_asking_grant(
+                    request_id,
+                    &voter,
+                    VoteRequest::Approve { note: None },
+                    seen,
+                    Some(ask),
+                )
+                .await
+            {
+                Ok(_) => None,
+                Err(error) => Some(Refusal::of(state, request_id, &voter, &error).await),
+            }
+        }
         action_id @ (DENY | MODIFY) => {
             let kind = if action_id == DENY {
                 VoteKind::Deny

@@ -410,6 +410,9 @@ async fn message(state: &TeamsState, activity: &Activity) {
         }
         ChatCommand::DenyWithoutReason => text_reply("A deny needs a reason: `deny ID reason`"),
         ChatCommand::MissingId { word } => text_reply(&format!("Which request? `{word} ID`")),
+        ChatCommand::Grants | ChatCommand::RevokeGrant { .. } => {
+            text_reply("Grants are listed and revoked with `signoff grants` or in Slack for now.")
+        }
         ChatCommand::Help => {
             let mut text = "**signoff** — approve what your AI agents want to do.".to_string();
             for (words, meaning) in HELP_LINES {

@@ -29,6 +29,8 @@ fn pending(required: u32) -> ApprovalRequest {
         executed: None,
         reminded_at: None,
         escalated_at: None,
+        sampled: false,
+        shadow: Vec::new(),
         remind_at: None,
         escalate_at: None,
         previous_tiers: Vec::new(),

@@ -1,0 +1,282 @@
+//! Intake-side policy features through the real entry points: counters exact under
+//! concurrency, `now` from the injected clock, sampling, shadow rules.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use reqwest::StatusCode;
+use rstest::rstest;
+use rstest_reuse::apply;
+use serde_json::{json, Value};
+
+use crate::spawn_app;
+use signoff::engine::Clock;
+
+use crate::support::{backends, Backend, TestAgent, TestApp};
+
+const COUNTER_POLICY: &str = r#"version: 1
+default: deny
+tiers:
+  medium:
+    route: ["slack:C0MEDIUM"]
+    approvers: ["cli:alice"]
+    ttl: 30m
+  high:
+    route: ["slack:C0HIGH"]
+    approvers: ["cli:alice"]
+    ttl: 30m
+rules:
+  - name: first-three
+    match: ["email.send"]
+    when: "recent_count('1h') < 3"
+    effect: allow
+  - name: budget-ok
+    match: ["payments.pay"]
+    when: "recent_sum('amount', '24h') + args.amount <= 100"
+    effect: allow
+  - name: budget-over
+    match: ["payments.pay"]
+    when: "recent_sum('amount', '24h') + args.amount > 100"
+    effect: require_approval
+    tier: medium
+  - name: before-epoch-noon
+    match: ["clock.read"]
+    when: "now.getHours('Europe/Berlin') == (now.getHours() + 1) % 24"
+    effect: allow
+  - name: spot-all
+    match: ["tickets.update"]
+    effect: allow
+    sample: 1
+    tier: high
+  - name: spot-none
+    match: ["tickets.close"]
+    effect: allow
+    sample: 0
+    tier: high
+  - name: trial-deny
+    match: ["tickets.*"]
+    effect: deny
+    mode: shadow
+"#;
+
+/// Submits `count` requests at once; the statuses they got.
+async fn submit_at_once(
+    app: &TestApp,
+    agent: &TestAgent,
+    body: Value,
+    count: usize,
+) -> Vec<String> {
+    let answers = join_all((0..count).map(|_| app.submit(agent, body.clone()))).await;
+    answers
+        .into_iter()
+        .map(|(status, body)| {
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            body["status"].as_str().unwrap_or_default().to_string()
+        })
+        .collect()
+}
+
+fn count_of(statuses: &[String], wanted: &str) -> usize {
+    statuses.iter().filter(|status| *status == wanted).count()
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_simultaneous_submissions_against_recent_count_allow_exactly_three(
+    #[case] backend: Backend,
+) {
+    let app = spawn_app!(backend, COUNTER_POLICY);
+    let agent = app.create_agent("mailer", &[]).await;
+    let other = app.create_agent("other", &[]).await;
+    let statuses = submit_at_once(&app, &agent, json!({"action": "email.send"}), 20).await;
+    assert_eq!(count_of(&statuses, "approved"), 3, "{statuses:?}");
+    assert_eq!(count_of(&statuses, "denied"), 17, "{statuses:?}");
+    // Another agent has its own count.
+    let theirs = app.submit_ok(&other, json!({"action": "email.send"})).await;
+    assert_eq!(theirs["status"], "approved");
+    // The window moves with the injected clock.
+    app.advance(Duration::from_secs(59 * 60));
+    let still = app.submit_ok(&agent, json!({"action": "email.send"})).await;
+    assert_eq!(still["status"], "denied");
+    app.advance(Duration::from_secs(2 * 60));
+    let again = submit_at_once(&app, &agent, json!({"action": "email.send"}), 5).await;
+    assert_eq!(count_of(&again, "approved"), 3, "{again:?}");
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recent_sum_adds_pending_and_approved_amounts_only(#[case] backend: Backend) {
+    let app = spawn_app!(backend, COUNTER_POLICY);
+    let agent = app.create_agent("payer", &[]).await;
+    let first = app
+        .submit_ok(
+            &agent,
+            json!({"action": "payments.pay", "args": {"amount": 60}}),
+        )
+        .await;
+    assert_eq!(first["status"], "approved");
+    // Without a numeric amount the conditions fail, closed: pending. Such requests stay
+    // pending and add 0 to the sum (the last submission below shows it).
+    for args in [json!({}), json!({"amount": "lots"})] {
+        let request = app
+            .submit_ok(&agent, json!({"action": "payments.pay", "args": args}))
+            .await;
+        assert_eq!(request["status"], "pending", "{request}");
+    }
+    let over = app
+        .submit_ok(
+            &agent,
+            json!({"action": "payments.pay", "args": {"amount": 50}}),
+        )
+        .await;
+    assert_eq!(over["status"], "pending", "60 + 50 > 100");
+    assert_eq!(over["rule"], "budget-over");
+    // The pending 50 counts too: 60 + 50 + 1 > 100.
+    let next = app
+        .submit_ok(
+            &agent,
+            json!({"action": "payments.pay", "args": {"amount": 1}}),
+        )
+        .await;
+    assert_eq!(next["status"], "pending");
+    // A denied request no longer counts.
+    let over_id = over["id"].as_str().unwrap();
+    let next_id = next["id"].as_str().unwrap();
+    for id in [over_id, next_id] {
+        app.engine()
+            .record_vote(
+                id,
+                &signoff::domain::Voter::new("cli:alice".parse().unwrap()),
+                signoff::domain::VoteRequest::Deny {
+                    reason: "no".into(),
+                },
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let fits = app
+        .submit_ok(
+            &agent,
+            json!({"action": "payments.pay", "args": {"amount": 40}}),
+        )
+        .await;
+    assert_eq!(fits["status"], "approved", "{fits}");
+    // Concurrent submissions see each other: 20 at once of 10 each fill what is left (0).
+    let statuses = submit_at_once(
+        &app,
+        &agent,
+        json!({"action": "payments.pay", "args": {"amount": 10}}),
+        20,
+    )
+    .await;
+    assert_eq!(count_of(&statuses, "approved"), 0, "{statuses:?}");
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn now_is_the_engine_clock_with_time_zones(#[case] backend: Backend) {
+    let app = spawn_app!(backend, COUNTER_POLICY);
+    let agent = app.create_agent("reader", &[]).await;
+    // Berlin is one hour ahead of UTC in winter and two in summer: the rule holds for the
+    // clock's date only when it is winter there.
+    let winter = matches!(chrono::Datelike::month(&app.clock.now()), 11 | 12 | 1 | 2);
+    let request = app.submit_ok(&agent, json!({"action": "clock.read"})).await;
+    let expected = if winter { "approved" } else { "denied" };
+    assert_eq!(request["status"], expected, "{request}");
+    let (status, check) = app
+        .post_json(&agent, "/v1/check", json!({"action": "clock.read"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{check}");
+    assert_eq!(
+        check["verdict"],
+        if winter { "allow" } else { "deny" },
+        "{check}"
+    );
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn sampled_rules_send_their_matches_to_review(#[case] backend: Backend) {
+    let app = spawn_app!(backend, COUNTER_POLICY);
+    let agent = app.create_agent("tickets", &[]).await;
+    let sampled = app
+        .submit_ok(&agent, json!({"action": "tickets.update"}))
+        .await;
+    assert_eq!(sampled["status"], "pending", "{sampled}");
+    assert_eq!(sampled["tier"], "high");
+    assert_eq!(sampled["sampled"], true);
+    let id = sampled["id"].as_str().unwrap();
+    let verdict = verdict_payload(&app, id).await;
+    assert_eq!(verdict["sampled"], true, "{verdict}");
+    let unsampled = app
+        .submit_ok(&agent, json!({"action": "tickets.close"}))
+        .await;
+    assert_eq!(unsampled["status"], "approved");
+    assert_eq!(unsampled["sampled"], false);
+    // /v1/check reports the rate, never a draw.
+    let (_, check) = app
+        .post_json(&agent, "/v1/check", json!({"action": "tickets.update"}))
+        .await;
+    assert_eq!(check["verdict"], "allow", "{check}");
+    assert_eq!(check["matches"][0]["sample"], 1.0, "{check}");
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn shadow_rules_are_recorded_and_never_enforced(#[case] backend: Backend) {
+    let app = spawn_app!(backend, COUNTER_POLICY);
+    let agent = app.create_agent("tickets", &[]).await;
+    let request = app
+        .submit_ok(&agent, json!({"action": "tickets.close"}))
+        .await;
+    assert_eq!(
+        request["status"], "approved",
+        "the shadow deny is not enforced"
+    );
+    assert_eq!(
+        request["shadow"],
+        json!([{"rule": "trial-deny", "effect": "deny", "tier": null}])
+    );
+    let id = request["id"].as_str().unwrap();
+    let (_, fetched) = app.get_request(&agent, id, None).await;
+    assert_eq!(fetched["shadow"][0]["rule"], "trial-deny");
+    let plain = app.submit_ok(&agent, json!({"action": "email.send"})).await;
+    assert_eq!(plain["shadow"], json!([]));
+    let (_, check) = app
+        .post_json(&agent, "/v1/check", json!({"action": "tickets.close"}))
+        .await;
+    assert_eq!(check["shadow"][0]["effect"], "deny", "{check}");
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("signoff_shadow_matches_total")
+                && line.contains("rule=\"trial-deny\"")
+                && line.contains("effect=\"deny\"")),
+        "{metrics}"
+    );
+}
+
+/// The payload of the request's `verdict` audit event.
+async fn verdict_payload(app: &TestApp, id: &str) -> Value {
+    let mut found = Value::Null;
+    app.engine()
+        .export_audit(|event| {
+            if event.request_id.as_deref() == Some(id) && event.kind == "verdict" {
+                found = event.payload.clone();
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    found
+}
