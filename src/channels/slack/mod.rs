@@ -107,10 +107,7 @@ impl SlackChannel {
 
     /// The longest grant the request's tier allows, once the routes know the engine.
     fn grant_max_ttl(&self, request: &ApprovalRequest) -> Option<std::time::Duration> {
-        let engine = self.engine.get()?;
-        let policy = engine.policy();
-        let tier = policy.tier(request.tier.as_deref()?)?;
-        tier.grants.map(|limits| limits.max_ttl)
+        super::grant_max_ttl(&self.engine.get()?.policy(), request)
     }
 
     /// The voter behind a Slack user, for this request's tier.

@@ -16,7 +16,7 @@ use serde_json::Value;
 use self::auth::TokenVerifier;
 use self::card::{card_activity, card_fallback_text, reminder_text, render_card};
 use self::connector::{Connector, PostedActivity};
-use super::{CardSync, CardView, ChannelError, ChatChannel, Reminder};
+use super::{CardSync, ChannelError, ChatChannel, Reminder};
 use crate::config::{Config, TeamsConfig};
 use crate::domain::{ApprovalRequest, Destination, Voter};
 use crate::engine::Engine;
@@ -261,7 +261,7 @@ impl ChatChannel for TeamsChannel {
         destination: &Destination,
         posted: Option<&Value>,
     ) -> Result<CardSync, ChannelError> {
-        let view = CardView::of(request);
+        let view = super::card_with_grant_choices(&self.engine.policy(), request);
         let activity = card_activity(&card_fallback_text(&view), vec![render_card(&view)]);
         let existing = posted
             .and_then(|reference| serde_json::from_value::<PostedActivity>(reference.clone()).ok());
