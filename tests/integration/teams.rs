@@ -698,9 +698,14 @@ async fn service_urls_are_recorded_per_conversation_and_only_allowed_ones_are_ca
         posted[0].path
     );
     assert!(text(&posted[0].body).contains(&emea));
-    // Never called, and the card is given up rather than retried.
-    app.advance(Duration::from_secs(3600));
-    app.deliver().await;
+    // Never called, nor recorded: the conversation is reached at the default service URL.
+    assert_eq!(
+        app.engine()
+            .conversation_endpoint("teams:19:elsewhere@thread.tacv2")
+            .await
+            .unwrap(),
+        None
+    );
     let message = crate::support::fake_teams::message_activity(
         &elsewhere_url,
         "19:elsewhere@thread.tacv2",
@@ -716,10 +721,73 @@ async fn service_urls_are_recorded_per_conversation_and_only_allowed_ones_are_ca
         "{:#?}",
         teams.calls()
     );
-    assert!(teams
-        .latest_card("19:elsewhere@thread.tacv2", &elsewhere)
-        .is_none());
+    let posted = teams.posted("19:elsewhere@thread.tacv2");
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    assert!(
+        posted[0].path.starts_with("/teams/v3/"),
+        "{}",
+        posted[0].path
+    );
+    assert!(text(&posted[0].body).contains(&elsewhere));
     app.assert_none_pending("card").await;
+}
+
+/// A verified activity from a service URL signoff may not call (outside the allowed
+/// prefixes, or only inside them before `..` is resolved) neither replaces the URL a
+/// conversation is reached at nor is ever called.
+#[apply(backends)]
+#[tokio::test]
+async fn service_urls_that_may_not_be_called_are_never_recorded(#[case] backend: Backend) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let teams = app.fake_teams();
+    let emea_url = format!("{}emea/", teams.service_url());
+    let update = conversation_update(&emea_url, CHANNEL);
+    assert_eq!(app.teams_send(&update).await.0, StatusCode::OK);
+    let outside = format!("{}/elsewhere/", teams.base);
+    let climbing_out = format!("{}../elsewhere/", teams.service_url());
+    for service_url in [&outside, &climbing_out] {
+        let update = conversation_update(service_url, CHANNEL);
+        assert_eq!(
+            app.teams_send(&update).await.0,
+            StatusCode::OK,
+            "{service_url}"
+        );
+        let message =
+            crate::support::fake_teams::message_activity(service_url, CHANNEL, ALICE, "help");
+        assert_eq!(
+            app.teams_send(&message).await.0,
+            StatusCode::OK,
+            "{service_url}"
+        );
+    }
+    let endpoint = app
+        .engine()
+        .conversation_endpoint(&format!("teams:{CHANNEL}"))
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(endpoint.service_url, emea_url);
+
+    let id = submit(&app, &agent, "deploy.api").await;
+    app.deliver().await;
+    let posted = teams.posted(CHANNEL);
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    assert!(
+        posted[0].path.starts_with("/teams/emea/v3/"),
+        "{}",
+        posted[0].path
+    );
+    assert!(text(&posted[0].body).contains(&id));
+    assert!(
+        teams
+            .calls()
+            .iter()
+            .all(|call| !call.path.starts_with("/elsewhere/")),
+        "{:#?}",
+        teams.calls()
+    );
 }
 
 #[apply(backends)]
