@@ -790,6 +790,48 @@ async fn service_urls_that_may_not_be_called_are_never_recorded(#[case] backend:
     );
 }
 
+/// Without a configured tenant, activities come from tenants whose administrators set
+/// their users' email addresses as they like: an email from such a member list must not
+/// make anyone an `email:` approver, and is not even asked for.
+#[apply(backends)]
+#[tokio::test]
+async fn emails_are_not_trusted_from_tenants_signoff_is_not_pinned_to(#[case] backend: Backend) {
+    let Some(app) = TestApp::spawn_with_teams_in_any_tenant(backend, TEAMS_POLICY).await else {
+        return;
+    };
+    let owner = format!("teams:{OWNER}");
+    let agent = app.create_agent("deployer", &[owner.as_str()]).await;
+    // Mallory's tenant says she is Carol, an approver named by email.
+    app.fake_teams()
+        .add_member_email(&format!("29:{MALLORY}"), "carol@example.com");
+    let id = submit(&app, &agent, "slow.job").await;
+    let mut activity = invoke_activity(
+        &app.fake_teams().service_url(),
+        CHANNEL,
+        MALLORY,
+        "approve",
+        data(&id, 1),
+    );
+    activity["channelData"]["tenant"]["id"] = json!("tenant-evil");
+    activity["conversation"]["tenantId"] = json!("tenant-evil");
+    let (status, body) = app.teams_send(&activity).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!text(&body).contains("Recorded"), "{}", text(&body));
+    let stored = app.stored(&id).await;
+    assert_eq!((stored.status, stored.votes.len()), (Status::Pending, 0));
+    // Where the policy names people by email, no one's email is known, so no one's vote
+    // can be checked against it (as for anyone whose email cannot be read).
+    let card = app.teams_invoke(ALICE, "approve", data(&id, 1)).await;
+    assert!(
+        text(&card).contains("cannot read the email address"),
+        "{}",
+        text(&card)
+    );
+    let stored = app.stored(&id).await;
+    assert_eq!((stored.status, stored.votes.len()), (Status::Pending, 0));
+    assert!(app.fake_teams().calls_to("GET", "/members/").is_empty());
+}
+
 #[apply(backends)]
 #[tokio::test]
 async fn bodies_over_the_limit_are_refused_before_anything_else(#[case] backend: Backend) {

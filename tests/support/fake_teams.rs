@@ -132,6 +132,8 @@ struct FakeState {
 pub struct FakeTeams {
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// Whether signoff is configured with `TENANT` as its tenant (the default).
+    pub tenant_pinned: bool,
     state: FakeState,
 }
 
@@ -159,7 +161,11 @@ impl FakeTeams {
                 .await
                 .expect("fake Bot Framework");
         });
-        Self { base, state }
+        Self {
+            base,
+            tenant_pinned: true,
+            state,
+        }
     }
 
     /// The service URL the fake's connector answers at (allowed in tests).

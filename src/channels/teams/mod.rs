@@ -167,7 +167,8 @@ impl TeamsChannel {
     }
 
     /// The voter behind a Teams user: `teams:<AAD object id>`, with the email the
-    /// conversation's member list gives where someone is named by email.
+    /// conversation's member list gives where someone is named by email (only when the
+    /// bot is pinned to one tenant).
     async fn voter_for(
         &self,
         request: &ApprovalRequest,
@@ -181,7 +182,9 @@ impl TeamsChannel {
         if !needs_email {
             return Ok(voter);
         }
-        let email = match user.member {
+        // Where no tenant is configured, activities come from any tenant, and a member
+        // list's email is whatever that tenant's administrators set: it proves nothing.
+        let email = match user.member.filter(|_| self.tenant_id.is_some()) {
             Some((service_url, conversation, member)) => {
                 self.email(service_url, conversation, member).await?
             }
