@@ -14,8 +14,8 @@ use signoff::domain::Status;
 use signoff::engine::Clock as _;
 
 use crate::support::fake_teams::{
-    self, conversation_update, encode, invoke_activity, ConnectorFailure, PublishedKey, TestKey,
-    TokenSpec, CHANNEL,
+    self, conversation_update, encode, invoke_activity, ConnectorFailure, ForgedToken,
+    PublishedKey, TestKey, TokenSpec, CHANNEL,
 };
 use crate::support::{backends, Backend, TestAgent, TestApp};
 
@@ -478,6 +478,85 @@ async fn tokens_that_do_not_verify_are_refused_and_change_nothing(#[case] backen
     }
     .sign(now);
     let (status, body) = app.teams_post(&activity, Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
+}
+
+/// What attackers try against Bot Framework bots: algorithm confusion, unsigned tokens, no
+/// key id, a published key endorsed for no channel, a valid token over an unreadable body,
+/// and card data naming someone else as the voter.
+#[apply(backends)]
+#[tokio::test]
+async fn forged_tokens_unendorsed_keys_and_card_data_naming_the_voter_change_nothing(
+    #[case] backend: Backend,
+) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let teams = app.fake_teams();
+    teams.publish(vec![
+        PublishedKey {
+            kid: "key-1".into(),
+            key: TestKey::First,
+            endorsements: vec![fake_teams::CHANNEL_ID.into()],
+        },
+        PublishedKey {
+            kid: "key-unendorsed".into(),
+            key: TestKey::Second,
+            endorsements: Vec::new(),
+        },
+    ]);
+    let id = submit(&app, &agent, "deploy.api").await;
+    let service_url = teams.service_url();
+    let activity = invoke_activity(&service_url, CHANNEL, ALICE, "approve", data(&id, 1));
+    let valid = TokenSpec::valid(&service_url);
+    let now = app.clock.now();
+    let unendorsed = TokenSpec {
+        kid: "key-unendorsed".into(),
+        key: TestKey::Second,
+        ..valid.clone()
+    };
+    let tokens = [
+        ("alg none", valid.forge(ForgedToken::Unsigned, now)),
+        (
+            "HS256 keyed with the public key",
+            valid.forge(ForgedToken::SymmetricWithThePublicKey, now),
+        ),
+        ("no key id", valid.forge(ForgedToken::WithoutKeyId, now)),
+        ("a key endorsed for nothing", unendorsed.sign(now)),
+    ];
+    for (what, token) in tokens {
+        let (status, body) = app.teams_post(&activity, Some(token)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        let stored = app.stored(&id).await;
+        assert_eq!(
+            (stored.status, stored.votes.len()),
+            (Status::Pending, 0),
+            "{what}"
+        );
+    }
+    // A valid token over a body that is not JSON.
+    let response = app
+        .http
+        .post(app.url("/teams/messages"))
+        .bearer_auth(valid.sign(now))
+        .header("content-type", "application/json")
+        .body(r#"{"type": "invoke", "name": "adaptiveCard/action", "#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Card data naming an approver does not make the sender one.
+    let mut claimed = data(&id, 1);
+    claimed["user"] = json!(ALICE);
+    claimed["aadObjectId"] = json!(ALICE);
+    claimed["from"] = json!({"aadObjectId": ALICE});
+    let card = app.teams_invoke(MALLORY, "approve", claimed).await;
+    assert!(!text(&card).contains("Recorded"), "{}", text(&card));
+    let stored = app.stored(&id).await;
+    assert_eq!((stored.status, stored.votes.len()), (Status::Pending, 0));
+    // The same click, correctly signed, by the approver it names.
+    let (status, body) = app.teams_send(&activity).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(app.stored(&id).await.status, Status::Approved);
 }

@@ -373,6 +373,23 @@ impl TokenSpec {
     pub fn sign(&self, now: chrono::DateTime<chrono::Utc>) -> String {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &self.claims(now), self.key.signing()).expect("sign")
+    }
+}
+
+/// Tokens an attacker would try, each otherwise like `spec` (same claims).
+#[derive(Clone, Copy, Debug)]
+pub enum ForgedToken {
+    /// `alg: none`, no signature.
+    Unsigned,
+    /// HS256 keyed with the published public key's modulus (algorithm confusion).
+    SymmetricWithThePublicKey,
+    /// RS256 and correctly signed, but no `kid` in the header.
+    WithoutKeyId,
+}
+
+impl TokenSpec {
+    fn claims(&self, now: chrono::DateTime<chrono::Utc>) -> Value {
         let mut claims = json!({
             "iss": self.issuer,
             "aud": self.audience,
@@ -382,7 +399,34 @@ impl TokenSpec {
         if let Some(service_url) = &self.service_url {
             claims["serviceurl"] = json!(service_url);
         }
-        jsonwebtoken::encode(&header, &claims, self.key.signing()).expect("sign")
+        claims
+    }
+
+    pub fn forge(&self, forgery: ForgedToken, now: chrono::DateTime<chrono::Utc>) -> String {
+        use base64::Engine as _;
+        let base64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let claims = self.claims(now);
+        match forgery {
+            ForgedToken::Unsigned => {
+                let header = json!({"alg": "none", "typ": "JWT", "kid": self.kid});
+                format!(
+                    "{}.{}.",
+                    base64.encode(header.to_string()),
+                    base64.encode(claims.to_string())
+                )
+            }
+            ForgedToken::SymmetricWithThePublicKey => {
+                let mut header = Header::new(Algorithm::HS256);
+                header.kid = Some(self.kid.clone());
+                let (modulus, _) = self.key.public();
+                let key = EncodingKey::from_secret(modulus.as_bytes()).expect("HS256 key");
+                jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+            }
+            ForgedToken::WithoutKeyId => {
+                let header = Header::new(Algorithm::RS256);
+                jsonwebtoken::encode(&header, &claims, self.key.signing()).expect("sign")
+            }
+        }
     }
 }
 
