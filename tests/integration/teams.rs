@@ -348,6 +348,23 @@ async fn refresh_answers_the_current_card(#[case] backend: Backend) {
         text(&card).contains(&id) && card.get("actions").is_some(),
         "{card}"
     );
+    // Someone who may not see the request, asking from a conversation its card was never
+    // posted to (their 1:1 chat with the bot), learns nothing about it.
+    let personal = invoke_activity(
+        &app.fake_teams().service_url(),
+        "a:1mallory-personal",
+        MALLORY,
+        "refresh",
+        data(&id, 1),
+    );
+    let (status, body) = app.teams_send(&personal).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        text(&body).contains("you may not see it")
+            && !text(&body).contains("deploy.api")
+            && !text(&body).contains(&id),
+        "{body}"
+    );
     app.approve(&id, &format!("teams:{ALICE}")).await.unwrap();
     let card = app.teams_invoke(BOB, "refresh", data(&id, 1)).await;
     assert!(text(&card).contains("Approved"), "{card}");
