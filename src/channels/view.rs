@@ -4,7 +4,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::domain::{ApprovalRequest, Principal, Status, VoteRequest};
+use crate::domain::{ApprovalRequest, GroupProgress, Principal, Status, VoteRequest};
+use crate::policy::Policy;
 
 /// Everything a card shows, independent of the platform that draws it.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,10 +34,23 @@ pub struct CardView {
     pub decided_at: Option<DateTime<Utc>>,
     pub decision_reason: Option<String>,
     pub escalated_at: Option<DateTime<Utc>>,
+    /// Per-group quorum progress ("finance 1/1 · sre 0/1"); empty for a plain count.
+    pub group_progress: Vec<GroupProgress>,
+    /// Once escalated: the step of the tier's ladder reached, and how many steps it has.
+    pub escalation_step: Option<(u32, u32)>,
 }
 
 impl CardView {
-    pub fn of(request: &ApprovalRequest) -> Self {
+    /// What a card shows of `request` under `policy`: values at its `redact` paths show
+    /// as `[redacted]`, the escalation step is counted against the tier's ladder.
+    pub fn of(request: &ApprovalRequest, policy: &Policy) -> Self {
+        let request = &policy.redacted(request);
+        let ladder = request
+            .tier
+            .as_deref()
+            .and_then(|tier| policy.tier(tier))
+            .map_or(0, |tier| tier.escalation.len() as u32);
+        let step = request.escalation_steps_taken();
         let decision = request.decision.as_ref();
         let modified_by = (request.revision > 1)
             .then(|| {
@@ -73,6 +87,8 @@ impl CardView {
             decided_at: decision.map(|decision| decision.at),
             decision_reason: decision.and_then(|decision| decision.reason.clone()),
             escalated_at: request.escalated_at,
+            group_progress: request.group_progress(),
+            escalation_step: (step > 0).then_some((step, ladder.max(step))),
         }
     }
 

@@ -4,12 +4,19 @@ pub mod canonical_json;
 mod destination;
 mod kinds;
 mod principal;
+mod quorum;
+mod redaction;
 mod request;
 mod voting;
 
 pub use destination::Destination;
 pub use kinds::{AuditKind, OutboxKind};
 pub use principal::{Principal, PrincipalError};
+pub use quorum::{fill_quorum, quorum_met, GroupProgress};
+pub use redaction::{
+    mask_context, mask_request, mask_value, restore_redacted, Mask, RedactPath, RedactRoot,
+    REDACTED,
+};
 pub use request::{
     action_hash, new_request_id, now, ApprovalRequest, Decision, Execution, ExecutionOutcome,
     Outcome, RequestContext, Status, Vote, VoteKind,

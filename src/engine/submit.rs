@@ -10,10 +10,12 @@ use sha2::{Digest, Sha256};
 use tracing::instrument;
 
 use super::{
-    after, event, record_decision_metrics, Engine, EngineError, EngineResult, OutboxSignal,
+    after, audit_args, event, record_decision_metrics, Engine, EngineError, EngineResult,
+    OutboxSignal,
 };
 use crate::domain::{
-    action_hash, new_request_id, ApprovalRequest, AuditKind, Principal, RequestContext, Status,
+    action_hash, mask_context, new_request_id, ApprovalRequest, AuditKind, Mask, Principal,
+    RequestContext, Status,
 };
 use crate::policy::{Effect, EvaluationInput, Verdict};
 use crate::store::{AgentRecord, IdempotencyKey, NewRequest, Reservation, StoreError};
@@ -156,6 +158,12 @@ impl Engine {
             tier: verdict.tier.clone(),
             rule: verdict.rule.clone(),
             approvals_required: verdict.approvals_required,
+            approvals_by_group: verdict
+                .tier
+                .as_deref()
+                .and_then(|tier| policy.tier(tier))
+                .map(|tier| tier.approvals_by_group.clone())
+                .unwrap_or_default(),
             revision: 1,
             votes: Vec::new(),
             decision: None,
@@ -168,6 +176,7 @@ impl Engine {
             remind_at: None,
             escalate_at: None,
             previous_tiers: Vec::new(),
+            escalation_step: 0,
             version: 1,
         };
         let by_policy = Principal::policy_rule(verdict.rule.as_deref().unwrap_or("default"));
@@ -179,8 +188,8 @@ impl Engine {
                 Principal::agent(&agent.name).as_str(),
                 json!({
                     "action": request.action,
-                    "args": request.args,
-                    "context": request.context,
+                    "args": audit_args(&request.args, policy.redact_paths()),
+                    "context": mask_context(&request.context, policy.redact_paths(), Mask::Hashed),
                     "on_behalf_of": request.on_behalf_of,
                     "action_hash": request.action_hash,
                 }),
@@ -221,7 +230,10 @@ impl Engine {
                 request.expires_at = Some(after(at, ttl).context("ttl out of range")?);
                 if let Some(tier) = verdict.tier.as_deref().and_then(|tier| policy.tier(tier)) {
                     request.remind_at = tier.remind_after.and_then(|delay| after(at, delay));
-                    request.escalate_at = tier.escalate_after.and_then(|delay| after(at, delay));
+                    request.escalate_at = tier
+                        .escalation
+                        .first()
+                        .and_then(|step| after(at, step.after));
                 }
             }
         }

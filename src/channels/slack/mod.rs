@@ -148,13 +148,12 @@ impl ChatChannel for SlackChannel {
 
     async fn sync_card(
         &self,
-        request: &ApprovalRequest,
+        view: &CardView,
         destination: &Destination,
         posted: Option<&Value>,
     ) -> Result<CardSync, ChannelError> {
-        let view = CardView::of(request);
-        let blocks = render_card(&view);
-        let text = card_fallback_text(&view);
+        let blocks = render_card(view);
+        let text = card_fallback_text(view);
         let existing = posted
             .and_then(|message| serde_json::from_value::<PostedMessage>(message.clone()).ok());
         match existing {
