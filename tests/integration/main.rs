@@ -14,6 +14,7 @@ mod lifecycle;
 mod openapi;
 mod operations;
 mod outbox_fairness;
+mod policy_decision;
 mod postgres_roles;
 mod properties;
 mod quotas;
