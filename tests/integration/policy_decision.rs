@@ -109,7 +109,10 @@ async fn a_per_group_quorum_counts_people_in_any_assignment_to_slots(#[case] bac
     let card = card_text(&app, "C0SPLIT", &both).await;
     assert!(card.contains("finance 1/1 · ops 0/1"), "{card}");
     let listed = pending_json(&app);
-    assert_eq!(listed[0]["approvals_by_group"], json!({"finance": 1, "ops": 1}));
+    assert_eq!(
+        listed[0]["approvals_by_group"],
+        json!({"finance": 1, "ops": 1})
+    );
     assert_eq!(
         listed[0]["group_progress"],
         json!({"finance": {"approvals": 1, "required": 1}, "ops": {"approvals": 0, "required": 1}})
@@ -129,7 +132,10 @@ async fn a_per_group_quorum_counts_people_in_any_assignment_to_slots(#[case] bac
     cli_approve(&app, &split, "cli:frank");
     cli_approve(&app, &split, "cli:grace");
     let answer = cli_approve(&app, &split, "cli:auditor");
-    assert!(answer.contains("1 of 2 approvals; still pending"), "{answer}");
+    assert!(
+        answer.contains("1 of 2 approvals; still pending"),
+        "{answer}"
+    );
     let output = app.cli(&["pending"]);
     assert!(
         stdout(&output).contains("1/2 (finance 1/1 · ops 0/1)"),
@@ -168,7 +174,10 @@ async fn an_escalation_ladder_posts_each_step_once_at_its_time(#[case] backend: 
     assert_eq!(app.sweep().await, Swept::default());
     let oncall = card_text(&app, "C0ONCALL", &id).await;
     assert!(oncall.contains("Escalated: step 1 of 2"), "{oncall}");
-    assert!(oncall.contains("\"approve\""), "the full card, with buttons: {oncall}");
+    assert!(
+        oncall.contains("\"approve\""),
+        "the full card, with buttons: {oncall}"
+    );
     assert!(app.slack.latest_card("C0MANAGERS", &id).is_none());
     let route = card_text(&app, "C0LADDER", &id).await;
     assert!(route.contains("Escalated: step 1 of 2"), "{route}");
