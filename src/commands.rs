@@ -276,12 +276,11 @@ fn listed_request(request: &ApprovalRequest) -> anyhow::Result<Value> {
 /// `1/2`, and per group for a per-group quorum: `1/2 (finance 1/1 · sre 0/1)`.
 fn approvals_text(request: &ApprovalRequest) -> String {
     let progress = request.group_progress();
-    let approvals = if progress.is_empty() {
-        request.current_approvers().len() as u32
-    } else {
-        progress.iter().map(|group| group.filled).sum()
-    };
-    let mut text = format!("{approvals}/{}", request.approvals_required);
+    let mut text = format!(
+        "{}/{}",
+        request.approvals_counted(),
+        request.approvals_required
+    );
     if !progress.is_empty() {
         let groups: Vec<String> = progress
             .iter()

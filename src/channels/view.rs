@@ -75,7 +75,7 @@ impl CardView {
             reversible: request.context.reversible,
             links: request.context.links.clone(),
             status: request.status,
-            approvals: request.current_approvers().len(),
+            approvals: request.approvals_counted() as usize,
             approvals_required: request.approvals_required,
             approvers: request.current_approvers().into_iter().cloned().collect(),
             revision: request.revision,

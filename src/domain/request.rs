@@ -289,6 +289,19 @@ impl ApprovalRequest {
         fill_quorum(&self.approvals_by_group, &groups)
     }
 
+    /// Approvals toward the quorum on the current revision: distinct people, or under a
+    /// per-group quorum the slots they fill (an approver who fits no slot adds none).
+    pub fn approvals_counted(&self) -> u32 {
+        if self.approvals_by_group.is_empty() {
+            self.current_approvers().len() as u32
+        } else {
+            self.group_progress()
+                .iter()
+                .map(|group| group.filled.min(group.required))
+                .sum()
+        }
+    }
+
     /// Is the quorum met on the current revision? Per group when the tier has a map, else
     /// by the number of distinct people.
     pub fn quorum_met(&self) -> bool {

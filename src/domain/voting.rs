@@ -341,15 +341,7 @@ fn record(
 /// recorded: a later voter may let it move to another slot.
 fn count_approvals(request: &mut ApprovalRequest, at: DateTime<Utc>) -> VoteEffect {
     let approvers: Vec<Principal> = request.current_approvers().into_iter().cloned().collect();
-    let approvals = if request.approvals_by_group.is_empty() {
-        approvers.len() as u32
-    } else {
-        request
-            .group_progress()
-            .iter()
-            .map(|group| group.filled.min(group.required))
-            .sum()
-    };
+    let approvals = request.approvals_counted();
     if request.quorum_met() {
         request.decide(Status::Approved, approvers, None, at);
         VoteEffect::Decided(Status::Approved)

@@ -230,7 +230,7 @@ impl Engine {
             )];
             let reminder = json!({
                 "approvers": approvers,
-                "approvals": next.current_approvers().len(),
+                "approvals": next.approvals_counted(),
                 "required": next.approvals_required,
             });
             let outbox = self.card_messages(&next, OutboxKind::Reminder, reminder, at);

@@ -136,6 +136,11 @@ async fn a_per_group_quorum_counts_people_in_any_assignment_to_slots(#[case] bac
         answer.contains("1 of 2 approvals; still pending"),
         "{answer}"
     );
+    let card = card_text(&app, "C0SPLIT", &split).await;
+    assert!(
+        card.contains("1 of 2 approvals (finance 1/1 · ops 0/1)"),
+        "three people approved, one slot is filled: {card}"
+    );
     let output = app.cli(&["pending"]);
     assert!(
         stdout(&output).contains("1/2 (finance 1/1 · ops 0/1)"),
@@ -335,4 +340,25 @@ async fn redacted_values_reach_no_person_and_no_audit_payload(#[case] backend: B
     assert!(export.contains(&hashed(&json!(CARD_NUMBER))), "{export}");
     assert!(export.contains(&hashed(&json!(EMAIL))), "{export}");
     assert!(app.cli(&["audit", "verify"]).status.success());
+
+    // Votes typed in chat and on the command line answer with the args, redacted.
+    for voted_by in ["slack", "cli"] {
+        let id = app
+            .submit_id(
+                &agent,
+                json!({"action": "cards.charge", "args": {"card_number": CARD_NUMBER, "amount": 5}}),
+            )
+            .await;
+        let answer = match voted_by {
+            "slack" => driver
+                .slash("U01DANA", &format!("approve {id}"))
+                .await
+                .1
+                .to_string(),
+            _ => cli_approve(&app, &id, "cli:olga"),
+        };
+        assert!(answer.contains("approved"), "{voted_by}: {answer}");
+        assert!(answer.contains("[redacted]"), "{voted_by}: {answer}");
+        assert_hidden(voted_by, &answer);
+    }
 }
