@@ -362,3 +362,39 @@ async fn redacted_values_reach_no_person_and_no_audit_payload(#[case] backend: B
         assert_hidden(voted_by, &answer);
     }
 }
+
+#[test]
+fn policy_check_names_every_decision_feature_error_with_tier_and_line() {
+    let directory = tempfile::tempdir().unwrap();
+    let check = |source: &str| {
+        let path = directory.path().join("policy.yaml");
+        std::fs::write(&path, source).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_signoff"))
+            .args(["policy", "check", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert!(check(DECISION_POLICY).status.success());
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.yaml"))
+            .unwrap();
+    assert!(
+        example.contains("approvals: {")
+            && example.contains("escalate:")
+            && example.contains("redact:"),
+        "the example shows every decision feature"
+    );
+    assert!(check(&example).status.success());
+    let output = check(
+        "version: 1\ngroups:\n  finance: [\"cli:f\"]\ntiers:\n  high:\n    approvers: [\"group:finance\"]\n    approvals: {finance: 1, sre: 1}\n    escalate_after: 5m\n    escalate_to: [\"slack:C1\"]\n    escalate:\n      - {after: 10m, to: [\"slack:C2\"]}\nredact: [\"body.x\"]\n",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let errors = stderr(&output);
+    for expected in [
+        "line 6: tier \"high\": approvals names group \"sre\"",
+        "line 6: tier \"high\": use either escalate (a ladder) or escalate_after/escalate_to",
+        "line 12: redact path \"body.x\" must start with args. or context.",
+    ] {
+        assert!(errors.contains(expected), "{expected}: {errors}");
+    }
+}
