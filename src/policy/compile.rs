@@ -645,7 +645,13 @@ impl Checker {
                         group_approvers.remove(group).unwrap_or_default(),
                     );
                 }
-                (by_group.values().sum(), by_group, quorum_groups)
+                (
+                    by_group
+                        .values()
+                        .fold(0u32, |total, count| total.saturating_add(*count)),
+                    by_group,
+                    quorum_groups,
+                )
             }
         }
     }
