@@ -11,7 +11,7 @@ use rstest_reuse::apply;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use signoff::domain::{action_hash, Status};
-use signoff::workers::Swept;
+use signoff::workers::{sweep_once, Swept};
 
 use crate::support::webhook_receiver::{Behaviour, WebhookReceiver};
 use crate::support::{backends, stderr, stdout, Backend, TestApp};
@@ -170,12 +170,18 @@ async fn an_escalation_ladder_posts_each_step_once_at_its_time(#[case] backend: 
         .await;
     card_text(&app, "C0LADDER", &id).await;
 
-    // Reminders as before, then step 1 at 15 minutes: two sweeps racing take it once.
+    // Reminders as before, then step 1 at 15 minutes: sweeps racing on two replicas take
+    // it once.
     app.advance(Duration::from_secs(6 * 60));
     assert_eq!(app.sweep().await.reminded, 1);
     app.advance(Duration::from_secs(10 * 60));
-    let (first, second) = tokio::join!(app.sweep(), app.sweep());
-    assert_eq!(first.escalated + second.escalated, 1);
+    let replica = app.start_replica().await;
+    let (first, second, third) = tokio::join!(
+        app.sweep(),
+        sweep_once(replica.engine()),
+        sweep_once(replica.engine())
+    );
+    assert_eq!(first.escalated + second.escalated + third.escalated, 1);
     assert_eq!(app.sweep().await, Swept::default());
     let oncall = card_text(&app, "C0ONCALL", &id).await;
     assert!(oncall.contains("Escalated: step 1 of 2"), "{oncall}");
