@@ -118,6 +118,10 @@ pub struct TeamsConfig {
     pub tenant_id: String,
     pub openid_metadata_url: String,
     pub token_url: String,
+    /// Where a conversation's API is reached until the platform says otherwise.
+    pub default_service_url: String,
+    /// Prefixes of the only service URLs ever called.
+    #[serde(deserialize_with = "list_or_comma_separated")]
     pub allowed_service_urls: Vec<String>,
 }
 
@@ -168,6 +172,7 @@ impl Default for TeamsConfig {
             openid_metadata_url:
                 "https://login.botframework.com/v1/.well-known/openidconfiguration".into(),
             token_url: "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token".into(),
+            default_service_url: "https://smba.trafficmanager.net/teams/".into(),
             allowed_service_urls: vec!["https://smba.trafficmanager.net/".into()],
         }
     }
@@ -191,10 +196,18 @@ impl Config {
             .merge(Env::prefixed("SIGNOFF_").split("__").ignore(&["config"]))
             .merge(
                 Env::raw()
-                    .only(&["SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_API_URL"])
+                    .only(&[
+                        "SLACK_BOT_TOKEN",
+                        "SLACK_SIGNING_SECRET",
+                        "SLACK_API_URL",
+                        "TEAMS_APP_ID",
+                        "TEAMS_APP_PASSWORD",
+                    ])
                     .map(|key| match key.as_str() {
                         "SLACK_BOT_TOKEN" => "slack.bot_token".into(),
                         "SLACK_SIGNING_SECRET" => "slack.signing_secret".into(),
+                        "TEAMS_APP_ID" => "teams.app_id".into(),
+                        "TEAMS_APP_PASSWORD" => "teams.app_password".into(),
                         _ => "slack.api_url".into(),
                     }),
             );
@@ -233,6 +246,11 @@ impl Config {
         if let Some(secret) = raw(&["SLACK_SIGNING_SECRET", "SIGNOFF_SLACK__SIGNING_SECRET"]) {
             self.slack.signing_secret = secret;
         }
+        if let Some(password) = raw(&["TEAMS_APP_PASSWORD", "SIGNOFF_TEAMS__APP_PASSWORD"]) {
+            if let Some(teams) = &mut self.teams {
+                teams.app_password = password;
+            }
+        }
     }
 
     /// A relative `policy` path is taken relative to the config file when the file is
@@ -267,6 +285,23 @@ impl Config {
             }
             check_outbound_url(&self.slack.api_url)
                 .map_err(|error| anyhow::anyhow!("slack.api_url: {error}"))?;
+        }
+        if let Some(teams) = self.teams_config() {
+            if teams.app_password.is_empty() {
+                bail!("teams.app_id is set but teams.app_password is empty: the bot cannot get a token to post cards");
+            }
+            for (key, url) in [
+                ("teams.openid_metadata_url", &teams.openid_metadata_url),
+                ("teams.token_url", &teams.token_url),
+                ("teams.default_service_url", &teams.default_service_url),
+            ] {
+                check_outbound_url(&url.replace("{tenant}", "tenant"))
+                    .map_err(|error| anyhow::anyhow!("{key}: {error}"))?;
+            }
+            for prefix in &teams.allowed_service_urls {
+                check_outbound_url(prefix)
+                    .map_err(|error| anyhow::anyhow!("teams.allowed_service_urls: {error}"))?;
+            }
         }
         let url = self.database_url.expose();
         if !(url.starts_with("sqlite:")
@@ -328,6 +363,13 @@ impl Config {
     pub fn slack_enabled(&self) -> bool {
         !self.slack.bot_token.is_empty()
     }
+
+    /// The `[teams]` section when it turns Teams on (an app id is set).
+    pub fn teams_config(&self) -> Option<&TeamsConfig> {
+        self.teams
+            .as_ref()
+            .filter(|teams| !teams.app_id.trim().is_empty())
+    }
 }
 
 /// A misspelt key would silently fall back to its default (a different database!), so
@@ -368,6 +410,7 @@ fn refuse_unknown_keys(path: &Path) -> anyhow::Result<()> {
                 "tenant_id",
                 "openid_metadata_url",
                 "token_url",
+                "default_service_url",
                 "allowed_service_urls",
             ],
             _ => &[],
@@ -494,6 +537,37 @@ mod tests {
         .unwrap();
         assert!(refuse_unknown_keys(&path).is_ok());
         std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[test]
+    fn teams_needs_a_secret_and_calls_only_https_or_loopback() {
+        let teams = |change: fn(&mut TeamsConfig)| {
+            let mut teams = TeamsConfig {
+                app_id: "app".into(),
+                app_password: Secret::new("secret"),
+                ..TeamsConfig::default()
+            };
+            change(&mut teams);
+            Config {
+                teams: Some(teams),
+                ..Config::default()
+            }
+        };
+        assert!(teams(|_| {}).validate().is_ok());
+        assert!(teams(|_| {}).teams_config().is_some());
+        assert!(teams(|teams| teams.app_id = " ".into())
+            .teams_config()
+            .is_none());
+        let refused: [fn(&mut TeamsConfig); 3] = [
+            |teams| teams.app_password = Secret::default(),
+            |teams| teams.allowed_service_urls = vec!["http://smba.example.com/".into()],
+            |teams| teams.openid_metadata_url = "http://login.example.com/openid".into(),
+        ];
+        for change in refused {
+            assert!(teams(change).validate().is_err());
+        }
+        let printed = format!("{:?}", teams(|_| {}));
+        assert!(!printed.contains("\"secret\""), "{printed}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::callbacks::CallbackGuard;
 use crate::channels::slack::SlackChannel;
+use crate::channels::teams::TeamsChannel;
 use crate::channels::{ChatChannel, ChatChannels};
 use crate::config::Config;
 use crate::engine::{load_policy, Clock, Engine, SystemClock};
@@ -32,7 +33,7 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         .with_quotas(Quotas::from_config(config)))
 }
 
-/// The HTTP client for Slack response URLs: no redirects, so a receiver cannot bounce us
+/// The HTTP client for chat platforms (Slack response URLs, the Bot Framework): no redirects, so a receiver cannot bounce us
 /// elsewhere. Webhooks have their own (`CallbackGuard::webhook_client`), whose resolver
 /// enforces `callback_allowed_networks`.
 fn http_client() -> anyhow::Result<reqwest::Client> {
@@ -139,8 +140,11 @@ impl RunningServer {
         let http = http_client()?;
         // The chat platforms this server runs: one line each.
         let mut channels = ChatChannels::default();
-        if let Some(slack) = SlackChannel::configured(&config, http)? {
+        if let Some(slack) = SlackChannel::configured(&config, http.clone())? {
             channels.register(slack);
+        }
+        if let Some(teams) = TeamsChannel::configured(&config, http, &engine)? {
+            channels.register(teams);
         }
         for channel in options.channels {
             channels.register(channel);

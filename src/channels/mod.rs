@@ -2,9 +2,11 @@
 //! of signoff asks of a chat platform — post and update a card, post a reminder, say who
 //! clicked, serve its own signed routes — and `ChatChannels` is the registry the server
 //! fills and the delivery worker looks destinations up in. Platform code lives below, one
-//! folder each (`slack/`); nothing outside this folder names a platform.
+//! folder each (`slack/`, `teams/`); nothing outside this folder names a platform.
 
+mod commands;
 pub mod slack;
+pub mod teams;
 mod view;
 
 use std::collections::HashMap;
@@ -18,6 +20,7 @@ use serde_json::Value;
 use crate::domain::{ApprovalRequest, Destination, Voter};
 use crate::engine::{Engine, EngineError};
 
+pub use commands::{explain, ChatCommand, HELP_LINES};
 pub use view::{
     changed_args, parse_modified_args, vote_from_form, CardView, VoteTarget, APPROVE, DENY, MODIFY,
 };

@@ -6,7 +6,10 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::{Engine, EngineResult};
-use crate::store::{CandidateQuery, OutboxBacklog, OutboxCandidate, OutboxMessage, OutboxOutcome};
+use crate::store::{
+    CandidateQuery, ConversationEndpoint, OutboxBacklog, OutboxCandidate, OutboxMessage,
+    OutboxOutcome,
+};
 
 impl Engine {
     /// The first due, unleased messages of each (destination, agent) queue, oldest first.
@@ -76,5 +79,22 @@ impl Engine {
             ))
         })?;
         Ok(agent.webhook_secret)
+    }
+
+    /// Records where a chat platform said a conversation is reached (from its verified
+    /// inbound requests), for the cards posted there later.
+    pub async fn record_conversation_endpoint(
+        &self,
+        endpoint: &ConversationEndpoint,
+    ) -> EngineResult<()> {
+        Ok(self.store.record_conversation_endpoint(endpoint).await?)
+    }
+
+    /// Where `destination` was last said to be reached, if ever.
+    pub async fn conversation_endpoint(
+        &self,
+        destination: &str,
+    ) -> EngineResult<Option<ConversationEndpoint>> {
+        Ok(self.store.conversation_endpoint(destination).await?)
     }
 }

@@ -23,9 +23,9 @@ use sqlx::{
 use super::group_commit::{GroupCommit, QueuedRequest};
 use super::requests::{StoredRequest, StoredRequestRef};
 use super::{
-    AgentRecord, CandidateQuery, Due, IdempotencyKey, NewRequest, Notifications, OutboxBacklog,
-    OutboxCandidate, OutboxMessage, OutboxOutcome, RequestChange, RequestFilter, Reservation,
-    Store, StoreError, StoreResult,
+    AgentRecord, CandidateQuery, ConversationEndpoint, Due, IdempotencyKey, NewRequest,
+    Notifications, OutboxBacklog, OutboxCandidate, OutboxMessage, OutboxOutcome, RequestChange,
+    RequestFilter, Reservation, Store, StoreError, StoreResult,
 };
 use crate::audit::{AuditEvent, NewAuditEvent};
 use crate::domain::{ApprovalRequest, Principal};
@@ -345,5 +345,19 @@ where
         destination: &str,
     ) -> StoreResult<Option<Value>> {
         self.chat_message(request_id, destination).await
+    }
+
+    async fn record_conversation_endpoint(
+        &self,
+        endpoint: &ConversationEndpoint,
+    ) -> StoreResult<()> {
+        self.record_conversation_endpoint(endpoint).await
+    }
+
+    async fn conversation_endpoint(
+        &self,
+        destination: &str,
+    ) -> StoreResult<Option<ConversationEndpoint>> {
+        self.conversation_endpoint(destination).await
     }
 }

@@ -4,6 +4,7 @@
 mod agents;
 mod audit;
 mod backend;
+mod conversations;
 mod group_commit;
 mod idempotency;
 mod outbox;
@@ -335,6 +336,26 @@ pub trait Store: Send + Sync + 'static {
     /// Where the card for `request_id` was posted at `destination`, if it was.
     async fn chat_message(&self, request_id: &str, destination: &str)
         -> StoreResult<Option<Value>>;
+
+    /// Records where a chat platform said a conversation is reached.
+    async fn record_conversation_endpoint(
+        &self,
+        endpoint: &ConversationEndpoint,
+    ) -> StoreResult<()>;
+    /// Where `destination` was last said to be reached, if ever.
+    async fn conversation_endpoint(
+        &self,
+        destination: &str,
+    ) -> StoreResult<Option<ConversationEndpoint>>;
+}
+
+/// Where a chat platform said a conversation (`destination`, as routes name it) is reached:
+/// the base URL of its API for that conversation, and the tenant it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationEndpoint {
+    pub destination: String,
+    pub service_url: String,
+    pub tenant: Option<String>,
 }
 
 /// The host and port a webhook goes to (`host:port`), what the per-host cap of deliveries

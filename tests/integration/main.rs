@@ -21,5 +21,6 @@ mod quotas;
 mod replicas;
 mod slack;
 mod store;
+mod teams;
 mod trust;
 mod webhooks;

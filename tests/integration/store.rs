@@ -12,8 +12,8 @@ use signoff::config::{Config, Secret};
 use signoff::domain::{now, ApprovalRequest, AuditKind, OutboxKind};
 use signoff::engine::Engine;
 use signoff::store::{
-    receiver_host, AgentRecord, CandidateQuery, DeliveryRecord, NewOutboxMessage, NewRequest,
-    OutboxOutcome, RequestChange, Store, StoreError,
+    receiver_host, AgentRecord, CandidateQuery, ConversationEndpoint, DeliveryRecord,
+    NewOutboxMessage, NewRequest, OutboxOutcome, RequestChange, Store, StoreError,
 };
 
 use crate::support::{backends, Backend, TestDatabase};
@@ -975,4 +975,40 @@ async fn a_lost_compare_and_set_leaves_the_database_free_for_others(#[case] back
         }
     };
     written.expect("another process could not write after a lost compare-and-set");
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn conversation_endpoints_are_recorded_replaced_and_kept_per_destination(
+    #[case] backend: Backend,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let Some((_database, store, _)) = store_with_request(backend, &directory).await else {
+        return;
+    };
+    let endpoint = |service_url: &str, tenant: Option<&str>| ConversationEndpoint {
+        destination: "chat:room-1".into(),
+        service_url: service_url.into(),
+        tenant: tenant.map(str::to_string),
+    };
+    assert_eq!(
+        store.conversation_endpoint("chat:room-1").await.unwrap(),
+        None
+    );
+    for recorded in [
+        endpoint("https://a.example/", None),
+        endpoint("https://a.example/", None),
+        endpoint("https://a.example/", Some("t1")),
+        endpoint("https://b.example/", Some("t1")),
+    ] {
+        store.record_conversation_endpoint(&recorded).await.unwrap();
+        assert_eq!(
+            store.conversation_endpoint("chat:room-1").await.unwrap(),
+            Some(recorded)
+        );
+    }
+    assert_eq!(
+        store.conversation_endpoint("chat:room-2").await.unwrap(),
+        None
+    );
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_slack;
+pub mod fake_teams;
 pub mod recording_channel;
 pub mod webhook_receiver;
 
@@ -16,7 +17,7 @@ use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use signoff::channels::ChatChannel;
-use signoff::config::{Config, Secret, SlackConfig};
+use signoff::config::{Config, Secret, SlackConfig, TeamsConfig};
 use signoff::domain::{ApprovalRequest, Principal, VoteEffect, VoteRequest, Voter};
 use signoff::engine::{Clock, Engine, EngineResult, ManualClock};
 use signoff::server::{RunningServer, ServerOptions};
@@ -26,6 +27,7 @@ use sqlx::Connection;
 use tempfile::TempDir;
 
 use self::fake_slack::{FakeSlack, SlackDriver};
+use self::fake_teams::{FakeTeams, TokenSpec};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const SLACK_SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
@@ -206,6 +208,8 @@ pub struct TestApp {
     /// loops' own timing (leases, pacing, concurrency across replicas).
     live: bool,
     pub slack: FakeSlack,
+    /// The fake Bot Framework, when the app runs Teams (`spawn_with_teams`).
+    pub teams: Option<FakeTeams>,
     pub base_url: String,
     pub config: Config,
     pub config_path: PathBuf,
@@ -232,6 +236,22 @@ impl TestApp {
         policy: &str,
         channels: Vec<Arc<dyn ChatChannel>>,
     ) -> Option<Self> {
+        Self::spawn_full(backend, policy, channels, None).await
+    }
+
+    /// A server that also runs Teams, against a fake Bot Framework on loopback (its tenant
+    /// `fake_teams::TENANT` configured, so other tenants are refused).
+    pub async fn spawn_with_teams(backend: Backend, policy: &str) -> Option<Self> {
+        let teams = FakeTeams::start().await;
+        Self::spawn_full(backend, policy, Vec::new(), Some(teams)).await
+    }
+
+    async fn spawn_full(
+        backend: Backend,
+        policy: &str,
+        channels: Vec<Arc<dyn ChatChannel>>,
+        teams: Option<FakeTeams>,
+    ) -> Option<Self> {
         let directory = tempfile::tempdir().expect("temp dir");
         let database = TestDatabase::create(backend, &directory).await?;
         let policy_path = directory.path().join("policy.yaml");
@@ -256,6 +276,15 @@ impl TestApp {
                 .iter()
                 .map(|network| network.to_string())
                 .collect(),
+            teams: teams.as_ref().map(|teams| TeamsConfig {
+                app_id: fake_teams::APP_ID.into(),
+                app_password: Secret::new(fake_teams::APP_PASSWORD),
+                tenant_id: fake_teams::TENANT.into(),
+                openid_metadata_url: teams.openid_metadata_url(),
+                token_url: teams.token_url(),
+                default_service_url: teams.service_url(),
+                allowed_service_urls: vec![teams.service_url()],
+            }),
             ..Config::default()
         };
         let config_path = directory.path().join("signoff.toml");
@@ -276,6 +305,7 @@ impl TestApp {
             channels,
             live: false,
             slack,
+            teams,
             base_url: String::new(),
             config,
             config_path,
@@ -456,6 +486,64 @@ impl TestApp {
             http: self.http.clone(),
             response_url: self.slack.response_url.clone(),
         }
+    }
+
+    /// The fake Bot Framework (the app must run Teams).
+    pub fn fake_teams(&self) -> &FakeTeams {
+        self.teams.as_ref().expect("spawned with spawn_with_teams")
+    }
+
+    /// POSTs `activity` to /teams/messages with `token` as the bearer (none: no header).
+    pub async fn teams_post(&self, activity: &Value, token: Option<String>) -> (StatusCode, Value) {
+        let mut request = self.http.post(self.url("/teams/messages")).json(activity);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        read(request.send().await).await
+    }
+
+    /// Sends `activity` with a valid token for its serviceUrl, signed at the app's clock.
+    pub async fn teams_send(&self, activity: &Value) -> (StatusCode, Value) {
+        let service_url = activity["serviceUrl"].as_str().unwrap_or_default();
+        let token = TokenSpec::valid(service_url).sign(self.clock.now());
+        self.teams_post(activity, Some(token)).await
+    }
+
+    /// Clicks `verb` on a Teams card in `fake_teams::CHANNEL` as AAD user `user`, with the
+    /// card's `data` (request id, revision, inputs); returns the card Teams would show them.
+    pub async fn teams_invoke(&self, user: &str, verb: &str, data: Value) -> Value {
+        let activity = fake_teams::invoke_activity(
+            &self.fake_teams().service_url(),
+            fake_teams::CHANNEL,
+            user,
+            verb,
+            data,
+        );
+        let (status, body) = self.teams_send(&activity).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["statusCode"], 200, "{body}");
+        assert_eq!(
+            body["type"], "application/vnd.microsoft.card.adaptive",
+            "{body}"
+        );
+        body["value"].clone()
+    }
+
+    /// Types `text` to the bot in `fake_teams::CHANNEL` as AAD user `user`; returns the
+    /// reply activity the bot posted.
+    pub async fn teams_message(&self, user: &str, text: &str) -> Value {
+        let before = self.fake_teams().posted(fake_teams::CHANNEL).len();
+        let activity = fake_teams::message_activity(
+            &self.fake_teams().service_url(),
+            fake_teams::CHANNEL,
+            user,
+            text,
+        );
+        let (status, body) = self.teams_send(&activity).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let posted = self.fake_teams().posted(fake_teams::CHANNEL);
+        assert_eq!(posted.len(), before + 1, "one reply expected: {posted:#?}");
+        posted.last().expect("reply").body.clone()
     }
 
     /// The database through the store API, independent of the server (it stays usable

@@ -153,6 +153,18 @@ impl Harness {
         directory: &Path,
         quotas_on: bool,
     ) -> anyhow::Result<Self> {
+        Self::start_configured(args, database, directory, quotas_on, |_| {}).await
+    }
+
+    /// `start`, with `configure` changing the server's config last (another policy, a
+    /// chat platform more).
+    pub async fn start_configured(
+        args: &Args,
+        database: &Database,
+        directory: &Path,
+        quotas_on: bool,
+        configure: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
         let slack = fake_slack::start().await?;
         let policy = directory.join("bench-policy.yaml");
         std::fs::write(&policy, BENCH_POLICY)?;
@@ -167,6 +179,7 @@ impl Harness {
             api_url: slack,
             command: "/signoff".into(),
         };
+        configure(&mut config);
         let server_runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(num_cpus())
             .thread_name(SERVER_THREAD_NAME)

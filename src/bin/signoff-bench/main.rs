@@ -7,6 +7,7 @@
 //! `floors`, `saturation`, `latency` and `memory`; the Markdown they print in `report`.
 
 mod fake_slack;
+mod fake_teams;
 mod floors;
 mod harness;
 mod latency;
@@ -14,6 +15,7 @@ mod memory;
 mod policies;
 mod report;
 mod saturation;
+mod teams_ack;
 
 use std::path::PathBuf;
 
@@ -77,6 +79,11 @@ pub struct Args {
     /// quotas off and on (order alternating), server CPU per request of both, and their ratio.
     #[arg(long, value_name = "ROUNDS")]
     pub quota_cost: Option<usize>,
+    /// Only the Teams click acknowledgement: SAMPLES signed Approve invokes, each to the
+    /// HTTP answer carrying the card, beside as many Slack approve clicks, and the token
+    /// verification alone (its share of the invoke).
+    #[arg(long, value_name = "SAMPLES")]
+    pub teams_ack_only: Option<usize>,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
     pub serve: Option<PathBuf>,
@@ -115,6 +122,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         report::backend_heading(backend);
         if !args.probe_rates.is_empty() {
             report::probe_table(&args, backend, &database, &directory).await?;
+        } else if let Some(samples) = args.teams_ack_only {
+            report::teams_ack_table(&args, &database, &directory, samples).await?;
         } else if let Some(rounds) = args.quota_cost {
             report::quota_cost_table(&args, &database, &directory, rounds).await?;
         } else {
@@ -122,7 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         database.drop_scratch().await;
     }
-    if !args.saturation_only && args.probe_rates.is_empty() {
+    if !args.saturation_only && args.probe_rates.is_empty() && args.teams_ack_only.is_none() {
         report::memory_table(&directory, args.memory_requests).await?;
     }
     Ok(())

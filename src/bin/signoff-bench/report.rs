@@ -251,6 +251,40 @@ pub async fn quota_cost_table(
     Ok(())
 }
 
+/// The Teams click acknowledgement beside Slack's, and the token verification's share.
+pub async fn teams_ack_table(
+    args: &Args,
+    database: &Database,
+    directory: &Path,
+    samples: usize,
+) -> anyhow::Result<()> {
+    let crate::teams_ack::TeamsAck {
+        teams,
+        slack,
+        verify,
+    } = crate::teams_ack::measure(args, database, directory, samples).await?;
+    let ratio = |quantile: f64| {
+        teams.value_at_quantile(quantile) as f64 / slack.value_at_quantile(quantile).max(1) as f64
+    };
+    println!("| click acknowledgement ({samples} each) | latency | Teams / Slack |\n|---|---|---|");
+    println!(
+        "| Slack approve click to HTTP answer (baseline) | {} | |",
+        p50_p99(&slack)
+    );
+    println!(
+        "| Teams approve invoke to HTTP answer with the card | {} | p50 {:.2} · p99 {:.2} |",
+        p50_p99(&teams),
+        ratio(0.5),
+        ratio(0.99)
+    );
+    println!(
+        "| Teams token verification alone (cached keys) | {} | {:.1} % of the invoke's p50 |\n",
+        p50_p99(&verify),
+        verify.value_at_quantile(0.5) as f64 / teams.value_at_quantile(0.5).max(1) as f64 * 100.0
+    );
+    Ok(())
+}
+
 /// Resident memory of the server process, idle and with `pending` requests.
 pub async fn memory_table(directory: &Path, pending: usize) -> anyhow::Result<()> {
     let memory::Resident { idle, loaded } = memory::resident(directory, pending).await?;

@@ -11,16 +11,18 @@ use super::card::{escape, render_card};
 use super::handlers::{
     explain, foreign_workspace, form_fields, voter, SignedBody, SlackState, CARDS_PER_MESSAGE,
 };
-use crate::channels::CardView;
+use crate::channels::{CardView, ChatCommand, HELP_LINES};
 use crate::domain::{Status, VoteEffect, VoteKind, VoteRequest};
 use crate::store::RequestFilter;
 
-const HELP: &str = "*signoff* — approve what your AI agents want to do.\n\
-• `pending` — requests you can decide, with their buttons\n\
-• `show ID` — one request\n\
-• `approve ID [note]` — approve\n\
-• `deny ID reason` — deny, with a reason\n\
-• `help` — this message";
+/// The help text, in Slack's mrkdwn.
+fn help(command: &str) -> String {
+    let mut text = format!("*{command}* — approve what your AI agents want to do.");
+    for (words, meaning) in HELP_LINES {
+        text.push_str(&format!("\n• `{words}` — {meaning}"));
+    }
+    text
+}
 
 /// The slash command. Every answer is ephemeral.
 pub(super) async fn commands(
@@ -37,30 +39,25 @@ pub(super) async fn commands(
     }
     let user = fields.get("user_id").cloned().unwrap_or_default();
     let text = fields.get("text").cloned().unwrap_or_default();
-    let mut words = text.split_whitespace();
-    let subcommand = words.next().unwrap_or("help").to_ascii_lowercase();
-    let id = words.next().map(str::to_string);
-    let rest = words.collect::<Vec<_>>().join(" ");
-    let answer = match (subcommand.as_str(), id) {
-        ("pending", _) => pending_for(&state, &user).await,
-        ("show", Some(id)) => show_to(&state, &id, &user).await,
-        ("approve", Some(id)) => {
-            let note = (!rest.is_empty()).then_some(rest);
+    let answer = match ChatCommand::parse(&text) {
+        ChatCommand::Pending => pending_for(&state, &user).await,
+        ChatCommand::Show { id } => show_to(&state, &id, &user).await,
+        ChatCommand::Approve { id, note } => {
             vote_from_command(&state, &id, &user, signed_at, VoteRequest::Approve { note }).await
         }
-        ("deny", Some(id)) if !rest.is_empty() => {
-            let vote = VoteRequest::Deny { reason: rest };
+        ChatCommand::Deny { id, reason } => {
+            let vote = VoteRequest::Deny { reason };
             vote_from_command(&state, &id, &user, signed_at, vote).await
         }
-        ("deny", Some(_)) => ephemeral(format!(
+        ChatCommand::DenyWithoutReason => ephemeral(format!(
             "A deny needs a reason: `{} deny ID reason`",
             state.slack.command
         )),
-        ("show" | "approve" | "deny", None) => ephemeral(format!(
-            "Which request? `{} {subcommand} ID`",
+        ChatCommand::MissingId { word } => ephemeral(format!(
+            "Which request? `{} {word} ID`",
             state.slack.command
         )),
-        _ => ephemeral(HELP.replace("*signoff*", &format!("*{}*", state.slack.command))),
+        ChatCommand::Help => ephemeral(help(&state.slack.command)),
     };
     Json(answer).into_response()
 }

@@ -20,6 +20,7 @@ use super::card::{
     REASON_BLOCK,
 };
 use super::SlackChannel;
+pub(super) use crate::channels::explain;
 use crate::channels::{parse_modified_args, CardView, VoteTarget, APPROVE, DENY, MODIFY};
 use crate::config::check_outbound_url;
 use crate::domain::{ApprovalRequest, VoteKind, VoteRefusal, VoteRequest, Voter};
@@ -494,23 +495,6 @@ fn tell_user(state: &SlackState, interaction: &Interaction, message: Value) {
             tracing::warn!(%error, "could not tell a Slack user why nothing changed");
         }
     });
-}
-
-/// An engine refusal in words for the person who clicked.
-pub(super) fn explain(error: &EngineError) -> String {
-    match error {
-        EngineError::Refused(refusal) => format!("Nothing was recorded: {refusal}."),
-        EngineError::NotFound => "That request does not exist.".into(),
-        EngineError::Invalid(message)
-        | EngineError::Conflict { message, .. }
-        | EngineError::Unprocessable { message, .. } => message.clone(),
-        EngineError::Quota(exceeded) => exceeded.to_string(),
-        // Only agents' keys are refused this way; a click never is, so it is a failure.
-        EngineError::Unauthorized | EngineError::Store(_) | EngineError::Internal(_) => {
-            tracing::error!(%error, "Slack interaction failed");
-            "signoff could not record that just now; please try again.".into()
-        }
-    }
 }
 
 /// Events API: answers the URL verification handshake; other events are acknowledged.
