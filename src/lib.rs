@@ -3,6 +3,7 @@
 //! The map (ARCHITECTURE.md has it with the life of a request and where to change what):
 //!
 //! - [`http`] — the agent API, health, metrics, OpenAPI, admin: thin axum handlers.
+//! - [`mcp`] — the approval tools at `/mcp`, and the `mcp-proxy` gateway.
 //! - [`channels`] — the chat boundary: `trait ChatChannel` and its registry; `slack/`.
 //! - [`workers`] — delivery (outbox), sweeper (time), watcher (other processes'
 //!   decisions), each with a step function tests call.
@@ -13,7 +14,7 @@
 //! - [`quota`], [`callbacks`] — per-agent limits; where callback URLs may point.
 //! - [`server`] assembles a process; [`commands`], [`client`] and [`config`] serve the CLI.
 //!
-//! Dependencies point one way: http/channels/workers -> engine -> policy/store/audit -> domain.
+//! Dependencies point one way: http/channels/mcp/workers -> engine -> policy/store/audit -> domain.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod http;
+pub mod mcp;
 pub mod policy;
 pub mod quota;
 pub mod server;

@@ -111,6 +111,26 @@ enum Command {
         #[arg(long, value_name = "DURATION")]
         wait: Option<String>,
     },
+    /// An MCP gateway on stdio in front of an upstream MCP server: every tool call is
+    /// submitted to signoff as PREFIX + tool and runs only once allowed or approved.
+    McpProxy {
+        #[arg(long, env = "SIGNOFF_URL")]
+        url: String,
+        #[arg(long, env = "SIGNOFF_API_KEY", hide_env_values = true)]
+        key: String,
+        /// Put before each tool's name to make the action, e.g. `mcp.` + `send_email`.
+        #[arg(long, default_value = "mcp.")]
+        prefix: String,
+        /// How long one call waits for people to decide: 30s, 5m, 1h or plain seconds.
+        #[arg(long, value_name = "DURATION", default_value = "10m")]
+        wait: String,
+        /// How often a waiting call reports progress (when the client asked for it).
+        #[arg(long, value_name = "DURATION", default_value = "10s", hide = true)]
+        progress_every: String,
+        /// The upstream MCP server's command and its arguments.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,7 +207,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // A blocked stdin read (mcp-proxy's) must not keep the process alive once done.
+    runtime.shutdown_background();
+    match outcome {
         Ok(code) => code,
         // A closed pipe (`signoff pending --json | head`) is the reader's choice, not an error.
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
@@ -228,6 +251,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent.as_deref(),
                 context.as_deref(),
             )
+        }
+        Command::McpProxy {
+            url,
+            key,
+            prefix,
+            wait,
+            progress_every,
+            command,
+        } => {
+            // stdout carries protocol messages only; logs go to stderr.
+            init_logging(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            signoff::mcp::proxy::run(signoff::mcp::proxy::ProxyOptions {
+                url: url.clone(),
+                key: key.clone(),
+                prefix: prefix.clone(),
+                wait: parse_wait(wait)?,
+                progress_every: parse_wait(progress_every)?,
+                command: command.clone(),
+            })
+            .await?;
+            return Ok(ExitCode::SUCCESS);
         }
         Command::Request {
             url,
@@ -316,7 +360,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit(AuditCommand::Head) => commands::audit_head(config).await,
         Command::Audit(AuditCommand::Export) => commands::audit_export(config).await,
-        Command::Policy(_) | Command::Request { .. } => unreachable!("handled above"),
+        Command::Policy(_) | Command::Request { .. } | Command::McpProxy { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -30,6 +30,32 @@ pub struct Submission {
     pub callback_url: Option<String>,
 }
 
+impl Submission {
+    /// A submission from an agent's fields as they arrive, for every agent-facing edge
+    /// (/v1 and MCP): `null` or missing args are `{}`, `on_behalf_of` is parsed.
+    pub fn from_agent(
+        action: String,
+        args: Option<Value>,
+        context: Option<RequestContext>,
+        on_behalf_of: Option<&str>,
+        callback_url: Option<String>,
+    ) -> EngineResult<Self> {
+        let on_behalf_of = on_behalf_of
+            .map(str::parse::<Principal>)
+            .transpose()
+            .map_err(|error| EngineError::Invalid(format!("on_behalf_of: {error}")))?;
+        Ok(Self {
+            action,
+            args: args
+                .filter(|args| !args.is_null())
+                .unwrap_or_else(|| json!({})),
+            context: context.unwrap_or_default(),
+            on_behalf_of,
+            callback_url,
+        })
+    }
+}
+
 /// The answer to a submission: a new request, or the stored answer to an earlier one with
 /// the same Idempotency-Key.
 #[derive(Debug)]
@@ -47,6 +73,24 @@ impl Engine {
             agent,
             context,
         })
+    }
+
+    /// `check`, for input straight from an agent: an empty action or non-object args are
+    /// refused.
+    pub fn check_agent_input(
+        &self,
+        agent: &str,
+        action: &str,
+        args: &Value,
+        context: &Value,
+    ) -> EngineResult<Verdict> {
+        if action.is_empty() {
+            return Err(EngineError::Invalid("action must not be empty".into()));
+        }
+        if !args.is_object() {
+            return Err(EngineError::Invalid("args must be a JSON object".into()));
+        }
+        Ok(self.check(agent, action, args, context))
     }
 
     #[instrument(skip_all, fields(agent = %agent.name, action = %submission.action))]

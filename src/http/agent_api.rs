@@ -12,13 +12,13 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, AppState, AuthenticatedAgent, ErrorBody, JsonBody, SubmittingAgent};
-use crate::domain::{ApprovalRequest, ExecutionOutcome, Principal, RequestContext, Status};
+use crate::domain::{ApprovalRequest, ExecutionOutcome, RequestContext, Status};
 use crate::engine::{Submission, Submitted};
 use crate::policy::Explanation;
 use crate::store::RequestFilter;
 
 /// The longest long-poll, under common 60 s proxy timeouts.
-const MAX_WAIT_SECONDS: f64 = 55.0;
+pub const MAX_WAIT_SECONDS: f64 = 55.0;
 
 fn empty_object() -> Value {
     json!({})
@@ -89,24 +89,13 @@ pub async fn submit_request(
             })
         })
         .transpose()?;
-    let on_behalf_of = body
-        .on_behalf_of
-        .map(|text| text.parse::<Principal>())
-        .transpose()
-        .map_err(|error| {
-            ApiError::bad_request("invalid_request", format!("on_behalf_of: {error}"))
-        })?;
-    let submission = Submission {
-        action: body.action,
-        // `null` is the same as leaving it out.
-        args: body
-            .args
-            .filter(|args| !args.is_null())
-            .unwrap_or_else(empty_object),
-        context: body.context.unwrap_or_default(),
-        on_behalf_of,
-        callback_url: body.callback_url,
-    };
+    let submission = Submission::from_agent(
+        body.action,
+        body.args,
+        body.context,
+        body.on_behalf_of.as_deref(),
+        body.callback_url,
+    )?;
     // Serialised straight from the request: no intermediate `Value` tree per answer.
     let answer = match state
         .engine
@@ -345,20 +334,9 @@ pub async fn check_policy(
     AuthenticatedAgent(agent): AuthenticatedAgent,
     JsonBody(body): JsonBody<CheckBody>,
 ) -> Result<Response, ApiError> {
-    if body.action.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "action must not be empty",
-        ));
-    }
-    if !body.args.is_object() {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "args must be a JSON object",
-        ));
-    }
-    let verdict = state
-        .engine
-        .check(&agent.name, &body.action, &body.args, &body.context);
+    let verdict =
+        state
+            .engine
+            .check_agent_input(&agent.name, &body.action, &body.args, &body.context)?;
     Ok(Json(verdict.explain(state.engine.policy().hash())).into_response())
 }

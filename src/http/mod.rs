@@ -21,6 +21,7 @@ use tower_http::trace::TraceLayer;
 use crate::config::Config;
 use crate::engine::Engine;
 
+pub use agent_api::MAX_WAIT_SECONDS;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use extract::{AuthenticatedAgent, JsonBody, SubmittingAgent};
 pub use openapi::ApiDoc;
@@ -59,7 +60,7 @@ async fn record_http_latency(
     response
 }
 
-/// The agent API, health routes and OpenAPI document, plus `channel_routes` (Slack,
+/// The agent API (/v1 and /mcp), health routes and OpenAPI document, plus `channel_routes` (Slack,
 /// Teams), under the shared layers: request ids, tracing, timeout and the body limit.
 pub fn router(state: AppState, channel_routes: Router) -> Router {
     let body_limit = state.config.max_body_bytes;
@@ -82,7 +83,8 @@ pub fn router(state: AppState, channel_routes: Router) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(health::not_found)
         .method_not_allowed_fallback(health::method_not_allowed)
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::mcp::routes(state))
         .merge(channel_routes)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(record_http_latency))

@@ -11,6 +11,7 @@ mod cli;
 mod concurrency;
 mod decisions;
 mod lifecycle;
+mod mcp;
 mod openapi;
 mod operations;
 mod outbox_fairness;

@@ -11,6 +11,7 @@ mod fake_teams;
 mod floors;
 mod harness;
 mod latency;
+mod mcp_proxy;
 mod memory;
 mod policies;
 mod report;
@@ -84,6 +85,12 @@ pub struct Args {
     /// verification alone (its share of the invoke).
     #[arg(long, value_name = "SAMPLES")]
     pub teams_ack_only: Option<usize>,
+    /// Only what `signoff mcp-proxy` adds to an allowed tool call: N calls each straight to
+    /// the upstream MCP server, through the proxy, and as a plain intake, interleaved; p50
+    /// and p99 of each and of the differences. Needs `signoff` and the
+    /// `mcp_recording_server` example built beside the benchmark.
+    #[arg(long, value_name = "CALLS")]
+    pub mcp_proxy: Option<usize>,
     /// Internal: run a server on this config and print its address (memory measurement).
     #[arg(long, hide = true)]
     pub serve: Option<PathBuf>,
@@ -124,6 +131,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             report::probe_table(&args, backend, &database, &directory).await?;
         } else if let Some(samples) = args.teams_ack_only {
             report::teams_ack_table(&args, &database, &directory, samples).await?;
+        } else if let Some(calls) = args.mcp_proxy {
+            report::mcp_proxy_table(&args, &database, &directory, calls).await?;
         } else if let Some(rounds) = args.quota_cost {
             report::quota_cost_table(&args, &database, &directory, rounds).await?;
         } else {
@@ -131,7 +140,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         database.drop_scratch().await;
     }
-    if !args.saturation_only && args.probe_rates.is_empty() && args.teams_ack_only.is_none() {
+    if !args.saturation_only
+        && args.probe_rates.is_empty()
+        && args.teams_ack_only.is_none()
+        && args.mcp_proxy.is_none()
+    {
         report::memory_table(&directory, args.memory_requests).await?;
     }
     Ok(())

@@ -285,6 +285,50 @@ pub async fn teams_ack_table(
     Ok(())
 }
 
+/// What `signoff mcp-proxy` adds to an allowed call (`--mcp-proxy`): p50 and p99 of a call
+/// straight to the upstream, through the proxy, and of signoff's intake alone, then the
+/// proxy's addition and what remains of it beyond the intake answer.
+pub async fn mcp_proxy_table(
+    args: &Args,
+    database: &Database,
+    directory: &Path,
+    calls: usize,
+) -> anyhow::Result<()> {
+    let latency = crate::mcp_proxy::measure(args, database, directory, calls).await?;
+    let percentile = |samples: &[std::time::Duration], quantile: f64| -> f64 {
+        let mut sorted: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        sorted.sort_by(f64::total_cmp);
+        let index = ((sorted.len() as f64 - 1.0) * quantile).round() as usize;
+        sorted.get(index).copied().unwrap_or(f64::NAN)
+    };
+    let row = |name: &str, samples: &[std::time::Duration]| {
+        println!(
+            "| {name} | {:.3} ms | {:.3} ms |",
+            percentile(samples, 0.5),
+            percentile(samples, 0.99)
+        );
+    };
+    println!("| mcp-proxy, allowed call ({calls} each, interleaved) | p50 | p99 |\n|---|---|---|");
+    row("client -> upstream (direct)", &latency.direct);
+    row("client -> proxy -> signoff -> upstream", &latency.proxied);
+    row(
+        "signoff intake alone (POST /v1/requests, allowed)",
+        &latency.intake,
+    );
+    for (label, quantile) in [("p50", 0.5), ("p99", 0.99)] {
+        let direct = percentile(&latency.direct, quantile);
+        let proxied = percentile(&latency.proxied, quantile);
+        let intake = percentile(&latency.intake, quantile);
+        println!(
+            "| {label}: proxy adds {:.3} ms over direct; beyond the intake answer {:.3} ms (target p99 < 1 ms) | | |",
+            proxied - direct,
+            proxied - direct - intake
+        );
+    }
+    println!();
+    Ok(())
+}
+
 /// Resident memory of the server process, idle and with `pending` requests.
 pub async fn memory_table(directory: &Path, pending: usize) -> anyhow::Result<()> {
     let memory::Resident { idle, loaded } = memory::resident(directory, pending).await?;
