@@ -32,12 +32,12 @@ pub trait ChatChannel: Send + Sync + 'static {
     /// The platform its destinations name (`slack` in `slack:C0HIGH`).
     fn platform(&self) -> &'static str;
 
-    /// Makes the card at `destination` show `request` as it is now: posts it when
-    /// `posted` is `None` (the answer's reference is saved with the delivery), else
-    /// updates that message.
+    /// Makes the card at `destination` show `card` (the request as it is now, redacted
+    /// under the policy): posts it when `posted` is `None` (the answer's reference is
+    /// saved with the delivery), else updates that message.
     async fn sync_card(
         &self,
-        request: &ApprovalRequest,
+        card: &CardView,
         destination: &Destination,
         posted: Option<&Value>,
     ) -> Result<CardSync, ChannelError>;

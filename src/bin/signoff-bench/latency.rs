@@ -297,6 +297,7 @@ impl Harness {
             let button = VoteTarget {
                 request_id: id.to_string(),
                 revision: u32::try_from(revision)?,
+                grant_seconds: None,
             }
             .encode();
             let payload = json!({

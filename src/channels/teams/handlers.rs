@@ -222,7 +222,7 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
     let vote = match verb {
         REFRESH => {
             return if shown_to(state, &request, &voter, activity).await {
-                render_card(&CardView::of(&request))
+                render_card(&CardView::of(&request, &state.engine.policy()))
             } else {
                 text_card("That request does not exist, or you may not see it.")
             };
@@ -291,7 +291,7 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
                     format!("Recorded: the request is now {}.", status.as_str())
                 }
             };
-            let card = CardView::of(&request);
+            let card = CardView::of(&request, &state.engine.policy());
             render_card_for(
                 &card,
                 &ForViewer {
@@ -330,7 +330,7 @@ async fn refused_card(
 ) -> Value {
     match state.engine.request(request_id).await {
         Ok(request) if shown_to(state, &request, voter, activity).await => render_card_for(
-            &CardView::of(&request),
+            &CardView::of(&request, &state.engine.policy()),
             &ForViewer {
                 notice: Some(text),
                 typed_args,
@@ -451,7 +451,7 @@ async fn show_to(state: &TeamsState, activity: &Activity, id: &str) -> Value {
     match state.engine.may_view(&request, &voter).await {
         Ok(true) => card_activity(
             &format!("Request {id}"),
-            vec![render_card(&CardView::of(&request))],
+            vec![render_card(&CardView::of(&request, &state.engine.policy()))],
         ),
         Ok(false) => text_reply(NOT_SHOWN),
         Err(error) => text_reply(&explain(&error)),
@@ -469,7 +469,12 @@ async fn vote_from_message(
         Ok(found) => found,
         Err(message) => return text_reply(&message),
     };
-    match state.engine.record_vote(id, &voter, vote, None).await {
+    let voted = state
+        .engine
+        .record_vote(id, &voter, vote, None)
+        .await
+        .map(|(request, effect)| (state.engine.policy().redacted(&request), effect));
+    match voted {
         Ok((
             request,
             VoteEffect::Counted {
@@ -536,7 +541,7 @@ async fn pending_for(state: &TeamsState, activity: &Activity) -> Value {
     let cards = decidable
         .iter()
         .take(CARDS_PER_MESSAGE)
-        .map(|request| render_card(&CardView::of(request)))
+        .map(|request| render_card(&CardView::of(request, &state.engine.policy())))
         .collect();
     card_activity(&text, cards)
 }

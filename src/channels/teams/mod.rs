@@ -292,12 +292,11 @@ impl ChatChannel for TeamsChannel {
 
     async fn sync_card(
         &self,
-        request: &ApprovalRequest,
+        view: &CardView,
         destination: &Destination,
         posted: Option<&Value>,
     ) -> Result<CardSync, ChannelError> {
-        let view = CardView::of(request);
-        let activity = card_activity(&card_fallback_text(&view), vec![render_card(&view)]);
+        let activity = card_activity(&card_fallback_text(view), vec![render_card(view)]);
         let existing = posted
             .and_then(|reference| serde_json::from_value::<PostedActivity>(reference.clone()).ok());
         match existing {
