@@ -868,3 +868,188 @@ async fn a_submission_whose_wait_meets_the_long_poll_cap_still_answers_its_id(
     let (body, _) = long_poll.await.expect("join");
     assert_eq!(body["status"], "approved");
 }
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_identical_calls_joining_one_approval_run_it_once(#[case] backend: Backend) {
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    let proxy = Proxy::start(&app.base_url, &agent.key, &["--wait", "0.3s"]).await;
+    let args = json!({"to": "twice@example.com"});
+    let first = proxy.call("send_email", args.clone()).await;
+    assert!(is_error(&first), "{}", text_of(&first));
+    let id = the_one_pending(&app, &agent).await;
+    cli_ok(&app, &["approve", &id, "--as", "cli:alice"]);
+
+    // Both join the approved request before either has recorded its receipt.
+    let (one, two) = tokio::join!(
+        proxy.call("send_email", args.clone()),
+        proxy.call("send_email", args.clone())
+    );
+    assert_eq!(
+        proxy.received(),
+        [json!({"tool": "send_email", "arguments": args})],
+        "one approval, one run"
+    );
+    let refused: Vec<&CallToolResult> = [&one, &two].into_iter().filter(|r| is_error(r)).collect();
+    assert_eq!(refused.len(), 1, "{} / {}", text_of(&one), text_of(&two));
+    assert!(
+        text_of(refused[0]).contains("Not run"),
+        "{}",
+        text_of(refused[0])
+    );
+}
+
+/// A signoff stand-in answering every submission and every poll with a scripted status
+/// and body: what the proxy does with answers a real server should never give.
+#[derive(Clone, Default)]
+struct ScriptedSignoff {
+    submit_answer: Arc<Mutex<Answer>>,
+    poll_answer: Arc<Mutex<Answer>>,
+}
+
+/// An HTTP status and body.
+type Answer = (u16, String);
+
+impl ScriptedSignoff {
+    async fn start(&self) -> String {
+        use axum::http::Method;
+        let script = self.clone();
+        let router = axum::Router::new().fallback(move |method: Method| {
+            let script = script.clone();
+            async move {
+                let slot = if method == Method::POST {
+                    &script.submit_answer
+                } else {
+                    &script.poll_answer
+                };
+                let (status, body) = slot.lock().expect("lock").clone();
+                (
+                    StatusCode::from_u16(status).expect("status"),
+                    [("content-type", "application/json")],
+                    body,
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{address}")
+    }
+
+    fn answer(&self, submit: Answer, poll: Answer) {
+        *self.submit_answer.lock().expect("lock") = submit;
+        *self.poll_answer.lock().expect("lock") = poll;
+    }
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_runs_nothing_on_an_answer_it_cannot_trust(#[case] backend: Backend) {
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    // Genuine request objects to bend: an allowed echo, approved by the policy...
+    let approved = app
+        .submit_ok(
+            &agent,
+            json!({"action": "mcp.echo", "args": {"text": "hi"}}),
+        )
+        .await;
+    // ...a pending one, renamed to the same action...
+    let mut pending = app
+        .submit_ok(
+            &agent,
+            json!({"action": "mcp.send_email", "args": {"text": "hi"}}),
+        )
+        .await;
+    pending["action"] = json!("mcp.echo");
+    // ...and an approval already used.
+    let executed: Value = app
+        .http
+        .post(app.url(&format!(
+            "/v1/requests/{}/execution",
+            approved["id"].as_str().expect("id")
+        )))
+        .bearer_auth(&agent.key)
+        .json(&json!({"outcome": "succeeded"}))
+        .send()
+        .await
+        .expect("receipt")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(!executed["executed"].is_null(), "{executed}");
+    let approved_with = |change: &dyn Fn(&mut Value)| {
+        let mut body = approved.clone();
+        change(&mut body);
+        (201, body.to_string())
+    };
+    let plain = |status: u16, body: &str| (status, body.to_string());
+    let cases: Vec<(&str, Answer, Answer)> = vec![
+        (
+            "a server error",
+            plain(500, r#"{"error":{"code":"internal","message":"boom"}}"#),
+            plain(500, "{}"),
+        ),
+        (
+            "rate limited",
+            plain(
+                429,
+                r#"{"error":{"code":"rate_limited","message":"slow down"}}"#,
+            ),
+            plain(429, "{}"),
+        ),
+        ("not JSON", plain(200, "<html>hello</html>"), plain(200, "")),
+        (
+            "not a request",
+            plain(201, r#"{"status":"approved"}"#),
+            plain(200, "{}"),
+        ),
+        (
+            "another action approved",
+            approved_with(&|body| body["action"] = json!("mcp.get")),
+            plain(200, "{}"),
+        ),
+        (
+            "approved without a decision",
+            approved_with(&|body| body["decision"] = Value::Null),
+            plain(200, "{}"),
+        ),
+        (
+            "decision args not an object",
+            approved_with(&|body| body["decision"]["args"] = json!("rm -rf /")),
+            plain(200, "{}"),
+        ),
+        (
+            "decision args null",
+            approved_with(&|body| body["decision"]["args"] = Value::Null),
+            plain(200, "{}"),
+        ),
+        (
+            "approval already used",
+            (201, executed.to_string()),
+            plain(200, "{}"),
+        ),
+        (
+            "the poll answers another request",
+            (201, pending.to_string()),
+            approved_with(&|body| body["action"] = json!("mcp.echo")),
+        ),
+    ];
+    let scripted = ScriptedSignoff::default();
+    let url = scripted.start().await;
+    for (case, submit, poll) in cases {
+        scripted.answer(submit, poll);
+        let proxy = Proxy::start(&url, &agent.key, &["--wait", "2s"]).await;
+        let result = proxy.call("echo", json!({"text": "hi"})).await;
+        assert!(is_error(&result), "{case}: {}", text_of(&result));
+        assert!(
+            text_of(&result).contains("Not run"),
+            "{case}: {}",
+            text_of(&result)
+        );
+        assert!(proxy.received().is_empty(), "{case}: reached the upstream");
+    }
+}
