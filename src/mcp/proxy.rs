@@ -45,6 +45,9 @@ pub async fn run(options: ProxyOptions) -> anyhow::Result<()> {
     let signoff = SignoffClient::new(&options.url, &options.key)?;
     let mut command = tokio::process::Command::new(program);
     command.args(arguments);
+    // The upstream runs whatever the agent asks of it: it must not find the agent's key
+    // in its environment and talk to signoff itself.
+    command.env_remove("SIGNOFF_API_KEY");
     // Upstream stderr is inherited: its logs appear on the proxy's stderr.
     let transport = TokioChildProcess::new(command)
         .with_context(|| format!("cannot start the upstream MCP server {program:?}"))?;

@@ -1053,3 +1053,45 @@ async fn the_proxy_runs_nothing_on_an_answer_it_cannot_trust(#[case] backend: Ba
         assert!(proxy.received().is_empty(), "{case}: reached the upstream");
     }
 }
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_never_inherits_the_agent_key(#[case] backend: Backend) {
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    let directory = tempfile::tempdir().expect("tempdir");
+    let environment = directory.path().join("environment.txt");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_signoff"))
+        .args(["mcp-proxy", "--wait", "1s", "--"])
+        .arg(recording_server())
+        .env("SIGNOFF_URL", &app.base_url)
+        .env("SIGNOFF_API_KEY", &agent.key)
+        .env("ENVIRONMENT_FILE", &environment)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start signoff mcp-proxy");
+    let stdout = child.stdout.take().expect("stdout");
+    let stdin = child.stdin.take().expect("stdin");
+    let client = ().serve((stdout, stdin)).await.expect("MCP client connects");
+    let echoed = client
+        .call_tool(call("echo", json!({"text": "hi"})))
+        .await
+        .expect("tools/call answers");
+    assert!(!is_error(&echoed), "{}", text_of(&echoed));
+    let inherited = std::fs::read_to_string(&environment).expect("environment file");
+    assert!(inherited.contains("SIGNOFF_URL"), "{inherited}");
+    assert!(!inherited.contains("SIGNOFF_API_KEY"), "{inherited}");
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let mut errors = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut errors).await;
+    }
+    assert!(
+        !errors.contains(&agent.key),
+        "the key in the logs: {errors}"
+    );
+}
