@@ -1095,3 +1095,109 @@ async fn the_upstream_never_inherits_the_agent_key(#[case] backend: Backend) {
         "the key in the logs: {errors}"
     );
 }
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mcp_method_needs_the_key_and_odd_bodies_change_nothing(#[case] backend: Backend) {
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::DELETE,
+        reqwest::Method::PUT,
+    ] {
+        let response = app
+            .http
+            .request(method.clone(), app.url("/mcp"))
+            .header("Accept", "application/json, text/event-stream")
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method}");
+        let with_key = app
+            .http
+            .request(method.clone(), app.url("/mcp"))
+            .bearer_auth(&agent.key)
+            .header("Accept", "application/json, text/event-stream")
+            .send()
+            .await
+            .expect("answer");
+        let status = with_key.status();
+        let body = with_key.text().await.expect("body");
+        assert!(status.is_client_error(), "{method}: {status} {body}");
+    }
+
+    let submit = |n: u64| {
+        json!({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {
+            "name": "request_approval",
+            "arguments": {"action": "reports.get", "args": {"n": n}, "wait_seconds": 0}}})
+    };
+    let post = |body: reqwest::Body| {
+        app.http
+            .post(app.url("/mcp"))
+            .bearer_auth(&agent.key)
+            .header("Accept", "application/json, text/event-stream")
+            .header("Content-Type", "application/json")
+            .header("MCP-Protocol-Version", "2025-06-18")
+            .body(body)
+            .send()
+    };
+    // A JSON-RPC batch (dropped from the protocol in 2025-06-18).
+    let batch = post(json!([submit(1), submit(2)]).to_string().into())
+        .await
+        .expect("answer");
+    let status = batch.status();
+    let body = batch.text().await.expect("body");
+    assert!(!status.is_server_error(), "{status}: {body}");
+    assert_eq!(app.request_count().await, 0, "{status}: {body}");
+
+    // An oversized body streamed without a Content-Length.
+    let huge = submit(3).to_string().replace(
+        "\"n\":3",
+        &format!("\"blob\":\"{}\"", "x".repeat(app.config.max_body_bytes)),
+    );
+    let status_line = post_chunked(&app.base_url, &agent.key, huge.as_bytes()).await;
+    assert!(status_line.contains(" 413 "), "{status_line}");
+    assert_eq!(app.request_count().await, 0);
+
+    // Malformed JSON: an error that names no internals.
+    let garbage = post("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\":".into())
+        .await
+        .expect("answer");
+    let status = garbage.status();
+    let body = garbage.text().await.expect("body");
+    assert!(status.is_client_error(), "{status}: {body}");
+    assert!(!body.contains("src/") && !body.contains("sqlx"), "{body}");
+}
+
+/// POSTs `body` to /mcp with `Transfer-Encoding: chunked` (no Content-Length) over a raw
+/// connection; answers the response's status line.
+async fn post_chunked(base_url: &str, key: &str, body: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    let address = base_url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n\
+         MCP-Protocol-Version: 2025-06-18\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    for chunk in body.chunks(4096) {
+        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+        // The server may answer and close before the whole body is sent.
+        if stream.write_all(&framed).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
