@@ -112,6 +112,14 @@ impl ServerHandler for RecordingServer {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     eprintln!("recording server: started");
+    // Which SIGNOFF_ variables it was started with, so a test can tell what it inherited.
+    if let Ok(path) = std::env::var("ENVIRONMENT_FILE") {
+        let names: Vec<String> = std::env::vars()
+            .map(|(name, _)| name)
+            .filter(|name| name.starts_with("SIGNOFF_"))
+            .collect();
+        std::fs::write(path, names.join("\n"))?;
+    }
     let running = RecordingServer.serve(rmcp::transport::stdio()).await?;
     running.waiting().await?;
     Ok(())

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::domain::{
     ApprovalRequest, GrantAsk, Principal, Status, VoteEffect, VoteKind, VoteRequest, Voter,
 };
+use crate::engine::load_policy;
 use crate::engine::{Engine, EngineError};
 use crate::policy::{EvaluationInput, Policy};
 use crate::server::{build_engine, RunningServer};
@@ -187,16 +188,24 @@ pub async fn agents_revoke(config: Config, name: &str) -> anyhow::Result<ExitCod
 }
 
 pub async fn pending(config: Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let policy = listing_policy(&config)?;
     let engine = operator_engine(&config).await?;
-    let requests = engine
+    let requests: Vec<ApprovalRequest> = engine
         .list_requests(RequestFilter {
             status: Some(Status::Pending),
             agent: None,
             limit: 1000,
         })
-        .await?;
+        .await?
+        .iter()
+        .map(|request| policy.redacted(request))
+        .collect();
     if as_json {
-        out!("{}", serde_json::to_string_pretty(&requests)?);
+        let listed: Vec<Value> = requests
+            .iter()
+            .map(listed_request)
+            .collect::<Result<_, _>>()?;
+        out!("{}", serde_json::to_string_pretty(&listed)?);
         return Ok(ExitCode::SUCCESS);
     }
     if requests.is_empty() {
@@ -218,11 +227,7 @@ pub async fn pending(config: Config, as_json: bool) -> anyhow::Result<ExitCode> 
             request.agent,
             request.action,
             request.tier.as_deref().unwrap_or("-"),
-            format!(
-                "{}/{}",
-                request.current_approvers().len(),
-                request.approvals_required
-            ),
+            approvals_text(&request),
             request
                 .expires_at
                 .map(|at| at.to_rfc3339())
@@ -233,10 +238,60 @@ pub async fn pending(config: Config, as_json: bool) -> anyhow::Result<ExitCode> 
 }
 
 pub async fn show(config: Config, id: &str) -> anyhow::Result<ExitCode> {
+    let policy = listing_policy(&config)?;
     let engine = operator_engine(&config).await?;
     let request = engine.request(id).await.map_err(user_error)?;
-    out!("{}", serde_json::to_string_pretty(&request)?);
+    out!(
+        "{}",
+        serde_json::to_string_pretty(&listed_request(&policy.redacted(&request))?)?
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The policy whose `redact` paths listings apply. Without it nobody can tell which
+/// values must not be shown, so listings refuse rather than show them.
+fn listing_policy(config: &Config) -> anyhow::Result<Policy> {
+    load_policy(&config.policy).context(
+        "listings show args and context redacted under the policy's `redact` paths, so they need the policy",
+    )
+}
+
+/// A (redacted) request object as listings print it: with a per-group quorum, also
+/// `group_progress`, each group's approvals so far and approvals required.
+fn listed_request(request: &ApprovalRequest) -> anyhow::Result<Value> {
+    let mut listed = serde_json::to_value(request)?;
+    let progress = request.group_progress();
+    if let (false, Some(object)) = (progress.is_empty(), listed.as_object_mut()) {
+        let by_group: serde_json::Map<String, Value> = progress
+            .iter()
+            .map(|group| {
+                (
+                    group.group.clone(),
+                    json!({"approvals": group.filled, "required": group.required}),
+                )
+            })
+            .collect();
+        object.insert("group_progress".into(), Value::Object(by_group));
+    }
+    Ok(listed)
+}
+
+/// `1/2`, and per group for a per-group quorum: `1/2 (finance 1/1 · sre 0/1)`.
+fn approvals_text(request: &ApprovalRequest) -> String {
+    let progress = request.group_progress();
+    let mut text = format!(
+        "{}/{}",
+        request.approvals_counted(),
+        request.approvals_required
+    );
+    if !progress.is_empty() {
+        let groups: Vec<String> = progress
+            .iter()
+            .map(|group| format!("{} {}/{}", group.group, group.filled, group.required))
+            .collect();
+        text.push_str(&format!(" ({})", groups.join(" · ")));
+    }
+    text
 }
 
 /// approve / deny / modify from the command line, under the same rules as chat. Operators
@@ -400,9 +455,10 @@ async fn vote_asking_grant(
         }
     }
     // What was voted on, so the operator sees exactly what they approved.
+    let shown = engine.policy().redacted(&request);
     match request.status {
-        Status::Approved => out!("final args: {}", request.args),
-        _ => out!("args: {}", request.args),
+        Status::Approved => out!("final args: {}", shown.args),
+        _ => out!("args: {}", shown.args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,16 +1,13 @@
-//! Grants in chat, independent of the platform: the "Approve for …" choices a card offers,
-//! which grants a chat user may see (`grants`), what state each is in, and revoking one
+//! Grants in chat, independent of the platform: which grants a chat user may see (`grants`), what state each is in, and revoking one
 //! (`grants revoke GRANT_ID`). Platforms only say who the user is and format the answer.
 
 use std::future::Future;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{explain, CardView};
+use super::explain;
 use crate::domain::{ApprovalRequest, Grant, Voter};
 use crate::engine::Engine;
-use crate::policy::Policy;
 
 /// Grants listed in one answer, newest first.
 pub const GRANTS_LISTED: usize = 50;
@@ -18,18 +15,6 @@ pub const GRANTS_LISTED: usize = 50;
 /// The answer to a revoke of a grant that does not exist or that the user may not see:
 /// the same either way, so a stranger learns nothing.
 pub const UNKNOWN_GRANT: &str = "That grant does not exist, or you may not revoke it.";
-
-/// The longest grant the request's tier allows; `None` where it allows none.
-pub fn grant_max_ttl(policy: &Policy, request: &ApprovalRequest) -> Option<Duration> {
-    let tier = policy.tier(request.tier.as_deref()?)?;
-    tier.grants.map(|limits| limits.max_ttl)
-}
-
-/// The card of `request` with the "Approve for …" choices its tier allows (none once it
-/// is decided).
-pub fn card_with_grant_choices(policy: &Policy, request: &ApprovalRequest) -> CardView {
-    CardView::of(request).with_grant_choices(grant_max_ttl(policy, request))
-}
 
 /// Where a grant stands, in one word.
 pub fn grant_state(grant: &Grant, now: DateTime<Utc>) -> &'static str {

@@ -23,8 +23,7 @@ use crate::engine::{Engine, EngineError};
 
 pub use commands::{explain, ChatCommand, HELP_LINES};
 pub use grants::{
-    card_with_grant_choices, grant_max_ttl, grant_state, grants_visible_to, revoke_grant_for,
-    ListedGrant, GRANTS_LISTED, UNKNOWN_GRANT,
+    grant_state, grants_visible_to, revoke_grant_for, ListedGrant, GRANTS_LISTED, UNKNOWN_GRANT,
 };
 pub use view::{
     changed_args, parse_modified_args, vote_from_form, CardView, GrantChoice, VoteTarget, APPROVE,
@@ -37,12 +36,12 @@ pub trait ChatChannel: Send + Sync + 'static {
     /// The platform its destinations name (`slack` in `slack:C0HIGH`).
     fn platform(&self) -> &'static str;
 
-    /// Makes the card at `destination` show `request` as it is now: posts it when
-    /// `posted` is `None` (the answer's reference is saved with the delivery), else
-    /// updates that message.
+    /// Makes the card at `destination` show `card` (the request as it is now, redacted
+    /// under the policy): posts it when `posted` is `None` (the answer's reference is
+    /// saved with the delivery), else updates that message.
     async fn sync_card(
         &self,
-        request: &ApprovalRequest,
+        card: &CardView,
         destination: &Destination,
         posted: Option<&Value>,
     ) -> Result<CardSync, ChannelError>;

@@ -4,7 +4,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::domain::{ApprovalRequest, Principal, Status, VoteRequest};
+use crate::domain::{ApprovalRequest, GroupProgress, Principal, Status, VoteRequest};
+use crate::policy::Policy;
 
 /// Everything a card shows, independent of the platform that draws it.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,8 +34,12 @@ pub struct CardView {
     pub decided_at: Option<DateTime<Utc>>,
     pub decision_reason: Option<String>,
     pub escalated_at: Option<DateTime<Utc>>,
-    /// "Approve for …" choices when the tier allows grants (see `with_grant_choices`).
+    /// "Approve for …" choices when the request is pending and its tier allows grants.
     pub grant_choices: Vec<GrantChoice>,
+    /// Per-group quorum progress ("finance 1/1 · sre 0/1"); empty for a plain count.
+    pub group_progress: Vec<GroupProgress>,
+    /// Once escalated: the step of the tier's ladder reached, and how many steps it has.
+    pub escalation_step: Option<(u32, u32)>,
 }
 
 /// One "Approve for …" choice: an approve vote asking for a grant of this length.
@@ -48,16 +53,16 @@ pub struct GrantChoice {
 const GRANT_STEPS: [u64; 5] = [3600, 4 * 3600, 8 * 3600, 24 * 3600, 7 * 24 * 3600];
 
 impl CardView {
-    /// Adds the "Approve for …" choices of a pending request's tier: the standard steps up
-    /// to `max_ttl`, and `max_ttl` itself.
-    pub fn with_grant_choices(mut self, max_ttl: Option<std::time::Duration>) -> Self {
+    /// The "Approve for …" choices of a pending request on a tier whose grants last at
+    /// most `max_ttl`: the standard steps below it, and `max_ttl` itself.
+    fn grant_choices(&self, max_ttl: Option<std::time::Duration>) -> Vec<GrantChoice> {
         let Some(max_ttl) = max_ttl.filter(|_| self.is_pending()) else {
-            return self;
+            return Vec::new();
         };
         let max = max_ttl.as_secs();
         let mut steps: Vec<u64> = GRANT_STEPS.into_iter().filter(|step| *step < max).collect();
         steps.push(max);
-        self.grant_choices = steps
+        steps
             .into_iter()
             .map(|seconds| GrantChoice {
                 label: format!(
@@ -66,11 +71,19 @@ impl CardView {
                 ),
                 ttl_seconds: seconds,
             })
-            .collect();
-        self
+            .collect()
     }
 
-    pub fn of(request: &ApprovalRequest) -> Self {
+    /// What a card shows of `request` under `policy`: values at its `redact` paths show
+    /// as `[redacted]`, the escalation step is counted against the tier's ladder.
+    pub fn of(request: &ApprovalRequest, policy: &Policy) -> Self {
+        let request = &policy.redacted(request);
+        let tier = request.tier.as_deref().and_then(|tier| policy.tier(tier));
+        let ladder = tier.map_or(0, |tier| tier.escalation.len() as u32);
+        let grant_max_ttl = tier
+            .and_then(|tier| tier.grants)
+            .map(|limits| limits.max_ttl);
+        let step = request.escalation_steps_taken();
         let decision = request.decision.as_ref();
         let modified_by = (request.revision > 1)
             .then(|| {
@@ -81,7 +94,7 @@ impl CardView {
                     .map(|vote| vote.principal.clone())
             })
             .flatten();
-        Self {
+        let mut view = Self {
             id: request.id.clone(),
             action: request.action.clone(),
             agent: request.agent.clone(),
@@ -95,7 +108,7 @@ impl CardView {
             reversible: request.context.reversible,
             links: request.context.links.clone(),
             status: request.status,
-            approvals: request.current_approvers().len(),
+            approvals: request.approvals_counted() as usize,
             approvals_required: request.approvals_required,
             approvers: request.current_approvers().into_iter().cloned().collect(),
             revision: request.revision,
@@ -108,7 +121,11 @@ impl CardView {
             decision_reason: decision.and_then(|decision| decision.reason.clone()),
             escalated_at: request.escalated_at,
             grant_choices: Vec::new(),
-        }
+            group_progress: request.group_progress(),
+            escalation_step: (step > 0).then_some((step, ladder.max(step))),
+        };
+        view.grant_choices = view.grant_choices(grant_max_ttl);
+        view
     }
 
     pub fn is_pending(&self) -> bool {

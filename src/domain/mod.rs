@@ -5,6 +5,8 @@ mod destination;
 mod grant;
 mod kinds;
 mod principal;
+mod quorum;
+mod redaction;
 mod request;
 mod voting;
 
@@ -12,6 +14,11 @@ pub use destination::Destination;
 pub use grant::{new_grant_id, Grant, GrantAsk};
 pub use kinds::{AuditKind, OutboxKind};
 pub use principal::{Principal, PrincipalError};
+pub use quorum::{fill_quorum, quorum_met, GroupProgress};
+pub use redaction::{
+    mask_context, mask_request, mask_value, restore_redacted, Mask, RedactPath, RedactRoot,
+    REDACTED,
+};
 pub use request::{
     action_hash, new_request_id, now, ApprovalRequest, Decision, Execution, ExecutionOutcome,
     Outcome, RequestContext, ShadowMatch, Status, Vote, VoteKind,

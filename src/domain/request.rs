@@ -1,5 +1,7 @@
 //! The approval request as agents see it, its status machine and the canonical action hash.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -7,7 +9,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
-use super::{canonical_json, Principal};
+use super::{canonical_json, fill_quorum, GroupProgress, Principal};
 
 /// The current time at millisecond precision, so stored and echoed timestamps agree exactly.
 pub fn now() -> DateTime<Utc> {
@@ -118,6 +120,10 @@ pub struct Vote {
     /// An approve vote that also asked for a standing grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<super::GrantAsk>,
+    /// The groups of a per-group quorum (`approvals: {finance: 1, sre: 1}`) the voter
+    /// belonged to when voting; absent for a plain count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 impl Vote {
@@ -216,6 +222,10 @@ pub struct ApprovalRequest {
     #[schema(required = true)]
     pub rule: Option<String>,
     pub approvals_required: u32,
+    /// A per-group quorum: distinct people needed from each group (their total is
+    /// `approvals_required`); absent when the tier asks for a plain count.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub approvals_by_group: BTreeMap<String, u32>,
     /// 1 for the agent's args, +1 for each modification.
     pub revision: u32,
     pub votes: Vec<Vote>,
@@ -234,7 +244,7 @@ pub struct ApprovalRequest {
     /// When approvers were reminded (the tier's `remind_after` passed while pending).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminded_at: Option<DateTime<Utc>>,
-    /// When the request was escalated to the tier's `escalate_to` destinations.
+    /// When the request last went up its tier's escalation ladder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalated_at: Option<DateTime<Utc>>,
     /// True when an allow rule's `sample` sent this request to review.
@@ -245,6 +255,9 @@ pub struct ApprovalRequest {
     #[serde(default)]
     #[schema(required = true)]
     pub shadow: Vec<ShadowMatch>,
+    /// How many steps of the escalation ladder were taken (stored beside the body).
+    #[serde(skip)]
+    pub escalation_step: u32,
     /// Bumped by every stored change: the compare-and-set token.
     #[serde(skip)]
     pub version: i64,
@@ -265,6 +278,14 @@ impl ApprovalRequest {
     /// The people whose approvals count on the current revision: one vote per person, even
     /// when they voted under two of their identities.
     pub fn current_approvers(&self) -> Vec<&Principal> {
+        self.counted_votes()
+            .into_iter()
+            .map(|vote| &vote.principal)
+            .collect()
+    }
+
+    /// The current revision's approving votes, one per person (see `current_approvers`).
+    fn counted_votes(&self) -> Vec<&Vote> {
         let mut counted: Vec<&Vote> = Vec::new();
         for vote in &self.votes {
             if vote.revision == self.revision
@@ -276,7 +297,43 @@ impl ApprovalRequest {
                 counted.push(vote);
             }
         }
-        counted.into_iter().map(|vote| &vote.principal).collect()
+        counted
+    }
+
+    /// Progress per group of a per-group quorum (empty for a plain count): the largest
+    /// assignment of the current approvers to the groups' slots, one slot per person.
+    pub fn group_progress(&self) -> Vec<GroupProgress> {
+        if self.approvals_by_group.is_empty() {
+            return Vec::new();
+        }
+        let counted = self.counted_votes();
+        let groups: Vec<&[String]> = counted.iter().map(|vote| vote.groups.as_slice()).collect();
+        fill_quorum(&self.approvals_by_group, &groups)
+    }
+
+    /// Approvals toward the quorum on the current revision: distinct people, or under a
+    /// per-group quorum the slots they fill (an approver who fits no slot adds none).
+    pub fn approvals_counted(&self) -> u32 {
+        if self.approvals_by_group.is_empty() {
+            self.current_approvers().len() as u32
+        } else {
+            self.group_progress()
+                .iter()
+                .map(|group| group.filled.min(group.required))
+                .sum()
+        }
+    }
+
+    /// Is the quorum met on the current revision? Per group when the tier has a map, else
+    /// by the number of distinct people.
+    pub fn quorum_met(&self) -> bool {
+        if self.approvals_by_group.is_empty() {
+            self.current_approvers().len() as u32 >= self.approvals_required
+        } else {
+            self.group_progress()
+                .iter()
+                .all(|group| group.filled >= group.required)
+        }
     }
 
     /// Has someone with any of these identities approved the current revision?
@@ -304,6 +361,16 @@ impl ApprovalRequest {
             })
             .count() as u32;
         self.revision - later_modifications
+    }
+
+    /// Steps of the escalation ladder taken; a request escalated before ladders were
+    /// stored took the one step there was.
+    pub fn escalation_steps_taken(&self) -> u32 {
+        if self.escalation_step == 0 && self.escalated_at.is_some() {
+            1
+        } else {
+            self.escalation_step
+        }
     }
 
     /// A copy to plan the next stored state on: the version the compare-and-set expects

@@ -1,5 +1,7 @@
 //! The decision rules for one vote: eligibility, separation of duties, quorum, modification.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
@@ -57,6 +59,9 @@ pub struct VoteContext<'a> {
     pub aliases: &'a [Principal],
     /// In the approvers of the request's tier.
     pub eligible: bool,
+    /// The groups of the tier's per-group quorum the voter belongs to (empty for a plain
+    /// count): the slots their approval may fill.
+    pub groups: &'a [String],
     /// The request's `on_behalf_of`, or an owner of the requesting agent.
     pub is_requester: bool,
     /// The email behind the voter's chat account could not be read, and the request's
@@ -81,15 +86,21 @@ pub enum Reevaluation {
     /// The request stays in its tier (the verdict asks for it or a lower one: never
     /// down), needing as many approvals as that tier asks now (a reloaded policy may ask
     /// more; never fewer than before).
-    SameTier { approvals_required: u32 },
+    SameTier {
+        approvals_required: u32,
+        approvals_by_group: BTreeMap<String, u32>,
+    },
     /// The new args need a higher tier: the request moves there.
     MovesUp {
         tier: String,
         rule: Option<String>,
         approvals_required: u32,
+        approvals_by_group: BTreeMap<String, u32>,
         /// Is the modifier an approver of the new tier? Only then does their modification
         /// count as its first approval.
         modifier_eligible: bool,
+        /// The new tier's quorum groups the modifier belongs to.
+        modifier_groups: Vec<String>,
     },
 }
 
@@ -249,6 +260,7 @@ pub fn plan_vote(
             }
             // The engine re-evaluates the policy on the new args; planning without that
             // verdict would let a modification around it, so none means refused.
+            let mut groups = voter.groups.to_vec();
             let modifier_counts = match voter.modification {
                 None => {
                     return Err(VoteRefusal::ModificationDenied {
@@ -262,21 +274,29 @@ pub fn plan_vote(
                         reason: reason.clone(),
                     })
                 }
-                Some(Reevaluation::SameTier { approvals_required }) => {
+                Some(Reevaluation::SameTier {
+                    approvals_required,
+                    approvals_by_group,
+                }) => {
                     request.approvals_required = *approvals_required;
+                    request.approvals_by_group = approvals_by_group.clone();
                     true
                 }
                 Some(Reevaluation::MovesUp {
                     tier,
                     rule,
                     approvals_required,
+                    approvals_by_group,
                     modifier_eligible,
+                    modifier_groups,
                 }) => {
                     if let Some(previous) = request.tier.replace(tier.clone()) {
                         request.previous_tiers.push(previous);
                     }
                     request.rule = rule.clone();
                     request.approvals_required = *approvals_required;
+                    request.approvals_by_group = approvals_by_group.clone();
+                    groups = modifier_groups.clone();
                     *modifier_eligible
                 }
             };
@@ -285,10 +305,14 @@ pub fn plan_vote(
             request.revision += 1;
             request.action_hash = action_hash(&request.action, &args);
             request.args = args;
+            let context = VoteContext {
+                groups: &groups,
+                ..voter
+            };
             if modifier_counts {
-                record(request, &voter, VoteKind::Approve, note);
+                record(request, &context, VoteKind::Approve, note);
             } else {
-                record(request, &voter, VoteKind::Modify, note);
+                record(request, &context, VoteKind::Modify, note);
             }
             Ok(count_approvals(request, voter.now))
         }
@@ -309,13 +333,17 @@ fn record(
         revision: request.revision,
         aliases: voter.aliases.to_vec(),
         grant: None,
+        groups: voter.groups.to_vec(),
     });
 }
 
+/// Decides the request once its quorum is met: distinct people, or per group through the
+/// best assignment of people to slots. An approval that fits no open slot is still
+/// recorded: a later voter may let it move to another slot.
 fn count_approvals(request: &mut ApprovalRequest, at: DateTime<Utc>) -> VoteEffect {
     let approvers: Vec<Principal> = request.current_approvers().into_iter().cloned().collect();
-    let approvals = approvers.len() as u32;
-    if approvals >= request.approvals_required {
+    let approvals = request.approvals_counted();
+    if request.quorum_met() {
         request.decide(Status::Approved, approvers, None, at);
         VoteEffect::Decided(Status::Approved)
     } else {

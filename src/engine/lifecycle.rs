@@ -8,11 +8,12 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 use tracing::instrument;
 
-use super::{event, webhook_message, Engine, EngineError, EngineResult, Planned};
+use super::{after, event, webhook_message, Engine, EngineError, EngineResult, Planned};
 use crate::domain::{
     ApprovalRequest, AuditKind, Execution, ExecutionOutcome, OutboxKind, Principal, Status,
     VoteRefusal,
 };
+use crate::policy::EscalationStep;
 use crate::store::Due;
 use crate::telemetry;
 
@@ -229,7 +230,7 @@ impl Engine {
             )];
             let reminder = json!({
                 "approvers": approvers,
-                "approvals": next.current_approvers().len(),
+                "approvals": next.approvals_counted(),
                 "required": next.approvals_required,
             });
             let outbox = self.card_messages(&next, OutboxKind::Reminder, reminder, at);
@@ -243,8 +244,11 @@ impl Engine {
         .await
     }
 
-    /// Escalates a request still pending past its tier's `escalate_after`: its card is
-    /// posted to `escalate_to`, and every card says so. Returns whether this call did it.
+    /// Takes the next step of the escalation ladder of a request still pending past it:
+    /// the card is posted to that step's destinations (every step due now, when the sweeper
+    /// comes late), every card says which step, and the next step is scheduled. The step
+    /// number moves on by compare-and-set, so each step happens once across replicas.
+    /// Returns whether this call escalated it.
     #[instrument(skip_all, fields(request_id = %id))]
     pub async fn escalate_request(&self, id: &str) -> EngineResult<bool> {
         self.transition(id, None, |current| {
@@ -252,24 +256,52 @@ impl Engine {
             if current.status != Status::Pending || current.escalate_at.is_none_or(|due| due > at) {
                 return Ok(Planned::Unchanged(false));
             }
-            let mut next = current.successor();
-            next.escalate_at = None;
-            next.escalated_at = Some(at);
             let policy = self.policy();
-            let escalate_to = current
+            let ladder = current
                 .tier
                 .as_deref()
                 .and_then(|tier| policy.tier(tier))
-                .map(|tier| tier.escalate_to.clone())
+                .map(|tier| tier.escalation.as_slice())
                 .unwrap_or_default();
-            let audit = vec![event(
-                &next,
-                at,
-                AuditKind::Escalated,
-                "system:sweeper",
-                json!({"to": escalate_to}),
-            )];
-            // Now including the escalation destinations: new cards there, updates elsewhere.
+            let taken = current.escalation_steps_taken() as usize;
+            let due_now = |step: &&EscalationStep| {
+                after(current.created_at, step.after).is_some_and(|due| due <= at)
+            };
+            let reached: Vec<(usize, &EscalationStep)> = ladder
+                .iter()
+                .enumerate()
+                .skip(taken)
+                .take_while(|(_, step)| due_now(step))
+                .collect();
+            let mut next = current.successor();
+            next.escalate_at = ladder
+                .get(taken + reached.len())
+                .and_then(|step| after(current.created_at, step.after));
+            if reached.is_empty() {
+                // A reloaded policy shortened the ladder (or moved the step later): nothing
+                // to post now, only the schedule to set right.
+                return Ok(Planned::Commit {
+                    answer: false,
+                    next,
+                    audit: Vec::new(),
+                    outbox: Vec::new(),
+                });
+            }
+            next.escalation_step = (taken + reached.len()) as u32;
+            next.escalated_at = Some(at);
+            let audit = reached
+                .iter()
+                .map(|(index, step)| {
+                    event(
+                        &next,
+                        at,
+                        AuditKind::Escalated,
+                        "system:sweeper",
+                        json!({"step": index + 1, "of": ladder.len(), "to": step.to}),
+                    )
+                })
+                .collect();
+            // Now including the new step's destinations: new cards there, updates elsewhere.
             let outbox = self.card_updates(&next, at);
             Ok(Planned::Commit {
                 answer: true,

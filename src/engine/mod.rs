@@ -29,7 +29,10 @@ use tokio::sync::watch;
 
 use crate::audit::NewAuditEvent;
 use crate::callbacks::CallbackGuard;
-use crate::domain::{ApprovalRequest, AuditKind, OutboxKind, Status, VoteRefusal};
+use crate::domain::{
+    mask_value, ApprovalRequest, AuditKind, Decision, Mask, OutboxKind, RedactPath, RedactRoot,
+    Status, VoteRefusal,
+};
 use crate::policy::{Policy, PolicyError};
 use crate::quota::{QuotaExceeded, Quotas};
 use crate::store::{AgentRecord, NewOutboxMessage, RequestChange, Store, StoreError};
@@ -271,7 +274,12 @@ impl Engine {
             .decision
             .as_ref()
             .map_or_else(|| self.now(), |d| d.at);
-        audit.push(decided_event(request, actor, at));
+        audit.push(decided_event(
+            request,
+            actor,
+            at,
+            self.policy().redact_paths(),
+        ));
         outbox.extend(webhook_message(request, at));
     }
 }
@@ -315,7 +323,16 @@ fn event(
     }
 }
 
-fn decided_event(request: &ApprovalRequest, actor: &str, at: DateTime<Utc>) -> NewAuditEvent {
+fn decided_event(
+    request: &ApprovalRequest,
+    actor: &str,
+    at: DateTime<Utc>,
+    redact: &[RedactPath],
+) -> NewAuditEvent {
+    let decision = request.decision.as_ref().map(|decision| Decision {
+        args: audit_args(&decision.args, redact),
+        ..decision.clone()
+    });
     event(
         request,
         at,
@@ -323,10 +340,16 @@ fn decided_event(request: &ApprovalRequest, actor: &str, at: DateTime<Utc>) -> N
         actor,
         json!({
             "outcome": request.status,
-            "decision": request.decision,
+            "decision": decision,
             "action_hash": request.action_hash,
         }),
     )
+}
+
+/// Args as the audit trail keeps them: each value at a `redact` path replaced by the
+/// SHA-256 of its canonical JSON (the action hash still covers the real values).
+fn audit_args(args: &Value, redact: &[RedactPath]) -> Value {
+    mask_value(args, RedactRoot::Args, redact, Mask::Hashed)
 }
 
 /// The webhook for a request that just became final, if the agent gave a callback URL.

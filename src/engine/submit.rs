@@ -13,12 +13,13 @@ use tracing::instrument;
 
 use super::grants::covering_grant;
 use super::{
-    after, event, record_decision_metrics, Engine, EngineError, EngineResult, OutboxSignal,
+    after, audit_args, event, record_decision_metrics, Engine, EngineError, EngineResult,
+    OutboxSignal,
 };
 use crate::audit::NewAuditEvent;
 use crate::domain::{
-    action_hash, new_request_id, ApprovalRequest, AuditKind, Grant, Principal, RequestContext,
-    Status,
+    action_hash, mask_context, new_request_id, ApprovalRequest, AuditKind, Grant, Mask, Principal,
+    RequestContext, Status,
 };
 use crate::policy::{CounterSpec, Effect, EvaluationInput, Facts, Policy, Verdict};
 use crate::store::{
@@ -399,6 +400,12 @@ impl Engine {
             tier: verdict.tier.clone(),
             rule: verdict.rule.clone(),
             approvals_required: verdict.approvals_required,
+            approvals_by_group: verdict
+                .tier
+                .as_deref()
+                .and_then(|tier| policy.tier(tier))
+                .map(|tier| tier.approvals_by_group.clone())
+                .unwrap_or_default(),
             revision: 1,
             votes: Vec::new(),
             decision: None,
@@ -413,6 +420,7 @@ impl Engine {
             remind_at: None,
             escalate_at: None,
             previous_tiers: Vec::new(),
+            escalation_step: 0,
             version: 1,
         };
         let by_policy = Principal::policy_rule(verdict.rule.as_deref().unwrap_or("default"));
@@ -424,8 +432,8 @@ impl Engine {
                 Principal::agent(agent).as_str(),
                 json!({
                     "action": request.action,
-                    "args": request.args,
-                    "context": request.context,
+                    "args": audit_args(&request.args, policy.redact_paths()),
+                    "context": mask_context(&request.context, policy.redact_paths(), Mask::Hashed),
                     "on_behalf_of": request.on_behalf_of,
                     "action_hash": request.action_hash,
                 }),
@@ -488,7 +496,10 @@ impl Engine {
                 request.expires_at = Some(after(at, ttl).context("ttl out of range")?);
                 if let Some(tier) = verdict.tier.as_deref().and_then(|tier| policy.tier(tier)) {
                     request.remind_at = tier.remind_after.and_then(|delay| after(at, delay));
-                    request.escalate_at = tier.escalate_after.and_then(|delay| after(at, delay));
+                    request.escalate_at = tier
+                        .escalation
+                        .first()
+                        .and_then(|step| after(at, step.after));
                 }
             }
         }

@@ -5,10 +5,10 @@ use serde_json::{json, Value};
 use tracing::instrument;
 
 use super::grants::{check_grant_ask, grant_from_approval};
-use super::{after, event, Engine, EngineError, EngineResult, Planned};
+use super::{after, audit_args, event, Engine, EngineError, EngineResult, Planned};
 use crate::domain::{
-    check_voter, plan_vote, ApprovalRequest, AuditKind, GrantAsk, Principal, Reevaluation, Status,
-    VoteContext, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
+    check_voter, plan_vote, restore_redacted, ApprovalRequest, AuditKind, GrantAsk, Principal,
+    Reevaluation, Status, VoteContext, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
 };
 use crate::policy::{Effect, EvaluationInput, Facts, Policy};
 
@@ -49,6 +49,7 @@ impl Engine {
             principal: &voter.principal,
             aliases: &voter.aliases,
             eligible,
+            groups: &[],
             is_requester,
             email_unreadable: voter.email_unreadable && names_people_by_email,
             seen_revision,
@@ -122,14 +123,17 @@ impl Engine {
         );
         // The new args are judged by the policy in force: the tier's quorum as it is now,
         // if a reload raised it.
+        let current_tier = request.tier.as_deref().and_then(|tier| policy.tier(tier));
         let same_tier = Reevaluation::SameTier {
-            approvals_required: request
-                .tier
-                .as_deref()
-                .and_then(|tier| policy.tier(tier))
-                .map_or(request.approvals_required, |tier| {
-                    tier.approvals.max(request.approvals_required)
-                }),
+            approvals_required: current_tier.map_or(request.approvals_required, |tier| {
+                tier.approvals.max(request.approvals_required)
+            }),
+            // A per-group quorum as the tier has it now; the request's own if the tier
+            // went away or asks a plain count.
+            approvals_by_group: current_tier
+                .map(|tier| tier.approvals_by_group.clone())
+                .filter(|by_group| !by_group.is_empty())
+                .unwrap_or_else(|| request.approvals_by_group.clone()),
         };
         match verdict.effect {
             Effect::Deny => Reevaluation::Denied {
@@ -143,8 +147,15 @@ impl Engine {
                 let rank = |tier: Option<&str>| tier.and_then(|tier| policy.tier_rank(tier));
                 match verdict.tier {
                     Some(tier) if rank(Some(&tier)) > rank(request.tier.as_deref()) => {
+                        let new_tier = policy.tier(&tier);
                         Reevaluation::MovesUp {
                             modifier_eligible: policy.admits(&tier, voter),
+                            modifier_groups: new_tier
+                                .map(|new_tier| new_tier.quorum_groups_of(voter))
+                                .unwrap_or_default(),
+                            approvals_by_group: new_tier
+                                .map(|new_tier| new_tier.approvals_by_group.clone())
+                                .unwrap_or_default(),
                             tier,
                             rule: verdict.rule,
                             approvals_required: verdict.approvals_required,
@@ -194,8 +205,23 @@ impl Engine {
         // A request's agent never changes: its owners are read once, not per attempt.
         let owners = self.owners_of(&self.request(id).await?.agent).await?;
         let voted = self.transition(id, None, |current| {
+            // What the modify form showed as `[redacted]` keeps the value it stands for.
+            let vote = match &vote {
+                VoteRequest::Modify { args, note } => VoteRequest::Modify {
+                    args: restore_redacted(args, &current.args, policy.redact_paths()),
+                    note: note.clone(),
+                },
+                other => other.clone(),
+            };
+            let groups = current
+                .tier
+                .as_deref()
+                .and_then(|tier| policy.tier(tier))
+                .map(|tier| tier.quorum_groups_of(&voter))
+                .unwrap_or_default();
             let mut context =
                 self.vote_context(&policy, current, &owners, &voter, seen_revision);
+            context.groups = &groups;
             let at = context.now;
             // The new args go through the policy again, but only for someone who may
             // modify: others learn nothing of the policy from a refusal.
@@ -233,8 +259,8 @@ impl Engine {
                     AuditKind::Modified,
                     json!({
                         "revision": next.revision,
-                        "previous_args": current.args,
-                        "args": next.args,
+                        "previous_args": audit_args(&current.args, policy.redact_paths()),
+                        "args": audit_args(&next.args, policy.redact_paths()),
                         "action_hash": next.action_hash,
                         "note": note,
                         "tier": next.tier,
@@ -304,9 +330,9 @@ fn schedule_follow_ups(policy: &Policy, request: &mut ApprovalRequest) {
     if request.reminded_at.is_none() {
         request.remind_at = tier.remind_after.and_then(|delay| after(created_at, delay));
     }
-    if request.escalated_at.is_none() {
-        request.escalate_at = tier
-            .escalate_after
-            .and_then(|delay| after(created_at, delay));
-    }
+    // The next step of the new tier's ladder not yet taken.
+    request.escalate_at = tier
+        .escalation
+        .get(request.escalation_steps_taken() as usize)
+        .and_then(|step| after(created_at, step.after));
 }

@@ -3,7 +3,7 @@
 //! `prefix + tool` and reaches the upstream only once allowed or approved. It fails
 //! closed: when signoff cannot be asked, nothing is forwarded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use rmcp::service::{NotificationContext, RequestContext, RunningService, Service
 use rmcp::transport::{stdio, TokioChildProcess};
 use rmcp::ServiceExt as _;
 use rmcp::{ClientHandler, ErrorData as McpError, Peer, RoleClient, RoleServer, ServerHandler};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::client::SignoffClient;
 use crate::domain::{action_hash, ApprovalRequest, Status};
@@ -45,6 +45,9 @@ pub async fn run(options: ProxyOptions) -> anyhow::Result<()> {
     let signoff = SignoffClient::new(&options.url, &options.key)?;
     let mut command = tokio::process::Command::new(program);
     command.args(arguments);
+    // The upstream runs whatever the agent asks of it: it must not find the agent's key
+    // in its environment and talk to signoff itself.
+    command.env_remove("SIGNOFF_API_KEY");
     // Upstream stderr is inherited: its logs appear on the proxy's stderr.
     let transport = TokioChildProcess::new(command)
         .with_context(|| format!("cannot start the upstream MCP server {program:?}"))?;
@@ -77,6 +80,7 @@ pub async fn run(options: ProxyOptions) -> anyhow::Result<()> {
         wait: options.wait,
         progress_every: options.progress_every,
         joinable: Arc::new(Mutex::new(HashMap::new())),
+        used_approvals: Arc::new(Mutex::new(HashSet::new())),
     };
     let downstream = gateway
         .serve(stdio())
@@ -182,12 +186,53 @@ struct Gateway {
     /// Calls whose request was still pending when the wait ran out, by action hash: the
     /// same call again joins that request instead of submitting another.
     joinable: Arc<Mutex<HashMap<String, String>>>,
+    /// Approved requests a call has already run: two identical calls that joined one
+    /// request both see it approved (its receipt is recorded later), and only the first
+    /// to claim it may run it.
+    used_approvals: Arc<Mutex<HashSet<String>>>,
 }
 
 fn upstream_error(error: ServiceError) -> McpError {
     match error {
         ServiceError::McpError(error) => error,
         other => McpError::internal_error(format!("the upstream MCP server failed: {other}"), None),
+    }
+}
+
+/// Refuses an answer that is not about this call: another request than the one asked
+/// about, or another action. Such an answer decides nothing.
+fn check_answer(
+    request: &ApprovalRequest,
+    expected_id: Option<&str>,
+    action: &str,
+) -> anyhow::Result<()> {
+    if expected_id.is_some_and(|id| id != request.id) {
+        anyhow::bail!(
+            "signoff answered about request {} instead of {}",
+            request.id,
+            expected_id.unwrap_or_default()
+        );
+    }
+    if request.action != action {
+        anyhow::bail!(
+            "signoff answered about the action {:?} (request {})",
+            request.action,
+            request.id
+        );
+    }
+    Ok(())
+}
+
+/// The arguments an approved request says to run: its decision's, which must be an
+/// object, and only while no execution is recorded.
+fn approved_arguments(request: &ApprovalRequest) -> Result<Map<String, Value>, &'static str> {
+    if request.executed.is_some() {
+        return Err("its approval is already used");
+    }
+    match request.decision.as_ref().map(|decision| &decision.args) {
+        Some(Value::Object(arguments)) => Ok(arguments.clone()),
+        Some(_) => Err("its decision's args are not an object"),
+        None => Err("the answer carries no decision"),
     }
 }
 
@@ -217,6 +262,20 @@ impl Gateway {
         self.joinable.lock().ok()?.get(hash).cloned()
     }
 
+    /// True for the one call that may run this approval; false once another call has
+    /// (or when the set cannot be read: then nobody runs it).
+    fn claim_approval(&self, id: &str) -> bool {
+        self.used_approvals
+            .lock()
+            .is_ok_and(|mut used| used.insert(id.to_string()))
+    }
+
+    fn approval_used(&self, id: &str) -> bool {
+        self.used_approvals
+            .lock()
+            .map_or(true, |used| used.contains(id))
+    }
+
     /// The request this call is judged by: an earlier one still open for the same call,
     /// else a new submission; then waited on up to `--wait`.
     async fn decide(
@@ -227,8 +286,12 @@ impl Gateway {
         progress: Option<(&Peer<RoleServer>, ProgressToken)>,
     ) -> anyhow::Result<ApprovalRequest> {
         let earlier = match self.joinable_request(hash) {
-            Some(id) => Some(self.signoff.poll(&id, Duration::ZERO).await?),
-            None => None,
+            Some(id) if !self.approval_used(&id) => {
+                let request = self.signoff.poll(&id, Duration::ZERO).await?;
+                check_answer(&request, Some(&id), action)?;
+                Some(request)
+            }
+            _ => None,
         };
         let request = match earlier {
             // An earlier approval already used: this is a new call.
@@ -236,13 +299,18 @@ impl Gateway {
             _ => {
                 self.forget(hash);
                 let body = json!({"action": action, "args": args});
-                self.signoff.submit(&body, None).await?
+                let request = self.signoff.submit(&body, None).await?;
+                check_answer(&request, None, action)?;
+                request
             }
         };
-        match progress {
-            None => self.signoff.wait_for_decision(request, self.wait).await,
-            Some((peer, token)) => self.wait_with_progress(request, peer, token).await,
-        }
+        let id = request.id.clone();
+        let decided = match progress {
+            None => self.signoff.wait_for_decision(request, self.wait).await?,
+            Some((peer, token)) => self.wait_with_progress(request, peer, token).await?,
+        };
+        check_answer(&decided, Some(&id), action)?;
+        Ok(decided)
     }
 
     /// Long-polls in steps of `progress_every`, telling the client after each step.
@@ -317,16 +385,33 @@ impl Gateway {
         match request.status {
             Status::Approved => {
                 self.forget(&hash);
-                let decided_args = request
-                    .decision
-                    .as_ref()
-                    .map(|decision| decision.args.clone())
-                    .unwrap_or(args);
-                // An approver's modification is what the tool receives.
-                call.arguments = match decided_args {
-                    Value::Object(arguments) => Some(arguments),
-                    _ => None,
+                // An approver's modification is what the tool receives; an approval that
+                // names no arguments to run, or was already run, runs nothing.
+                let decided_args = match approved_arguments(&request) {
+                    Ok(arguments) => arguments,
+                    Err(problem) => {
+                        return Ok(refusal(
+                            format!(
+                                "Not run: signoff approved {action} (request {id}) but {problem}. \
+                                 Nothing was sent to the tool.",
+                                id = request.id
+                            ),
+                            Some(&request),
+                        ))
+                    }
                 };
+                if !self.claim_approval(&request.id) {
+                    return Ok(refusal(
+                        format!(
+                            "Not run: the approval of {action} (request {id}) was used by an \
+                             identical call made at the same time; an approval runs once. Call \
+                             the tool again to ask for a new approval.",
+                            id = request.id
+                        ),
+                        Some(&request),
+                    ));
+                }
+                call.arguments = Some(decided_args);
                 let result = self.upstream.call_tool(call).await;
                 let outcome = match &result {
                     Ok(result) if result.is_error != Some(true) => "succeeded",

@@ -1,6 +1,6 @@
 //! Parsing and validation of policy YAML into a compiled `Policy`, reporting every error with its line.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -11,8 +11,11 @@ use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use super::condition::Condition;
-use super::{Approvers, CounterSpec, Effect, GrantLimits, People, Policy, Rule, Tier};
+use super::{
+    Approvers, CounterSpec, Effect, EscalationStep, GrantLimits, People, Policy, Rule, Tier,
+};
 use crate::domain::Principal;
+use crate::domain::RedactPath;
 
 /// One problem in a policy file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +66,8 @@ struct RawPolicy {
     tiers: IndexMap<String, Spanned<RawTier>>,
     #[serde(default)]
     rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    redact: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -73,7 +78,7 @@ struct RawTier {
     #[serde(default)]
     approvers: Vec<String>,
     #[serde(default)]
-    approvals: Option<u32>,
+    approvals: Option<RawApprovals>,
     #[serde(default)]
     ttl: Option<DurationText>,
     #[serde(default)]
@@ -84,6 +89,24 @@ struct RawTier {
     escalate_to: Vec<String>,
     #[serde(default)]
     grants: Option<RawGrantLimits>,
+    #[serde(default)]
+    escalate: Option<Vec<RawEscalationStep>>,
+}
+
+/// `approvals: 2`, or per group: `approvals: {finance: 1, sre: 1}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawApprovals {
+    Count(u32),
+    ByGroup(IndexMap<String, u32>),
+}
+
+/// One step of an escalation ladder: `{after: 15m, to: ["slack:C0ONCALL"]}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEscalationStep {
+    after: DurationText,
+    to: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -385,6 +408,7 @@ impl Checker {
             });
         }
 
+        let redact = self.redact(raw.redact.as_ref());
         let patterns = patterns.build().unwrap_or_else(|error| {
             self.issue(1, None, format!("globs do not compile together: {error}"));
             globset::GlobSet::empty()
@@ -401,7 +425,27 @@ impl Checker {
             rules,
             patterns,
             pattern_rule,
+            redact,
         }
+    }
+
+    /// The `redact` paths: each into `args` or `context`, each once.
+    fn redact(&mut self, raw: Option<&Spanned<Vec<String>>>) -> Vec<RedactPath> {
+        let Some(raw) = raw else {
+            return Vec::new();
+        };
+        let line = raw.defined.line();
+        let mut paths = Vec::new();
+        for text in &raw.value {
+            match RedactPath::parse(text) {
+                Ok(path) if paths.contains(&path) => {
+                    self.issue(line, None, format!("redact path {text:?} is listed twice"))
+                }
+                Ok(path) => paths.push(path),
+                Err(error) => self.issue(line, None, error),
+            }
+        }
+        paths
     }
 
     /// Validates the `people` map: each entry a person principal, each principal one
@@ -502,8 +546,10 @@ impl Checker {
         let raw = &spanned.value;
         let context = format!("tier {name:?}");
         let mut approvers = Approvers::default();
+        let mut group_approvers: HashMap<String, Approvers> = HashMap::new();
         for entry in &raw.approvers {
-            let members = match entry.strip_prefix("group:") {
+            let group_name = entry.strip_prefix("group:");
+            let members = match group_name {
                 Some(group) => match groups.get(group) {
                     Some(members) => members.clone(),
                     None => {
@@ -515,30 +561,34 @@ impl Checker {
             };
             for member in members {
                 match approver_entry(&member, people) {
-                    Ok(ApproverEntry::Principal(principal)) => {
-                        approvers.principals.insert(principal.to_string());
+                    Ok(entry) => {
+                        approvers.add(&entry, &member);
+                        if let Some(group) = group_name {
+                            group_approvers
+                                .entry(group.to_string())
+                                .or_default()
+                                .add(&entry, &member);
+                        }
                     }
-                    Ok(ApproverEntry::Person(principals)) => {
-                        approvers
-                            .principals
-                            .extend(principals.iter().map(ToString::to_string));
-                    }
-                    Ok(ApproverEntry::UserGroup) => approvers.user_groups.push(member),
                     Err(error) => self.issue(line, None, format!("{context}: {error}")),
                 }
             }
         }
-        let approvals = raw.approvals.unwrap_or(1);
-        if approvals == 0 {
-            self.issue(
-                line,
-                None,
-                format!("{context}: approvals must be at least 1"),
-            );
-        }
+        let (approvals, approvals_by_group, quorum_groups) =
+            self.quorum(&context, line, raw, &mut group_approvers);
         // A tier with too few approvers for its quorum (or none) is allowed: its requests
         // can only expire, which fails closed.
-        for destination in raw.route.iter().chain(&raw.escalate_to) {
+        let escalation_destinations = raw
+            .escalate
+            .iter()
+            .flatten()
+            .flat_map(|step| step.to.iter());
+        for destination in raw
+            .route
+            .iter()
+            .chain(&raw.escalate_to)
+            .chain(escalation_destinations)
+        {
             if let Err(error) = validate_destination(destination) {
                 self.issue(line, None, format!("{context}: {error}"));
             }
@@ -582,12 +632,13 @@ impl Checker {
             .grants
             .as_ref()
             .and_then(|limits| duration("grants.max_ttl", &Some(limits.max_ttl.clone())));
-        if escalate_after.is_some() && raw.escalate_to.is_empty() {
-            self.issue(
-                line,
-                None,
-                format!("{context}: escalate_after needs escalate_to"),
+        let mut ladder = Vec::new();
+        for (index, step) in raw.escalate.iter().flatten().enumerate() {
+            let after = duration(
+                &format!("escalate step {}: after", index + 1),
+                &Some(step.after.clone()),
             );
+            ladder.push((after, step.to.clone()));
         }
         let grants = match (&raw.grants, grant_ttl) {
             (Some(limits), _) if limits.max_uses == 0 => {
@@ -604,21 +655,167 @@ impl Checker {
             }),
             _ => None,
         };
+        let escalation = self.escalation(&context, line, raw, escalate_after, ladder);
         Tier {
             name: name.to_string(),
             route: raw.route.clone(),
             approvers,
             approvals: approvals.max(1),
+            approvals_by_group,
+            quorum_groups,
             ttl,
             remind_after,
-            escalate_after,
-            escalate_to: raw.escalate_to.clone(),
+            escalation,
             grants,
         }
     }
+
+    /// `approvals`: a count, or a map of groups (each among the tier's `group:` approvers,
+    /// each at least 1) whose total is the count. Returns the total, the map and each
+    /// mapped group's approvers.
+    fn quorum(
+        &mut self,
+        context: &str,
+        line: u64,
+        raw: &RawTier,
+        group_approvers: &mut HashMap<String, Approvers>,
+    ) -> (u32, BTreeMap<String, u32>, BTreeMap<String, Approvers>) {
+        match &raw.approvals {
+            None => (1, BTreeMap::new(), BTreeMap::new()),
+            Some(RawApprovals::Count(count)) => {
+                if *count == 0 {
+                    self.issue(
+                        line,
+                        None,
+                        format!("{context}: approvals must be at least 1"),
+                    );
+                }
+                (*count, BTreeMap::new(), BTreeMap::new())
+            }
+            Some(RawApprovals::ByGroup(map)) => {
+                if map.is_empty() {
+                    self.issue(
+                        line,
+                        None,
+                        format!("{context}: approvals by group needs at least one group"),
+                    );
+                }
+                let mut by_group = BTreeMap::new();
+                let mut quorum_groups = BTreeMap::new();
+                for (group, count) in map {
+                    if *count == 0 {
+                        self.issue(
+                            line,
+                            None,
+                            format!("{context}: approvals of group {group:?} must be at least 1"),
+                        );
+                    }
+                    if !raw
+                        .approvers
+                        .iter()
+                        .any(|entry| entry.strip_prefix("group:") == Some(group))
+                    {
+                        self.issue(
+                            line,
+                            None,
+                            format!(
+                                "{context}: approvals names group {group:?}, which is not among the tier's approvers (add \"group:{group}\")"
+                            ),
+                        );
+                    }
+                    by_group.insert(group.clone(), *count);
+                    quorum_groups.insert(
+                        group.clone(),
+                        group_approvers.remove(group).unwrap_or_default(),
+                    );
+                }
+                (
+                    by_group
+                        .values()
+                        .fold(0u32, |total, count| total.saturating_add(*count)),
+                    by_group,
+                    quorum_groups,
+                )
+            }
+        }
+    }
+
+    /// The escalation ladder: `escalate` steps, or `escalate_after`/`escalate_to` as one
+    /// step — not both. Steps come later one after another, each with destinations.
+    fn escalation(
+        &mut self,
+        context: &str,
+        line: u64,
+        raw: &RawTier,
+        escalate_after: Option<Duration>,
+        ladder: Vec<(Option<Duration>, Vec<String>)>,
+    ) -> Vec<EscalationStep> {
+        if raw.escalate.is_some() && (raw.escalate_after.is_some() || !raw.escalate_to.is_empty()) {
+            self.issue(
+                line,
+                None,
+                format!("{context}: use either escalate (a ladder) or escalate_after/escalate_to (one step), not both"),
+            );
+            return Vec::new();
+        }
+        if raw.escalate.is_none() {
+            if escalate_after.is_some() && raw.escalate_to.is_empty() {
+                self.issue(
+                    line,
+                    None,
+                    format!("{context}: escalate_after needs escalate_to"),
+                );
+            }
+            if raw.escalate_after.is_none() && !raw.escalate_to.is_empty() {
+                self.issue(
+                    line,
+                    None,
+                    format!("{context}: escalate_to needs escalate_after"),
+                );
+            }
+            return match escalate_after {
+                Some(after) if !raw.escalate_to.is_empty() => vec![EscalationStep {
+                    after,
+                    to: raw.escalate_to.clone(),
+                }],
+                _ => Vec::new(),
+            };
+        }
+        if ladder.is_empty() {
+            self.issue(
+                line,
+                None,
+                format!("{context}: escalate needs at least one step"),
+            );
+        }
+        let mut steps: Vec<EscalationStep> = Vec::new();
+        for (index, (after, to)) in ladder.into_iter().enumerate() {
+            let number = index + 1;
+            if to.is_empty() {
+                self.issue(
+                    line,
+                    None,
+                    format!("{context}: escalate step {number} needs destinations in `to`"),
+                );
+            }
+            let Some(after) = after else { continue };
+            if let Some(previous) = steps.last() {
+                if after <= previous.after {
+                    self.issue(
+                        line,
+                        None,
+                        format!("{context}: escalate step {number} must come after step {} (its `after` must be longer)", steps.len()),
+                    );
+                    continue;
+                }
+            }
+            steps.push(EscalationStep { after, to });
+        }
+        steps
+    }
 }
 
-enum ApproverEntry {
+pub(crate) enum ApproverEntry {
     Principal(Principal),
     /// `person:NAME`: every principal of that person.
     Person(Vec<Principal>),

@@ -3,7 +3,7 @@
 mod compile;
 mod condition;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use globset::GlobSet;
@@ -13,7 +13,9 @@ use utoipa::ToSchema;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{ApprovalRequest, Principal, ShadowMatch, Voter};
+use crate::domain::{
+    mask_request, ApprovalRequest, Mask, Principal, RedactPath, ShadowMatch, Voter,
+};
 
 pub use compile::{PolicyError, PolicyIssue};
 use condition::Condition;
@@ -54,6 +56,8 @@ pub struct Policy {
     /// Every rule's globs in one set; `pattern_rule[i]` is the rule of pattern `i`.
     patterns: GlobSet,
     pattern_rule: Vec<usize>,
+    /// `redact`: values people never see in views, logs or the audit trail.
+    redact: Vec<RedactPath>,
 }
 
 #[derive(Debug)]
@@ -61,11 +65,16 @@ pub struct Tier {
     pub name: String,
     pub route: Vec<String>,
     pub approvers: Approvers,
+    /// Distinct people needed: a plain count, or the total of `approvals_by_group`.
     pub approvals: u32,
+    /// A per-group quorum (empty for a plain count): people needed from each group.
+    pub approvals_by_group: BTreeMap<String, u32>,
+    /// Who belongs to each group of `approvals_by_group`.
+    pub quorum_groups: BTreeMap<String, Approvers>,
     pub ttl: Duration,
     pub remind_after: Option<Duration>,
-    pub escalate_after: Option<Duration>,
-    pub escalate_to: Vec<String>,
+    /// The escalation ladder, in order (`escalate_after`/`escalate_to` is one step).
+    pub escalation: Vec<EscalationStep>,
     /// Caps on grants given in this tier; `None`: approvers may not grant.
     pub grants: Option<GrantLimits>,
 }
@@ -75,6 +84,26 @@ pub struct Tier {
 pub struct GrantLimits {
     pub max_ttl: Duration,
     pub max_uses: u32,
+}
+
+/// One step of an escalation ladder: after this long from submission, the card is also
+/// posted to these destinations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EscalationStep {
+    pub after: Duration,
+    pub to: Vec<String>,
+}
+
+impl Tier {
+    /// The groups of this tier's per-group quorum `voter` belongs to: the slots their
+    /// approval may fill.
+    pub fn quorum_groups_of(&self, voter: &Voter) -> Vec<String> {
+        self.quorum_groups
+            .iter()
+            .filter(|(_, members)| members.admits(voter))
+            .map(|(group, _)| group.clone())
+            .collect()
+    }
 }
 
 /// The `people` map: one person, several principals (a Slack id, a Teams id, an email, a
@@ -121,6 +150,19 @@ pub struct Approvers {
 }
 
 impl Approvers {
+    pub(crate) fn add(&mut self, entry: &compile::ApproverEntry, written: &str) {
+        match entry {
+            compile::ApproverEntry::Principal(principal) => {
+                self.principals.insert(principal.to_string());
+            }
+            compile::ApproverEntry::Person(principals) => {
+                self.principals
+                    .extend(principals.iter().map(ToString::to_string));
+            }
+            compile::ApproverEntry::UserGroup => self.user_groups.push(written.to_string()),
+        }
+    }
+
     pub fn contains(&self, principal: &Principal) -> bool {
         self.principals.contains(principal.as_str())
     }
@@ -348,6 +390,17 @@ impl Policy {
         &self.people
     }
 
+    /// The `redact` paths.
+    pub fn redact_paths(&self) -> &[RedactPath] {
+        &self.redact
+    }
+
+    /// `request` as people may see it (cards, chat answers, CLI listings): every value at
+    /// a `redact` path shows as `[redacted]`.
+    pub fn redacted(&self, request: &ApprovalRequest) -> ApprovalRequest {
+        mask_request(request, &self.redact, Mask::Shown)
+    }
+
     /// `voter` with every principal of the person (or people) they are known as added to
     /// their aliases: one person, one vote, whichever principal they act under.
     pub fn identify(&self, voter: &Voter) -> Voter {
@@ -373,7 +426,11 @@ impl Policy {
         let Some(tier) = request.tier.as_deref().and_then(|tier| self.tier(tier)) else {
             return Vec::new();
         };
-        let escalated = request.escalated_at.is_some().then_some(&tier.escalate_to);
+        let escalated = tier
+            .escalation
+            .iter()
+            .take(request.escalation_steps_taken() as usize)
+            .flat_map(|step| step.to.iter());
         // Tiers a modification moved the request up from keep their cards, kept current.
         let earlier_routes = request
             .previous_tiers
@@ -381,12 +438,7 @@ impl Policy {
             .filter_map(|name| self.tier(name))
             .flat_map(|earlier| earlier.route.iter());
         let mut destinations: Vec<String> = Vec::new();
-        for destination in tier
-            .route
-            .iter()
-            .chain(escalated.into_iter().flatten())
-            .chain(earlier_routes)
-        {
+        for destination in tier.route.iter().chain(escalated).chain(earlier_routes) {
             // A channel both routed to and escalated to gets one card.
             if !destinations.contains(destination) {
                 destinations.push(destination.clone());

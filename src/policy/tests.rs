@@ -810,3 +810,144 @@ fn intake_feature_validation_errors() {
     );
     assert!(policy.any_grants());
 }
+
+const DECISION_FEATURES: &str = r#"version: 1
+groups:
+  finance: ["cli:frank", "cli:grace", "cli:both"]
+  sre: ["cli:alice", "cli:both", "slack-group:S01SRE"]
+tiers:
+  high:
+    route: ["slack:C0HIGH"]
+    approvers: ["group:finance", "group:sre", "cli:auditor"]
+    approvals: {finance: 1, sre: 1}
+    escalate:
+      - {after: 15m, to: ["slack:C0ONCALL"]}
+      - {after: 45m, to: ["teams:19:managers@thread.tacv2"]}
+  single:
+    route: ["slack:C0SINGLE"]
+    approvers: ["group:sre"]
+    escalate_after: 30m
+    escalate_to: ["slack:C0ONCALL"]
+redact: ["args.card_number", "context.customer.email"]
+"#;
+
+#[test]
+fn per_group_quorum_ladders_and_redaction_compile() {
+    let policy = Policy::parse(DECISION_FEATURES).unwrap_or_else(|error| panic!("{error}"));
+    let high = policy.tier("high").unwrap();
+    assert_eq!(high.approvals, 2, "the map's total");
+    assert_eq!(
+        high.approvals_by_group,
+        [("finance".to_string(), 1), ("sre".to_string(), 1)].into()
+    );
+    let table = [
+        ("cli:frank", vec!["finance"]),
+        ("cli:alice", vec!["sre"]),
+        ("cli:both", vec!["finance", "sre"]),
+        ("cli:auditor", vec![]),
+    ];
+    for (who, groups) in table {
+        let voter = Voter::new(who.parse().unwrap());
+        assert_eq!(high.quorum_groups_of(&voter), groups, "{who}");
+    }
+    let mut in_user_group = Voter::new("slack:U0X".parse().unwrap());
+    in_user_group.groups = vec!["slack-group:S01SRE".into()];
+    assert_eq!(high.quorum_groups_of(&in_user_group), vec!["sre"]);
+    let minutes = |count: u64| Duration::from_secs(count * 60);
+    assert_eq!(
+        high.escalation
+            .iter()
+            .map(|step| (step.after, step.to.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            (minutes(15), vec!["slack:C0ONCALL".to_string()]),
+            (
+                minutes(45),
+                vec!["teams:19:managers@thread.tacv2".to_string()]
+            ),
+        ]
+    );
+    let single = policy.tier("single").unwrap();
+    assert_eq!(
+        single.escalation.len(),
+        1,
+        "escalate_after/escalate_to is one step"
+    );
+    assert_eq!(single.escalation[0].after, minutes(30));
+    assert!(single.approvals_by_group.is_empty());
+    assert_eq!(policy.redact_paths().len(), 2);
+}
+
+#[test]
+fn decision_feature_validation_errors() {
+    let tier = |body: &str| {
+        format!("version: 1\ngroups:\n  finance: [\"cli:f\"]\n  sre: [\"cli:s\"]\ntiers:\n  high:\n    approvers: [\"group:finance\", \"cli:x\"]\n{body}")
+    };
+    let table: Vec<(&str, String, u64, &str)> = vec![
+        (
+            "a quorum group not among the approvers",
+            tier("    approvals: {finance: 1, sre: 1}\n"),
+            7, "tier \"high\": approvals names group \"sre\", which is not among the tier's approvers",
+        ),
+        (
+            "a quorum group needing nobody",
+            tier("    approvals: {finance: 0}\n"),
+            7, "approvals of group \"finance\" must be at least 1",
+        ),
+        (
+            "both escalation forms",
+            tier("    escalate_after: 5m\n    escalate_to: [\"slack:C1\"]\n    escalate:\n      - {after: 10m, to: [\"slack:C2\"]}\n"),
+            7, "tier \"high\": use either escalate (a ladder) or escalate_after/escalate_to (one step), not both",
+        ),
+        (
+            "steps out of order",
+            tier("    escalate:\n      - {after: 30m, to: [\"slack:C1\"]}\n      - {after: 10m, to: [\"slack:C2\"]}\n"),
+            7, "escalate step 2 must come after step 1",
+        ),
+        (
+            "a step without destinations",
+            tier("    escalate:\n      - {after: 30m, to: []}\n"),
+            7, "escalate step 1 needs destinations",
+        ),
+        (
+            "a step with a bad destination",
+            tier("    escalate:\n      - {after: 30m, to: [\"email:x@y.z\"]}\n"),
+            7, "route destination \"email:x@y.z\"",
+        ),
+        (
+            "a step with a bad duration",
+            tier("    escalate:\n      - {after: soon, to: [\"slack:C1\"]}\n"),
+            7, "escalate step 1: after \"soon\" is not a duration",
+        ),
+        (
+            "escalate_to alone",
+            tier("    escalate_to: [\"slack:C1\"]\n"),
+            7, "escalate_to needs escalate_after",
+        ),
+        (
+            "a redact path outside args and context",
+            "version: 1\nredact: [\"args.card\", \"body.card\"]\n".to_string(),
+            2, "redact path \"body.card\" must start with args. or context.",
+        ),
+        (
+            "a redact path without a field",
+            "version: 1\nredact: [\"context\"]\n".to_string(),
+            2, "needs a field after its root",
+        ),
+    ];
+    for (name, source, line, message) in table {
+        let error = Policy::parse(&source).expect_err(name);
+        let issue = error
+            .issues
+            .iter()
+            .find(|issue| issue.message.contains(message))
+            .unwrap_or_else(|| panic!("{name}: no issue mentions {message:?}: {error}"));
+        assert_eq!(issue.line, Some(line), "{name}: {error}");
+    }
+    // Every problem at once, each naming its tier.
+    let error = Policy::parse(&tier(
+        "    approvals: {sre: 1}\n    escalate_after: 5m\n    escalate_to: [\"slack:C1\"]\n    escalate:\n      - {after: 10m, to: [\"slack:C2\"]}\nredact: [\"nope\"]\n",
+    ))
+    .unwrap_err();
+    assert_eq!(error.issues.len(), 3, "{error}");
+}

@@ -26,6 +26,9 @@ pub struct StoredRequest {
     /// Bodies written before this field kept them inside each vote, where they are read.
     #[serde(default)]
     pub vote_aliases: Vec<Vec<Principal>>,
+    /// Steps of the escalation ladder taken: the sweeper's compare-and-set moves it on.
+    #[serde(default)]
+    pub escalation_step: u32,
 }
 
 /// `StoredRequest` for writing, borrowed: serialising needs no copy of the request.
@@ -38,6 +41,12 @@ pub struct StoredRequestRef<'a> {
     pub previous_tiers: &'a [String],
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub vote_aliases: Vec<&'a [Principal]>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub escalation_step: u32,
+}
+
+fn is_zero(step: &u32) -> bool {
+    *step == 0
 }
 
 impl StoredRequest {
@@ -47,6 +56,7 @@ impl StoredRequest {
             request,
             original_args: &request.original_args,
             previous_tiers: &request.previous_tiers,
+            escalation_step: request.escalation_step,
             vote_aliases: if any_aliases {
                 request
                     .votes
@@ -64,6 +74,7 @@ impl StoredRequest {
         let mut request = self.request;
         request.original_args = self.original_args;
         request.previous_tiers = self.previous_tiers;
+        request.escalation_step = self.escalation_step;
         for (vote, aliases) in request.votes.iter_mut().zip(self.vote_aliases) {
             if !aliases.is_empty() {
                 vote.aliases = aliases;

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use super::pacing::{TokenBucket, Turns};
 use super::webhook::send_webhook;
 use crate::audit::NewAuditEvent;
-use crate::channels::{CardSync, ChannelError, ChatChannels, Reminder};
+use crate::channels::{CardSync, CardView, ChannelError, ChatChannels, Reminder};
 use crate::domain::{AuditKind, Destination, OutboxKind};
 use crate::engine::{Engine, EngineResult};
 use crate::store::{
@@ -420,7 +420,11 @@ impl Delivery {
         let result = match kind {
             OutboxKind::Card => match self.engine.request(&message.request_id).await {
                 Ok(request) => channel
-                    .sync_card(&request, &destination, posted.as_ref())
+                    .sync_card(
+                        &CardView::of(&request, &self.engine.policy()),
+                        &destination,
+                        posted.as_ref(),
+                    )
                     .await
                     .map(|sync| match sync {
                         CardSync::Posted { reference } => DeliveryRecord {

@@ -1,7 +1,7 @@
 //! Time-driven work, found in the database rather than kept in timers: pending requests
-//! past `expires_at` expire, past `remind_after` get a reminder, past `escalate_after` are
-//! escalated — also what fell due while no server ran. `sweep_once` is one pass, at the
-//! engine's clock; `run` repeats it.
+//! past `expires_at` expire, past `remind_after` get a reminder, past each step of their
+//! escalation ladder are escalated — also what fell due while no server ran. `sweep_once`
+//! is one pass, at the engine's clock; `run` repeats it.
 
 use std::time::Duration;
 

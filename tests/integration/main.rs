@@ -16,6 +16,7 @@ mod mcp;
 mod openapi;
 mod operations;
 mod outbox_fairness;
+mod policy_decision;
 mod policy_intake;
 mod postgres_roles;
 mod properties;

@@ -868,3 +868,336 @@ async fn a_submission_whose_wait_meets_the_long_poll_cap_still_answers_its_id(
     let (body, _) = long_poll.await.expect("join");
     assert_eq!(body["status"], "approved");
 }
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_identical_calls_joining_one_approval_run_it_once(#[case] backend: Backend) {
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    let proxy = Proxy::start(&app.base_url, &agent.key, &["--wait", "0.3s"]).await;
+    let args = json!({"to": "twice@example.com"});
+    let first = proxy.call("send_email", args.clone()).await;
+    assert!(is_error(&first), "{}", text_of(&first));
+    let id = the_one_pending(&app, &agent).await;
+    cli_ok(&app, &["approve", &id, "--as", "cli:alice"]);
+
+    // Both join the approved request before either has recorded its receipt.
+    let (one, two) = tokio::join!(
+        proxy.call("send_email", args.clone()),
+        proxy.call("send_email", args.clone())
+    );
+    assert_eq!(
+        proxy.received(),
+        [json!({"tool": "send_email", "arguments": args})],
+        "one approval, one run"
+    );
+    let refused: Vec<&CallToolResult> = [&one, &two].into_iter().filter(|r| is_error(r)).collect();
+    assert_eq!(refused.len(), 1, "{} / {}", text_of(&one), text_of(&two));
+    assert!(
+        text_of(refused[0]).contains("Not run"),
+        "{}",
+        text_of(refused[0])
+    );
+}
+
+/// A signoff stand-in answering every submission and every poll with a scripted status
+/// and body: what the proxy does with answers a real server should never give.
+#[derive(Clone, Default)]
+struct ScriptedSignoff {
+    submit_answer: Arc<Mutex<Answer>>,
+    poll_answer: Arc<Mutex<Answer>>,
+}
+
+/// An HTTP status and body.
+type Answer = (u16, String);
+
+impl ScriptedSignoff {
+    async fn start(&self) -> String {
+        use axum::http::Method;
+        let script = self.clone();
+        let router = axum::Router::new().fallback(move |method: Method| {
+            let script = script.clone();
+            async move {
+                let slot = if method == Method::POST {
+                    &script.submit_answer
+                } else {
+                    &script.poll_answer
+                };
+                let (status, body) = slot.lock().expect("lock").clone();
+                (
+                    StatusCode::from_u16(status).expect("status"),
+                    [("content-type", "application/json")],
+                    body,
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{address}")
+    }
+
+    fn answer(&self, submit: Answer, poll: Answer) {
+        *self.submit_answer.lock().expect("lock") = submit;
+        *self.poll_answer.lock().expect("lock") = poll;
+    }
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_runs_nothing_on_an_answer_it_cannot_trust(#[case] backend: Backend) {
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    // Genuine request objects to bend: an allowed echo, approved by the policy...
+    let approved = app
+        .submit_ok(
+            &agent,
+            json!({"action": "mcp.echo", "args": {"text": "hi"}}),
+        )
+        .await;
+    // ...a pending one, renamed to the same action...
+    let mut pending = app
+        .submit_ok(
+            &agent,
+            json!({"action": "mcp.send_email", "args": {"text": "hi"}}),
+        )
+        .await;
+    pending["action"] = json!("mcp.echo");
+    // ...and an approval already used.
+    let executed: Value = app
+        .http
+        .post(app.url(&format!(
+            "/v1/requests/{}/execution",
+            approved["id"].as_str().expect("id")
+        )))
+        .bearer_auth(&agent.key)
+        .json(&json!({"outcome": "succeeded"}))
+        .send()
+        .await
+        .expect("receipt")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(!executed["executed"].is_null(), "{executed}");
+    let approved_with = |change: &dyn Fn(&mut Value)| {
+        let mut body = approved.clone();
+        change(&mut body);
+        (201, body.to_string())
+    };
+    let plain = |status: u16, body: &str| (status, body.to_string());
+    let cases: Vec<(&str, Answer, Answer)> = vec![
+        (
+            "a server error",
+            plain(500, r#"{"error":{"code":"internal","message":"boom"}}"#),
+            plain(500, "{}"),
+        ),
+        (
+            "rate limited",
+            plain(
+                429,
+                r#"{"error":{"code":"rate_limited","message":"slow down"}}"#,
+            ),
+            plain(429, "{}"),
+        ),
+        ("not JSON", plain(200, "<html>hello</html>"), plain(200, "")),
+        (
+            "not a request",
+            plain(201, r#"{"status":"approved"}"#),
+            plain(200, "{}"),
+        ),
+        (
+            "another action approved",
+            approved_with(&|body| body["action"] = json!("mcp.get")),
+            plain(200, "{}"),
+        ),
+        (
+            "approved without a decision",
+            approved_with(&|body| body["decision"] = Value::Null),
+            plain(200, "{}"),
+        ),
+        (
+            "decision args not an object",
+            approved_with(&|body| body["decision"]["args"] = json!("rm -rf /")),
+            plain(200, "{}"),
+        ),
+        (
+            "decision args null",
+            approved_with(&|body| body["decision"]["args"] = Value::Null),
+            plain(200, "{}"),
+        ),
+        (
+            "approval already used",
+            (201, executed.to_string()),
+            plain(200, "{}"),
+        ),
+        (
+            "the poll answers another request",
+            (201, pending.to_string()),
+            approved_with(&|body| body["action"] = json!("mcp.echo")),
+        ),
+    ];
+    let scripted = ScriptedSignoff::default();
+    let url = scripted.start().await;
+    for (case, submit, poll) in cases {
+        scripted.answer(submit, poll);
+        let proxy = Proxy::start(&url, &agent.key, &["--wait", "2s"]).await;
+        let result = proxy.call("echo", json!({"text": "hi"})).await;
+        assert!(is_error(&result), "{case}: {}", text_of(&result));
+        assert!(
+            text_of(&result).contains("Not run"),
+            "{case}: {}",
+            text_of(&result)
+        );
+        assert!(proxy.received().is_empty(), "{case}: reached the upstream");
+    }
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_never_inherits_the_agent_key(#[case] backend: Backend) {
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    let directory = tempfile::tempdir().expect("tempdir");
+    let environment = directory.path().join("environment.txt");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_signoff"))
+        .args(["mcp-proxy", "--wait", "1s", "--"])
+        .arg(recording_server())
+        .env("SIGNOFF_URL", &app.base_url)
+        .env("SIGNOFF_API_KEY", &agent.key)
+        .env("ENVIRONMENT_FILE", &environment)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start signoff mcp-proxy");
+    let stdout = child.stdout.take().expect("stdout");
+    let stdin = child.stdin.take().expect("stdin");
+    let client = ().serve((stdout, stdin)).await.expect("MCP client connects");
+    let echoed = client
+        .call_tool(call("echo", json!({"text": "hi"})))
+        .await
+        .expect("tools/call answers");
+    assert!(!is_error(&echoed), "{}", text_of(&echoed));
+    let inherited = std::fs::read_to_string(&environment).expect("environment file");
+    assert!(inherited.contains("SIGNOFF_URL"), "{inherited}");
+    assert!(!inherited.contains("SIGNOFF_API_KEY"), "{inherited}");
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let mut errors = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut errors).await;
+    }
+    assert!(
+        !errors.contains(&agent.key),
+        "the key in the logs: {errors}"
+    );
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mcp_method_needs_the_key_and_odd_bodies_change_nothing(#[case] backend: Backend) {
+    let app = spawn_mcp_app!(backend);
+    let agent = app.create_agent("mcp-bot", &[]).await;
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::DELETE,
+        reqwest::Method::PUT,
+    ] {
+        let response = app
+            .http
+            .request(method.clone(), app.url("/mcp"))
+            .header("Accept", "application/json, text/event-stream")
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method}");
+        let with_key = app
+            .http
+            .request(method.clone(), app.url("/mcp"))
+            .bearer_auth(&agent.key)
+            .header("Accept", "application/json, text/event-stream")
+            .send()
+            .await
+            .expect("answer");
+        let status = with_key.status();
+        let body = with_key.text().await.expect("body");
+        assert!(status.is_client_error(), "{method}: {status} {body}");
+    }
+
+    let submit = |n: u64| {
+        json!({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {
+            "name": "request_approval",
+            "arguments": {"action": "reports.get", "args": {"n": n}, "wait_seconds": 0}}})
+    };
+    let post = |body: reqwest::Body| {
+        app.http
+            .post(app.url("/mcp"))
+            .bearer_auth(&agent.key)
+            .header("Accept", "application/json, text/event-stream")
+            .header("Content-Type", "application/json")
+            .header("MCP-Protocol-Version", "2025-06-18")
+            .body(body)
+            .send()
+    };
+    // A JSON-RPC batch (dropped from the protocol in 2025-06-18).
+    let batch = post(json!([submit(1), submit(2)]).to_string().into())
+        .await
+        .expect("answer");
+    let status = batch.status();
+    let body = batch.text().await.expect("body");
+    assert!(!status.is_server_error(), "{status}: {body}");
+    assert_eq!(app.request_count().await, 0, "{status}: {body}");
+
+    // An oversized body streamed without a Content-Length.
+    let huge = submit(3).to_string().replace(
+        "\"n\":3",
+        &format!("\"blob\":\"{}\"", "x".repeat(app.config.max_body_bytes)),
+    );
+    let status_line = post_chunked(&app.base_url, &agent.key, huge.as_bytes()).await;
+    assert!(status_line.contains(" 413 "), "{status_line}");
+    assert_eq!(app.request_count().await, 0);
+
+    // Malformed JSON: an error that names no internals.
+    let garbage = post("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\":".into())
+        .await
+        .expect("answer");
+    let status = garbage.status();
+    let body = garbage.text().await.expect("body");
+    assert!(status.is_client_error(), "{status}: {body}");
+    assert!(!body.contains("src/") && !body.contains("sqlx"), "{body}");
+}
+
+/// POSTs `body` to /mcp with `Transfer-Encoding: chunked` (no Content-Length) over a raw
+/// connection; answers the response's status line.
+async fn post_chunked(base_url: &str, key: &str, body: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    let address = base_url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n\
+         MCP-Protocol-Version: 2025-06-18\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    for chunk in body.chunks(4096) {
+        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+        // The server may answer and close before the whole body is sent.
+        if stream.write_all(&framed).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}

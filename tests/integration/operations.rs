@@ -137,7 +137,12 @@ async fn sighup_reloads_the_policy_and_sigterm_drains(#[case] backend: Backend) 
     let mut server = tokio::task::spawn_blocking(move || ServerProcess::start(&config_path))
         .await
         .unwrap();
-    let http = app.http.clone();
+    // A fresh connection per request: a kept-alive one can meet the server closing it (a
+    // reset that says nothing about the reload) when the machine is loaded.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
 
     // A valid new policy is swapped in; its hash shows on /readyz.
     let before = server.policy_hash(&http).await;

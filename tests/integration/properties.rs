@@ -37,6 +37,7 @@ people:
 groups:
   ops: ["person:alice", "cli:bob", "cli:carol"]
   release: ["cli:carol", "cli:dave", "cli:erin"]
+  leads: ["person:alice", "cli:carol"]
 tiers:
   staging:
     route: ["slack:C0STAGING"]
@@ -50,8 +51,8 @@ tiers:
     ttl: 30m
   production:
     route: ["slack:C0PROD"]
-    approvers: ["group:release", "person:alice"]
-    approvals: 2
+    approvers: ["group:release", "group:leads"]
+    approvals: {release: 1, leads: 1}
     ttl: 1h
 rules:
   - name: dev
@@ -83,11 +84,41 @@ rules:
 const ACTION: &str = "deploy.app";
 
 /// The model's view of the policy's tiers, lowest risk first: who approves (as people,
-/// `alice` for both of her principals) and how many must.
+/// `alice` for both of her principals), how many must, and for a per-group quorum how
+/// many from each group (its members as people).
 struct TierModel {
     name: &'static str,
     approvals: usize,
     approvers: &'static [&'static str],
+    groups: &'static [(usize, &'static [&'static str])],
+}
+
+impl TierModel {
+    /// Do these people meet the quorum? Per group: some assignment of distinct people to
+    /// every slot exists (searched exhaustively, independently of the engine's matching).
+    fn met_by(&self, people: &BTreeSet<&str>) -> bool {
+        if self.groups.is_empty() {
+            return people.len() >= self.approvals;
+        }
+        let slots: Vec<&[&str]> = self
+            .groups
+            .iter()
+            .flat_map(|(count, members)| std::iter::repeat_n(*members, *count))
+            .collect();
+        fn fill(slots: &[&[&str]], free: &BTreeSet<&str>) -> bool {
+            let Some((members, rest)) = slots.split_first() else {
+                return true;
+            };
+            free.iter().any(|who| {
+                members.contains(who) && {
+                    let mut left = free.clone();
+                    left.remove(who);
+                    fill(rest, &left)
+                }
+            })
+        }
+        fill(&slots, people)
+    }
 }
 
 const TIERS: [TierModel; 3] = [
@@ -95,16 +126,22 @@ const TIERS: [TierModel; 3] = [
         name: "staging",
         approvals: 1,
         approvers: &["alice", "cli:bob", "cli:carol"],
+        groups: &[],
     },
     TierModel {
         name: "canary",
         approvals: 1,
         approvers: &["cli:bob", "cli:dave"],
+        groups: &[],
     },
     TierModel {
         name: "production",
         approvals: 2,
         approvers: &["alice", "cli:carol", "cli:dave", "cli:erin"],
+        groups: &[
+            (1, &["cli:carol", "cli:dave", "cli:erin"]),
+            (1, &["alice", "cli:carol"]),
+        ],
     },
 ];
 
@@ -608,7 +645,11 @@ impl Run<'_> {
                     next.approvals.insert(who);
                 }
             }
-            if next.status == Status::Pending && next.approvals.len() >= next.approvals_required() {
+            if next.status == Status::Pending
+                && next
+                    .tier
+                    .is_some_and(|tier| TIERS[tier].met_by(&next.approvals))
+            {
                 next.status = Status::Approved;
             }
         }
@@ -1001,6 +1042,7 @@ fn check_approval(
     );
     prop_assert!(
         people.len() >= TIERS[tier].approvals
+            && TIERS[tier].met_by(&people)
             && request.approvals_required as usize == TIERS[tier].approvals,
         "{} approved by {:?}, below the quorum of {}",
         &request.id,

@@ -15,8 +15,8 @@ use signoff::domain::Status;
 use signoff::engine::Clock as _;
 
 use crate::support::fake_teams::{
-    self, conversation_update, encode, invoke_activity, ConnectorFailure, PublishedKey, TestKey,
-    TokenSpec, CHANNEL,
+    self, conversation_update, encode, invoke_activity, ConnectorFailure, ForgedToken,
+    PublishedKey, TestKey, TokenSpec, CHANNEL,
 };
 use crate::support::{backends, Backend, TestAgent, TestApp};
 
@@ -369,6 +369,23 @@ async fn refresh_answers_the_current_card(#[case] backend: Backend) {
         text(&card).contains(&id) && card.get("actions").is_some(),
         "{card}"
     );
+    // Someone who may not see the request, asking from a conversation its card was never
+    // posted to (their 1:1 chat with the bot), learns nothing about it.
+    let personal = invoke_activity(
+        &app.fake_teams().service_url(),
+        "a:1mallory-personal",
+        MALLORY,
+        "refresh",
+        data(&id, 1),
+    );
+    let (status, body) = app.teams_send(&personal).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        text(&body).contains("you may not see it")
+            && !text(&body).contains("deploy.api")
+            && !text(&body).contains(&id),
+        "{body}"
+    );
     app.approve(&id, &format!("teams:{ALICE}")).await.unwrap();
     let card = app.teams_invoke(BOB, "refresh", data(&id, 1)).await;
     assert!(text(&card).contains("Approved"), "{card}");
@@ -499,6 +516,85 @@ async fn tokens_that_do_not_verify_are_refused_and_change_nothing(#[case] backen
     }
     .sign(now);
     let (status, body) = app.teams_post(&activity, Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
+}
+
+/// What attackers try against Bot Framework bots: algorithm confusion, unsigned tokens, no
+/// key id, a published key endorsed for no channel, a valid token over an unreadable body,
+/// and card data naming someone else as the voter.
+#[apply(backends)]
+#[tokio::test]
+async fn forged_tokens_unendorsed_keys_and_card_data_naming_the_voter_change_nothing(
+    #[case] backend: Backend,
+) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let teams = app.fake_teams();
+    teams.publish(vec![
+        PublishedKey {
+            kid: "key-1".into(),
+            key: TestKey::First,
+            endorsements: vec![fake_teams::CHANNEL_ID.into()],
+        },
+        PublishedKey {
+            kid: "key-unendorsed".into(),
+            key: TestKey::Second,
+            endorsements: Vec::new(),
+        },
+    ]);
+    let id = submit(&app, &agent, "deploy.api").await;
+    let service_url = teams.service_url();
+    let activity = invoke_activity(&service_url, CHANNEL, ALICE, "approve", data(&id, 1));
+    let valid = TokenSpec::valid(&service_url);
+    let now = app.clock.now();
+    let unendorsed = TokenSpec {
+        kid: "key-unendorsed".into(),
+        key: TestKey::Second,
+        ..valid.clone()
+    };
+    let tokens = [
+        ("alg none", valid.forge(ForgedToken::Unsigned, now)),
+        (
+            "HS256 keyed with the public key",
+            valid.forge(ForgedToken::SymmetricWithThePublicKey, now),
+        ),
+        ("no key id", valid.forge(ForgedToken::WithoutKeyId, now)),
+        ("a key endorsed for nothing", unendorsed.sign(now)),
+    ];
+    for (what, token) in tokens {
+        let (status, body) = app.teams_post(&activity, Some(token)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        let stored = app.stored(&id).await;
+        assert_eq!(
+            (stored.status, stored.votes.len()),
+            (Status::Pending, 0),
+            "{what}"
+        );
+    }
+    // A valid token over a body that is not JSON.
+    let response = app
+        .http
+        .post(app.url("/teams/messages"))
+        .bearer_auth(valid.sign(now))
+        .header("content-type", "application/json")
+        .body(r#"{"type": "invoke", "name": "adaptiveCard/action", "#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Card data naming an approver does not make the sender one.
+    let mut claimed = data(&id, 1);
+    claimed["user"] = json!(ALICE);
+    claimed["aadObjectId"] = json!(ALICE);
+    claimed["from"] = json!({"aadObjectId": ALICE});
+    let card = app.teams_invoke(MALLORY, "approve", claimed).await;
+    assert!(!text(&card).contains("Recorded"), "{}", text(&card));
+    let stored = app.stored(&id).await;
+    assert_eq!((stored.status, stored.votes.len()), (Status::Pending, 0));
+    // The same click, correctly signed, by the approver it names.
+    let (status, body) = app.teams_send(&activity).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(app.stored(&id).await.status, Status::Approved);
 }
@@ -719,9 +815,14 @@ async fn service_urls_are_recorded_per_conversation_and_only_allowed_ones_are_ca
         posted[0].path
     );
     assert!(text(&posted[0].body).contains(&emea));
-    // Never called, and the card is given up rather than retried.
-    app.advance(Duration::from_secs(3600));
-    app.deliver().await;
+    // Never called, nor recorded: the conversation is reached at the default service URL.
+    assert_eq!(
+        app.engine()
+            .conversation_endpoint("teams:19:elsewhere@thread.tacv2")
+            .await
+            .unwrap(),
+        None
+    );
     let message = crate::support::fake_teams::message_activity(
         &elsewhere_url,
         "19:elsewhere@thread.tacv2",
@@ -737,10 +838,115 @@ async fn service_urls_are_recorded_per_conversation_and_only_allowed_ones_are_ca
         "{:#?}",
         teams.calls()
     );
-    assert!(teams
-        .latest_card("19:elsewhere@thread.tacv2", &elsewhere)
-        .is_none());
+    let posted = teams.posted("19:elsewhere@thread.tacv2");
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    assert!(
+        posted[0].path.starts_with("/teams/v3/"),
+        "{}",
+        posted[0].path
+    );
+    assert!(text(&posted[0].body).contains(&elsewhere));
     app.assert_none_pending("card").await;
+}
+
+/// A verified activity from a service URL signoff may not call (outside the allowed
+/// prefixes, or only inside them before `..` is resolved) neither replaces the URL a
+/// conversation is reached at nor is ever called.
+#[apply(backends)]
+#[tokio::test]
+async fn service_urls_that_may_not_be_called_are_never_recorded(#[case] backend: Backend) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let teams = app.fake_teams();
+    let emea_url = format!("{}emea/", teams.service_url());
+    let update = conversation_update(&emea_url, CHANNEL);
+    assert_eq!(app.teams_send(&update).await.0, StatusCode::OK);
+    let outside = format!("{}/elsewhere/", teams.base);
+    let climbing_out = format!("{}../elsewhere/", teams.service_url());
+    for service_url in [&outside, &climbing_out] {
+        let update = conversation_update(service_url, CHANNEL);
+        assert_eq!(
+            app.teams_send(&update).await.0,
+            StatusCode::OK,
+            "{service_url}"
+        );
+        let message =
+            crate::support::fake_teams::message_activity(service_url, CHANNEL, ALICE, "help");
+        assert_eq!(
+            app.teams_send(&message).await.0,
+            StatusCode::OK,
+            "{service_url}"
+        );
+    }
+    let endpoint = app
+        .engine()
+        .conversation_endpoint(&format!("teams:{CHANNEL}"))
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(endpoint.service_url, emea_url);
+
+    let id = submit(&app, &agent, "deploy.api").await;
+    app.deliver().await;
+    let posted = teams.posted(CHANNEL);
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    assert!(
+        posted[0].path.starts_with("/teams/emea/v3/"),
+        "{}",
+        posted[0].path
+    );
+    assert!(text(&posted[0].body).contains(&id));
+    assert!(
+        teams
+            .calls()
+            .iter()
+            .all(|call| !call.path.starts_with("/elsewhere/")),
+        "{:#?}",
+        teams.calls()
+    );
+}
+
+/// Without a configured tenant, activities come from tenants whose administrators set
+/// their users' email addresses as they like: an email from such a member list must not
+/// make anyone an `email:` approver, and is not even asked for.
+#[apply(backends)]
+#[tokio::test]
+async fn emails_are_not_trusted_from_tenants_signoff_is_not_pinned_to(#[case] backend: Backend) {
+    let Some(app) = TestApp::spawn_with_teams_in_any_tenant(backend, TEAMS_POLICY).await else {
+        return;
+    };
+    let owner = format!("teams:{OWNER}");
+    let agent = app.create_agent("deployer", &[owner.as_str()]).await;
+    // Mallory's tenant says she is Carol, an approver named by email.
+    app.fake_teams()
+        .add_member_email(&format!("29:{MALLORY}"), "carol@example.com");
+    let id = submit(&app, &agent, "slow.job").await;
+    let mut activity = invoke_activity(
+        &app.fake_teams().service_url(),
+        CHANNEL,
+        MALLORY,
+        "approve",
+        data(&id, 1),
+    );
+    activity["channelData"]["tenant"]["id"] = json!("tenant-evil");
+    activity["conversation"]["tenantId"] = json!("tenant-evil");
+    let (status, body) = app.teams_send(&activity).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!text(&body).contains("Recorded"), "{}", text(&body));
+    let stored = app.stored(&id).await;
+    assert_eq!((stored.status, stored.votes.len()), (Status::Pending, 0));
+    // Where the policy names people by email, no one's email is known, so no one's vote
+    // can be checked against it (as for anyone whose email cannot be read).
+    let card = app.teams_invoke(ALICE, "approve", data(&id, 1)).await;
+    assert!(
+        text(&card).contains("cannot read the email address"),
+        "{}",
+        text(&card)
+    );
+    let stored = app.stored(&id).await;
+    assert_eq!((stored.status, stored.votes.len()), (Status::Pending, 0));
+    assert!(app.fake_teams().calls_to("GET", "/members/").is_empty());
 }
 
 #[apply(backends)]

@@ -3,12 +3,12 @@
 //! and Retry-After). Also what sends activities to signoff with tokens signed by the
 //! tests' own RSA keys, as the Bot Framework would.
 //!
-//! The keys under `teams_keys/` are throwaway keys made for these tests only (openssl
-//! genrsa 2048); `public.json` holds their moduli and exponents for the fake's JWKS.
+//! The signing keys are generated once per test process and never written anywhere; the
+//! fake's JWKS publishes their moduli and exponents.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -31,25 +31,59 @@ pub enum TestKey {
     Second,
 }
 
+/// A signing key made for this process: what signs tokens, and the JWK parts (`n`, `e`,
+/// base64url) the fake publishes.
+struct GeneratedKey {
+    signing: EncodingKey,
+    modulus: String,
+    exponent: String,
+}
+
+impl GeneratedKey {
+    fn generate() -> Self {
+        use base64::Engine as _;
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::traits::PublicKeyParts as _;
+        use rsa::Generate as _;
+        let key = rsa::PrivateKey::generate();
+        let der = key.to_pkcs1_der().expect("encode the test key");
+        let base64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        Self {
+            signing: EncodingKey::from_rsa_der(der.as_bytes()),
+            modulus: base64.encode(key.n_bytes()),
+            exponent: base64.encode(key.e_bytes()),
+        }
+    }
+}
+
+/// Both test keys, generated side by side on first use.
+fn generated_keys() -> &'static [GeneratedKey; 2] {
+    static KEYS: OnceLock<[GeneratedKey; 2]> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        std::thread::scope(|scope| {
+            let second = scope.spawn(GeneratedKey::generate);
+            let first = GeneratedKey::generate();
+            [first, second.join().expect("generate the second test key")]
+        })
+    })
+}
+
 impl TestKey {
-    fn pem(self) -> &'static [u8] {
+    fn generated(self) -> &'static GeneratedKey {
+        let [first, second] = generated_keys();
         match self {
-            TestKey::First => include_bytes!("teams_keys/first.pem"),
-            TestKey::Second => include_bytes!("teams_keys/second.pem"),
+            TestKey::First => first,
+            TestKey::Second => second,
         }
     }
 
+    fn signing(self) -> &'static EncodingKey {
+        &self.generated().signing
+    }
+
     fn public(self) -> (String, String) {
-        let all: Value =
-            serde_json::from_str(include_str!("teams_keys/public.json")).expect("public keys");
-        let key = match self {
-            TestKey::First => &all["first"],
-            TestKey::Second => &all["second"],
-        };
-        (
-            key["n"].as_str().unwrap().to_string(),
-            key["e"].as_str().unwrap().to_string(),
-        )
+        let key = self.generated();
+        (key.modulus.clone(), key.exponent.clone())
     }
 }
 
@@ -98,6 +132,8 @@ struct FakeState {
 pub struct FakeTeams {
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// Whether signoff is configured with `TENANT` as its tenant (the default).
+    pub tenant_pinned: bool,
     state: FakeState,
 }
 
@@ -125,7 +161,11 @@ impl FakeTeams {
                 .await
                 .expect("fake Bot Framework");
         });
-        Self { base, state }
+        Self {
+            base,
+            tenant_pinned: true,
+            state,
+        }
     }
 
     /// The service URL the fake's connector answers at (allowed in tests).
@@ -333,6 +373,23 @@ impl TokenSpec {
     pub fn sign(&self, now: chrono::DateTime<chrono::Utc>) -> String {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &self.claims(now), self.key.signing()).expect("sign")
+    }
+}
+
+/// Tokens an attacker would try, each otherwise like `spec` (same claims).
+#[derive(Clone, Copy, Debug)]
+pub enum ForgedToken {
+    /// `alg: none`, no signature.
+    Unsigned,
+    /// HS256 keyed with the published public key's modulus (algorithm confusion).
+    SymmetricWithThePublicKey,
+    /// RS256 and correctly signed, but no `kid` in the header.
+    WithoutKeyId,
+}
+
+impl TokenSpec {
+    fn claims(&self, now: chrono::DateTime<chrono::Utc>) -> Value {
         let mut claims = json!({
             "iss": self.issuer,
             "aud": self.audience,
@@ -342,8 +399,34 @@ impl TokenSpec {
         if let Some(service_url) = &self.service_url {
             claims["serviceurl"] = json!(service_url);
         }
-        let key = EncodingKey::from_rsa_pem(self.key.pem()).expect("test key");
-        jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+        claims
+    }
+
+    pub fn forge(&self, forgery: ForgedToken, now: chrono::DateTime<chrono::Utc>) -> String {
+        use base64::Engine as _;
+        let base64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let claims = self.claims(now);
+        match forgery {
+            ForgedToken::Unsigned => {
+                let header = json!({"alg": "none", "typ": "JWT", "kid": self.kid});
+                format!(
+                    "{}.{}.",
+                    base64.encode(header.to_string()),
+                    base64.encode(claims.to_string())
+                )
+            }
+            ForgedToken::SymmetricWithThePublicKey => {
+                let mut header = Header::new(Algorithm::HS256);
+                header.kid = Some(self.kid.clone());
+                let (modulus, _) = self.key.public();
+                let key = EncodingKey::from_secret(modulus.as_bytes()).expect("HS256 key");
+                jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+            }
+            ForgedToken::WithoutKeyId => {
+                let header = Header::new(Algorithm::RS256);
+                jsonwebtoken::encode(&header, &claims, self.key.signing()).expect("sign")
+            }
+        }
     }
 }
 

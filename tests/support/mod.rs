@@ -246,6 +246,14 @@ impl TestApp {
         Self::spawn_full(backend, policy, Vec::new(), Some(teams)).await
     }
 
+    /// As `spawn_with_teams`, but with no `teams.tenant_id`: activities from any tenant are
+    /// taken.
+    pub async fn spawn_with_teams_in_any_tenant(backend: Backend, policy: &str) -> Option<Self> {
+        let mut teams = FakeTeams::start().await;
+        teams.tenant_pinned = false;
+        Self::spawn_full(backend, policy, Vec::new(), Some(teams)).await
+    }
+
     async fn spawn_full(
         backend: Backend,
         policy: &str,
@@ -279,7 +287,11 @@ impl TestApp {
             teams: teams.as_ref().map(|teams| TeamsConfig {
                 app_id: fake_teams::APP_ID.into(),
                 app_password: Secret::new(fake_teams::APP_PASSWORD),
-                tenant_id: fake_teams::TENANT.into(),
+                tenant_id: if teams.tenant_pinned {
+                    fake_teams::TENANT.into()
+                } else {
+                    String::new()
+                },
                 openid_metadata_url: teams.openid_metadata_url(),
                 token_url: teams.token_url(),
                 default_service_url: teams.service_url(),

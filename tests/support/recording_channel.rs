@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use signoff::channels::{CardSync, ChannelError, ChatChannel, Reminder};
+use signoff::channels::{CardSync, CardView, ChannelError, ChatChannel, Reminder};
 use signoff::domain::{ApprovalRequest, Destination, Status, Voter};
 use signoff::engine::Engine;
 
@@ -58,7 +58,7 @@ impl ChatChannel for RecordingChannel {
 
     async fn sync_card(
         &self,
-        request: &ApprovalRequest,
+        request: &CardView,
         destination: &Destination,
         posted: Option<&Value>,
     ) -> Result<CardSync, ChannelError> {

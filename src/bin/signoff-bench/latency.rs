@@ -9,7 +9,8 @@ use hdrhistogram::Histogram;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use signoff::domain::{VoteRequest, Voter};
+use signoff::channels::VoteTarget;
+use signoff::domain::{Status, VoteRequest, Voter};
 use signoff::policy::EvaluationInput;
 use tokio::task::JoinSet;
 
@@ -283,17 +284,26 @@ impl Harness {
         Ok(histogram)
     }
 
-    /// A signed Approve click on a fresh pending request, to the HTTP answer.
+    /// A signed Approve click by an eligible approver on a fresh pending request, to the
+    /// HTTP answer: the button's value names the request and revision as the real card's
+    /// does, so each click commits an approval (checked after the timing).
     pub async fn slack_ack_latency(&self, samples: usize) -> anyhow::Result<Histogram<u64>> {
         settle_disk();
         let mut histogram = histogram();
         for _ in 0..samples {
             let request = self.submit(&json!({"action": "email.send"})).await?;
             let id = request["id"].as_str().unwrap_or_default();
+            let revision = request["revision"].as_u64().unwrap_or(1);
+            let button = VoteTarget {
+                request_id: id.to_string(),
+                revision: u32::try_from(revision)?,
+                grant_seconds: None,
+            }
+            .encode();
             let payload = json!({
                 "type": "block_actions", "user": {"id": "U0BENCH"}, "trigger_id": "1.2.3",
                 "channel": {"id": "C0BENCH"}, "container": {"channel_id": "C0BENCH"},
-                "actions": [{"action_id": "approve", "value": id, "type": "button"}]
+                "actions": [{"action_id": "approve", "value": button, "type": "button"}]
             });
             let body = url::form_urlencoded::Serializer::new(String::new())
                 .append_pair("payload", &payload.to_string())
@@ -313,10 +323,23 @@ impl Harness {
                 .send()
                 .await?;
             let status = response.status();
-            response.bytes().await?;
+            let answer = response.bytes().await?;
             let elapsed = started.elapsed();
             if !status.is_success() {
                 bail!("click answered {status}");
+            }
+            // A refused click is answered with its explanation; a counted one with nothing.
+            let decided = self
+                .server
+                .engine()
+                .request(id)
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            if decided.status != Status::Approved {
+                bail!(
+                    "the click did not approve the request: {}",
+                    String::from_utf8_lossy(&answer)
+                );
             }
             let _ = histogram.record(elapsed.as_micros() as u64);
         }

@@ -70,9 +70,13 @@ pub fn render_card(card: &CardView) -> Vec<SlackBlock> {
         );
     }
     if let (Some(at), true) = (card.escalated_at, card.is_pending()) {
+        let step = card
+            .escalation_step
+            .map(|(step, of)| format!(": step {step} of {of}"))
+            .unwrap_or_default();
         blocks.push(
             SlackContextBlock::new(vec![md!(format!(
-                ":rotating_light: *Escalated* {} — still waiting for a decision",
+                ":rotating_light: *Escalated{step}* {} — still waiting for a decision",
                 slack_date(at)
             ))])
             .into(),
@@ -243,6 +247,21 @@ fn progress_text(card: &CardView) -> String {
             "s"
         }
     );
+    if !card.group_progress.is_empty() {
+        let groups: Vec<String> = card
+            .group_progress
+            .iter()
+            .map(|group| {
+                format!(
+                    "{} {}/{}",
+                    escape(&group.group),
+                    group.filled,
+                    group.required
+                )
+            })
+            .collect();
+        text.push_str(&format!(" ({})", groups.join(" · ")));
+    }
     if !card.approvers.is_empty() {
         let names: Vec<String> = card.approvers.iter().map(mention).collect();
         text.push_str(&format!(" · approved by {}", names.join(", ")));
@@ -445,6 +464,7 @@ mod tests {
                 revision: 1,
                 aliases: vec![],
                 grant: None,
+                groups: vec![],
             }],
             decision: None,
             action_hash: action_hash("payments.refund", &json!({})),
@@ -459,12 +479,19 @@ mod tests {
             remind_at: None,
             escalate_at: None,
             previous_tiers: Vec::new(),
+            approvals_by_group: Default::default(),
+            escalation_step: 0,
             version: 2,
         }
     }
 
+    /// A policy without tiers, ladders or redaction: the card shows the request as it is.
+    fn no_policy() -> crate::policy::Policy {
+        crate::policy::Policy::parse("version: 1\n").unwrap()
+    }
+
     fn blocks_json(request: &ApprovalRequest) -> serde_json::Value {
-        serde_json::to_value(render_card(&CardView::of(request))).unwrap()
+        serde_json::to_value(render_card(&CardView::of(request, &no_policy()))).unwrap()
     }
 
     #[test]
@@ -485,6 +512,7 @@ mod tests {
             revision: 2,
             aliases: vec![],
             grant: None,
+            groups: vec![],
         });
         request.votes.push(Vote {
             principal: "slack:U02CAROL".parse().unwrap(),
@@ -494,6 +522,7 @@ mod tests {
             revision: 2,
             aliases: vec![],
             grant: None,
+            groups: vec![],
         });
         request.status = Status::Approved;
         request.decision = Some(Decision {
@@ -567,12 +596,12 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("Truncated:"));
-        assert!(modify_modal(&CardView::of(&request)).is_none());
+        assert!(modify_modal(&CardView::of(&request, &no_policy())).is_none());
     }
 
     #[test]
     fn modals_carry_the_request_and_prefilled_args() {
-        let card = CardView::of(&pending_refund());
+        let card = CardView::of(&pending_refund(), &no_policy());
         insta::assert_json_snapshot!(serde_json::to_value(deny_modal(&card)).unwrap());
         let modify = serde_json::to_value(modify_modal(&card).unwrap()).unwrap();
         assert_eq!(
@@ -618,6 +647,45 @@ mod tests {
         assert!(blocks.contains("Escalated"), "{blocks}");
         request.status = Status::Expired;
         assert!(!blocks_json(&request).to_string().contains("Escalated"));
+    }
+
+    #[test]
+    fn cards_show_group_progress_escalation_steps_and_no_redacted_value() {
+        let policy = crate::policy::Policy::parse(
+            r#"version: 1
+groups:
+  finance: ["slack:U01ALICE"]
+  sre: ["cli:bob"]
+tiers:
+  high:
+    route: ["slack:C0HIGH"]
+    approvers: ["group:finance", "group:sre"]
+    approvals: {finance: 1, sre: 1}
+    escalate:
+      - {after: 15m, to: ["slack:C0ONCALL"]}
+      - {after: 45m, to: ["slack:C0MANAGERS"]}
+redact: ["args.order", "context.summary"]
+"#,
+        )
+        .unwrap();
+        let mut request = pending_refund();
+        request.approvals_by_group = [("finance".to_string(), 1), ("sre".to_string(), 1)].into();
+        request.votes[0].groups = vec!["finance".into()];
+        request.escalated_at = Some(at(45));
+        request.escalation_step = 2;
+        request.context.links.clear();
+        let blocks = serde_json::to_value(render_card(&CardView::of(&request, &policy)))
+            .unwrap()
+            .to_string();
+        assert!(blocks.contains("finance 1/1 · sre 0/1"), "{blocks}");
+        assert!(blocks.contains("Escalated: step 2 of 2"), "{blocks}");
+        assert!(!blocks.contains("A-1042"), "{blocks}");
+        assert!(blocks.contains("[redacted]"), "{blocks}");
+        let modal = serde_json::to_string(&modify_modal(&CardView::of(&request, &policy))).unwrap();
+        assert!(
+            !modal.contains("A-1042") && modal.contains("[redacted]"),
+            "{modal}"
+        );
     }
 
     #[test]

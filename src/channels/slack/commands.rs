@@ -134,7 +134,7 @@ async fn show_to(state: &SlackState, id: &str, user: &str) -> Value {
     match state.engine.may_view(&request, &voter).await {
         Ok(true) => ephemeral_blocks(
             format!("Request {id}"),
-            render_card(&CardView::of(&request)),
+            render_card(&CardView::of(&request, &state.engine.policy())),
         ),
         Ok(false) => ephemeral(NOT_SHOWN.into()),
         Err(error) => ephemeral(explain(&error)),
@@ -157,11 +157,12 @@ async fn vote_from_command(
     };
     let typed_at = chrono::DateTime::from_timestamp(signed_at, 0).unwrap_or_default();
     let seen_revision = request.revision_at(typed_at);
-    match state
+    let voted = state
         .engine
         .record_vote(id, &voter, vote, Some(seen_revision))
         .await
-    {
+        .map(|(request, effect)| (state.engine.policy().redacted(&request), effect));
+    match voted {
         Ok((
             request,
             VoteEffect::Counted {
@@ -217,6 +218,7 @@ async fn pending_for(state: &SlackState, user: &str) -> Value {
         return ephemeral("Nothing is waiting for you.".into());
     }
     let total = decidable.len();
+    let policy = state.engine.policy();
     let mut blocks = vec![SlackBlock::from(SlackSectionBlock::new().with_text(md!(
         format!(
             "*{total} request{} waiting for you*",
@@ -225,7 +227,7 @@ async fn pending_for(state: &SlackState, user: &str) -> Value {
     )))];
     for request in decidable.iter().take(CARDS_PER_MESSAGE) {
         blocks.push(SlackDividerBlock::new().into());
-        blocks.extend(render_card(&CardView::of(request)));
+        blocks.extend(render_card(&CardView::of(request, &policy)));
     }
     if total > CARDS_PER_MESSAGE {
         blocks.push(

@@ -257,7 +257,7 @@ pub(super) async fn foreign_workspace(state: &SlackState, teams: &[&str]) -> Opt
 /// should see it again (their card was out of date).
 struct Refusal {
     text: String,
-    current: Option<Box<ApprovalRequest>>,
+    current: Option<Box<CardView>>,
 }
 
 impl From<String> for Refusal {
@@ -283,7 +283,7 @@ impl Refusal {
                     .await
                     .unwrap_or(false)
                 {
-                    current = Some(Box::new(request));
+                    current = Some(Box::new(CardView::of(&request, &state.engine.policy())));
                 }
             }
         }
@@ -295,11 +295,11 @@ impl Refusal {
 
     fn message(&self) -> Value {
         match &self.current {
-            Some(request) => json!({
+            Some(card) => json!({
                 "response_type": "ephemeral",
                 "replace_original": false,
                 "text": escape(&self.text),
-                "blocks": current_card_blocks(&self.text, request),
+                "blocks": current_card_blocks(&self.text, card),
             }),
             None => json!({
                 "response_type": "ephemeral",
@@ -311,12 +311,12 @@ impl Refusal {
 }
 
 /// The explanation, then the request's current card (with buttons for its current revision).
-fn current_card_blocks(text: &str, request: &ApprovalRequest) -> Vec<SlackBlock> {
+fn current_card_blocks(text: &str, card: &CardView) -> Vec<SlackBlock> {
     let mut blocks = vec![SlackBlock::from(
         SlackSectionBlock::new().with_text(md!(escape(text))),
     )];
     blocks.push(SlackDividerBlock::new().into());
-    blocks.extend(render_card(&CardView::of(request)));
+    blocks.extend(render_card(card));
     blocks
 }
 
@@ -411,7 +411,7 @@ async fn click_refusal(state: &SlackState, interaction: &Interaction) -> Option<
                 Ok(request) => request,
                 Err(error) => return Some(Refusal::of(state, request_id, &voter, &error).await),
             };
-            let card = CardView::of(&request);
+            let card = CardView::of(&request, &state.engine.policy());
             let view = if kind == VoteKind::Deny {
                 Some(deny_modal(&card))
             } else {

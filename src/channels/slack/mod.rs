@@ -36,8 +36,6 @@ pub struct SlackChannel {
     command: String,
     /// The workspace the bot token belongs to (auth.test), once Slack has told us.
     home_team: tokio::sync::OnceCell<Option<String>>,
-    /// The engine the routes serve, for what cards need of the policy (grant choices).
-    engine: std::sync::OnceLock<Engine>,
 }
 
 impl SlackChannel {
@@ -60,7 +58,6 @@ impl SlackChannel {
             )),
             command: config.command.clone(),
             home_team: tokio::sync::OnceCell::new(),
-            engine: std::sync::OnceLock::new(),
         })
     }
 
@@ -103,11 +100,6 @@ impl SlackChannel {
         } else {
             Err(format!("response_url answered {}", response.status()))
         }
-    }
-
-    /// The longest grant the request's tier allows, once the routes know the engine.
-    fn grant_max_ttl(&self, request: &ApprovalRequest) -> Option<std::time::Duration> {
-        super::grant_max_ttl(&self.engine.get()?.policy(), request)
     }
 
     /// The voter behind a Slack user, for this request's tier.
@@ -156,13 +148,12 @@ impl ChatChannel for SlackChannel {
 
     async fn sync_card(
         &self,
-        request: &ApprovalRequest,
+        view: &CardView,
         destination: &Destination,
         posted: Option<&Value>,
     ) -> Result<CardSync, ChannelError> {
-        let view = CardView::of(request).with_grant_choices(self.grant_max_ttl(request));
-        let blocks = render_card(&view);
-        let text = card_fallback_text(&view);
+        let blocks = render_card(view);
+        let text = card_fallback_text(view);
         let existing = posted
             .and_then(|message| serde_json::from_value::<PostedMessage>(message.clone()).ok());
         match existing {
@@ -207,8 +198,6 @@ impl ChatChannel for SlackChannel {
     }
 
     fn routes(self: Arc<Self>, engine: Engine, body_limit: usize) -> axum::Router {
-        // One engine per process: a second call keeps the first.
-        let _ = self.engine.set(engine.clone());
         handlers::router(engine, self, body_limit)
     }
 }

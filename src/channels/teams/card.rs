@@ -69,7 +69,13 @@ pub fn render_card_for(card: &CardView, viewer: &ForViewer<'_>) -> Value {
     if let (Some(at), true) = (card.escalated_at, card.is_pending()) {
         body.push(json!({
             "type": "TextBlock", "color": "Warning", "wrap": true,
-            "text": format!("**Escalated** {} — still waiting for a decision", date(at)),
+            "text": format!(
+                "**Escalated{}** {} — still waiting for a decision",
+                card.escalation_step
+                    .map(|(step, of)| format!(": step {step} of {of}"))
+                    .unwrap_or_default(),
+                date(at)
+            ),
         }));
     }
     body.push(json!({
@@ -278,6 +284,14 @@ fn progress_text(card: &CardView) -> String {
             "s"
         }
     );
+    if !card.group_progress.is_empty() {
+        let groups: Vec<String> = card
+            .group_progress
+            .iter()
+            .map(|group| format!("{} {}/{}", group.group, group.filled, group.required))
+            .collect();
+        text.push_str(&format!(" ({})", groups.join(" · ")));
+    }
     if !card.approvers.is_empty() {
         let names: Vec<String> = card.approvers.iter().map(name).collect();
         text.push_str(&format!(" · approved by {}", names.join(", ")));
@@ -373,6 +387,25 @@ mod tests {
             .unwrap()
     }
 
+    /// A policy without tiers, ladders or redaction: the card shows the request as it is.
+    /// The card's tier `high` allows grants of up to 6 hours.
+    fn granting_policy() -> crate::policy::Policy {
+        crate::policy::Policy::parse(
+            r#"version: 1
+tiers:
+  high:
+    route: ["teams:19:high@thread.tacv2"]
+    approvers: ["teams:00000000-0000-0000-0000-0000000a11ce"]
+    grants: {max_ttl: 6h, max_uses: 4}
+"#,
+        )
+        .unwrap()
+    }
+
+    fn no_policy() -> crate::policy::Policy {
+        crate::policy::Policy::parse("version: 1\n").unwrap()
+    }
+
     fn pending_refund() -> ApprovalRequest {
         ApprovalRequest {
             id: "apr_test0000000000000000000000".into(),
@@ -408,6 +441,7 @@ mod tests {
                 revision: 1,
                 aliases: vec![],
                 grant: None,
+                groups: vec![],
             }],
             decision: None,
             sampled: false,
@@ -422,19 +456,20 @@ mod tests {
             remind_at: None,
             escalate_at: None,
             previous_tiers: Vec::new(),
+            approvals_by_group: Default::default(),
+            escalation_step: 0,
             version: 2,
         }
     }
 
     #[test]
     fn pending_adaptive_card() {
-        insta::assert_json_snapshot!(render_card(&CardView::of(&pending_refund())));
+        insta::assert_json_snapshot!(render_card(&CardView::of(&pending_refund(), &no_policy())));
     }
 
     #[test]
     fn pending_adaptive_card_offering_grants() {
-        let card = CardView::of(&pending_refund())
-            .with_grant_choices(Some(std::time::Duration::from_secs(6 * 3600)));
+        let card = CardView::of(&pending_refund(), &granting_policy());
         insta::assert_json_snapshot!(render_card(&card));
     }
 
@@ -442,8 +477,7 @@ mod tests {
     fn decided_cards_offer_no_grants() {
         let mut request = pending_refund();
         request.status = Status::Approved;
-        let card = CardView::of(&request)
-            .with_grant_choices(Some(std::time::Duration::from_secs(6 * 3600)));
+        let card = CardView::of(&request, &granting_policy());
         assert!(!render_card(&card).to_string().contains(APPROVE_FOR));
     }
 
@@ -461,12 +495,12 @@ mod tests {
             modified: false,
             args: request.args.clone(),
         });
-        insta::assert_json_snapshot!(render_card(&CardView::of(&request)));
+        insta::assert_json_snapshot!(render_card(&CardView::of(&request, &no_policy())));
     }
 
     #[test]
     fn refused_modification_keeps_what_was_typed_and_says_why() {
-        let card = CardView::of(&pending_refund());
+        let card = CardView::of(&pending_refund(), &no_policy());
         let rendered = render_card_for(
             &card,
             &ForViewer {
@@ -507,18 +541,56 @@ mod tests {
             }
         }
         let mut found = Vec::new();
-        text_blocks(&render_card(&CardView::of(&request)), &mut found);
+        text_blocks(
+            &render_card(&CardView::of(&request, &no_policy())),
+            &mut found,
+        );
         assert!(found.iter().all(|text| !text.contains("evil")), "{found:?}");
-        assert!(render_card(&CardView::of(&request))
+        assert!(render_card(&CardView::of(&request, &no_policy()))
             .to_string()
             .contains("[x](https://evil.example)"));
+    }
+
+    #[test]
+    fn cards_show_group_progress_escalation_steps_and_no_redacted_value() {
+        let policy = crate::policy::Policy::parse(
+            r#"version: 1
+groups:
+  finance: ["teams:00000000-0000-0000-0000-00000000a11c"]
+  sre: ["cli:bob"]
+tiers:
+  high:
+    route: ["teams:19:high@thread.tacv2"]
+    approvers: ["group:finance", "group:sre"]
+    approvals: {finance: 1, sre: 1}
+    escalate:
+      - {after: 15m, to: ["teams:19:oncall@thread.tacv2"]}
+      - {after: 45m, to: ["teams:19:managers@thread.tacv2"]}
+redact: ["args.order"]
+"#,
+        )
+        .unwrap();
+        let mut request = pending_refund();
+        request.approvals_by_group = [("finance".to_string(), 1), ("sre".to_string(), 1)].into();
+        request.votes[0].groups = vec!["finance".into()];
+        request.escalated_at = Some(request.created_at);
+        request.escalation_step = 2;
+        request.context.summary = None;
+        request.context.links.clear();
+        let card = CardView::of(&request, &policy);
+        let rendered = render_card(&card).to_string();
+        assert!(rendered.contains("finance 1/1 · sre 0/1"), "{rendered}");
+        assert!(rendered.contains("Escalated: step 2 of 2"), "{rendered}");
+        assert!(rendered.contains("[redacted]"), "{rendered}");
+        assert!(!rendered.contains("A-1042"), "{rendered}");
+        assert_eq!(card.args["order"], "[redacted]");
     }
 
     #[test]
     fn every_execute_carries_the_request_and_revision() {
         let mut request = pending_refund();
         request.revision = 3;
-        let rendered = render_card(&CardView::of(&request)).to_string();
+        let rendered = render_card(&CardView::of(&request, &no_policy())).to_string();
         let data = format!(
             "\"data\":{{\"request_id\":\"{}\",\"revision\":3}}",
             request.id
@@ -531,7 +603,7 @@ mod tests {
     fn long_args_are_truncated_and_not_offered_for_editing() {
         let mut request = pending_refund();
         request.args = json!({"blob": "x".repeat(20_000)});
-        let rendered = render_card(&CardView::of(&request));
+        let rendered = render_card(&CardView::of(&request, &no_policy()));
         let text = rendered.to_string();
         assert!(text.contains("Truncated:"), "{text}");
         assert!(text.len() < 8_000, "{}", text.len());

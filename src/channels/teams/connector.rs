@@ -75,12 +75,24 @@ impl Connector {
 
     /// Is `service_url` one signoff may call (under an allowed prefix; https, or plain http
     /// to loopback)?
+    ///
+    /// Both sides are compared as parsed URLs: the HTTP client resolves `..` and `%2e%2e`
+    /// before sending, so `{prefix}../elsewhere/` must not pass as under the prefix, and a
+    /// prefix without a trailing slash must not admit `host.evil.example` or `host@evil`.
     pub fn may_call(&self, service_url: &str) -> bool {
-        check_outbound_url(service_url).is_ok()
-            && self
-                .allowed_service_urls
-                .iter()
-                .any(|prefix| service_url.starts_with(prefix.as_str()))
+        let Ok(url) = check_outbound_url(service_url) else {
+            return false;
+        };
+        self.allowed_service_urls.iter().any(|prefix| {
+            url::Url::parse(prefix).is_ok_and(|prefix| {
+                url.scheme() == prefix.scheme()
+                    && url.host() == prefix.host()
+                    && url.port_or_known_default() == prefix.port_or_known_default()
+                    && url.username().is_empty()
+                    && url.password().is_none()
+                    && url.path().starts_with(prefix.path())
+            })
+        })
     }
 
     /// Posts `activity` to `conversation`; returns the new activity's id.
@@ -246,4 +258,80 @@ fn encode(segment: &str) -> String {
     url::form_urlencoded::byte_serialize(segment.as_bytes())
         .collect::<String>()
         .replace('+', "%20")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector(allowed: &[&str]) -> Connector {
+        Connector::new(
+            reqwest::Client::new(),
+            "https://login.example/token".into(),
+            "app".into(),
+            Secret::new("secret"),
+            allowed.iter().map(|prefix| prefix.to_string()).collect(),
+        )
+    }
+
+    #[test]
+    fn only_urls_under_an_allowed_prefix_after_normalising_may_be_called() {
+        let with_slash = connector(&["https://smba.trafficmanager.net/amer/"]);
+        let without_slash = connector(&["https://smba.trafficmanager.net"]);
+        let cases = [
+            (&with_slash, "https://smba.trafficmanager.net/amer/", true),
+            (
+                &with_slash,
+                "https://smba.trafficmanager.net/amer/v3/x",
+                true,
+            ),
+            (&with_slash, "https://SMBA.trafficmanager.net/amer/", true),
+            (
+                &with_slash,
+                "https://smba.trafficmanager.net:443/amer/",
+                true,
+            ),
+            (&with_slash, "https://smba.trafficmanager.net/emea/", false),
+            (
+                &with_slash,
+                "https://smba.trafficmanager.net/amer/../emea/",
+                false,
+            ),
+            (
+                &with_slash,
+                "https://smba.trafficmanager.net/amer/%2e%2e/emea/",
+                false,
+            ),
+            (&with_slash, "http://smba.trafficmanager.net/amer/", false),
+            (
+                &with_slash,
+                "https://smba.trafficmanager.net:8443/amer/",
+                false,
+            ),
+            (
+                &without_slash,
+                "https://smba.trafficmanager.net/emea/",
+                true,
+            ),
+            (
+                &without_slash,
+                "https://smba.trafficmanager.net.evil.example/",
+                false,
+            ),
+            (
+                &without_slash,
+                "https://smba.trafficmanager.net@evil.example/",
+                false,
+            ),
+            (
+                &without_slash,
+                "https://user@smba.trafficmanager.net/",
+                false,
+            ),
+            (&without_slash, "not a url", false),
+        ];
+        for (connector, url, allowed) in cases {
+            assert_eq!(connector.may_call(url), allowed, "{url}");
+        }
+    }
 }

@@ -20,8 +20,8 @@ use super::card::{
 };
 use super::{TeamsChannel, TeamsUser};
 use crate::channels::{
-    card_with_grant_choices, explain, grants_visible_to, parse_modified_args, revoke_grant_for,
-    CardView, ChatCommand, ListedGrant, VoteTarget, APPROVE, APPROVE_FOR, DENY, HELP_LINES, MODIFY,
+    explain, grants_visible_to, parse_modified_args, revoke_grant_for, CardView, ChatCommand,
+    ListedGrant, VoteTarget, APPROVE, APPROVE_FOR, DENY, HELP_LINES, MODIFY,
 };
 use crate::domain::{
     ApprovalRequest, GrantAsk, Status, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
@@ -200,11 +200,6 @@ fn text_card(text: &str) -> Value {
     })
 }
 
-/// What a card shows of `request`, with the "Approve for …" choices its tier allows.
-fn card_view(state: &TeamsState, request: &ApprovalRequest) -> CardView {
-    card_with_grant_choices(&state.engine.policy(), request)
-}
-
 /// The grant an "Approve for …" choice asks for: its length as the card's choice set sent
 /// it (a string), or as a number from a client that sends one.
 fn grant_ask(data: &Value) -> Option<GrantAsk> {
@@ -244,7 +239,7 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
     let vote = match verb {
         REFRESH => {
             return if shown_to(state, &request, &voter, activity).await {
-                render_card(&card_view(state, &request))
+                render_card(&CardView::of(&request, &state.engine.policy()))
             } else {
                 text_card("That request does not exist, or you may not see it.")
             };
@@ -328,7 +323,7 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
                     format!("Recorded: the request is now {}.", status.as_str())
                 }
             };
-            let card = card_view(state, &request);
+            let card = CardView::of(&request, &state.engine.policy());
             render_card_for(
                 &card,
                 &ForViewer {
@@ -367,7 +362,7 @@ async fn refused_card(
 ) -> Value {
     match state.engine.request(request_id).await {
         Ok(request) if shown_to(state, &request, voter, activity).await => render_card_for(
-            &card_view(state, &request),
+            &CardView::of(&request, &state.engine.policy()),
             &ForViewer {
                 notice: Some(text),
                 typed_args,
@@ -544,7 +539,7 @@ async fn show_to(state: &TeamsState, activity: &Activity, id: &str) -> Value {
     match state.engine.may_view(&request, &voter).await {
         Ok(true) => card_activity(
             &format!("Request {id}"),
-            vec![render_card(&card_view(state, &request))],
+            vec![render_card(&CardView::of(&request, &state.engine.policy()))],
         ),
         Ok(false) => text_reply(NOT_SHOWN),
         Err(error) => text_reply(&explain(&error)),
@@ -562,7 +557,12 @@ async fn vote_from_message(
         Ok(found) => found,
         Err(message) => return text_reply(&message),
     };
-    match state.engine.record_vote(id, &voter, vote, None).await {
+    let voted = state
+        .engine
+        .record_vote(id, &voter, vote, None)
+        .await
+        .map(|(request, effect)| (state.engine.policy().redacted(&request), effect));
+    match voted {
         Ok((
             request,
             VoteEffect::Counted {
@@ -629,7 +629,7 @@ async fn pending_for(state: &TeamsState, activity: &Activity) -> Value {
     let cards = decidable
         .iter()
         .take(CARDS_PER_MESSAGE)
-        .map(|request| render_card(&card_view(state, request)))
+        .map(|request| render_card(&CardView::of(request, &state.engine.policy())))
         .collect();
     card_activity(&text, cards)
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use self::auth::TokenVerifier;
 use self::card::{card_activity, card_fallback_text, reminder_text, render_card};
 use self::connector::{Connector, PostedActivity};
-use super::{CardSync, ChannelError, ChatChannel, Reminder};
+use super::{CardSync, CardView, ChannelError, ChatChannel, Reminder};
 use crate::config::{Config, TeamsConfig};
 use crate::domain::{ApprovalRequest, Destination, Voter};
 use crate::engine::Engine;
@@ -105,6 +105,15 @@ impl TeamsChannel {
         if conversation_id.is_empty() || service_url.is_empty() {
             return;
         }
+        // A URL signoff would never call must not replace one it can (the conversation's
+        // cards would stop); such a conversation keeps what was known, else the default.
+        if !self.connector.may_call(service_url) {
+            tracing::warn!(
+                service_url,
+                "a Teams activity came from a service URL outside teams.allowed_service_urls; not recorded"
+            );
+            return;
+        }
         let destination = Self::destination_of(conversation_id);
         let known = (service_url.to_string(), tenant.map(str::to_string));
         let unchanged = self
@@ -123,7 +132,7 @@ impl TeamsChannel {
         match self.engine.record_conversation_endpoint(&endpoint).await {
             Ok(()) => {
                 if let Ok(mut endpoints) = self.endpoints.lock() {
-                    endpoints.insert(destination, known);
+                    insert_bounded(&mut endpoints, destination, known, |_| false);
                 }
             }
             Err(error) => {
@@ -147,10 +156,8 @@ impl TeamsChannel {
             match self.engine.conversation_endpoint(&destination).await? {
                 Some(endpoint) => {
                     if let Ok(mut endpoints) = self.endpoints.lock() {
-                        endpoints.insert(
-                            destination,
-                            (endpoint.service_url.clone(), endpoint.tenant.clone()),
-                        );
+                        let known = (endpoint.service_url.clone(), endpoint.tenant.clone());
+                        insert_bounded(&mut endpoints, destination, known, |_| false);
                     }
                     endpoint.service_url
                 }
@@ -160,7 +167,8 @@ impl TeamsChannel {
     }
 
     /// The voter behind a Teams user: `teams:<AAD object id>`, with the email the
-    /// conversation's member list gives where someone is named by email.
+    /// conversation's member list gives where someone is named by email (only when the
+    /// bot is pinned to one tenant).
     async fn voter_for(
         &self,
         request: &ApprovalRequest,
@@ -174,7 +182,9 @@ impl TeamsChannel {
         if !needs_email {
             return Ok(voter);
         }
-        let email = match user.member {
+        // Where no tenant is configured, activities come from any tenant, and a member
+        // list's email is whatever that tenant's administrators set: it proves nothing.
+        let email = match user.member.filter(|_| self.tenant_id.is_some()) {
             Some((service_url, conversation, member)) => {
                 self.email(service_url, conversation, member).await?
             }
@@ -234,12 +244,37 @@ impl TeamsChannel {
                     after: None,
                 })
             })?;
-        self.emails
-            .lock()
-            .await
-            .insert(member.to_string(), (Instant::now(), email.clone()));
+        let expired = |(at, _): &(Instant, Option<String>)| at.elapsed() >= EMAIL_TTL;
+        insert_bounded(
+            &mut *self.emails.lock().await,
+            member.to_string(),
+            (Instant::now(), email.clone()),
+            expired,
+        );
         Ok(email)
     }
+}
+
+/// Entries each in-memory cache may hold. Every new conversation or member adds one, so
+/// without a bound a stream of activities could grow memory without end.
+const CACHE_CAPACITY: usize = 10_000;
+
+/// Inserts into a cache of at most `CACHE_CAPACITY` entries: when full, expired entries go
+/// first, and if none has expired the cache starts over (every entry can be read again from
+/// the store or the connector).
+fn insert_bounded<K: std::hash::Hash + Eq, V>(
+    cache: &mut HashMap<K, V>,
+    key: K,
+    value: V,
+    expired: impl Fn(&V) -> bool,
+) {
+    if cache.len() >= CACHE_CAPACITY && !cache.contains_key(&key) {
+        cache.retain(|_, value| !expired(value));
+        if cache.len() >= CACHE_CAPACITY {
+            cache.clear();
+        }
+    }
+    cache.insert(key, value);
 }
 
 /// A Teams user as an activity names them: the AAD object id (who they are) and, for
@@ -257,12 +292,11 @@ impl ChatChannel for TeamsChannel {
 
     async fn sync_card(
         &self,
-        request: &ApprovalRequest,
+        view: &CardView,
         destination: &Destination,
         posted: Option<&Value>,
     ) -> Result<CardSync, ChannelError> {
-        let view = super::card_with_grant_choices(&self.engine.policy(), request);
-        let activity = card_activity(&card_fallback_text(&view), vec![render_card(&view)]);
+        let activity = card_activity(&card_fallback_text(view), vec![render_card(view)]);
         let existing = posted
             .and_then(|reference| serde_json::from_value::<PostedActivity>(reference.clone()).ok());
         match existing {
@@ -335,6 +369,22 @@ impl ChatChannel for TeamsChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caches_never_grow_past_their_capacity() {
+        let mut cache = HashMap::new();
+        for key in 0..CACHE_CAPACITY * 3 {
+            // Every third entry counts as expired.
+            insert_bounded(&mut cache, key, key % 3 == 0, |expired| *expired);
+            assert!(cache.len() <= CACHE_CAPACITY);
+        }
+        assert!(cache.contains_key(&(CACHE_CAPACITY * 3 - 1)));
+        // Replacing a key that is there never evicts anything.
+        let before = cache.len();
+        let last = CACHE_CAPACITY * 3 - 1;
+        insert_bounded(&mut cache, last, false, |expired| *expired);
+        assert_eq!(cache.len(), before);
+    }
 
     #[test]
     fn a_thread_names_its_conversation() {

@@ -3,6 +3,7 @@ use super::*;
 use crate::domain::{now, RequestContext};
 use chrono::Duration;
 use serde_json::json;
+use std::collections::BTreeMap;
 
 fn pending(required: u32) -> ApprovalRequest {
     let at = now();
@@ -34,6 +35,8 @@ fn pending(required: u32) -> ApprovalRequest {
         remind_at: None,
         escalate_at: None,
         previous_tiers: Vec::new(),
+        approvals_by_group: BTreeMap::new(),
+        escalation_step: 0,
         version: 1,
     }
 }
@@ -42,8 +45,9 @@ fn person(name: &str) -> Principal {
     format!("cli:{name}").parse().unwrap()
 }
 
-const SAME_TIER: Reevaluation = Reevaluation::SameTier {
+static SAME_TIER: Reevaluation = Reevaluation::SameTier {
     approvals_required: 2,
+    approvals_by_group: BTreeMap::new(),
 };
 
 fn voter(principal: &Principal) -> VoteContext<'_> {
@@ -51,6 +55,7 @@ fn voter(principal: &Principal) -> VoteContext<'_> {
         principal,
         aliases: &[],
         eligible: true,
+        groups: &[],
         is_requester: false,
         email_unreadable: false,
         seen_revision: None,
@@ -376,7 +381,9 @@ fn modify_into_a_higher_tier_moves_the_request_up() {
             tier: "high".into(),
             rule: Some("production".into()),
             approvals_required: 2,
+            approvals_by_group: BTreeMap::new(),
             modifier_eligible,
+            modifier_groups: Vec::new(),
         };
         let effect = plan_vote(
             &mut request,
@@ -442,6 +449,7 @@ fn modify_with_one_approval_required_decides() {
     let mut request = pending(1);
     let one = Reevaluation::SameTier {
         approvals_required: 1,
+        approvals_by_group: BTreeMap::new(),
     };
     let effect = plan_vote(
         &mut request,
@@ -465,6 +473,7 @@ fn modify_takes_the_quorum_the_policy_asks_now() {
     let mut request = pending(1);
     let two = Reevaluation::SameTier {
         approvals_required: 2,
+        approvals_by_group: BTreeMap::new(),
     };
     let effect = plan_vote(
         &mut request,
@@ -515,4 +524,58 @@ fn the_revision_at_a_time_counts_only_earlier_modifications() {
             "at +{seconds}s"
         );
     }
+}
+
+#[test]
+fn a_per_group_quorum_counts_any_assignment_of_people_to_slots() {
+    let both = vec!["finance".to_string(), "ops".to_string()];
+    let finance = vec!["finance".to_string()];
+    let none: Vec<String> = Vec::new();
+    let (dana, frank, carol) = (person("dana"), person("frank"), person("carol"));
+    let mut request = pending(2);
+    request.approvals_by_group = [("finance".to_string(), 1), ("ops".to_string(), 1)].into();
+    // Someone in both groups fills one slot only.
+    let effect = plan_vote(
+        &mut request,
+        approve(),
+        VoteContext {
+            groups: &both,
+            ..voter(&dana)
+        },
+    );
+    assert_eq!(
+        effect,
+        Ok(VoteEffect::Counted {
+            approvals: 1,
+            required: 2
+        })
+    );
+    // An eligible approver in no quorum group is recorded but fills nothing.
+    let effect = plan_vote(
+        &mut request,
+        approve(),
+        VoteContext {
+            groups: &none,
+            ..voter(&carol)
+        },
+    );
+    assert_eq!(
+        effect,
+        Ok(VoteEffect::Counted {
+            approvals: 1,
+            required: 2
+        })
+    );
+    assert_eq!(request.votes.len(), 2);
+    // A finance person: dana moves to the ops slot, and the quorum is met.
+    let effect = plan_vote(
+        &mut request,
+        approve(),
+        VoteContext {
+            groups: &finance,
+            ..voter(&frank)
+        },
+    );
+    assert_eq!(effect, Ok(VoteEffect::Decided(Status::Approved)));
+    assert_eq!(request.votes[2].groups, finance);
 }

@@ -1,0 +1,236 @@
+//! Redaction: values at the policy's `redact` paths into a request's args and context,
+//! masked for every outward view (cards, chat answers, CLI listings) as `[redacted]` and
+//! for the audit trail as the SHA-256 of their canonical JSON — pure. The agent's own API
+//! and webhooks carry the real values.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{canonical_json, ApprovalRequest, RequestContext};
+
+/// What views show in place of a redacted value.
+pub const REDACTED: &str = "[redacted]";
+
+/// One `redact` path: `args.card_number` or `context.customer.email`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedactPath {
+    pub root: RedactRoot,
+    /// Object keys below the root, at least one.
+    pub keys: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedactRoot {
+    Args,
+    Context,
+}
+
+impl RedactPath {
+    /// Parses `args.KEY[.KEY...]` or `context.KEY[.KEY...]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = text.split('.');
+        let root = match parts.next() {
+            Some("args") => RedactRoot::Args,
+            Some("context") => RedactRoot::Context,
+            _ => {
+                return Err(format!(
+                    "redact path {text:?} must start with args. or context."
+                ))
+            }
+        };
+        let keys: Vec<String> = parts.map(str::to_string).collect();
+        if keys.is_empty() || keys.iter().any(|key| key.trim().is_empty()) {
+            return Err(format!(
+                "redact path {text:?} needs a field after its root, like args.card_number"
+            ));
+        }
+        Ok(Self { root, keys })
+    }
+}
+
+/// How a redacted value is replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mask {
+    /// `[redacted]`: for people (cards, chat, CLI).
+    Shown,
+    /// `sha256:<hex>` of the value's RFC 8785 canonical JSON: for the audit trail, which
+    /// can then still prove what was decided without holding it.
+    Hashed,
+}
+
+impl Mask {
+    fn replace(self, value: &Value) -> Value {
+        match self {
+            Mask::Shown => Value::String(REDACTED.into()),
+            Mask::Hashed => Value::String(format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(canonical_json::to_canonical_vec(value)))
+            )),
+        }
+    }
+}
+
+/// `value` (args, or the context as JSON) with every path under `root` masked.
+pub fn mask_value(value: &Value, root: RedactRoot, paths: &[RedactPath], mask: Mask) -> Value {
+    let mut masked = value.clone();
+    for path in paths.iter().filter(|path| path.root == root) {
+        if let Some(found) = find_mut(&mut masked, &path.keys) {
+            *found = mask.replace(found);
+        }
+    }
+    masked
+}
+
+/// The context with every context path masked.
+pub fn mask_context(context: &RequestContext, paths: &[RedactPath], mask: Mask) -> RequestContext {
+    if !paths.iter().any(|path| path.root == RedactRoot::Context) {
+        return context.clone();
+    }
+    let value = serde_json::to_value(context).unwrap_or(Value::Null);
+    let masked = mask_value(&value, RedactRoot::Context, paths, mask);
+    // A masked known field (`reversible`, `links`) no longer has its type: it moves to
+    // the free-form fields, still masked, rather than failing to read back.
+    serde_json::from_value(masked.clone()).unwrap_or_else(|_| RequestContext {
+        extra: masked.as_object().cloned().unwrap_or_default(),
+        ..RequestContext::default()
+    })
+}
+
+/// `request` as people may see it: args (current, original, decided) and context masked.
+pub fn mask_request(
+    request: &ApprovalRequest,
+    paths: &[RedactPath],
+    mask: Mask,
+) -> ApprovalRequest {
+    let mut masked = request.clone();
+    if paths.is_empty() {
+        return masked;
+    }
+    masked.args = mask_value(&request.args, RedactRoot::Args, paths, mask);
+    masked.original_args = mask_value(&request.original_args, RedactRoot::Args, paths, mask);
+    masked.context = mask_context(&request.context, paths, mask);
+    if let Some(decision) = masked.decision.as_mut() {
+        decision.args = mask_value(&decision.args, RedactRoot::Args, paths, mask);
+    }
+    masked
+}
+
+/// New args an approver submitted, where `[redacted]` at a redacted path (what the modify
+/// form showed them) keeps the value of `current` there.
+pub fn restore_redacted(new_args: &Value, current: &Value, paths: &[RedactPath]) -> Value {
+    let mut restored = new_args.clone();
+    for path in paths.iter().filter(|path| path.root == RedactRoot::Args) {
+        let Some(original) = find(current, &path.keys) else {
+            continue;
+        };
+        if let Some(slot) = find_mut(&mut restored, &path.keys) {
+            if slot.as_str() == Some(REDACTED) {
+                *slot = original.clone();
+            }
+        }
+    }
+    restored
+}
+
+fn find<'a>(value: &'a Value, keys: &[String]) -> Option<&'a Value> {
+    keys.iter().try_fold(value, |value, key| value.get(key))
+}
+
+fn find_mut<'a>(value: &'a mut Value, keys: &[String]) -> Option<&'a mut Value> {
+    keys.iter()
+        .try_fold(value, |value, key| value.as_object_mut()?.get_mut(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn paths(texts: &[&str]) -> Vec<RedactPath> {
+        texts
+            .iter()
+            .map(|text| RedactPath::parse(text).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn paths_parse_or_say_why_not() {
+        let table = [
+            ("args.card_number", true),
+            ("context.customer.email", true),
+            ("args", false),
+            ("args.", false),
+            ("args..x", false),
+            ("body.x", false),
+            ("", false),
+        ];
+        for (text, valid) in table {
+            assert_eq!(RedactPath::parse(text).is_ok(), valid, "{text}");
+        }
+    }
+
+    #[test]
+    fn masks_only_the_named_values() {
+        let redact = paths(&["args.card_number", "args.customer.email", "args.missing.x"]);
+        let args = json!({
+            "card_number": "4111111111111111",
+            "amount": 5,
+            "customer": {"email": "a@b.c", "name": "Ann"},
+        });
+        let shown = mask_value(&args, RedactRoot::Args, &redact, Mask::Shown);
+        assert_eq!(
+            shown,
+            json!({
+                "card_number": "[redacted]",
+                "amount": 5,
+                "customer": {"email": "[redacted]", "name": "Ann"},
+            })
+        );
+        let hashed = mask_value(&args, RedactRoot::Args, &redact, Mask::Hashed);
+        let expected = format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(
+                serde_json_canonicalizer::to_vec(&json!("4111111111111111")).unwrap()
+            ))
+        );
+        assert_eq!(hashed["card_number"], json!(expected));
+        assert_eq!(hashed["amount"], json!(5));
+        assert!(!hashed.to_string().contains("a@b.c"));
+    }
+
+    #[test]
+    fn context_paths_mask_known_and_free_fields() {
+        let redact = paths(&["context.customer.email", "context.summary"]);
+        let context: RequestContext = serde_json::from_value(json!({
+            "summary": "refund for a@b.c",
+            "customer": {"email": "a@b.c", "tier": "vip"},
+        }))
+        .unwrap();
+        let masked = mask_context(&context, &redact, Mask::Shown);
+        assert_eq!(masked.summary.as_deref(), Some(REDACTED));
+        assert_eq!(
+            masked.extra["customer"],
+            json!({"email": "[redacted]", "tier": "vip"})
+        );
+    }
+
+    #[test]
+    fn a_submitted_placeholder_keeps_the_original_value() {
+        let redact = paths(&["args.card_number"]);
+        let current = json!({"card_number": "4111", "amount": 5});
+        let table = [
+            (
+                json!({"card_number": "[redacted]", "amount": 7}),
+                json!({"card_number": "4111", "amount": 7}),
+            ),
+            (
+                json!({"card_number": "5555", "amount": 5}),
+                json!({"card_number": "5555", "amount": 5}),
+            ),
+            (json!({"amount": 5}), json!({"amount": 5})),
+        ];
+        for (submitted, expected) in table {
+            assert_eq!(restore_redacted(&submitted, &current, &redact), expected);
+        }
+    }
+}
