@@ -5,6 +5,7 @@
 //! folder each (`slack/`, `teams/`); nothing outside this folder names a platform.
 
 mod commands;
+mod grants;
 pub mod slack;
 pub mod teams;
 mod view;
@@ -21,6 +22,9 @@ use crate::domain::{ApprovalRequest, Destination, Voter};
 use crate::engine::{Engine, EngineError};
 
 pub use commands::{explain, ChatCommand, HELP_LINES};
+pub use grants::{
+    grant_state, grants_visible_to, revoke_grant_for, ListedGrant, GRANTS_LISTED, UNKNOWN_GRANT,
+};
 pub use view::{
     changed_args, parse_modified_args, vote_from_form, CardView, GrantChoice, VoteTarget, APPROVE,
     APPROVE_FOR, DENY, MODIFY,

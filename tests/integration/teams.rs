@@ -2,7 +2,8 @@
 //! the connector, card actions answered with the card, every refusal, token verification
 //! (signature, issuer, audience, validity, endorsements, serviceurl, key rotation, tenant),
 //! connector outages, a quorum across Slack and Teams, expiry, message commands and the
-//! service URLs recorded per conversation.
+//! service URLs recorded per conversation, and grants ("Approve for …" on cards,
+//! `grants` and `grants revoke` typed to the bot).
 
 use std::time::Duration;
 
@@ -66,7 +67,27 @@ tiers:
     remind_after: 10m
     escalate_after: 20m
     escalate_to: ["teams:19:oncall@thread.tacv2"]
+  granting:
+    route: ["teams:19:ops@thread.tacv2"]
+    approvers: ["group:ops"]
+    approvals: 1
+    ttl: 1h
+    grants: {max_ttl: 6h, max_uses: 4}
+  pair:
+    route: ["slack:C0PAIR", "teams:19:ops@thread.tacv2"]
+    approvers: ["group:ops"]
+    approvals: 2
+    ttl: 1h
+    grants: {max_ttl: 6h, max_uses: 4}
 rules:
+  - name: restarts
+    match: ["ops.*"]
+    effect: require_approval
+    tier: granting
+  - name: payouts
+    match: ["payouts.*"]
+    effect: require_approval
+    tier: pair
   - name: slow
     match: ["slow.*"]
     effect: require_approval
@@ -993,4 +1014,187 @@ async fn reminders_reply_to_the_card_escalation_posts_and_emails_come_from_the_m
         assert!(text(&card).contains("Approved"), "{conversation}: {card}");
     }
     assert!(!teams.updated(oncall).is_empty());
+}
+
+/// The data of an "Approve for …" click choosing `seconds` (sent as the choice set sends it).
+fn approve_for(id: &str, revision: u32, seconds: u64) -> Value {
+    let mut data = data(id, revision);
+    data["grant_seconds"] = json!(seconds.to_string());
+    data
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn approve_for_creates_a_grant_that_approves_the_same_submission_at_once(
+    #[case] backend: Backend,
+) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let id = submit(&app, &agent, "ops.restart").await;
+    let plain = submit(&app, &agent, "deploy.api").await;
+    app.deliver().await;
+    let card = app.fake_teams().latest_card(CHANNEL, &id).unwrap();
+    let offered = text(&card);
+    assert!(offered.contains("\"verb\":\"approve_for\""), "{card}");
+    for choice in ["Approve for 1h", "Approve for 4h", "Approve for 6h"] {
+        assert!(offered.contains(choice), "{choice}: {card}");
+    }
+    let plain_card = app.fake_teams().latest_card(CHANNEL, &plain).unwrap();
+    assert!(!text(&plain_card).contains("approve_for"), "{plain_card}");
+
+    let card = app
+        .teams_invoke(ALICE, "approve_for", approve_for(&id, 1, 4 * 3600))
+        .await;
+    assert!(text(&card).contains("now approved"), "{card}");
+    assert!(!text(&card).contains("approve_for"), "{card}");
+    let grants = app.engine().list_grants(None).await.unwrap();
+    assert_eq!(grants.len(), 1);
+    let grant = &grants[0];
+    assert_eq!((grant.expires_at - grant.created_at).num_hours(), 4);
+    assert_eq!(grant.uses_left, 4);
+    assert_eq!(grant.created_by[0].as_str(), format!("teams:{ALICE}"));
+    assert_eq!(grant.request_id, id);
+
+    let again = app
+        .submit_ok(
+            &agent,
+            json!({"action": "ops.restart", "args": {"service": "api", "version": 7},
+                   "on_behalf_of": format!("teams:{REQUESTER}")}),
+        )
+        .await;
+    assert_eq!(again["status"], "approved", "{again}");
+    assert_eq!(
+        again["decision"]["by"],
+        json!([format!("grant:{}", grant.id)])
+    );
+    let other_args = app
+        .submit_ok(
+            &agent,
+            json!({"action": "ops.restart", "args": {"service": "web"}}),
+        )
+        .await;
+    assert_eq!(other_args["status"], "pending", "{other_args}");
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn a_grant_beyond_the_tiers_caps_is_refused_and_nothing_is_cast(#[case] backend: Backend) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let id = submit(&app, &agent, "ops.restart").await;
+    let no_grants = submit(&app, &agent, "deploy.api").await;
+    app.deliver().await;
+    let seq = app.audit_seq().await;
+    for (request, seconds, why) in [
+        (&id, 24 * 3600, "lasts at most 6h"),
+        (&id, 0, "lasts at most 6h"),
+        (&no_grants, 3600, "does not allow grants"),
+    ] {
+        let card = app
+            .teams_invoke(ALICE, "approve_for", approve_for(request, 1, seconds))
+            .await;
+        assert!(text(&card).contains(why), "{seconds}: {card}");
+        // The current card, with its actions, for another try.
+        assert!(text(&card).contains("\"verb\":\"approve\""), "{card}");
+        let stored = app.stored(request).await;
+        assert_eq!(stored.status, Status::Pending);
+        assert!(stored.votes.is_empty(), "{:?}", stored.votes);
+    }
+    let card = app.teams_invoke(ALICE, "approve_for", data(&id, 1)).await;
+    assert!(text(&card).contains("names no grant"), "{card}");
+    assert_eq!(app.stored(&id).await.status, Status::Pending);
+    assert!(app.engine().list_grants(None).await.unwrap().is_empty());
+    assert_eq!(app.audit_seq().await, seq, "nothing was audited");
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn a_two_platform_decision_where_only_one_asked_creates_no_grant(#[case] backend: Backend) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let body = json!({"action": "payouts.send", "args": {"amount": 5}});
+    let id = app.submit_id(&agent, body.clone()).await;
+    app.deliver().await;
+    assert!(app.slack.latest_card("C0PAIR", &id).is_some());
+    let card = app
+        .teams_invoke(ALICE, "approve_for", approve_for(&id, 1, 3600))
+        .await;
+    assert!(text(&card).contains("1 of 2 approvals"), "{card}");
+    let status = app
+        .slack_driver()
+        .click("U02DAVE", "C0PAIR", "approve", &id)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
+    assert!(app.engine().list_grants(None).await.unwrap().is_empty());
+    assert_eq!(app.submit_ok(&agent, body).await["status"], "pending");
+}
+
+#[apply(backends)]
+#[tokio::test]
+async fn grants_are_listed_and_revoked_in_a_teams_message(#[case] backend: Backend) {
+    let Some((app, agent)) = spawn(backend).await else {
+        return;
+    };
+    let body = json!({"action": "ops.restart", "args": {"service": "api"}});
+    let id = app.submit_id(&agent, body.clone()).await;
+    app.teams_invoke(ALICE, "approve_for", approve_for(&id, 1, 3600))
+        .await;
+    let grant = app.engine().list_grants(None).await.unwrap()[0].clone();
+
+    let listed = app.teams_message(BOB, "grants").await;
+    let listed = listed["text"].as_str().unwrap().to_string();
+    assert!(listed.contains(&grant.id), "{listed}");
+    assert!(listed.contains("active · 4 uses left"), "{listed}");
+    let stranger = app.teams_message(MALLORY, "grants").await;
+    assert_eq!(stranger["text"], "No grants in tiers you approve for.");
+
+    let refused = app
+        .teams_message(MALLORY, &format!("grants revoke {}", grant.id))
+        .await;
+    assert!(
+        refused["text"].as_str().unwrap().contains("only approvers"),
+        "{refused}"
+    );
+    let unknown = app.teams_message(BOB, "grants revoke grt_nope").await;
+    assert!(
+        unknown["text"].as_str().unwrap().contains("does not exist"),
+        "{unknown}"
+    );
+    assert_eq!(
+        app.submit_ok(&agent, body.clone()).await["status"],
+        "approved"
+    );
+
+    let revoked = app
+        .teams_message(BOB, &format!("grants revoke {}", grant.id))
+        .await;
+    assert!(
+        revoked["text"].as_str().unwrap().contains("revoked"),
+        "{revoked}"
+    );
+    assert_eq!(app.submit_ok(&agent, body).await["status"], "pending");
+    let listed = app.teams_message(ALICE, "grants").await;
+    assert!(
+        listed["text"]
+            .as_str()
+            .unwrap()
+            .contains("revoked · 3 uses left"),
+        "{listed}"
+    );
+    let again = app
+        .teams_message(BOB, &format!("grants revoke {}", grant.id))
+        .await;
+    assert!(
+        again["text"].as_str().unwrap().contains("already revoked"),
+        "{again}"
+    );
+    assert!(app
+        .audit_kinds(Some(&id))
+        .await
+        .iter()
+        .any(|kind| kind == "grant_revoked"));
 }

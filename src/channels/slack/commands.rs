@@ -11,8 +11,10 @@ use super::card::{escape, mention, render_card};
 use super::handlers::{
     explain, foreign_workspace, form_fields, voter, SignedBody, SlackState, CARDS_PER_MESSAGE,
 };
-use crate::channels::{CardView, ChatCommand, HELP_LINES};
-use crate::domain::{Status, VoteEffect, VoteKind, VoteRequest};
+use crate::channels::{
+    grants_visible_to, revoke_grant_for, CardView, ChatCommand, ListedGrant, HELP_LINES,
+};
+use crate::domain::{ApprovalRequest, Status, VoteEffect, VoteKind, VoteRequest};
 use crate::store::RequestFilter;
 
 /// The help text, in Slack's mrkdwn.
@@ -67,67 +69,57 @@ pub(super) async fn commands(
 /// `grants`: the grants of tiers this user approves in, newest first (spent, expired and
 /// revoked too).
 async fn grants_for(state: &SlackState, user: &str) -> Value {
-    let grants = match state.engine.list_grants(None).await {
-        Ok(grants) => grants,
-        Err(error) => return ephemeral(explain(&error)),
+    let voter_for = |request: ApprovalRequest| async move {
+        state
+            .slack
+            .voter_for(&state.engine, &request, user)
+            .await
+            .ok()
     };
-    let policy = state.engine.policy();
-    let mut lines = Vec::new();
-    let now = state.engine.now();
-    for grant in grants.iter().take(50) {
-        let Ok((_, voter)) = voter(state, &grant.request_id, user).await else {
-            continue;
-        };
-        if !policy.admits(&grant.tier, &policy.identify(&voter)) {
-            continue;
-        }
-        let state_text = match grant.revoked_at {
-            Some(_) => "revoked",
-            None if grant.expires_at <= now => "expired",
-            None if grant.uses_left == 0 => "spent",
-            None => "active",
-        };
-        lines.push(format!(
-            "• `{}` {} · `{}` by {} · {state_text} · {} uses left · until {}",
-            grant.id,
-            escape(&grant.agent),
-            escape(&grant.action),
-            grant
-                .created_by
-                .iter()
-                .map(mention)
-                .collect::<Vec<_>>()
-                .join(", "),
-            grant.uses_left,
-            grant.expires_at.to_rfc3339(),
-        ));
-    }
-    if lines.is_empty() {
+    let listed = match grants_visible_to(&state.engine, voter_for).await {
+        Ok(listed) => listed,
+        Err(message) => return ephemeral(message),
+    };
+    if listed.is_empty() {
         return ephemeral("No grants in tiers you approve for.".into());
     }
+    let lines: Vec<String> = listed
+        .iter()
+        .map(|ListedGrant { grant, state }| {
+            format!(
+                "• `{}` {} · `{}` by {} · {state} · {} uses left · until {}",
+                grant.id,
+                escape(&grant.agent),
+                escape(&grant.action),
+                grant
+                    .created_by
+                    .iter()
+                    .map(mention)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                grant.uses_left,
+                grant.expires_at.to_rfc3339(),
+            )
+        })
+        .collect();
     ephemeral(format!("Standing grants:\n{}", lines.join("\n")))
 }
 
 /// `grants revoke GRANT_ID`: approvers of the grant's tier may end it at once.
 async fn revoke_grant(state: &SlackState, id: &str, user: &str) -> Value {
-    const UNKNOWN: &str = "That grant does not exist, or you may not revoke it.";
-    let Ok(Some(grant)) = state
-        .engine
-        .list_grants(None)
-        .await
-        .map(|grants| grants.into_iter().find(|grant| grant.id == id))
-    else {
-        return ephemeral(UNKNOWN.into());
+    let voter_for = |request: ApprovalRequest| async move {
+        state
+            .slack
+            .voter_for(&state.engine, &request, user)
+            .await
+            .ok()
     };
-    let Ok((_, voter)) = voter(state, &grant.request_id, user).await else {
-        return ephemeral(UNKNOWN.into());
-    };
-    match state.engine.revoke_grant(id, &voter).await {
+    match revoke_grant_for(&state.engine, id, voter_for).await {
         Ok(grant) => ephemeral(format!(
             "Grant `{}` revoked; it approves nothing more.",
             grant.id
         )),
-        Err(error) => ephemeral(explain(&error)),
+        Err(message) => ephemeral(message),
     }
 }
 

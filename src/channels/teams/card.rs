@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::channels::{CardView, VoteTarget, APPROVE, DENY, MODIFY};
+use crate::channels::{CardView, VoteTarget, APPROVE, APPROVE_FOR, DENY, MODIFY};
 use crate::domain::{Principal, Status};
 
 pub const CONTENT_TYPE: &str = "application/vnd.microsoft.card.adaptive";
@@ -11,6 +11,8 @@ pub const REFRESH: &str = "refresh";
 /// The inputs' ids, which come back merged into the action's data.
 pub const REASON_INPUT: &str = "reason";
 pub const ARGS_INPUT: &str = "args";
+/// The "Approve for …" choice: the grant's length in seconds.
+pub const GRANT_INPUT: &str = "grant_seconds";
 /// Room for the args in the card's text before they are truncated with a note.
 const ARGS_LIMIT: usize = 2600;
 /// Longer args are not prefilled for editing (Teams' card payload is limited to ~28 KB).
@@ -117,26 +119,25 @@ pub fn card_fallback_text(card: &CardView) -> String {
     }
 }
 
-/// Approve at once; deny and modify each open a form first. A further choice (an approval
-/// for a limited time, say) would be one more entry here.
+/// Approve at once; approve for a while (tiers with grants), deny and modify each open a
+/// form first.
 fn actions(card: &CardView, target: &VoteTarget, viewer: &ForViewer<'_>) -> Vec<Value> {
-    let mut actions = vec![
-        execute(APPROVE, "Approve", target),
-        json!({
-            "type": "Action.ShowCard",
-            "title": "Deny",
-            "card": {
-                "type": "AdaptiveCard",
-                "body": [{
-                    "type": "Input.Text", "id": REASON_INPUT, "isMultiline": true,
-                    "isRequired": true, "maxLength": 2000,
-                    "label": "Reason (the agent sees this)",
-                    "errorMessage": "A deny needs a reason.",
-                }],
-                "actions": [execute(DENY, "Deny", target)],
-            },
-        }),
-    ];
+    let mut actions = vec![execute(APPROVE, "Approve", target)];
+    actions.extend(grant_action(card, target));
+    actions.extend([json!({
+        "type": "Action.ShowCard",
+        "title": "Deny",
+        "card": {
+            "type": "AdaptiveCard",
+            "body": [{
+                "type": "Input.Text", "id": REASON_INPUT, "isMultiline": true,
+                "isRequired": true, "maxLength": 2000,
+                "label": "Reason (the agent sees this)",
+                "errorMessage": "A deny needs a reason.",
+            }],
+            "actions": [execute(DENY, "Deny", target)],
+        },
+    })]);
     let prefilled = viewer.typed_args.map(str::to_string).or_else(|| {
         serde_json::to_string_pretty(&card.args)
             .ok()
@@ -165,6 +166,37 @@ fn actions(card: &CardView, target: &VoteTarget, viewer: &ForViewer<'_>) -> Vec<
     actions
 }
 
+/// "Approve for …": a choice of durations, then an approve vote asking for a grant that
+/// long. The choice comes back in the action's data as `grant_seconds`.
+fn grant_action(card: &CardView, target: &VoteTarget) -> Option<Value> {
+    let first = card.grant_choices.first()?;
+    let choices: Vec<Value> = card
+        .grant_choices
+        .iter()
+        .map(|choice| json!({"title": choice.label, "value": choice.ttl_seconds.to_string()}))
+        .collect();
+    Some(json!({
+        "type": "Action.ShowCard",
+        "title": "Approve for …",
+        "card": {
+            "type": "AdaptiveCard",
+            "body": [
+                {
+                    "type": "Input.ChoiceSet", "id": GRANT_INPUT, "style": "expanded",
+                    "isRequired": true, "label": "How long",
+                    "value": first.ttl_seconds.to_string(), "choices": choices,
+                    "errorMessage": "Choose how long.",
+                },
+                {
+                    "type": "TextBlock", "wrap": true, "isSubtle": true,
+                    "text": "Your approval is recorded under your name, and later requests for the same action and args are approved at once until the grant expires or is revoked.",
+                },
+            ],
+            "actions": [execute(APPROVE_FOR, "Approve and grant", target)],
+        },
+    }))
+}
+
 fn execute(verb: &str, title: &str, target: &VoteTarget) -> Value {
     let mut action = json!({
         "type": "Action.Execute",
@@ -172,7 +204,7 @@ fn execute(verb: &str, title: &str, target: &VoteTarget) -> Value {
         "title": title,
         "data": target,
     });
-    if verb == APPROVE {
+    if verb == APPROVE || verb == APPROVE_FOR {
         action["style"] = json!("positive");
     }
     if verb == DENY {
@@ -356,6 +388,20 @@ mod tests {
     }
 
     /// A policy without tiers, ladders or redaction: the card shows the request as it is.
+    /// The card's tier `high` allows grants of up to 6 hours.
+    fn granting_policy() -> crate::policy::Policy {
+        crate::policy::Policy::parse(
+            r#"version: 1
+tiers:
+  high:
+    route: ["teams:19:high@thread.tacv2"]
+    approvers: ["teams:00000000-0000-0000-0000-0000000a11ce"]
+    grants: {max_ttl: 6h, max_uses: 4}
+"#,
+        )
+        .unwrap()
+    }
+
     fn no_policy() -> crate::policy::Policy {
         crate::policy::Policy::parse("version: 1\n").unwrap()
     }
@@ -419,6 +465,20 @@ mod tests {
     #[test]
     fn pending_adaptive_card() {
         insta::assert_json_snapshot!(render_card(&CardView::of(&pending_refund(), &no_policy())));
+    }
+
+    #[test]
+    fn pending_adaptive_card_offering_grants() {
+        let card = CardView::of(&pending_refund(), &granting_policy());
+        insta::assert_json_snapshot!(render_card(&card));
+    }
+
+    #[test]
+    fn decided_cards_offer_no_grants() {
+        let mut request = pending_refund();
+        request.status = Status::Approved;
+        let card = CardView::of(&request, &granting_policy());
+        assert!(!render_card(&card).to_string().contains(APPROVE_FOR));
     }
 
     #[test]

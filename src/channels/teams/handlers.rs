@@ -15,14 +15,16 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::card::{card_activity, render_card, render_card_for, ForViewer, CONTENT_TYPE, REFRESH};
+use super::card::{
+    card_activity, render_card, render_card_for, ForViewer, CONTENT_TYPE, GRANT_INPUT, REFRESH,
+};
 use super::{TeamsChannel, TeamsUser};
 use crate::channels::{
-    explain, parse_modified_args, CardView, ChatCommand, VoteTarget, APPROVE, DENY, HELP_LINES,
-    MODIFY,
+    explain, grants_visible_to, parse_modified_args, revoke_grant_for, CardView, ChatCommand,
+    ListedGrant, VoteTarget, APPROVE, APPROVE_FOR, DENY, HELP_LINES, MODIFY,
 };
 use crate::domain::{
-    ApprovalRequest, Status, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
+    ApprovalRequest, GrantAsk, Status, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
 };
 use crate::engine::{Engine, EngineError};
 use crate::http::ApiError;
@@ -198,6 +200,20 @@ fn text_card(text: &str) -> Value {
     })
 }
 
+/// The grant an "Approve for …" choice asks for: its length as the card's choice set sent
+/// it (a string), or as a number from a client that sends one.
+fn grant_ask(data: &Value) -> Option<GrantAsk> {
+    let chosen = &data[GRANT_INPUT];
+    let ttl_seconds = chosen
+        .as_u64()
+        .or_else(|| chosen.as_str().and_then(|text| text.trim().parse().ok()))?;
+    Some(GrantAsk {
+        ttl_seconds,
+        uses: None,
+        when: None,
+    })
+}
+
 /// The card as this person should see it after their action: the result, or why nothing
 /// happened.
 async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
@@ -219,6 +235,7 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
         Err(message) => return text_card(&message),
     };
     let seen = Some(target.revision);
+    let mut grant = None;
     let vote = match verb {
         REFRESH => {
             return if shown_to(state, &request, &voter, activity).await {
@@ -228,6 +245,21 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
             };
         }
         APPROVE => VoteRequest::Approve { note: None },
+        APPROVE_FOR => {
+            let Some(ask) = grant_ask(data) else {
+                return refused_card(
+                    state,
+                    activity,
+                    &voter,
+                    request_id,
+                    "That choice names no grant; nothing was recorded.",
+                    None,
+                )
+                .await;
+            };
+            grant = Some(ask);
+            VoteRequest::Approve { note: None }
+        }
         DENY => {
             let reason = data["reason"].as_str().unwrap_or_default().trim();
             if reason.is_empty() {
@@ -278,7 +310,7 @@ async fn card_action(state: &TeamsState, activity: &Activity) -> Value {
     };
     match state
         .engine
-        .record_vote(request_id, &voter, vote, seen)
+        .record_vote_asking_grant(request_id, &voter, vote, seen, grant)
         .await
     {
         Ok((request, effect)) => {
@@ -410,9 +442,8 @@ async fn message(state: &TeamsState, activity: &Activity) {
         }
         ChatCommand::DenyWithoutReason => text_reply("A deny needs a reason: `deny ID reason`"),
         ChatCommand::MissingId { word } => text_reply(&format!("Which request? `{word} ID`")),
-        ChatCommand::Grants | ChatCommand::RevokeGrant { .. } => {
-            text_reply("Grants are listed and revoked with `signoff grants` or in Slack for now.")
-        }
+        ChatCommand::Grants => grants_for(state, activity).await,
+        ChatCommand::RevokeGrant { id } => revoke_grant(state, activity, &id).await,
         ChatCommand::Help => {
             let mut text = "**signoff** — approve what your AI agents want to do.".to_string();
             for (words, meaning) in HELP_LINES {
@@ -439,6 +470,63 @@ async fn send_reply(state: &TeamsState, activity: &Activity, mut reply: Value) {
         .await
     {
         tracing::warn!(%error, "could not answer a Teams message");
+    }
+}
+
+/// `grants`: the grants of tiers this person approves in, newest first (spent, expired and
+/// revoked too).
+async fn grants_for(state: &TeamsState, activity: &Activity) -> Value {
+    let user = activity.user();
+    let voter_for = |request: ApprovalRequest| {
+        let user = &user;
+        async move { state.teams.voter_for(&request, user).await.ok() }
+    };
+    let listed = match grants_visible_to(&state.engine, voter_for).await {
+        Ok(listed) => listed,
+        Err(message) => return text_reply(&message),
+    };
+    if listed.is_empty() {
+        return text_reply("No grants in tiers you approve for.");
+    }
+    let mut text = "Standing grants:".to_string();
+    for ListedGrant { grant, state } in &listed {
+        let by: Vec<&str> = grant
+            .created_by
+            .iter()
+            .map(|principal| principal.as_str())
+            .collect();
+        // Agent and action names are the agent's words: in code spans, never markdown.
+        text.push_str(&format!(
+            "\n\n- `{}` {} · {} by {} · {state} · {} uses left · until {}",
+            grant.id,
+            code_span(&grant.agent),
+            code_span(&grant.action),
+            code_span(&by.join(", ")),
+            grant.uses_left,
+            grant.expires_at.to_rfc3339(),
+        ));
+    }
+    text_reply(&text)
+}
+
+/// `text` as a markdown code span, which shows it as written.
+fn code_span(text: &str) -> String {
+    format!("`{}`", text.replace('`', "'"))
+}
+
+/// `grants revoke GRANT_ID`: approvers of the grant's tier may end it at once.
+async fn revoke_grant(state: &TeamsState, activity: &Activity, id: &str) -> Value {
+    let user = activity.user();
+    let voter_for = |request: ApprovalRequest| {
+        let user = &user;
+        async move { state.teams.voter_for(&request, user).await.ok() }
+    };
+    match revoke_grant_for(&state.engine, id, voter_for).await {
+        Ok(grant) => text_reply(&format!(
+            "Grant `{}` revoked; it approves nothing more.",
+            grant.id
+        )),
+        Err(message) => text_reply(&message),
     }
 }
 
