@@ -11,7 +11,8 @@ use crate::policy::{Effect, EvaluationInput, Policy, Verdict};
 
 /// The first active grant that approves this submission: the verdict is require_approval
 /// at the grant's tier or lower, and the grant covers the same agent and action and the
-/// same args (its `action_hash`) or args its `when` accepts. Never over a deny or allow.
+/// same args (its `action_hash`) or args its `when` accepts, and its tier still allows
+/// grants. Never over a deny or allow.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn covering_grant<'a>(
     policy: &Policy,
@@ -35,6 +36,10 @@ pub(super) fn covering_grant<'a>(
             && policy
                 .tier_rank(&grant.tier)
                 .is_some_and(|grant_rank| verdict_rank <= grant_rank)
+            // A tier the current policy no longer lets grant stops its grants too.
+            && policy
+                .tier(&grant.tier)
+                .is_some_and(|tier| tier.grants.is_some())
             && match (&grant.action_hash, &grant.when) {
                 (Some(grant_hash), _) => *grant_hash == hash,
                 (None, Some(when)) => policy.condition_holds(

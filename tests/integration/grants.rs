@@ -459,3 +459,21 @@ async fn slack_cards_offer_approve_for_and_the_command_lists_and_revokes(#[case]
     );
     assert_eq!(app.submit_ok(&agent, body).await["status"], "pending");
 }
+
+/// An operator who takes `grants` off a tier stops the grants made in it: after the
+/// reload, a submission such a grant covers waits for people again (while another tier
+/// still allows grants, so intake still looks for them).
+#[apply(backends)]
+#[tokio::test]
+async fn a_tier_that_no_longer_allows_grants_stops_its_grants(#[case] backend: Backend) {
+    let app = spawn_app!(backend, GRANTS_POLICY);
+    let agent = app.create_agent("ops", &[]).await;
+    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
+    granted(&app, &agent, body.clone(), ask(1, Some(5), None)).await;
+    let without = GRANTS_POLICY.replacen("    grants: {max_ttl: 8h, max_uses: 5}\n", "", 1);
+    assert_ne!(without, GRANTS_POLICY);
+    std::fs::write(&app.config.policy, without).unwrap();
+    app.engine().reload_policy(&app.config.policy).unwrap();
+    let request = app.submit_ok(&agent, body).await;
+    assert_eq!(request["status"], "pending", "{request}");
+}
