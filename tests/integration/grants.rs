@@ -477,3 +477,33 @@ async fn a_tier_that_no_longer_allows_grants_stops_its_grants(#[case] backend: B
     let request = app.submit_ok(&agent, body).await;
     assert_eq!(request["status"], "pending", "{request}");
 }
+
+/// A grant is its creators' approval: it never approves a request made on behalf of one
+/// of them (under any of their principals), who could not approve it by hand either.
+#[apply(backends)]
+#[tokio::test]
+async fn a_grant_never_approves_a_request_on_behalf_of_its_creator(#[case] backend: Backend) {
+    let policy = GRANTS_POLICY.replacen(
+        "tiers:",
+        "people:\n  alice: [\"cli:alice\", \"slack:U01ALICE\"]\ntiers:",
+        1,
+    );
+    let app = spawn_app!(backend, &policy);
+    let agent = app.create_agent("ops", &[]).await;
+    let args = json!({"service": "web"});
+    granted(
+        &app,
+        &agent,
+        json!({"action": "ops.restart", "args": args, "on_behalf_of": "cli:bob"}),
+        ask(1, Some(5), None),
+    )
+    .await;
+    for requester in ["cli:alice", "slack:U01ALICE"] {
+        let body = json!({"action": "ops.restart", "args": args, "on_behalf_of": requester});
+        let request = app.submit_ok(&agent, body).await;
+        assert_eq!(request["status"], "pending", "{requester}: {request}");
+    }
+    let body = json!({"action": "ops.restart", "args": args, "on_behalf_of": "cli:carol"});
+    let request = app.submit_ok(&agent, body).await;
+    assert_eq!(request["status"], "approved", "{request}");
+}
