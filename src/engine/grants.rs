@@ -14,7 +14,7 @@ use crate::policy::{Effect, EvaluationInput, Policy, Verdict};
 /// The first active grant that approves this submission: the verdict is require_approval
 /// at the grant's tier or lower, and the grant covers the same agent and action and the
 /// same args (its `action_hash`) or args its `when` accepts, and its tier still allows
-/// grants; none of its creators is the requester. Never over a deny or allow.
+/// grants (for no longer than its current `max_ttl`); none of its creators is the requester. Never over a deny or allow.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn covering_grant<'a>(
     policy: &Policy,
@@ -39,10 +39,13 @@ pub(super) fn covering_grant<'a>(
             && policy
                 .tier_rank(&grant.tier)
                 .is_some_and(|grant_rank| verdict_rank <= grant_rank)
-            // A tier the current policy no longer lets grant stops its grants too.
+            // A tier the current policy no longer lets grant stops its grants too, and a
+            // shorter `max_ttl` shortens them.
             && policy
                 .tier(&grant.tier)
-                .is_some_and(|tier| tier.grants.is_some())
+                .and_then(|tier| tier.grants)
+                .and_then(|limits| chrono::Duration::from_std(limits.max_ttl).ok())
+                .is_some_and(|max_ttl| at < grant.created_at + max_ttl)
             // A grant is its creators' approval, and nobody approves their own request.
             && !requester.is_some_and(|requester| {
                 grant.created_by.iter().any(|creator| {

@@ -507,3 +507,27 @@ async fn a_grant_never_approves_a_request_on_behalf_of_its_creator(#[case] backe
     let request = app.submit_ok(&agent, body).await;
     assert_eq!(request["status"], "approved", "{request}");
 }
+
+/// An operator who shortens a tier's `max_ttl` shortens the grants already made in it:
+/// a grant asked for 4 h stops once the new 30 min cap has passed since it was made.
+#[apply(backends)]
+#[tokio::test]
+async fn a_shorter_max_ttl_shortens_existing_grants(#[case] backend: Backend) {
+    let app = spawn_app!(backend, GRANTS_POLICY);
+    let agent = app.create_agent("ops", &[]).await;
+    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
+    granted(&app, &agent, body.clone(), ask(4, Some(5), None)).await;
+    let shorter = GRANTS_POLICY.replacen(
+        "{max_ttl: 8h, max_uses: 5}",
+        "{max_ttl: 30m, max_uses: 5}",
+        1,
+    );
+    assert_ne!(shorter, GRANTS_POLICY);
+    std::fs::write(&app.config.policy, shorter).unwrap();
+    app.engine().reload_policy(&app.config.policy).unwrap();
+    let request = app.submit_ok(&agent, body.clone()).await;
+    assert_eq!(request["status"], "approved", "{request}");
+    app.advance(Duration::from_secs(31 * 60));
+    let request = app.submit_ok(&agent, body).await;
+    assert_eq!(request["status"], "pending", "{request}");
+}
