@@ -77,6 +77,12 @@ impl CardView {
     /// What a card shows of `request` under `policy`: values at its `redact` paths show
     /// as `[redacted]`, the escalation step is counted against the tier's ladder.
     pub fn of(request: &ApprovalRequest, policy: &Policy) -> Self {
+        // Which keys changed is read on the real args: a change to a redacted value alone
+        // must still show (as `[redacted]` before and after).
+        let changed_keys: Vec<String> = changed_args(&request.original_args, &request.args)
+            .into_iter()
+            .map(|(key, _, _)| key)
+            .collect();
         let request = &policy.redacted(request);
         let tier = request.tier.as_deref().and_then(|tier| policy.tier(tier));
         let ladder = tier.map_or(0, |tier| tier.escalation.len() as u32);
@@ -112,7 +118,14 @@ impl CardView {
             approvals_required: request.approvals_required,
             approvers: request.current_approvers().into_iter().cloned().collect(),
             revision: request.revision,
-            changes: changed_args(&request.original_args, &request.args),
+            changes: changed_keys
+                .into_iter()
+                .map(|key| {
+                    let shown = |args: &Value| args.get(&key).cloned().unwrap_or(Value::Null);
+                    let (before, after) = (shown(&request.original_args), shown(&request.args));
+                    (key, before, after)
+                })
+                .collect(),
             modified_by,
             decided_by: decision
                 .map(|decision| decision.by.clone())

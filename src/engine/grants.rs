@@ -6,12 +6,15 @@ use serde_json::{json, Value};
 
 use super::{Engine, EngineError, EngineResult};
 use crate::audit::NewAuditEvent;
-use crate::domain::{new_grant_id, ApprovalRequest, AuditKind, Grant, GrantAsk, VoteKind, Voter};
+use crate::domain::{
+    new_grant_id, ApprovalRequest, AuditKind, Grant, GrantAsk, Principal, VoteKind, Voter,
+};
 use crate::policy::{Effect, EvaluationInput, Policy, Verdict};
 
 /// The first active grant that approves this submission: the verdict is require_approval
 /// at the grant's tier or lower, and the grant covers the same agent and action and the
-/// same args (its `action_hash`) or args its `when` accepts. Never over a deny or allow.
+/// same args (its `action_hash`) or args its `when` accepts, and its tier still allows
+/// grants (for no longer than its current `max_ttl`); none of its creators is the requester. Never over a deny or allow.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn covering_grant<'a>(
     policy: &Policy,
@@ -20,6 +23,7 @@ pub(super) fn covering_grant<'a>(
     args: &Value,
     agent: &str,
     context: &Value,
+    requester: Option<&Principal>,
     grants: &'a [Grant],
     at: DateTime<Utc>,
 ) -> Option<&'a Grant> {
@@ -35,6 +39,21 @@ pub(super) fn covering_grant<'a>(
             && policy
                 .tier_rank(&grant.tier)
                 .is_some_and(|grant_rank| verdict_rank <= grant_rank)
+            // A tier the current policy no longer lets grant stops its grants too, and a
+            // shorter `max_ttl` shortens them.
+            && policy
+                .tier(&grant.tier)
+                .and_then(|tier| tier.grants)
+                .and_then(|limits| chrono::Duration::from_std(limits.max_ttl).ok())
+                .is_some_and(|max_ttl| at < grant.created_at + max_ttl)
+            // A grant is its creators' approval, and nobody approves their own request.
+            && !requester.is_some_and(|requester| {
+                grant.created_by.iter().any(|creator| {
+                    policy
+                        .identify(&Voter::new(creator.clone()))
+                        .is(requester)
+                })
+            })
             && match (&grant.action_hash, &grant.when) {
                 (Some(grant_hash), _) => *grant_hash == hash,
                 (None, Some(when)) => policy.condition_holds(

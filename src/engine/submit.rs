@@ -329,6 +329,7 @@ impl Engine {
                 &submission.args,
                 &agent_name,
                 &context_value,
+                submission.on_behalf_of.as_ref(),
                 &facts.grants,
                 at,
             );

@@ -459,3 +459,75 @@ async fn slack_cards_offer_approve_for_and_the_command_lists_and_revokes(#[case]
     );
     assert_eq!(app.submit_ok(&agent, body).await["status"], "pending");
 }
+
+/// An operator who takes `grants` off a tier stops the grants made in it: after the
+/// reload, a submission such a grant covers waits for people again (while another tier
+/// still allows grants, so intake still looks for them).
+#[apply(backends)]
+#[tokio::test]
+async fn a_tier_that_no_longer_allows_grants_stops_its_grants(#[case] backend: Backend) {
+    let app = spawn_app!(backend, GRANTS_POLICY);
+    let agent = app.create_agent("ops", &[]).await;
+    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
+    granted(&app, &agent, body.clone(), ask(1, Some(5), None)).await;
+    let without = GRANTS_POLICY.replacen("    grants: {max_ttl: 8h, max_uses: 5}\n", "", 1);
+    assert_ne!(without, GRANTS_POLICY);
+    std::fs::write(&app.config.policy, without).unwrap();
+    app.engine().reload_policy(&app.config.policy).unwrap();
+    let request = app.submit_ok(&agent, body).await;
+    assert_eq!(request["status"], "pending", "{request}");
+}
+
+/// A grant is its creators' approval: it never approves a request made on behalf of one
+/// of them (under any of their principals), who could not approve it by hand either.
+#[apply(backends)]
+#[tokio::test]
+async fn a_grant_never_approves_a_request_on_behalf_of_its_creator(#[case] backend: Backend) {
+    let policy = GRANTS_POLICY.replacen(
+        "tiers:",
+        "people:\n  alice: [\"cli:alice\", \"slack:U01ALICE\"]\ntiers:",
+        1,
+    );
+    let app = spawn_app!(backend, &policy);
+    let agent = app.create_agent("ops", &[]).await;
+    let args = json!({"service": "web"});
+    granted(
+        &app,
+        &agent,
+        json!({"action": "ops.restart", "args": args, "on_behalf_of": "cli:bob"}),
+        ask(1, Some(5), None),
+    )
+    .await;
+    for requester in ["cli:alice", "slack:U01ALICE"] {
+        let body = json!({"action": "ops.restart", "args": args, "on_behalf_of": requester});
+        let request = app.submit_ok(&agent, body).await;
+        assert_eq!(request["status"], "pending", "{requester}: {request}");
+    }
+    let body = json!({"action": "ops.restart", "args": args, "on_behalf_of": "cli:carol"});
+    let request = app.submit_ok(&agent, body).await;
+    assert_eq!(request["status"], "approved", "{request}");
+}
+
+/// An operator who shortens a tier's `max_ttl` shortens the grants already made in it:
+/// a grant asked for 4 h stops once the new 30 min cap has passed since it was made.
+#[apply(backends)]
+#[tokio::test]
+async fn a_shorter_max_ttl_shortens_existing_grants(#[case] backend: Backend) {
+    let app = spawn_app!(backend, GRANTS_POLICY);
+    let agent = app.create_agent("ops", &[]).await;
+    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
+    granted(&app, &agent, body.clone(), ask(4, Some(5), None)).await;
+    let shorter = GRANTS_POLICY.replacen(
+        "{max_ttl: 8h, max_uses: 5}",
+        "{max_ttl: 30m, max_uses: 5}",
+        1,
+    );
+    assert_ne!(shorter, GRANTS_POLICY);
+    std::fs::write(&app.config.policy, shorter).unwrap();
+    app.engine().reload_policy(&app.config.policy).unwrap();
+    let request = app.submit_ok(&agent, body.clone()).await;
+    assert_eq!(request["status"], "approved", "{request}");
+    app.advance(Duration::from_secs(31 * 60));
+    let request = app.submit_ok(&agent, body).await;
+    assert_eq!(request["status"], "pending", "{request}");
+}

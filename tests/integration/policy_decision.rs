@@ -404,3 +404,47 @@ fn policy_check_names_every_decision_feature_error_with_tier_and_line() {
         assert!(errors.contains(expected), "{expected}: {errors}");
     }
 }
+
+/// One person named in two groups through two principals (a `people` entry) fills one
+/// slot only: after her Slack click, her CLI approval is refused and changes nothing.
+#[apply(backends)]
+#[tokio::test]
+async fn one_person_under_two_principals_fills_one_group_slot(#[case] backend: Backend) {
+    let policy = DECISION_POLICY
+        .replacen(
+            "groups:",
+            "people:\n  dana: [\"slack:U01DANA\", \"cli:dana\"]\ngroups:",
+            1,
+        )
+        .replacen(
+            "ops: [\"slack:U01DANA\", \"cli:olga\"]",
+            "ops: [\"cli:dana\", \"cli:olga\"]",
+            1,
+        );
+    let Some(app) = TestApp::spawn_with_policy(backend, &policy).await else {
+        return;
+    };
+    app.slack.add_user("U01DANA", "dana@example.com");
+    let agent = app.create_agent("treasury", &[]).await;
+    let id = app
+        .submit_id(
+            &agent,
+            json!({"action": "payments.transfer", "args": {"amount": 5}}),
+        )
+        .await;
+    card_text(&app, "C0SPLIT", &id).await;
+    assert_eq!(
+        app.slack_driver()
+            .click("U01DANA", "C0SPLIT", "approve", &id)
+            .await,
+        StatusCode::OK
+    );
+    let output = app.cli(&["approve", &id, "--as", "cli:dana"]);
+    assert!(!output.status.success(), "{}", stdout(&output));
+    app.catch_up_with_the_cli();
+    let stored = app.stored(&id).await;
+    assert_eq!(stored.status, Status::Pending);
+    assert_eq!(stored.approvals_counted(), 1);
+    cli_approve(&app, &id, "cli:olga");
+    assert_eq!(app.stored(&id).await.status, Status::Approved);
+}

@@ -688,6 +688,35 @@ redact: ["args.order", "context.summary"]
         );
     }
 
+    /// An approver who changes only a redacted value: the card says that value changed,
+    /// without showing either the old or the new one.
+    #[test]
+    fn a_modified_redacted_value_is_listed_as_changed_and_stays_hidden() {
+        let policy = crate::policy::Policy::parse(
+            "version: 1\ntiers:\n  high:\n    route: [\"slack:C0HIGH\"]\n    approvers: [\"slack:U01ALICE\"]\nredact: [\"args.order\"]\n",
+        )
+        .unwrap();
+        let mut request = pending_refund();
+        request.args = json!({"amount": 2000, "currency": "EUR", "order": "B-9999"});
+        request.revision = 2;
+        request.votes.clear();
+        request.context = RequestContext::default();
+        let card = CardView::of(&request, &policy);
+        let changed: Vec<&str> = card
+            .changes
+            .iter()
+            .map(|(key, _, _)| key.as_str())
+            .collect();
+        assert_eq!(changed, ["order"]);
+        let blocks = serde_json::to_value(render_card(&card))
+            .unwrap()
+            .to_string();
+        assert!(
+            !blocks.contains("A-1042") && !blocks.contains("B-9999"),
+            "{blocks}"
+        );
+    }
+
     #[test]
     fn escaping_and_mentions() {
         assert_eq!(escape("a<b>&c"), "a&lt;b&gt;&amp;c");
