@@ -74,11 +74,38 @@ impl Mask {
 pub fn mask_value(value: &Value, root: RedactRoot, paths: &[RedactPath], mask: Mask) -> Value {
     let mut masked = value.clone();
     for path in paths.iter().filter(|path| path.root == root) {
-        if let Some(found) = find_mut(&mut masked, &path.keys) {
-            *found = mask.replace(found);
-        }
+        mask_at(&mut masked, &path.keys, mask);
     }
     masked
+}
+
+/// Masks what `keys` names under `value`. A field name reaches through arrays into every
+/// element (`args.items.card` masks each item's card); a number picks one element.
+fn mask_at(value: &mut Value, keys: &[String], mask: Mask) {
+    let Some((key, rest)) = keys.split_first() else {
+        *value = mask.replace(value);
+        return;
+    };
+    match value {
+        Value::Object(fields) => {
+            if let Some(child) = fields.get_mut(key) {
+                mask_at(child, rest, mask);
+            }
+        }
+        Value::Array(elements) => match key.parse::<usize>() {
+            Ok(index) => {
+                if let Some(element) = elements.get_mut(index) {
+                    mask_at(element, rest, mask);
+                }
+            }
+            Err(_) => {
+                for element in elements {
+                    mask_at(element, keys, mask);
+                }
+            }
+        },
+        _ => {}
+    }
 }
 
 /// The context with every context path masked.
@@ -120,25 +147,48 @@ pub fn mask_request(
 pub fn restore_redacted(new_args: &Value, current: &Value, paths: &[RedactPath]) -> Value {
     let mut restored = new_args.clone();
     for path in paths.iter().filter(|path| path.root == RedactRoot::Args) {
-        let Some(original) = find(current, &path.keys) else {
-            continue;
-        };
-        if let Some(slot) = find_mut(&mut restored, &path.keys) {
-            if slot.as_str() == Some(REDACTED) {
-                *slot = original.clone();
-            }
-        }
+        restore_at(&mut restored, current, &path.keys);
     }
     restored
 }
 
-fn find<'a>(value: &'a Value, keys: &[String]) -> Option<&'a Value> {
-    keys.iter().try_fold(value, |value, key| value.get(key))
-}
-
-fn find_mut<'a>(value: &'a mut Value, keys: &[String]) -> Option<&'a mut Value> {
-    keys.iter()
-        .try_fold(value, |value, key| value.as_object_mut()?.get_mut(key))
+/// Puts `current`'s value back wherever `new` holds `[redacted]` at `keys`, walking both
+/// the way `mask_at` does (arrays element by element, by position).
+fn restore_at(new: &mut Value, current: &Value, keys: &[String]) {
+    let Some((key, rest)) = keys.split_first() else {
+        if new.as_str() == Some(REDACTED) {
+            *new = current.clone();
+        }
+        return;
+    };
+    match (new, current) {
+        (Value::Object(new_fields), Value::Object(current_fields)) => {
+            if let (Some(new_child), Some(current_child)) =
+                (new_fields.get_mut(key), current_fields.get(key))
+            {
+                restore_at(new_child, current_child, rest);
+            }
+        }
+        (Value::Array(new_elements), Value::Array(current_elements)) => {
+            match key.parse::<usize>() {
+                Ok(index) => {
+                    if let (Some(new_element), Some(current_element)) =
+                        (new_elements.get_mut(index), current_elements.get(index))
+                    {
+                        restore_at(new_element, current_element, rest);
+                    }
+                }
+                Err(_) => {
+                    for (new_element, current_element) in
+                        new_elements.iter_mut().zip(current_elements)
+                    {
+                        restore_at(new_element, current_element, keys);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -167,6 +217,24 @@ mod tests {
         for (text, valid) in table {
             assert_eq!(RedactPath::parse(text).is_ok(), valid, "{text}");
         }
+    }
+
+    #[test]
+    fn paths_reach_through_arrays() {
+        let redact = paths(&["args.items.card", "args.contacts.1"]);
+        let args = json!({
+            "items": [{"card": "4111", "sku": "a"}, {"card": "5500", "sku": "b"}, "plain"],
+            "contacts": ["first@example.com", "second@example.com"],
+        });
+        let shown = mask_value(&args, RedactRoot::Args, &redact, Mask::Shown);
+        assert_eq!(
+            shown,
+            json!({
+                "items": [{"card": "[redacted]", "sku": "a"}, {"card": "[redacted]", "sku": "b"}, "plain"],
+                "contacts": ["first@example.com", "[redacted]"],
+            })
+        );
+        assert_eq!(restore_redacted(&shown, &args, &redact), args);
     }
 
     #[test]
