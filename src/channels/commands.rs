@@ -1,7 +1,11 @@
 //! The chat command words every platform takes (`pending`, `show ID`, `approve ID [note]`,
 //! `deny ID reason`, `grants`, `grants revoke GRANT_ID`, `help`), parsed once, and an engine refusal in words for a chat user.
 
-use crate::engine::EngineError;
+use std::future::Future;
+
+use crate::domain::{ApprovalRequest, Status, VoteKind, Voter};
+use crate::engine::{Engine, EngineError};
+use crate::store::RequestFilter;
 
 /// A command typed in chat.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +91,48 @@ pub fn explain(error: &EngineError) -> String {
             "signoff could not record that just now; please try again.".into()
         }
     }
+}
+
+/// Why `decidable_by` has no list: the engine failed (in words for the user), or the
+/// platform could not say who the user is just now.
+pub enum PendingError {
+    Engine(String),
+    Unidentified,
+}
+
+/// `pending`: the pending requests the chat user may approve. `voter_for` says who the user
+/// is for a request (`None`: the platform cannot tell now, and the listing fails rather
+/// than guess).
+pub async fn decidable_by<F, Fut>(
+    engine: &Engine,
+    voter_for: F,
+) -> Result<Vec<ApprovalRequest>, PendingError>
+where
+    F: Fn(ApprovalRequest) -> Fut,
+    Fut: Future<Output = Option<Voter>>,
+{
+    let pending = engine
+        .list_requests(RequestFilter {
+            status: Some(Status::Pending),
+            agent: None,
+            limit: 1000,
+        })
+        .await
+        .map_err(|error| PendingError::Engine(explain(&error)))?;
+    let mut decidable = Vec::new();
+    for request in pending {
+        let voter = voter_for(request.clone())
+            .await
+            .ok_or(PendingError::Unidentified)?;
+        if engine
+            .check_voter(&request.id, &voter, VoteKind::Approve, None)
+            .await
+            .is_ok()
+        {
+            decidable.push(request);
+        }
+    }
+    Ok(decidable)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::domain::{ApprovalRequest, Destination, Voter};
 use crate::engine::{Engine, EngineError};
 
-pub use commands::{explain, ChatCommand, HELP_LINES};
+pub use commands::{decidable_by, explain, ChatCommand, PendingError, HELP_LINES};
 pub use grants::{
     grant_state, grants_visible_to, revoke_grant_for, ListedGrant, GRANTS_LISTED, UNKNOWN_GRANT,
 };

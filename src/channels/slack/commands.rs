@@ -12,10 +12,10 @@ use super::handlers::{
     explain, foreign_workspace, form_fields, voter, SignedBody, SlackState, CARDS_PER_MESSAGE,
 };
 use crate::channels::{
-    grants_visible_to, revoke_grant_for, CardView, ChatCommand, ListedGrant, HELP_LINES,
+    decidable_by, grants_visible_to, revoke_grant_for, CardView, ChatCommand, ListedGrant,
+    PendingError, HELP_LINES,
 };
-use crate::domain::{ApprovalRequest, Status, VoteEffect, VoteKind, VoteRequest};
-use crate::store::RequestFilter;
+use crate::domain::{ApprovalRequest, VoteEffect, VoteRequest};
 
 /// The help text, in Slack's mrkdwn.
 fn help(command: &str) -> String {
@@ -186,34 +186,23 @@ async fn vote_from_command(
 
 /// Pending requests this user may approve, as cards with buttons.
 async fn pending_for(state: &SlackState, user: &str) -> Value {
-    let pending = match state
-        .engine
-        .list_requests(RequestFilter {
-            status: Some(Status::Pending),
-            agent: None,
-            limit: 1000,
-        })
-        .await
+    let decidable = match decidable_by(&state.engine, |request| async move {
+        state
+            .slack
+            .voter_for(&state.engine, &request, user)
+            .await
+            .ok()
+    })
+    .await
     {
-        Ok(pending) => pending,
-        Err(error) => return ephemeral(explain(&error)),
-    };
-    let mut decidable = Vec::new();
-    for request in pending {
-        let Ok(voter) = state.slack.voter_for(&state.engine, &request, user).await else {
+        Ok(decidable) => decidable,
+        Err(PendingError::Engine(message)) => return ephemeral(message),
+        Err(PendingError::Unidentified) => {
             return ephemeral(
                 "Slack could not tell signoff who you are just now. Please try again.".into(),
-            );
-        };
-        if state
-            .engine
-            .check_voter(&request.id, &voter, VoteKind::Approve, None)
-            .await
-            .is_ok()
-        {
-            decidable.push(request);
+            )
         }
-    }
+    };
     if decidable.is_empty() {
         return ephemeral("Nothing is waiting for you.".into());
     }

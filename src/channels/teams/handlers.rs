@@ -20,15 +20,15 @@ use super::card::{
 };
 use super::{TeamsChannel, TeamsUser};
 use crate::channels::{
-    explain, grants_visible_to, parse_modified_args, revoke_grant_for, CardView, ChatCommand,
-    ListedGrant, VoteTarget, APPROVE, APPROVE_FOR, DENY, HELP_LINES, MODIFY,
+    decidable_by, explain, grants_visible_to, parse_modified_args, revoke_grant_for, CardView,
+    ChatCommand, ListedGrant, PendingError, VoteTarget, APPROVE, APPROVE_FOR, DENY, HELP_LINES,
+    MODIFY,
 };
 use crate::domain::{
-    ApprovalRequest, GrantAsk, Status, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
+    ApprovalRequest, GrantAsk, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
 };
 use crate::engine::{Engine, EngineError};
 use crate::http::ApiError;
-use crate::store::RequestFilter;
 
 /// Cards in one reply to `pending`.
 const CARDS_PER_MESSAGE: usize = 5;
@@ -585,34 +585,20 @@ async fn vote_from_message(
 
 /// Pending requests this person may approve, as cards.
 async fn pending_for(state: &TeamsState, activity: &Activity) -> Value {
-    let pending = match state
-        .engine
-        .list_requests(RequestFilter {
-            status: Some(Status::Pending),
-            agent: None,
-            limit: 1000,
-        })
-        .await
+    let user = &activity.user();
+    let decidable = match decidable_by(&state.engine, |request| async move {
+        state.teams.voter_for(&request, user).await.ok()
+    })
+    .await
     {
-        Ok(pending) => pending,
-        Err(error) => return text_reply(&explain(&error)),
-    };
-    let mut decidable = Vec::new();
-    for request in pending {
-        let Ok(voter) = state.teams.voter_for(&request, &activity.user()).await else {
+        Ok(decidable) => decidable,
+        Err(PendingError::Engine(message)) => return text_reply(&message),
+        Err(PendingError::Unidentified) => {
             return text_reply(
                 "Teams could not tell signoff who you are just now. Please try again.",
-            );
-        };
-        if state
-            .engine
-            .check_voter(&request.id, &voter, VoteKind::Approve, None)
-            .await
-            .is_ok()
-        {
-            decidable.push(request);
+            )
         }
-    }
+    };
     if decidable.is_empty() {
         return text_reply("Nothing is waiting for you.");
     }
