@@ -2,6 +2,8 @@
 
 pub mod canonical_json;
 mod destination;
+#[cfg(test)]
+pub(crate) mod fixtures;
 mod grant;
 mod kinds;
 mod principal;

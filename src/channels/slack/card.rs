@@ -425,64 +425,16 @@ fn truncate_chars(text: &str, limit: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{action_hash, ApprovalRequest, Decision, RequestContext, Vote, VoteKind};
-    use chrono::TimeZone;
+    use crate::domain::fixtures::{at, pending_refund as pending_refund_between};
+    use crate::domain::{ApprovalRequest, Decision, RequestContext, Vote, VoteKind};
     use serde_json::json;
 
-    fn at(minute: u32) -> chrono::DateTime<chrono::Utc> {
-        chrono::Utc
-            .with_ymd_and_hms(2026, 11, 21, 10, minute, 0)
-            .unwrap()
-    }
-
+    /// The shared refund, with text a card must escape.
     fn pending_refund() -> ApprovalRequest {
-        ApprovalRequest {
-            id: "apr_test0000000000000000000000".into(),
-            agent: "finance-bot".into(),
-            action: "payments.refund".into(),
-            args: json!({"amount": 2000, "currency": "EUR", "order": "A-1042"}),
-            original_args: json!({"amount": 2000, "currency": "EUR", "order": "A-1042"}),
-            context: RequestContext {
-                summary: Some("Refund order A-1042 <urgent>".into()),
-                reason: Some("Item arrived broken & customer asked twice".into()),
-                reversible: Some(false),
-                links: vec!["https://shop.example.com/orders/A-1042".into()],
-                extra: serde_json::Map::new(),
-            },
-            on_behalf_of: Some("slack:U0REQUESTER".parse().unwrap()),
-            callback_url: None,
-            status: Status::Pending,
-            tier: Some("high".into()),
-            rule: Some("large-refund".into()),
-            approvals_required: 2,
-            revision: 1,
-            votes: vec![Vote {
-                principal: "slack:U01ALICE".parse().unwrap(),
-                vote: VoteKind::Approve,
-                note: None,
-                at: at(5),
-                revision: 1,
-                aliases: vec![],
-                grant: None,
-                groups: vec![],
-            }],
-            decision: None,
-            action_hash: action_hash("payments.refund", &json!({})),
-            policy_hash: "sha256:policy".into(),
-            created_at: at(0),
-            expires_at: Some(at(59)),
-            executed: None,
-            reminded_at: None,
-            escalated_at: None,
-            sampled: false,
-            shadow: Vec::new(),
-            remind_at: None,
-            escalate_at: None,
-            previous_tiers: Vec::new(),
-            approvals_by_group: Default::default(),
-            escalation_step: 0,
-            version: 2,
-        }
+        let mut request = pending_refund_between("slack:U0REQUESTER", "slack:U01ALICE");
+        request.context.summary = Some("Refund order A-1042 <urgent>".into());
+        request.context.reason = Some("Item arrived broken & customer asked twice".into());
+        request
     }
 
     /// A policy without tiers, ladders or redaction: the card shows the request as it is.
