@@ -79,9 +79,10 @@ pub trait Backend:
     fn serialize_audit_appends(
         connection: &mut Self::Connection,
     ) -> impl Future<Output = StoreResult<()>> + Send;
-    /// `SELECT` of the sum of numeric `args->>$4` over this agent's (`$1`) requests for
-    /// action `$2` created after `$3` that are pending or approved, as a double.
-    const RECENT_SUM: &'static str;
+    /// `SELECT created_at, value` of this agent's (`$1`) requests for action `$2` created
+    /// after `$3` and before `$4` that are pending or approved; `value` is 1 when `$5` is
+    /// '', else the number `args.$5` (0 when missing or not a number), as a double.
+    const COUNTED_BETWEEN: &'static str;
     /// Called first in a judged intake's transaction: holds whatever serialises intakes of
     /// the same agent and action across processes until the commit.
     fn serialize_intake(
@@ -129,7 +130,7 @@ pub struct SqlStore<DB: Backend> {
     pub(super) group_commit: Option<GroupCommit>,
     /// Judged intakes (counters, grants) are committed in groups too; `None` inside the
     /// writer task itself.
-    pub(super) judged_commit: Option<super::grants::JudgedCommit>,
+    pub(super) judged_commit: Option<super::intake::JudgedCommit>,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {

@@ -12,6 +12,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions, PgQueryResult};
 use sqlx::{PgConnection, Postgres, QueryBuilder, Transaction};
 
 use super::backend::{Backend, SqlStore};
+use super::counters::CounterChanges;
 use super::group_commit::QueuedRequest;
 use super::outbox::candidates_sql;
 use super::requests::refused_request_insert;
@@ -145,6 +146,9 @@ impl Backend for Postgres {
         }
         let audit: Vec<_> = group.iter().flat_map(|queued| &queued.audit).collect();
         PostgresStore::append_prepared_audit_events(&mut transaction, &audit).await?;
+        // Under the audit lock, as every change of the buckets is: they cannot deadlock.
+        let counters = CounterChanges::of_new(group.iter().map(|queued| &queued.request));
+        PostgresStore::adjust_counters(&mut transaction, &counters).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -160,10 +164,11 @@ impl Backend for Postgres {
     }
 
     /// Delivered to listeners only if the transaction commits.
-    const RECENT_SUM: &'static str = "SELECT COALESCE(SUM(CASE \
-         WHEN jsonb_typeof(body->'args'->$4) = 'number' THEN (body->'args'->>$4)::float8 \
-         ELSE 0 END), 0)::float8 FROM requests \
-         WHERE agent = $1 AND action = $2 AND created_at > $3 AND status IN ('pending', 'approved')";
+    const COUNTED_BETWEEN: &'static str = "SELECT created_at, CASE WHEN $5 = '' THEN 1.0::float8 \
+         WHEN jsonb_typeof(body->'args'->$5) = 'number' THEN (body->'args'->>$5)::float8 \
+         ELSE 0.0::float8 END FROM requests \
+         WHERE agent = $1 AND action = $2 AND created_at > $3 AND created_at < $4 \
+         AND status IN ('pending', 'approved')";
 
     /// A transaction-scoped advisory lock on a hash of (agent, action): replicas' intakes
     /// of the same agent and action take turns, others do not wait.

@@ -9,6 +9,7 @@ use sqlx::types::Json;
 use sqlx::{ColumnIndex, Executor, QueryBuilder};
 
 use super::backend::{conflict_on_unique, Backend, Column, Param, SqlStore};
+use super::counters::{counted, CounterChanges};
 use super::group_commit::{self, QueuedRequest};
 use super::idempotency::TAKEN_OVER;
 use super::{Due, NewRequest, RequestChange, RequestFilter, StoreError, StoreResult};
@@ -206,6 +207,7 @@ where
     pub(super) async fn update_request(&self, change: RequestChange<'_>) -> StoreResult<()> {
         let request = change.request;
         let mut transaction = DB::begin_write(self).await?;
+        let counters = Self::counter_changes(&mut transaction, &change).await?;
         let updated = sqlx::query(
             "UPDATE requests SET status = $1, revision = $2, version = $3, expires_at = $4, \
              updated_at = $5, body = $6, remind_at = $11, escalate_at = $12 \
@@ -239,10 +241,50 @@ where
         let outbox: Vec<_> = change.outbox.iter().collect();
         Self::append_outbox(&mut transaction, &outbox).await?;
         Self::append_audit_events(&mut transaction, change.audit).await?;
+        // Under the audit lock, as every change of the buckets is: they cannot deadlock.
+        Self::adjust_counters(&mut transaction, &counters).await?;
         if finalized {
             DB::notify_finalized(&mut transaction, &request.id).await?;
         }
         DB::commit(transaction).await
+    }
+
+    /// What `change` does to the counters: a request leaving pending/approved stops
+    /// counting, and a modification swaps the old args' sums for the new. The old args are
+    /// read only then, from the version the compare-and-set expects.
+    async fn counter_changes(
+        connection: &mut DB::Connection,
+        change: &RequestChange<'_>,
+    ) -> StoreResult<CounterChanges> {
+        let request = change.request;
+        let mut changes = CounterChanges::default();
+        let args_replaced = change.expected_revision != request.revision;
+        let (counted_before, counted_after) =
+            (counted(change.expected_status), counted(request.status));
+        if counted_before {
+            let previous_args = if args_replaced {
+                let stored: Option<(Json<Value>,)> =
+                    sqlx::query_as("SELECT body FROM requests WHERE id = $1 AND version = $2")
+                        .bind(&request.id)
+                        .bind(change.expected_version)
+                        .fetch_optional(&mut *connection)
+                        .await?;
+                let Some((Json(mut body),)) = stored else {
+                    return Err(StoreError::Conflict(format!(
+                        "request {} changed concurrently",
+                        request.id
+                    )));
+                };
+                body.get_mut("args").map(Value::take).unwrap_or(Value::Null)
+            } else if counted_after {
+                return Ok(changes);
+            } else {
+                request.args.clone()
+            };
+            changes.count(request, change.expected_status, &previous_args, -1);
+        }
+        changes.count(request, request.status, &request.args, 1);
+        Ok(changes)
     }
 
     #[tracing::instrument(skip_all)]

@@ -17,6 +17,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::audit::seal_events;
 use super::backend::{Backend, SqlStore};
+use super::counters::CounterChanges;
 use super::group_commit::QueuedRequest;
 use super::outbox::candidates_sql;
 use super::requests::refused_request_insert;
@@ -140,6 +141,7 @@ impl SqliteStore {
         let sealed = seal_events(head, group.iter().flat_map(|queued| &queued.audit));
         let outbox: Vec<&NewOutboxMessage> =
             group.iter().flat_map(|queued| &queued.outbox).collect();
+        let counters = CounterChanges::of_new(group.iter().map(|queued| &queued.request));
         let mut statements = QueryBuilder::new(prefix);
         Self::push_request_rows(&mut statements, group);
         if !sealed.is_empty() {
@@ -150,6 +152,7 @@ impl SqliteStore {
             statements.push("; ");
             Self::push_outbox_rows(&mut statements, &outbox);
         }
+        Self::push_counter_changes(&mut statements, &counters);
         for queued in group {
             if let Some((key, response)) = &queued.idempotency {
                 statements.push("; ");
@@ -292,10 +295,11 @@ impl Backend for Sqlite {
         written
     }
 
-    const RECENT_SUM: &'static str = "SELECT CAST(COALESCE(SUM(CASE \
-         WHEN json_type(body, '$.args.' || $4) IN ('integer', 'real') \
-         THEN json_extract(body, '$.args.' || $4) ELSE 0 END), 0) AS REAL) FROM requests \
-         WHERE agent = $1 AND action = $2 AND created_at > $3 AND status IN ('pending', 'approved')";
+    const COUNTED_BETWEEN: &'static str = "SELECT created_at, CASE WHEN $5 = '' THEN 1.0 \
+         WHEN json_type(body, '$.args.' || $5) IN ('integer', 'real') \
+         THEN CAST(json_extract(body, '$.args.' || $5) AS REAL) ELSE 0.0 END FROM requests \
+         WHERE agent = $1 AND action = $2 AND created_at > $3 AND created_at < $4 \
+         AND status IN ('pending', 'approved')";
 
     /// The one writer connection, held from `BEGIN IMMEDIATE`, serialises every intake.
     async fn serialize_intake(

@@ -280,3 +280,216 @@ async fn verdict_payload(app: &TestApp, id: &str) -> Value {
         .unwrap();
     found
 }
+
+/// Every submission of `probe` carries what it expects the counters to be: it is allowed
+/// only when `recent_count` and `recent_sum` equal them, so an allowed probe proves both.
+const PROBE_POLICY: &str = r#"version: 1
+default: deny
+tiers:
+  medium:
+    route: ["slack:C0MEDIUM"]
+    approvers: ["cli:alice", "cli:bob"]
+    approvals: 2
+    ttl: 30m
+rules:
+  - name: held
+    match: ["probe"]
+    when: "has(args.hold)"
+    effect: require_approval
+    tier: medium
+  - name: as-expected
+    match: ["probe"]
+    when: "recent_count('2h') == args.count && recent_sum('amount', '2h') == args.sum"
+    effect: allow
+"#;
+
+/// What the test knows of each submission: when, whether it still counts, its amount.
+struct Counted {
+    id: String,
+    at: chrono::DateTime<chrono::Utc>,
+    counts: bool,
+    amount: f64,
+}
+
+/// The counters over `(now - 2h, now]`, worked out from the submissions one by one.
+fn expected_counters(history: &[Counted], now: chrono::DateTime<chrono::Utc>) -> (i64, f64) {
+    let since = now - chrono::Duration::hours(2);
+    let within = history
+        .iter()
+        .filter(|entry| entry.counts && entry.at > since);
+    within.fold((0, 0.0), |(count, sum), entry| {
+        (count + 1, sum + entry.amount)
+    })
+}
+
+/// Counters are exact to the microsecond at a window's start, whichever minute and hour
+/// buckets the window covers: requests on and next to minute and hour boundaries, a
+/// modification, a denial, an expiry and requests with too many numeric args to keep sums
+/// for, each probed on both sides of the moment it leaves the window.
+#[apply(backends)]
+#[tokio::test]
+async fn counters_are_exact_at_the_window_start_across_minutes_and_hours(#[case] backend: Backend) {
+    use chrono::{DateTime, Duration as Span, Utc};
+    let app = spawn_app!(backend, PROBE_POLICY);
+    let agent = app.create_agent("prober", &[]).await;
+    let start: DateTime<Utc> = "2026-12-08T10:58:00Z".parse().unwrap();
+    let mut history: Vec<Counted> = Vec::new();
+    let alice = signoff::domain::Voter::new("cli:alice".parse().unwrap());
+    let bob = signoff::domain::Voter::new("cli:bob".parse().unwrap());
+    let many_numbers = |amount: f64| {
+        let mut args: serde_json::Map<String, Value> = (0..20)
+            .map(|index| (format!("n{index}"), json!(index)))
+            .collect();
+        args.insert("amount".into(), json!(amount));
+        args.insert("hold".into(), json!(true));
+        Value::Object(args)
+    };
+
+    // Allowed exactly when the counters are what the history says.
+    async fn probe(
+        app: &TestApp,
+        agent: &TestAgent,
+        history: &mut Vec<Counted>,
+        amount: f64,
+        off_by: i64,
+    ) -> bool {
+        let now = app.clock.now();
+        let (count, sum) = expected_counters(history, now);
+        let answer = app
+            .submit_ok(
+                agent,
+                json!({"action": "probe", "args": {"amount": amount, "count": count + off_by, "sum": sum}}),
+            )
+            .await;
+        let allowed = answer["status"] == "approved";
+        history.push(Counted {
+            id: answer["id"].as_str().unwrap().into(),
+            at: now,
+            counts: allowed,
+            amount,
+        });
+        allowed
+    }
+    async fn hold(app: &TestApp, agent: &TestAgent, history: &mut Vec<Counted>, args: Value) {
+        let answer = app
+            .submit_ok(agent, json!({"action": "probe", "args": args.clone()}))
+            .await;
+        assert_eq!(answer["status"], "pending", "{answer}");
+        history.push(Counted {
+            id: answer["id"].as_str().unwrap().into(),
+            at: app.clock.now(),
+            counts: true,
+            amount: args["amount"].as_f64().unwrap(),
+        });
+    }
+
+    let at = |milliseconds: i64| start + Span::milliseconds(milliseconds);
+    app.clock.set(at(0));
+    assert!(probe(&app, &agent, &mut history, 1.5, 0).await);
+    assert!(
+        !probe(&app, &agent, &mut history, 1.5, 1).await,
+        "a wrong count is refused"
+    );
+    app.clock.set(at(30_250));
+    hold(
+        &app,
+        &agent,
+        &mut history,
+        json!({"hold": true, "amount": 2.25}),
+    )
+    .await;
+    app.clock.set(at(119_999));
+    assert!(probe(&app, &agent, &mut history, 0.5, 0).await);
+    app.clock.set(at(120_000));
+    hold(&app, &agent, &mut history, many_numbers(4.0)).await;
+    assert!(probe(&app, &agent, &mut history, 0.75, 0).await);
+
+    // A modification replaces the held amount in the sum; a denial takes it out.
+    app.clock.set(at(600_000));
+    let modified = history[2].id.clone();
+    app.engine()
+        .record_vote(
+            &modified,
+            &alice,
+            signoff::domain::VoteRequest::Modify {
+                args: json!({"hold": true, "amount": 3.0}),
+                note: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    history[2].amount = 3.0;
+    assert!(probe(&app, &agent, &mut history, 0.25, 0).await);
+    app.clock.set(at(630_000));
+    app.engine()
+        .record_vote(
+            &modified,
+            &bob,
+            signoff::domain::VoteRequest::Deny {
+                reason: "no".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    history[2].counts = false;
+    assert!(probe(&app, &agent, &mut history, 0.25, 0).await);
+
+    // The one with many numbers expires at the next sweep after its 30 minutes.
+    app.clock.set(at(3_600_000));
+    app.sweep().await;
+    for entry in history.iter_mut() {
+        if entry.counts && entry.at + Span::minutes(30) <= at(3_600_000) {
+            let stored = app.engine().request(&entry.id).await.unwrap();
+            if stored.status.as_str() == "expired" {
+                entry.counts = false;
+            }
+        }
+    }
+    assert!(history
+        .iter()
+        .any(|entry| entry.amount == 4.0 && !entry.counts));
+    assert!(probe(&app, &agent, &mut history, 1.0, 0).await);
+    app.clock.set(at(4_000_000));
+    hold(&app, &agent, &mut history, many_numbers(8.5)).await;
+
+    // Two hours on, each probe just before and just after one of the early requests
+    // leaves the window.
+    for offset in [
+        0, 1, 30_249, 30_250, 30_251, 119_998, 119_999, 120_000, 120_001, 600_000, 3_600_000,
+        4_000_000, 4_000_001,
+    ] {
+        app.clock.set(at(7_200_000 + offset));
+        assert!(
+            probe(&app, &agent, &mut history, 0.5, 0).await,
+            "counters at {}",
+            at(7_200_000 + offset)
+        );
+    }
+
+    // The migration's backfill builds buckets the requests imply, to the same counters.
+    let migration = match backend {
+        Backend::Sqlite => {
+            include_str!("../../migrations/sqlite/20261208010001_request_counters.sql")
+        }
+        Backend::Postgres => {
+            include_str!("../../migrations/postgres/20261208010001_request_counters.sql")
+        }
+    };
+    app.execute_sql("DELETE FROM request_counters")
+        .await
+        .unwrap();
+    for statement in migration
+        .split(";\n")
+        .map(str::trim)
+        .filter(|statement| statement.starts_with("INSERT"))
+    {
+        app.execute_sql(statement).await.unwrap();
+    }
+    app.clock.set(at(7_200_000 + 4_000_002));
+    assert!(
+        probe(&app, &agent, &mut history, 0.5, 0).await,
+        "after the backfill"
+    );
+}

@@ -1,0 +1,40 @@
+-- recent_count and recent_sum read buckets, not requests: per agent, action and minute, and
+-- per agent, action and hour, how many requests are pending or approved (field '') and what
+-- each summable numeric args key adds up to. Intake and every status change keep them in
+-- the transaction that changes the requests; a window reads whole hours, whole minutes at
+-- its ends, and the requests of its first, partial minute from requests_agent_action_created.
+CREATE TABLE request_counters (
+    agent          TEXT NOT NULL,
+    action         TEXT NOT NULL,
+    field          TEXT NOT NULL,
+    span_seconds   INTEGER NOT NULL,
+    bucket_start   INTEGER NOT NULL,
+    requests       INTEGER NOT NULL,
+    total          REAL NOT NULL,
+    -- On '' rows: requests with too many numeric args for their sums to be kept here; a
+    -- recent_sum over a window that holds one reads the requests themselves.
+    overflow       INTEGER NOT NULL,
+    PRIMARY KEY (agent, action, field, span_seconds, bucket_start)
+) WITHOUT ROWID;
+
+INSERT INTO request_counters
+    (agent, action, field, span_seconds, bucket_start, requests, total, overflow)
+SELECT agent, action, '', spans.span_seconds,
+       CAST(strftime('%s', created_at) AS INTEGER) / spans.span_seconds * spans.span_seconds,
+       COUNT(*), COUNT(*), 0
+FROM requests, (SELECT 60 AS span_seconds UNION ALL SELECT 3600) AS spans
+WHERE status IN ('pending', 'approved')
+GROUP BY 1, 2, 3, 4, 5;
+
+INSERT INTO request_counters
+    (agent, action, field, span_seconds, bucket_start, requests, total, overflow)
+SELECT requests.agent, requests.action, fields.key, spans.span_seconds,
+       CAST(strftime('%s', requests.created_at) AS INTEGER) / spans.span_seconds * spans.span_seconds,
+       COUNT(*), SUM(fields.value), 0
+FROM requests, json_each(requests.body, '$.args') AS fields,
+     (SELECT 60 AS span_seconds UNION ALL SELECT 3600) AS spans
+WHERE requests.status IN ('pending', 'approved')
+  AND json_type(requests.body, '$.args') = 'object'
+  AND fields.type IN ('integer', 'real')
+  AND fields.key <> '' AND fields.key NOT GLOB '*[^A-Za-z0-9_]*'
+GROUP BY 1, 2, 3, 4, 5;
