@@ -119,12 +119,14 @@ mod tests {
             created_at: at(1),
             expires_at: at(5),
             uses_left: 2,
+            uses_granted: 3,
             revoked_at: None,
         };
         assert_eq!(grant_state(&grant, at(2)), "active");
         assert_eq!(grant_state(&grant, at(5)), "expired");
         let spent = Grant {
             uses_left: 0,
+            uses_granted: 3,
             ..grant.clone()
         };
         assert_eq!(grant_state(&spent, at(2)), "spent");

@@ -29,6 +29,9 @@ pub struct Grant {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub uses_left: u32,
+    /// The uses it was created with (`uses_left` counts down from it).
+    #[serde(default)]
+    pub uses_granted: u32,
     #[schema(required = true)]
     pub revoked_at: Option<DateTime<Utc>>,
 }

@@ -18,8 +18,8 @@ pub use kinds::{AuditKind, OutboxKind};
 pub use principal::{Principal, PrincipalError};
 pub use quorum::{fill_quorum, quorum_met, GroupProgress};
 pub use redaction::{
-    mask_context, mask_request, mask_value, restore_redacted, Mask, RedactPath, RedactRoot,
-    REDACTED,
+    mask_context, mask_request, mask_value, restore_redacted, sets_redacted_value, Mask,
+    RedactPath, RedactRoot, REDACTED,
 };
 pub use request::{
     action_hash, new_request_id, now, ApprovalRequest, Decision, Execution, ExecutionOutcome,

@@ -142,6 +142,13 @@ pub fn mask_request(
     masked
 }
 
+/// Does `new_args` hold a value of its own at a redacted path (anything but `[redacted]`)?
+/// Modifications may not: whether such a value equals the hidden one would show in the
+/// answer (`args_unchanged`), letting an approver guess it.
+pub fn sets_redacted_value(new_args: &Value, paths: &[RedactPath]) -> bool {
+    mask_value(new_args, RedactRoot::Args, paths, Mask::Shown) != *new_args
+}
+
 /// New args an approver submitted, where `[redacted]` at a redacted path (what the modify
 /// form showed them) keeps the value of `current` there.
 pub fn restore_redacted(new_args: &Value, current: &Value, paths: &[RedactPath]) -> Value {
@@ -299,6 +306,29 @@ mod tests {
         ];
         for (submitted, expected) in table {
             assert_eq!(restore_redacted(&submitted, &current, &redact), expected);
+        }
+    }
+
+    #[test]
+    fn a_modification_may_keep_or_drop_a_redacted_value_but_not_set_one() {
+        let redact = paths(&["args.card_number", "args.items.pan"]);
+        let table = [
+            (json!({"card_number": "[redacted]", "amount": 7}), false),
+            (json!({"amount": 7}), false),
+            (json!({"items": [{"pan": "[redacted]"}, {"sku": 1}]}), false),
+            (json!({"card_number": "4111", "amount": 5}), true),
+            (json!({"card_number": null}), true),
+            (
+                json!({"items": [{"pan": "[redacted]"}, {"pan": "5555"}]}),
+                true,
+            ),
+        ];
+        for (submitted, sets) in table {
+            assert_eq!(
+                sets_redacted_value(&submitted, &redact),
+                sets,
+                "{submitted}"
+            );
         }
     }
 }

@@ -133,6 +133,8 @@ pub enum VoteRefusal {
     ArgsNotObject,
     #[error("the new args are the same as the current ones; approve instead")]
     ArgsUnchanged,
+    #[error("a redacted value cannot be changed by a modification; leave it as [redacted]")]
+    RedactedValue,
     #[error("this request changed since you saw it (you saw revision {seen}; it is now at revision {current}); look at the current card and vote again")]
     StaleRevision { seen: u32, current: u32 },
     #[error("the policy denies the new args ({}): {reason}; nothing changed", rule_words(.rule))]
@@ -163,6 +165,7 @@ impl VoteRefusal {
             VoteRefusal::ReasonRequired => "reason_required",
             VoteRefusal::ArgsNotObject => "invalid_args",
             VoteRefusal::ArgsUnchanged => "args_unchanged",
+            VoteRefusal::RedactedValue => "redacted_value",
             VoteRefusal::StaleRevision { .. } => "stale_revision",
             VoteRefusal::ModificationDenied { .. } => "modification_denied",
             VoteRefusal::EmailUnreadable(_) => "email_unreadable",

@@ -40,13 +40,21 @@ pub(super) fn covering_grant<'a>(
                 .tier_rank(&grant.tier)
                 .is_some_and(|grant_rank| verdict_rank <= grant_rank)
             // A tier the current policy no longer lets grant stops its grants too, and a
-            // shorter `max_ttl` shortens them.
+            // shorter `max_ttl` or a lower `max_uses` cuts them short.
             && policy
                 .tier(&grant.tier)
                 .and_then(|tier| tier.grants)
-                .and_then(|limits| chrono::Duration::from_std(limits.max_ttl).ok())
-                .is_some_and(|max_ttl| at < grant.created_at + max_ttl)
-            // A grant is its creators' approval, and nobody approves their own request.
+                .is_some_and(|limits| {
+                    chrono::Duration::from_std(limits.max_ttl)
+                        .is_ok_and(|max_ttl| at < grant.created_at + max_ttl)
+                        && grant.uses_granted.saturating_sub(grant.uses_left) < limits.max_uses
+                })
+            // A grant is its creators' approval: it lasts while each of them may still
+            // approve at its tier, and nobody approves their own request.
+            && grant
+                .created_by
+                .iter()
+                .all(|creator| policy.may_still_approve(&grant.tier, creator))
             && !requester.is_some_and(|requester| {
                 grant.created_by.iter().any(|creator| {
                     policy
@@ -156,6 +164,7 @@ pub(super) fn grant_from_approval(
         created_at: at,
         expires_at,
         uses_left: uses,
+        uses_granted: uses,
         revoked_at: None,
     })
 }

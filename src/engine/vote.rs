@@ -7,8 +7,9 @@ use tracing::instrument;
 use super::grants::{check_grant_ask, grant_from_approval};
 use super::{after, audit_args, event, Engine, EngineError, EngineResult, Planned};
 use crate::domain::{
-    check_voter, plan_vote, restore_redacted, ApprovalRequest, AuditKind, GrantAsk, Principal,
-    Reevaluation, Status, VoteContext, VoteEffect, VoteKind, VoteRefusal, VoteRequest, Voter,
+    check_voter, plan_vote, restore_redacted, sets_redacted_value, ApprovalRequest, AuditKind,
+    GrantAsk, Principal, Reevaluation, Status, VoteContext, VoteEffect, VoteKind, VoteRefusal,
+    VoteRequest, Voter,
 };
 use crate::policy::{Effect, EvaluationInput, Facts, Policy};
 
@@ -207,6 +208,11 @@ impl Engine {
         let voted = self.transition(id, None, |current| {
             // What the modify form showed as `[redacted]` keeps the value it stands for.
             let vote = match &vote {
+                VoteRequest::Modify { args, .. }
+                    if sets_redacted_value(args, policy.redact_paths()) =>
+                {
+                    return Err(VoteRefusal::RedactedValue.into());
+                }
                 VoteRequest::Modify { args, note } => VoteRequest::Modify {
                     args: restore_redacted(args, &current.args, policy.redact_paths()),
                     note: note.clone(),

@@ -108,7 +108,8 @@ impl From<VoteRefusal> for ApiError {
             | VoteRefusal::EmailUnreadable(_) => StatusCode::FORBIDDEN,
             VoteRefusal::ReasonRequired
             | VoteRefusal::ArgsNotObject
-            | VoteRefusal::ArgsUnchanged => StatusCode::BAD_REQUEST,
+            | VoteRefusal::ArgsUnchanged
+            | VoteRefusal::RedactedValue => StatusCode::BAD_REQUEST,
             VoteRefusal::ModificationDenied { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         };
         Self::new(status, refusal.code(), refusal.to_string())

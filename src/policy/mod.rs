@@ -466,6 +466,18 @@ impl Policy {
             .is_some_and(|tier| tier.approvers.admits(voter))
     }
 
+    /// Could `principal` still approve at `tier`, as far as the policy alone can tell? A
+    /// tier that admits platform user groups (whose members are known only when they vote)
+    /// is given the benefit of the doubt.
+    pub fn may_still_approve(&self, tier: &str, principal: &Principal) -> bool {
+        self.tier(tier).is_some_and(|tier| {
+            !tier.approvers.user_groups.is_empty()
+                || tier
+                    .approvers
+                    .admits(&self.identify(&Voter::new(principal.clone())))
+        })
+    }
+
     /// Deny beats require_approval beats allow; the highest tier wins among approvals;
     /// nothing matching means the default.
     /// `evaluate_with` at `now` with no history and no sampling draw.

@@ -58,6 +58,7 @@ where
             .into_iter()
             .map(|(body, uses_left)| Grant {
                 uses_left: u32::try_from(uses_left).unwrap_or(0),
+                uses_granted: uses_granted(&body.0),
                 ..body.0
             })
             .collect())
@@ -175,9 +176,16 @@ where
 /// `body, uses_left, revoked_at`: the columns a use or a revocation changes win over the body.
 type GrantRow = (Json<Grant>, i64, Option<DateTime<Utc>>);
 
+/// A grant's body is written once, at creation, so its `uses_left` is what was granted
+/// (bodies older than `uses_granted` have only that).
+fn uses_granted(body: &Grant) -> u32 {
+    body.uses_granted.max(body.uses_left)
+}
+
 fn grant_from_row((body, uses_left, revoked_at): GrantRow) -> Grant {
     Grant {
         uses_left: u32::try_from(uses_left).unwrap_or(0),
+        uses_granted: uses_granted(&body.0),
         revoked_at,
         ..body.0
     }

@@ -470,10 +470,10 @@ async fn a_tier_that_no_longer_allows_grants_stops_its_grants(#[case] backend: B
     let agent = app.create_agent("ops", &[]).await;
     let body = json!({"action": "ops.restart", "args": {"service": "web"}});
     granted(&app, &agent, body.clone(), ask(1, Some(5), None)).await;
-    let without = GRANTS_POLICY.replacen("    grants: {max_ttl: 8h, max_uses: 5}\n", "", 1);
-    assert_ne!(without, GRANTS_POLICY);
-    std::fs::write(&app.config.policy, without).unwrap();
-    app.engine().reload_policy(&app.config.policy).unwrap();
+    reload(
+        &app,
+        &GRANTS_POLICY.replacen("    grants: {max_ttl: 8h, max_uses: 5}\n", "", 1),
+    );
     let request = app.submit_ok(&agent, body).await;
     assert_eq!(request["status"], "pending", "{request}");
 }
@@ -517,17 +517,78 @@ async fn a_shorter_max_ttl_shortens_existing_grants(#[case] backend: Backend) {
     let agent = app.create_agent("ops", &[]).await;
     let body = json!({"action": "ops.restart", "args": {"service": "web"}});
     granted(&app, &agent, body.clone(), ask(4, Some(5), None)).await;
-    let shorter = GRANTS_POLICY.replacen(
-        "{max_ttl: 8h, max_uses: 5}",
-        "{max_ttl: 30m, max_uses: 5}",
-        1,
+    reload(
+        &app,
+        &GRANTS_POLICY.replacen(
+            "{max_ttl: 8h, max_uses: 5}",
+            "{max_ttl: 30m, max_uses: 5}",
+            1,
+        ),
     );
-    assert_ne!(shorter, GRANTS_POLICY);
-    std::fs::write(&app.config.policy, shorter).unwrap();
-    app.engine().reload_policy(&app.config.policy).unwrap();
     let request = app.submit_ok(&agent, body.clone()).await;
     assert_eq!(request["status"], "approved", "{request}");
     app.advance(Duration::from_secs(31 * 60));
+    let request = app.submit_ok(&agent, body).await;
+    assert_eq!(request["status"], "pending", "{request}");
+}
+
+/// Swaps the policy file for `policy` and reloads it, as SIGHUP would.
+fn reload(app: &TestApp, policy: &str) {
+    assert_ne!(policy, GRANTS_POLICY, "the test changes the policy");
+    std::fs::write(&app.config.policy, policy).unwrap();
+    app.engine().reload_policy(&app.config.policy).unwrap();
+}
+
+/// A lower `max_uses` caps the grants already made: a 5-use grant used twice has one use
+/// left once the cap is 3, whatever its own count says.
+#[apply(backends)]
+#[tokio::test]
+async fn a_lower_max_uses_caps_existing_grants(#[case] backend: Backend) {
+    let app = spawn_app!(backend, GRANTS_POLICY);
+    let agent = app.create_agent("ops", &[]).await;
+    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
+    granted(&app, &agent, body.clone(), ask(4, Some(5), None)).await;
+    for _ in 0..2 {
+        let request = app.submit_ok(&agent, body.clone()).await;
+        assert_eq!(request["status"], "approved", "{request}");
+    }
+    reload(
+        &app,
+        &GRANTS_POLICY.replacen(
+            "{max_ttl: 8h, max_uses: 5}",
+            "{max_ttl: 8h, max_uses: 3}",
+            1,
+        ),
+    );
+    let statuses = join_all((0..3).map(|_| app.submit_ok(&agent, body.clone()))).await;
+    let approved = statuses
+        .iter()
+        .filter(|request| request["status"] == "approved")
+        .count();
+    assert_eq!(approved, 1, "{statuses:?}");
+    let grants = app.engine().list_grants(Some("ops")).await.unwrap();
+    assert_eq!((grants[0].uses_granted, grants[0].uses_left), (5, 2));
+}
+
+/// A grant is its creators' approval: once the policy no longer lists one of them among
+/// the tier's approvers, the grant approves nothing more.
+#[apply(backends)]
+#[tokio::test]
+async fn a_grant_stops_when_its_creator_may_no_longer_approve(#[case] backend: Backend) {
+    let app = spawn_app!(backend, GRANTS_POLICY);
+    let agent = app.create_agent("ops", &[]).await;
+    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
+    granted(&app, &agent, body.clone(), ask(4, Some(5), None)).await;
+    let request = app.submit_ok(&agent, body.clone()).await;
+    assert_eq!(request["status"], "approved", "{request}");
+    reload(
+        &app,
+        &GRANTS_POLICY.replacen(
+            "    approvers: [\"cli:alice\", \"cli:bob\"]\n    ttl: 30m\n    grants: {max_ttl: 8h, max_uses: 5}",
+            "    approvers: [\"cli:bob\"]\n    ttl: 30m\n    grants: {max_ttl: 8h, max_uses: 5}",
+            1,
+        ),
+    );
     let request = app.submit_ok(&agent, body).await;
     assert_eq!(request["status"], "pending", "{request}");
 }

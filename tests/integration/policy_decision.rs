@@ -314,6 +314,25 @@ async fn redacted_values_reach_no_person_and_no_audit_payload(#[case] backend: B
     let modal = opened[0]["view"].to_string();
     assert_hidden("the modify modal", &modal);
     assert!(modal.contains("[redacted]"), "{modal}");
+    // A value of one's own at a redacted path is refused the same way whether or not it
+    // is the hidden one: the answer cannot confirm a guess.
+    let mut refusals = Vec::new();
+    for guess in [CARD_NUMBER.to_string(), "4000000000000002".to_string()] {
+        let (status, answer) = driver
+            .submit_modal(
+                "U01DANA",
+                "signoff_modify",
+                &id,
+                "args",
+                &json!({"card_number": guess, "amount": 70}).to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert!(answer.to_string().contains("redacted value"), "{answer}");
+        refusals.push(answer);
+    }
+    assert_eq!(refusals[0], refusals[1]);
+    assert_eq!(app.stored(&id).await.revision, 1);
     let (status, answer) = driver
         .submit_modal(
             "U01DANA",
