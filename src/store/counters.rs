@@ -26,19 +26,29 @@ const MAX_SUMMED_FIELDS: usize = 16;
 /// Bucket rows per upsert statement (eight bind parameters each).
 const ROWS_PER_STATEMENT: usize = 500;
 
-/// The buckets of one (agent, action, field): whole minutes in `[$4, $5)`, whole hours from
-/// `$5`, and the overflow of the same buckets' `''` rows (read only for a sum). Four range
-/// probes of the primary key, spelled out so neither planner scans the pair's history.
-const BUCKETS: &str = "SELECT CAST(COALESCE(SUM(total), 0) AS DOUBLE PRECISION), \
-     CAST(COALESCE(SUM(overflow), 0) AS BIGINT) FROM (\
+/// The buckets of one (agent, action, field `$5`): whole minutes in `[$6, $7)`, whole hours
+/// from `$7`, and the overflow of the same buckets' `''` rows (read only for a sum). Four
+/// range probes of the primary key, spelled out so neither planner scans the pair's
+/// history. (The parameters fit `Backend::COUNTED_BETWEEN`'s, which it is sent with.)
+const BUCKETS: &str = "SELECT CAST(COALESCE(SUM(total), 0) AS DOUBLE PRECISION) AS total, \
+     CAST(COALESCE(SUM(overflow), 0) AS BIGINT) AS overflow FROM (\
      SELECT total, 0 AS overflow FROM request_counters WHERE agent = $1 AND action = $2 \
-     AND field = $3 AND span_seconds = 60 AND bucket_start >= $4 AND bucket_start < $5 \
+     AND field = $5 AND span_seconds = 60 AND bucket_start >= $6 AND bucket_start < $7 \
      UNION ALL SELECT total, 0 FROM request_counters WHERE agent = $1 AND action = $2 \
-     AND field = $3 AND span_seconds = 3600 AND bucket_start >= $5 \
+     AND field = $5 AND span_seconds = 3600 AND bucket_start >= $7 \
      UNION ALL SELECT 0, overflow FROM request_counters WHERE agent = $1 AND action = $2 \
-     AND field = '' AND $3 <> '' AND span_seconds = 60 AND bucket_start >= $4 AND bucket_start < $5 \
+     AND field = '' AND $5 <> '' AND span_seconds = 60 AND bucket_start >= $6 AND bucket_start < $7 \
      UNION ALL SELECT 0, overflow FROM request_counters WHERE agent = $1 AND action = $2 \
-     AND field = '' AND $3 <> '' AND span_seconds = 3600 AND bucket_start >= $5) AS buckets";
+     AND field = '' AND $5 <> '' AND span_seconds = 3600 AND bucket_start >= $7) AS buckets";
+
+/// One round trip for a counter: the buckets' row (no `created_at`), then the requests
+/// before the first whole minute.
+fn counter_sql(counted_between: &str) -> String {
+    format!(
+        "SELECT NULL AS created_at, total, overflow FROM ({BUCKETS}) AS buckets \
+         UNION ALL SELECT created_at, value, 0 FROM ({counted_between}) AS requests"
+    )
+}
 
 /// Does a request in this status count toward `recent_count` and `recent_sum`?
 pub(super) fn counted(status: Status) -> bool {
@@ -241,28 +251,38 @@ where
         let whole_minutes_from = first_whole_minute(*latest);
         let whole_hours_from = (whole_minutes_from + HOUR - 1).div_euclid(HOUR) * HOUR;
         let name = field.unwrap_or("");
-        let (bucketed, overflow): (f64, i64) = sqlx::query_as(BUCKETS)
-            .bind(agent)
-            .bind(action)
-            .bind(name)
-            .bind(whole_minutes_from)
-            .bind(whole_hours_from)
-            .fetch_one(&mut *connection)
-            .await?;
+        let rows: Vec<(Option<DateTime<Utc>>, f64, i64)> =
+            sqlx::query_as(&counter_sql(DB::COUNTED_BETWEEN))
+                .bind(agent)
+                .bind(action)
+                .bind(*earliest)
+                .bind(at_second(whole_minutes_from))
+                .bind(name)
+                .bind(whole_minutes_from)
+                .bind(whole_hours_from)
+                .fetch_all(&mut *connection)
+                .await?;
+        let mut bucketed = 0.0;
+        let mut overflow = 0;
+        let mut requests: Vec<(DateTime<Utc>, f64)> = Vec::with_capacity(rows.len());
+        for (created_at, value, overflowed) in rows {
+            match created_at {
+                Some(created_at) => requests.push((created_at, value)),
+                None => (bucketed, overflow) = (value, overflowed),
+            }
+        }
         // A sum over a window that holds a request without bucketed sums reads requests.
-        let (bucketed, requests_until) = if field.is_some() && overflow > 0 {
-            (0.0, far_future())
-        } else {
-            (bucketed, at_second(whole_minutes_from))
-        };
-        let requests: Vec<(DateTime<Utc>, f64)> = sqlx::query_as(DB::COUNTED_BETWEEN)
-            .bind(agent)
-            .bind(action)
-            .bind(*earliest)
-            .bind(requests_until)
-            .bind(name)
-            .fetch_all(&mut *connection)
-            .await?;
+        if field.is_some() && overflow > 0 {
+            bucketed = 0.0;
+            requests = sqlx::query_as(DB::COUNTED_BETWEEN)
+                .bind(agent)
+                .bind(action)
+                .bind(*earliest)
+                .bind(far_future())
+                .bind(name)
+                .fetch_all(&mut *connection)
+                .await?;
+        }
         Ok(sinces
             .iter()
             .map(|since| {

@@ -20,6 +20,9 @@ use crate::domain::{ApprovalRequest, Grant};
 
 /// At most this many judged intakes share one commit.
 const JUDGED_GROUP_LIMIT: usize = 256;
+/// How often one intake is judged and written again after losing a grant's use to
+/// another process.
+const JUDGEMENT_ATTEMPTS: usize = 5;
 
 /// A judged intake waiting for the writer task, and where to send its outcome.
 pub(super) struct QueuedJudgement {
@@ -118,27 +121,45 @@ where
                     let _ = queued.answer.send(answer);
                 }
             }
-            Err(error) if group.len() == 1 => {
+            Err(error) if group.len() == 1 && !matches!(error, StoreError::Conflict(_)) => {
                 if let Some(queued) = group.into_iter().next() {
                     let _ = queued.answer.send(Err(error));
                 }
             }
             Err(_) => {
                 for queued in group {
-                    let answer = match self.write_judgements(std::slice::from_ref(&queued)).await {
-                        Ok(mut answers) => answers
-                            .pop()
-                            .unwrap_or(Err(StoreError::Conflict("nothing judged".into()))),
-                        Err(error) => Err(error),
-                    };
+                    let answer = self.write_judgement_alone(&queued).await;
                     let _ = queued.answer.send(answer);
                 }
             }
         }
     }
 
-    /// One transaction: the (agent, action) pairs serialised (in a fixed order, so two
-    /// replicas' groups cannot deadlock), the group's counters and grants read once, each
+    /// One judged intake in its own transaction, judged again on fresh facts while another
+    /// process's commit wins the race for a grant's last uses (without the pair's lock,
+    /// which only counters take, its compare-and-set can lose).
+    async fn write_judgement_alone(
+        &self,
+        queued: &QueuedJudgement,
+    ) -> StoreResult<ApprovalRequest> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.write_judgements(std::slice::from_ref(queued)).await {
+                Ok(mut answers) => {
+                    return answers
+                        .pop()
+                        .unwrap_or(Err(StoreError::Conflict("nothing judged".into())))
+                }
+                Err(StoreError::Conflict(_)) if attempts < JUDGEMENT_ATTEMPTS => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// One transaction: the (agent, action) pairs that read counters serialised (in a fixed
+    /// order, so two replicas' groups cannot deadlock), the group's counters and grants read
+    /// once, each
     /// request judged in arrival order on them plus what earlier requests of the group add,
     /// then every row written. The answers are per request (a judge may refuse its own).
     async fn write_judgements(
@@ -146,8 +167,11 @@ where
         group: &[QueuedJudgement],
     ) -> StoreResult<Vec<StoreResult<ApprovalRequest>>> {
         let mut transaction = DB::begin_write(self).await?;
+        // Counters need the pair's intakes to take turns; a grant's uses do not (the
+        // compare-and-set that spends them fails the group, which is then retried alone).
         let mut pairs: Vec<(&str, &str)> = group
             .iter()
+            .filter(|queued| !queued.lookup.counters.is_empty())
             .map(|queued| (queued.lookup.agent.as_str(), queued.lookup.action.as_str()))
             .collect();
         pairs.sort_unstable();

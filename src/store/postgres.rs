@@ -166,7 +166,7 @@ impl Backend for Postgres {
     /// Delivered to listeners only if the transaction commits.
     const COUNTED_BETWEEN: &'static str = "SELECT created_at, CASE WHEN $5 = '' THEN 1.0::float8 \
          WHEN jsonb_typeof(body->'args'->$5) = 'number' THEN (body->'args'->>$5)::float8 \
-         ELSE 0.0::float8 END FROM requests \
+         ELSE 0.0::float8 END AS value FROM requests \
          WHERE agent = $1 AND action = $2 AND created_at > $3 AND created_at < $4 \
          AND status IN ('pending', 'approved')";
 

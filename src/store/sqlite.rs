@@ -297,7 +297,7 @@ impl Backend for Sqlite {
 
     const COUNTED_BETWEEN: &'static str = "SELECT created_at, CASE WHEN $5 = '' THEN 1.0 \
          WHEN json_type(body, '$.args.' || $5) IN ('integer', 'real') \
-         THEN CAST(json_extract(body, '$.args.' || $5) AS REAL) ELSE 0.0 END FROM requests \
+         THEN CAST(json_extract(body, '$.args.' || $5) AS REAL) ELSE 0.0 END AS value FROM requests \
          WHERE agent = $1 AND action = $2 AND created_at > $3 AND created_at < $4 \
          AND status IN ('pending', 'approved')";
 

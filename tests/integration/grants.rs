@@ -99,14 +99,27 @@ async fn granted(app: &TestApp, agent: &TestAgent, body: Value, grant: GrantAsk)
 
 #[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_simultaneous_submissions_spend_a_three_use_grant_exactly_three_times(
+async fn twenty_simultaneous_submissions_on_two_replicas_spend_a_three_use_grant_exactly_three_times(
     #[case] backend: Backend,
 ) {
     let app = spawn_app!(backend, GRANTS_POLICY);
     let agent = app.create_agent("ops", &[]).await;
     let body = json!({"action": "ops.restart", "args": {"service": "web"}});
     let grant_id = granted(&app, &agent, body.clone(), ask(1, Some(3), None)).await;
-    let answers = join_all((0..20).map(|_| app.submit(&agent, body.clone()))).await;
+    // Half of them through a second server: replicas spend the uses exactly too.
+    let replica = app.start_replica().await;
+    let answers = join_all((0..20).map(|index| {
+        let (app, agent, replica, body) = (&app, &agent, &replica, body.clone());
+        async move {
+            if index % 2 == 0 {
+                app.submit(agent, body).await
+            } else {
+                app.submit_to(replica, agent, body).await
+            }
+        }
+    }))
+    .await;
+    replica.shutdown(Duration::from_secs(5)).await;
     let mut by_grant = 0;
     for (status, request) in &answers {
         assert_eq!(*status, StatusCode::CREATED, "{request}");

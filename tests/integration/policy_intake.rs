@@ -82,13 +82,34 @@ fn count_of(statuses: &[String], wanted: &str) -> usize {
 
 #[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_simultaneous_submissions_against_recent_count_allow_exactly_three(
+async fn twenty_simultaneous_submissions_on_two_replicas_against_recent_count_allow_exactly_three(
     #[case] backend: Backend,
 ) {
     let app = spawn_app!(backend, COUNTER_POLICY);
     let agent = app.create_agent("mailer", &[]).await;
     let other = app.create_agent("other", &[]).await;
-    let statuses = submit_at_once(&app, &agent, json!({"action": "email.send"}), 20).await;
+    // Half of them through a second server: replicas count each other's too.
+    let replica = app.start_replica().await;
+    let answers = join_all((0..20).map(|index| {
+        let (app, agent, replica) = (&app, &agent, &replica);
+        let body = json!({"action": "email.send"});
+        async move {
+            if index % 2 == 0 {
+                app.submit(agent, body).await
+            } else {
+                app.submit_to(replica, agent, body).await
+            }
+        }
+    }))
+    .await;
+    replica.shutdown(Duration::from_secs(5)).await;
+    let statuses: Vec<String> = answers
+        .into_iter()
+        .map(|(status, body)| {
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            body["status"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
     assert_eq!(count_of(&statuses, "approved"), 3, "{statuses:?}");
     assert_eq!(count_of(&statuses, "denied"), 17, "{statuses:?}");
     // Another agent has its own count.

@@ -618,6 +618,21 @@ impl TestApp {
         read(request.send().await).await
     }
 
+    /// Submits to another server (a replica on the same database).
+    pub async fn submit_to(
+        &self,
+        server: &RunningServer,
+        agent: &TestAgent,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let request = self
+            .http
+            .post(format!("http://{}/v1/requests", server.address()))
+            .bearer_auth(&agent.key)
+            .json(&body);
+        read(request.send().await).await
+    }
+
     /// Submits and asserts 201; returns the request object.
     pub async fn submit_ok(&self, agent: &TestAgent, body: Value) -> Value {
         let (status, body) = self.submit(agent, body).await;
