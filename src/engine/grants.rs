@@ -10,6 +10,7 @@ use crate::domain::{
     new_grant_id, ApprovalRequest, AuditKind, Grant, GrantAsk, Principal, VoteKind, Voter,
 };
 use crate::policy::{Effect, EvaluationInput, Policy, Verdict};
+use crate::store::GrantUse;
 
 /// The first active grant that approves this submission: the verdict is require_approval
 /// at the grant's tier or lower, and the grant covers the same agent and action and the
@@ -77,6 +78,19 @@ pub(super) fn covering_grant<'a>(
                 (None, None) => false,
             }
     })
+}
+
+/// A use of `grant`, whose spend may not take `uses_left` below what the tier's current
+/// `max_uses` leaves of it.
+pub(super) fn grant_use(policy: &Policy, grant: &Grant) -> GrantUse {
+    let max_uses = policy
+        .tier(&grant.tier)
+        .and_then(|tier| tier.grants)
+        .map_or(0, |limits| limits.max_uses);
+    GrantUse {
+        grant_id: grant.id.clone(),
+        uses_left_floor: grant.uses_granted.saturating_sub(max_uses),
+    }
 }
 
 /// Refuses a grant the request's tier does not allow: a tier without `grants`, a duration

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tracing::instrument;
 
-use super::grants::covering_grant;
+use super::grants::{covering_grant, grant_use};
 use super::{
     after, audit_args, event, record_decision_metrics, Engine, EngineError, EngineResult,
     OutboxSignal,
@@ -360,7 +360,7 @@ impl Engine {
                 audit,
                 outbox,
                 idempotency,
-                grant_used: grant.map(|grant| grant.id.clone()),
+                grant_used: grant.map(|grant| grant_use(&policy, grant)),
             })
         });
         let request = self.store.insert_judged_request(lookup, judge).await?;

@@ -127,10 +127,10 @@ pub struct SqlStore<DB: Backend> {
     pub(super) pool: Pool<DB>,
     pub(super) writer: DB::Writer,
     /// New requests are committed in groups; `None` inside the group-commit task itself.
-    pub(super) group_commit: Option<GroupCommit>,
+    pub(super) group_commit: Option<GroupCommit<QueuedRequest>>,
     /// Judged intakes (counters, grants) are committed in groups too; `None` inside the
     /// writer task itself.
-    pub(super) judged_commit: Option<super::intake::JudgedCommit>,
+    pub(super) judged_commit: Option<GroupCommit<super::intake::QueuedJudgement>>,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {

@@ -70,24 +70,28 @@ where
         connection: &mut DB::Connection,
         judged: &[JudgedRequest],
     ) -> StoreResult<()> {
-        let mut uses: BTreeMap<&str, (i64, DateTime<Utc>)> = BTreeMap::new();
+        // Per grant: how many uses, the latest request, the highest floor.
+        let mut uses: BTreeMap<&str, (i64, DateTime<Utc>, i64)> = BTreeMap::new();
         for judgement in judged {
-            if let Some(grant_id) = &judgement.grant_used {
-                let (count, latest) = uses
-                    .entry(grant_id.as_str())
-                    .or_insert((0, judgement.request.created_at));
+            if let Some(used) = &judgement.grant_used {
+                let created_at = judgement.request.created_at;
+                let (count, latest, floor) = uses
+                    .entry(used.grant_id.as_str())
+                    .or_insert((0, created_at, 0));
                 *count += 1;
-                *latest = (*latest).max(judgement.request.created_at);
+                *latest = (*latest).max(created_at);
+                *floor = (*floor).max(i64::from(used.uses_left_floor));
             }
         }
-        for (grant_id, (count, latest)) in uses {
+        for (grant_id, (count, latest, floor)) in uses {
             let spent = sqlx::query(
-                "UPDATE grants SET uses_left = uses_left - $3 \
-                 WHERE id = $1 AND uses_left >= $3 AND revoked_at IS NULL AND expires_at > $2",
+                "UPDATE grants SET uses_left = uses_left - $3 WHERE id = $1 \
+                 AND uses_left - $3 >= $4 AND revoked_at IS NULL AND expires_at > $2",
             )
             .bind(grant_id)
             .bind(latest)
             .bind(count)
+            .bind(floor)
             .execute(&mut *connection)
             .await?;
             if DB::rows_affected(&spent) != 1 {

@@ -14,8 +14,8 @@ use super::{IdempotencyKey, NewOutboxMessage, NewRequest, StoreError, StoreResul
 use crate::audit::{NewAuditEvent, PreparedAuditEvent};
 use crate::domain::ApprovalRequest;
 
-/// At most this many new requests share one commit (well under both backends' limits on
-/// bind parameters per statement).
+/// At most this many items share one commit (well under both backends' limits on bind
+/// parameters per statement).
 const GROUP_COMMIT_LIMIT: usize = 256;
 
 /// A new request waiting for the group-commit writer, and where to send its outcome.
@@ -38,24 +38,33 @@ impl std::fmt::Debug for QueuedRequest {
     }
 }
 
-/// The submitting side of the writer tasks.
-#[derive(Clone, Debug)]
-pub(super) struct GroupCommit {
-    queue: mpsc::UnboundedSender<QueuedRequest>,
+/// The submitting side of the writer tasks, for items of one kind (new requests, judged
+/// intakes).
+#[derive(Debug)]
+pub(super) struct GroupCommit<Item> {
+    queue: mpsc::UnboundedSender<Item>,
 }
 
-impl GroupCommit {
+impl<Item> Clone for GroupCommit<Item> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<Item: Send + 'static> GroupCommit<Item> {
     /// Starts `writers` writer tasks; they end when the last `GroupCommit` clone is dropped.
-    /// `commit` writes one group in one transaction and answers each request in it. A
+    /// `commit` writes one group in one transaction and answers each item in it. A
     /// writer takes whatever has queued as its group and commits it while the next writer
     /// gathers the next group, so with two the work before one group's commit overlaps the
     /// other's.
     pub fn start<Commit, Committing>(writers: usize, commit: Commit) -> Self
     where
-        Commit: Fn(Vec<QueuedRequest>) -> Committing + Clone + Send + 'static,
+        Commit: Fn(Vec<Item>) -> Committing + Clone + Send + 'static,
         Committing: Future<Output = ()> + Send,
     {
-        let (queue, arrivals) = mpsc::unbounded_channel::<QueuedRequest>();
+        let (queue, arrivals) = mpsc::unbounded_channel::<Item>();
         let arrivals = Arc::new(Mutex::new(arrivals));
         for _ in 0..writers.max(1) {
             let arrivals = arrivals.clone();
@@ -71,8 +80,8 @@ impl GroupCommit {
         Self { queue }
     }
 
-    /// Hands the request to the writer tasks.
-    pub fn queue(&self, queued: QueuedRequest) -> StoreResult<()> {
+    /// Hands the item to the writer tasks.
+    pub fn queue(&self, queued: Item) -> StoreResult<()> {
         self.queue
             .send(queued)
             .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))
@@ -81,9 +90,7 @@ impl GroupCommit {
 
 /// The next arrival and whatever queued behind it, up to `GROUP_COMMIT_LIMIT`; `None` once
 /// every sender is gone.
-async fn next_group(
-    arrivals: &Mutex<mpsc::UnboundedReceiver<QueuedRequest>>,
-) -> Option<Vec<QueuedRequest>> {
+async fn next_group<Item>(arrivals: &Mutex<mpsc::UnboundedReceiver<Item>>) -> Option<Vec<Item>> {
     let mut arrivals = arrivals.lock().await;
     let mut group = vec![arrivals.recv().await?];
     while group.len() < GROUP_COMMIT_LIMIT {

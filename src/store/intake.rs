@@ -9,17 +9,15 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::{ColumnIndex, Executor, QueryBuilder};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::backend::{Backend, Column, Param, SqlStore};
 use super::counters::{counted, CounterChanges};
-use super::group_commit::QueuedRequest;
+use super::group_commit::{GroupCommit, QueuedRequest};
 use super::requests::{refused_request_insert, StoredRequest, StoredRequestRef};
 use super::{IntakeFacts, IntakeLookup, Judge, JudgedRequest, NewRequest, StoreError, StoreResult};
 use crate::domain::{ApprovalRequest, Grant};
 
-/// At most this many judged intakes share one commit.
-const JUDGED_GROUP_LIMIT: usize = 256;
 /// How often one intake is judged and written again after losing a grant's use to
 /// another process.
 const JUDGEMENT_ATTEMPTS: usize = 5;
@@ -29,12 +27,6 @@ pub(super) struct QueuedJudgement {
     lookup: IntakeLookup,
     judge: Judge,
     answer: oneshot::Sender<StoreResult<ApprovalRequest>>,
-}
-
-/// The submitting side of the judged-intake writer task.
-#[derive(Clone, Debug)]
-pub(super) struct JudgedCommit {
-    queue: mpsc::UnboundedSender<QueuedJudgement>,
 }
 
 /// One counter read of a group: (agent, action, field, window in milliseconds).
@@ -62,26 +54,18 @@ where
     for<'q> Json<&'q Grant>: Param<'q, DB>,
     for<'q> Json<StoredRequestRef<'q>>: Param<'q, DB>,
 {
-    /// Starts the judged-intake writer task, on a copy of this store without it.
+    /// Starts the judged-intake writer tasks (as many as new requests have), on a copy of
+    /// this store without them.
     pub(super) fn with_judged_commit(self) -> Self {
-        let (queue, mut arrivals) = mpsc::unbounded_channel::<QueuedJudgement>();
-        let store = self.clone();
-        // Apart from the callers, so a client that goes away never leaves a group half
-        // written; ends when the last sender (store clone) is dropped.
-        tokio::spawn(async move {
-            while let Some(first) = arrivals.recv().await {
-                let mut group = vec![first];
-                while group.len() < JUDGED_GROUP_LIMIT {
-                    match arrivals.try_recv() {
-                        Ok(next) => group.push(next),
-                        Err(_) => break,
-                    }
-                }
-                store.commit_judgements(group).await;
+        let judged_commit = GroupCommit::start(DB::GROUP_WRITERS, {
+            let store = self.clone();
+            move |group| {
+                let store = store.clone();
+                async move { store.commit_judgements(group).await }
             }
         });
         Self {
-            judged_commit: Some(JudgedCommit { queue }),
+            judged_commit: Some(judged_commit),
             ..self
         }
     }
@@ -100,10 +84,7 @@ where
             answer,
         };
         match &self.judged_commit {
-            Some(commit) => commit
-                .queue
-                .send(queued)
-                .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?,
+            Some(commit) => commit.queue(queued)?,
             None => self.commit_judgements(vec![queued]).await,
         }
         outcome
@@ -349,7 +330,12 @@ fn with_earlier(
     stored.grants.retain_mut(|grant| {
         let spent = earlier
             .iter()
-            .filter(|judgement| judgement.grant_used.as_deref() == Some(grant.id.as_str()))
+            .filter(|judgement| {
+                judgement
+                    .grant_used
+                    .as_ref()
+                    .is_some_and(|used| used.grant_id == grant.id)
+            })
             .count();
         let left = usize::try_from(grant.uses_left)
             .unwrap_or(0)

@@ -247,7 +247,16 @@ pub struct JudgedRequest {
     pub audit: Vec<NewAuditEvent>,
     pub outbox: Vec<NewOutboxMessage>,
     pub idempotency: Option<(IdempotencyKey, Value)>,
-    pub grant_used: Option<String>,
+    pub grant_used: Option<GrantUse>,
+}
+
+/// One use of a grant by a judged request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrantUse {
+    pub grant_id: String,
+    /// The spend's compare-and-set keeps `uses_left` at or above this: the uses a lowered
+    /// `max_uses` takes away (concurrent intakes must not spend past the current cap).
+    pub uses_left_floor: u32,
 }
 
 /// Decides a request from what its lookup found; pure, run inside the transaction (again,

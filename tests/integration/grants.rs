@@ -107,19 +107,7 @@ async fn twenty_simultaneous_submissions_on_two_replicas_spend_a_three_use_grant
     let body = json!({"action": "ops.restart", "args": {"service": "web"}});
     let grant_id = granted(&app, &agent, body.clone(), ask(1, Some(3), None)).await;
     // Half of them through a second server: replicas spend the uses exactly too.
-    let replica = app.start_replica().await;
-    let answers = join_all((0..20).map(|index| {
-        let (app, agent, replica, body) = (&app, &agent, &replica, body.clone());
-        async move {
-            if index % 2 == 0 {
-                app.submit(agent, body).await
-            } else {
-                app.submit_to(replica, agent, body).await
-            }
-        }
-    }))
-    .await;
-    replica.shutdown(Duration::from_secs(5)).await;
+    let answers = app.submit_on_two_replicas(&agent, body.clone(), 20).await;
     let mut by_grant = 0;
     for (status, request) in &answers {
         assert_eq!(*status, StatusCode::CREATED, "{request}");

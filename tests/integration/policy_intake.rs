@@ -66,7 +66,11 @@ async fn submit_at_once(
     body: Value,
     count: usize,
 ) -> Vec<String> {
-    let answers = join_all((0..count).map(|_| app.submit(agent, body.clone()))).await;
+    statuses_of(join_all((0..count).map(|_| app.submit(agent, body.clone()))).await)
+}
+
+/// The statuses submissions got, each asserted created.
+fn statuses_of(answers: Vec<(StatusCode, Value)>) -> Vec<String> {
     answers
         .into_iter()
         .map(|(status, body)| {
@@ -89,27 +93,10 @@ async fn twenty_simultaneous_submissions_on_two_replicas_against_recent_count_al
     let agent = app.create_agent("mailer", &[]).await;
     let other = app.create_agent("other", &[]).await;
     // Half of them through a second server: replicas count each other's too.
-    let replica = app.start_replica().await;
-    let answers = join_all((0..20).map(|index| {
-        let (app, agent, replica) = (&app, &agent, &replica);
-        let body = json!({"action": "email.send"});
-        async move {
-            if index % 2 == 0 {
-                app.submit(agent, body).await
-            } else {
-                app.submit_to(replica, agent, body).await
-            }
-        }
-    }))
-    .await;
-    replica.shutdown(Duration::from_secs(5)).await;
-    let statuses: Vec<String> = answers
-        .into_iter()
-        .map(|(status, body)| {
-            assert_eq!(status, StatusCode::CREATED, "{body}");
-            body["status"].as_str().unwrap_or_default().to_string()
-        })
-        .collect();
+    let statuses = statuses_of(
+        app.submit_on_two_replicas(&agent, json!({"action": "email.send"}), 20)
+            .await,
+    );
     assert_eq!(count_of(&statuses, "approved"), 3, "{statuses:?}");
     assert_eq!(count_of(&statuses, "denied"), 17, "{statuses:?}");
     // Another agent has its own count.

@@ -618,19 +618,28 @@ impl TestApp {
         read(request.send().await).await
     }
 
-    /// Submits to another server (a replica on the same database).
-    pub async fn submit_to(
+    /// Submits `count` copies of `body` at once, every other one through a second server
+    /// on the same database (started for them, and stopped after).
+    pub async fn submit_on_two_replicas(
         &self,
-        server: &RunningServer,
         agent: &TestAgent,
         body: Value,
-    ) -> (StatusCode, Value) {
-        let request = self
-            .http
-            .post(format!("http://{}/v1/requests", server.address()))
-            .bearer_auth(&agent.key)
-            .json(&body);
-        read(request.send().await).await
+        count: usize,
+    ) -> Vec<(StatusCode, Value)> {
+        let replica = self.start_replica().await;
+        let replica_url = format!("http://{}/v1/requests", replica.address());
+        let answers = futures::future::join_all((0..count).map(|index| {
+            let url = if index % 2 == 0 {
+                self.url("/v1/requests")
+            } else {
+                replica_url.clone()
+            };
+            let request = self.http.post(url).bearer_auth(&agent.key).json(&body);
+            async move { read(request.send().await).await }
+        }))
+        .await;
+        replica.shutdown(Duration::from_secs(5)).await;
+        answers
     }
 
     /// Submits and asserts 201; returns the request object.
