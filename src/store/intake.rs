@@ -54,10 +54,11 @@ where
     for<'q> Json<&'q Grant>: Param<'q, DB>,
     for<'q> Json<StoredRequestRef<'q>>: Param<'q, DB>,
 {
-    /// Starts the judged-intake writer tasks (as many as new requests have), on a copy of
-    /// this store without them.
+    /// Starts the judged-intake writer task, on a copy of this store without it. One: the
+    /// groups a second writer would split off cost more round trips per request than the
+    /// overlap saves (and intakes of one agent and action wait for each other anyway).
     pub(super) fn with_judged_commit(self) -> Self {
-        let judged_commit = GroupCommit::start(DB::GROUP_WRITERS, {
+        let judged_commit = GroupCommit::start(1, {
             let store = self.clone();
             move |group| {
                 let store = store.clone();
@@ -208,22 +209,17 @@ where
             }
         }
         let counters = CounterChanges::of_new(judged.iter().map(|judgement| &judgement.request));
+        // No decision is announced: a request decided as it is stored has nobody waiting
+        // on it yet (the plain group commit announces none either).
         let mut audit = Vec::new();
-        let mut finalized = Vec::new();
         let mut requests = Vec::new();
         for judgement in judged {
-            if judgement.audit.iter().any(|event| event.kind.is_final()) {
-                finalized.push(judgement.request.id.clone());
-            }
             audit.extend(judgement.audit);
             requests.push(judgement.request);
         }
         Self::append_audit_events(&mut transaction, audit).await?;
         // Under the audit lock, as every change of the buckets is: they cannot deadlock.
         Self::adjust_counters(&mut transaction, &counters).await?;
-        for id in &finalized {
-            DB::notify_finalized(&mut transaction, id).await?;
-        }
         DB::commit(transaction).await?;
         let mut requests = requests.into_iter();
         Ok(answers
