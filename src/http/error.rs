@@ -64,6 +64,18 @@ impl ApiError {
         )
     }
 
+    /// Why a body could not be read: over the `limit` (413) or broken off (400).
+    pub fn from_body_rejection(
+        rejection: axum::extract::rejection::BytesRejection,
+        limit: usize,
+    ) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::payload_too_large(limit)
+        } else {
+            Self::bad_request("invalid_body", rejection.body_text())
+        }
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -2,8 +2,8 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::{ApiError, AppState};
@@ -70,11 +70,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::payload_too_large(state.config.max_body_bytes)
-                } else {
-                    ApiError::bad_request("invalid_body", rejection.body_text())
-                }
+                ApiError::from_body_rejection(rejection, state.config.max_body_bytes)
             })?;
         parse_json(&bytes).map(JsonBody)
     }

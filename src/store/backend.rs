@@ -44,6 +44,9 @@ pub trait Backend:
     type WriteConnection: DerefMut<Target = Self::Connection> + Send;
 
     const MIGRATOR: Migrator;
+    /// Does one `execute` run several statements with bind parameters (SQLite), so a
+    /// transaction's writes can go in one round trip?
+    const BATCHES_STATEMENTS: bool;
     /// How many group-commit writers run at once.
     const GROUP_WRITERS: usize;
 

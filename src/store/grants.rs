@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::types::Json;
-use sqlx::{ColumnIndex, Executor};
+use sqlx::{ColumnIndex, Executor, QueryBuilder};
 
 use super::backend::{Backend, Column, Param, SqlStore};
 use super::requests::{StoredRequest, StoredRequestRef};
@@ -64,43 +64,41 @@ where
             .collect())
     }
 
-    /// Spends the grant uses of a group's judged requests, one compare-and-set per grant:
-    /// either every use is still there, or the group fails.
+    /// Spends a group's grant uses, one compare-and-set per grant: either every use is
+    /// still there, or the group fails.
     pub(super) async fn spend_grant_uses(
         connection: &mut DB::Connection,
-        judged: &[JudgedRequest],
+        spends: &[GrantSpend<'_>],
     ) -> StoreResult<()> {
-        // Per grant: how many uses, the latest request, the highest floor.
-        let mut uses: BTreeMap<&str, (i64, DateTime<Utc>, i64)> = BTreeMap::new();
-        for judgement in judged {
-            if let Some(used) = &judgement.grant_used {
-                let created_at = judgement.request.created_at;
-                let (count, latest, floor) = uses
-                    .entry(used.grant_id.as_str())
-                    .or_insert((0, created_at, 0));
-                *count += 1;
-                *latest = (*latest).max(created_at);
-                *floor = (*floor).max(i64::from(used.uses_left_floor));
-            }
-        }
-        for (grant_id, (count, latest, floor)) in uses {
-            let spent = sqlx::query(
-                "UPDATE grants SET uses_left = uses_left - $3 WHERE id = $1 \
-                 AND uses_left - $3 >= $4 AND revoked_at IS NULL AND expires_at > $2",
-            )
-            .bind(grant_id)
-            .bind(latest)
-            .bind(count)
-            .bind(floor)
-            .execute(&mut *connection)
-            .await?;
-            if DB::rows_affected(&spent) != 1 {
+        for spend in spends {
+            let mut update = QueryBuilder::new("");
+            Self::push_grant_spend(&mut update, spend);
+            if DB::execute_built(&mut update, connection).await? != 1 {
                 return Err(StoreError::Conflict(format!(
-                    "grant {grant_id} was used up concurrently"
+                    "grant {} was used up concurrently",
+                    spend.grant_id
                 )));
             }
         }
         Ok(())
+    }
+
+    /// The compare-and-set of one spend: not revoked, not expired at the latest use, and
+    /// `uses_left` not below the floor afterwards.
+    pub(super) fn push_grant_spend<'rows>(
+        sql: &mut QueryBuilder<'rows, DB>,
+        spend: &GrantSpend<'rows>,
+    ) {
+        sql.push("UPDATE grants SET uses_left = uses_left - ")
+            .push_bind(spend.uses)
+            .push(" WHERE id = ")
+            .push_bind(spend.grant_id)
+            .push(" AND uses_left - ")
+            .push_bind(spend.uses)
+            .push(" >= ")
+            .push_bind(spend.uses_left_floor)
+            .push(" AND revoked_at IS NULL AND expires_at > ")
+            .push_bind(spend.latest_use);
     }
 
     /// Inserts the grants that `audit`'s `grant_created` events carry (their payload is the
@@ -193,4 +191,35 @@ fn grant_from_row((body, uses_left, revoked_at): GrantRow) -> Grant {
         revoked_at,
         ..body.0
     }
+}
+
+/// What a group spends of one grant.
+#[derive(Debug)]
+pub(super) struct GrantSpend<'a> {
+    pub grant_id: &'a str,
+    pub uses: i64,
+    /// When the latest of those uses was made: the grant must not have expired by then.
+    pub latest_use: DateTime<Utc>,
+    /// The highest floor among the uses (see `GrantUse::uses_left_floor`).
+    pub uses_left_floor: i64,
+}
+
+/// The group's uses of each grant, summed.
+pub(super) fn grant_spends(judged: &[JudgedRequest]) -> Vec<GrantSpend<'_>> {
+    let mut spends: BTreeMap<&str, GrantSpend<'_>> = BTreeMap::new();
+    for judgement in judged {
+        if let Some(used) = &judgement.grant_used {
+            let created_at = judgement.request.created_at;
+            let spend = spends.entry(used.grant_id.as_str()).or_insert(GrantSpend {
+                grant_id: used.grant_id.as_str(),
+                uses: 0,
+                latest_use: created_at,
+                uses_left_floor: 0,
+            });
+            spend.uses += 1;
+            spend.latest_use = spend.latest_use.max(created_at);
+            spend.uses_left_floor = spend.uses_left_floor.max(i64::from(used.uses_left_floor));
+        }
+    }
+    spends.into_values().collect()
 }

@@ -11,11 +11,17 @@ use sqlx::types::Json;
 use sqlx::{ColumnIndex, Executor, QueryBuilder};
 use tokio::sync::oneshot;
 
+use super::audit::{seal_events, AUDIT_HEAD};
 use super::backend::{Backend, Column, Param, SqlStore};
 use super::counters::{counted, CounterChanges};
+use super::grants::{grant_spends, GrantSpend};
 use super::group_commit::{GroupCommit, QueuedRequest};
 use super::requests::{refused_request_insert, StoredRequest, StoredRequestRef};
-use super::{IntakeFacts, IntakeLookup, Judge, JudgedRequest, NewRequest, StoreError, StoreResult};
+use super::{
+    IntakeFacts, IntakeLookup, Judge, JudgedRequest, NewOutboxMessage, NewRequest, StoreError,
+    StoreResult,
+};
+use crate::audit::{NewAuditEvent, PreparedAuditEvent};
 use crate::domain::{ApprovalRequest, Grant};
 
 /// How often one intake is judged and written again after losing a grant's use to
@@ -174,31 +180,45 @@ where
                 Err(error) => answers.push(Some(error)),
             }
         }
-        Self::spend_grant_uses(&mut transaction, &judged).await?;
-        if !judged.is_empty() {
-            let rows: Vec<QueuedRequest> = judged
-                .iter()
-                .map(|judgement| {
-                    QueuedRequest::new(NewRequest {
-                        request: &judgement.request,
-                        audit: Vec::new(),
-                        outbox: Vec::new(),
-                        idempotency: None,
-                    })
-                    .map(|(queued, _outcome)| queued)
+        let rows: Vec<QueuedRequest> = judged
+            .iter()
+            .map(|judgement| {
+                QueuedRequest::new(NewRequest {
+                    request: &judgement.request,
+                    audit: Vec::new(),
+                    outbox: Vec::new(),
+                    idempotency: None,
                 })
-                .collect::<StoreResult<_>>()?;
-            let mut insert = QueryBuilder::new("");
-            Self::push_request_rows(&mut insert, &rows);
-            DB::execute_built(&mut insert, &mut transaction)
-                .await
-                .map_err(refused_request_insert)?;
-        }
-        let outbox: Vec<_> = judged
+                .map(|(queued, _outcome)| queued)
+            })
+            .collect::<StoreResult<_>>()?;
+        let outbox: Vec<&NewOutboxMessage> = judged
             .iter()
             .flat_map(|judgement| &judgement.outbox)
             .collect();
-        Self::append_outbox(&mut transaction, &outbox).await?;
+        let counters = CounterChanges::of_new(judged.iter().map(|judgement| &judgement.request));
+        let spends = grant_spends(&judged);
+        // No decision is announced: a request decided as it is stored has nobody waiting
+        // on it yet (the plain group commit announces none either).
+        let audit: Vec<PreparedAuditEvent> = judged
+            .iter()
+            .flat_map(|judgement| judgement.audit.iter().cloned().map(NewAuditEvent::prepare))
+            .collect();
+        let audit: Vec<&PreparedAuditEvent> = audit.iter().collect();
+        if DB::BATCHES_STATEMENTS {
+            Self::write_judged_batch(&mut transaction, &spends, &rows, &outbox, &audit, &counters)
+                .await?;
+        } else {
+            Self::spend_grant_uses(&mut transaction, &spends).await?;
+            if !rows.is_empty() {
+                let mut insert = QueryBuilder::new("");
+                Self::push_request_rows(&mut insert, &rows);
+                DB::execute_built(&mut insert, &mut transaction)
+                    .await
+                    .map_err(refused_request_insert)?;
+            }
+            Self::append_outbox(&mut transaction, &outbox).await?;
+        }
         for judgement in &judged {
             if let Some((key, response)) = &judgement.idempotency {
                 let mut answer = QueryBuilder::new("");
@@ -208,18 +228,15 @@ where
                 }
             }
         }
-        let counters = CounterChanges::of_new(judged.iter().map(|judgement| &judgement.request));
-        // No decision is announced: a request decided as it is stored has nobody waiting
-        // on it yet (the plain group commit announces none either).
-        let mut audit = Vec::new();
-        let mut requests = Vec::new();
-        for judgement in judged {
-            audit.extend(judgement.audit);
-            requests.push(judgement.request);
+        if !DB::BATCHES_STATEMENTS {
+            Self::append_prepared_audit_events(&mut transaction, &audit).await?;
+            // Under the audit lock, as every change of the buckets is: they cannot deadlock.
+            Self::adjust_counters(&mut transaction, &counters).await?;
         }
-        Self::append_audit_events(&mut transaction, audit).await?;
-        // Under the audit lock, as every change of the buckets is: they cannot deadlock.
-        Self::adjust_counters(&mut transaction, &counters).await?;
+        let requests: Vec<ApprovalRequest> = judged
+            .into_iter()
+            .map(|judgement| judgement.request)
+            .collect();
         DB::commit(transaction).await?;
         let mut requests = requests.into_iter();
         Ok(answers
@@ -231,6 +248,47 @@ where
                     .ok_or_else(|| StoreError::Conflict("nothing judged".into())),
             })
             .collect())
+    }
+
+    /// The group's writes as one batch of statements, one round trip (SQLite): grant
+    /// spends, requests, outbox rows, audit events chained onto the head, buckets. The
+    /// spends' row counts need no look: the writer has held SQLite's write lock since
+    /// before it read the grants, so no other write came between (the statement still
+    /// says what it expects).
+    async fn write_judged_batch(
+        connection: &mut DB::Connection,
+        spends: &[GrantSpend<'_>],
+        rows: &[QueuedRequest],
+        outbox: &[&NewOutboxMessage],
+        audit: &[&PreparedAuditEvent],
+        counters: &CounterChanges,
+    ) -> StoreResult<()> {
+        let head: Option<(i64, String)> = sqlx::query_as(AUDIT_HEAD)
+            .fetch_optional(&mut *connection)
+            .await?;
+        let sealed = seal_events(head, audit.iter().copied());
+        let mut batch = QueryBuilder::new("SELECT 1");
+        for spend in spends {
+            batch.push("; ");
+            Self::push_grant_spend(&mut batch, spend);
+        }
+        if !rows.is_empty() {
+            batch.push("; ");
+            Self::push_request_rows(&mut batch, rows);
+        }
+        if !outbox.is_empty() {
+            batch.push("; ");
+            Self::push_outbox_rows(&mut batch, outbox);
+        }
+        if !sealed.is_empty() {
+            batch.push("; ");
+            Self::push_audit_rows(&mut batch, &sealed);
+        }
+        Self::push_counter_changes(&mut batch, counters);
+        DB::execute_built(&mut batch, connection)
+            .await
+            .map_err(refused_request_insert)?;
+        Ok(())
     }
 
     /// Each lookup's counters and active grants as the database has them: one read per

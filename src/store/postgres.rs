@@ -58,6 +58,7 @@ impl Backend for Postgres {
     type WriteConnection = PoolConnection<Postgres>;
 
     const MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+    const BATCHES_STATEMENTS: bool = false;
     /// Two groups in flight: one inserts its rows while the other holds the audit lock to
     /// append and commit.
     const GROUP_WRITERS: usize = 2;

@@ -190,6 +190,7 @@ impl Backend for Sqlite {
     type WriteConnection = HeldWriter;
 
     const MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+    const BATCHES_STATEMENTS: bool = true;
     /// One connection writes, so one task commits groups.
     const GROUP_WRITERS: usize = 1;
 

@@ -501,3 +501,23 @@ async fn counters_are_exact_at_the_window_start_across_minutes_and_hours(#[case]
         "after the backfill"
     );
 }
+
+/// A judged submission keeps its Idempotency-Key answer like any other: the retry gets
+/// the same request, and the counter counted it once.
+#[apply(backends)]
+#[tokio::test]
+async fn a_judged_submission_replays_under_its_idempotency_key(#[case] backend: Backend) {
+    let app = spawn_app!(backend, COUNTER_POLICY);
+    let agent = app.create_agent("mailer", &[]).await;
+    let body = json!({"action": "email.send"});
+    let (status, first) = app
+        .submit_with_key(&agent, body.clone(), Some("once"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (_, again) = app
+        .submit_with_key(&agent, body.clone(), Some("once"))
+        .await;
+    assert_eq!(again["id"], first["id"], "{again}");
+    let statuses = submit_at_once(&app, &agent, body, 3).await;
+    assert_eq!(count_of(&statuses, "approved"), 2, "{statuses:?}");
+}

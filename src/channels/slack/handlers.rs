@@ -163,13 +163,7 @@ impl FromRequest<SlackState> for SignedBody {
         let headers = request.headers().clone();
         let body = Bytes::from_request(request, state)
             .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::payload_too_large(state.body_limit)
-                } else {
-                    ApiError::bad_request("invalid_body", rejection.body_text())
-                }
-            })?;
+            .map_err(|rejection| ApiError::from_body_rejection(rejection, state.body_limit))?;
         let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
         let (Some(signature), Some(timestamp)) = (
             header("x-slack-signature"),

@@ -126,13 +126,7 @@ impl FromRequest<TeamsState> for VerifiedActivity {
             .map(str::to_string);
         let body = Bytes::from_request(request, state)
             .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::payload_too_large(state.body_limit)
-                } else {
-                    ApiError::bad_request("invalid_body", rejection.body_text())
-                }
-            })?;
+            .map_err(|rejection| ApiError::from_body_rejection(rejection, state.body_limit))?;
         if authorization.is_none() {
             return Err(ApiError::unauthorized("missing Bot Framework token"));
         }
