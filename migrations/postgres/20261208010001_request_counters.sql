@@ -17,25 +17,41 @@ CREATE TABLE request_counters (
     PRIMARY KEY (agent, action, field, span_seconds, bucket_start)
 );
 
+-- The buckets the stored requests imply, by the rules intake keeps them: every counted
+-- request in its '' rows; a request with more than 16 summable numeric args keys only
+-- there (overflow 1); each summable key's whole value up to 2^31 in its field's rows, any
+-- other value marked in their overflow instead.
+CREATE TEMP TABLE summable ON COMMIT DROP AS
+SELECT requests.id, requests.agent, requests.action, requests.created_at,
+       fields.key, (fields.value #>> '{}')::numeric AS value
+FROM requests
+     CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(requests.body->'args') = 'object'
+                                        THEN requests.body->'args' ELSE '{}'::jsonb END) AS fields
+WHERE requests.status IN ('pending', 'approved')
+  AND jsonb_typeof(fields.value) = 'number'
+  AND fields.key ~ '^[A-Za-z0-9_]+$';
+
+CREATE TEMP TABLE crowded ON COMMIT DROP AS
+SELECT id FROM summable GROUP BY id HAVING COUNT(*) > 16;
+
 INSERT INTO request_counters
     (agent, action, field, span_seconds, bucket_start, requests, total, overflow)
 SELECT agent, action, '', spans.span_seconds,
        (floor(extract(epoch FROM created_at) / spans.span_seconds) * spans.span_seconds)::bigint,
-       COUNT(*), COUNT(*), 0
+       COUNT(*), COUNT(*), SUM(CASE WHEN id IN (SELECT id FROM crowded) THEN 1 ELSE 0 END)
 FROM requests, (VALUES (60::bigint), (3600::bigint)) AS spans(span_seconds)
 WHERE status IN ('pending', 'approved')
 GROUP BY 1, 2, 3, 4, 5;
 
 INSERT INTO request_counters
     (agent, action, field, span_seconds, bucket_start, requests, total, overflow)
-SELECT requests.agent, requests.action, fields.key, spans.span_seconds,
-       (floor(extract(epoch FROM requests.created_at) / spans.span_seconds) * spans.span_seconds)::bigint,
-       COUNT(*), SUM((fields.value #>> '{}')::float8), 0
-FROM requests
-     CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(requests.body->'args') = 'object'
-                                        THEN requests.body->'args' ELSE '{}'::jsonb END) AS fields
-     CROSS JOIN (VALUES (60::bigint), (3600::bigint)) AS spans(span_seconds)
-WHERE requests.status IN ('pending', 'approved')
-  AND jsonb_typeof(fields.value) = 'number'
-  AND fields.key ~ '^[A-Za-z0-9_]+$'
+SELECT agent, action, key, spans.span_seconds,
+       (floor(extract(epoch FROM created_at) / spans.span_seconds) * spans.span_seconds)::bigint,
+       COUNT(*),
+       SUM(CASE WHEN value BETWEEN -2147483648 AND 2147483648 AND value = trunc(value)
+                THEN value ELSE 0 END)::float8,
+       SUM(CASE WHEN value BETWEEN -2147483648 AND 2147483648 AND value = trunc(value)
+                THEN 0 ELSE 1 END)
+FROM summable, (VALUES (60::bigint), (3600::bigint)) AS spans(span_seconds)
+WHERE id NOT IN (SELECT id FROM crowded)
 GROUP BY 1, 2, 3, 4, 5;

@@ -17,24 +17,43 @@ CREATE TABLE request_counters (
     PRIMARY KEY (agent, action, field, span_seconds, bucket_start)
 ) WITHOUT ROWID;
 
+-- The buckets the stored requests imply, by the rules intake keeps them: every counted
+-- request in its '' rows; a request with more than 16 summable numeric args keys only
+-- there (overflow 1); each summable key's whole value up to 2^31 in its field's rows, any
+-- other value marked in their overflow instead.
+CREATE TEMP TABLE summable AS
+SELECT requests.id, requests.agent, requests.action, requests.created_at,
+       fields.key, fields.value
+FROM requests, json_each(requests.body, '$.args') AS fields
+WHERE requests.status IN ('pending', 'approved')
+  AND json_type(requests.body, '$.args') = 'object'
+  AND fields.type IN ('integer', 'real')
+  AND fields.key <> '' AND fields.key NOT GLOB '*[^A-Za-z0-9_]*';
+
+CREATE TEMP TABLE crowded AS
+SELECT id FROM summable GROUP BY id HAVING COUNT(*) > 16;
+
 INSERT INTO request_counters
     (agent, action, field, span_seconds, bucket_start, requests, total, overflow)
 SELECT agent, action, '', spans.span_seconds,
        CAST(strftime('%s', created_at) AS INTEGER) / spans.span_seconds * spans.span_seconds,
-       COUNT(*), COUNT(*), 0
+       COUNT(*), COUNT(*), TOTAL(CASE WHEN id IN (SELECT id FROM crowded) THEN 1 ELSE 0 END)
 FROM requests, (SELECT 60 AS span_seconds UNION ALL SELECT 3600) AS spans
 WHERE status IN ('pending', 'approved')
 GROUP BY 1, 2, 3, 4, 5;
 
 INSERT INTO request_counters
     (agent, action, field, span_seconds, bucket_start, requests, total, overflow)
-SELECT requests.agent, requests.action, fields.key, spans.span_seconds,
-       CAST(strftime('%s', requests.created_at) AS INTEGER) / spans.span_seconds * spans.span_seconds,
-       COUNT(*), SUM(fields.value), 0
-FROM requests, json_each(requests.body, '$.args') AS fields,
-     (SELECT 60 AS span_seconds UNION ALL SELECT 3600) AS spans
-WHERE requests.status IN ('pending', 'approved')
-  AND json_type(requests.body, '$.args') = 'object'
-  AND fields.type IN ('integer', 'real')
-  AND fields.key <> '' AND fields.key NOT GLOB '*[^A-Za-z0-9_]*'
+SELECT agent, action, key, spans.span_seconds,
+       CAST(strftime('%s', created_at) AS INTEGER) / spans.span_seconds * spans.span_seconds,
+       COUNT(*),
+       TOTAL(CASE WHEN value BETWEEN -2147483648 AND 2147483648
+                   AND value = CAST(value AS INTEGER) THEN value ELSE 0 END),
+       TOTAL(CASE WHEN value BETWEEN -2147483648 AND 2147483648
+                   AND value = CAST(value AS INTEGER) THEN 0 ELSE 1 END)
+FROM summable, (SELECT 60 AS span_seconds UNION ALL SELECT 3600) AS spans
+WHERE id NOT IN (SELECT id FROM crowded)
 GROUP BY 1, 2, 3, 4, 5;
+
+DROP TABLE summable;
+DROP TABLE crowded;

@@ -167,6 +167,13 @@ impl Approvers {
         self.principals.contains(principal.as_str())
     }
 
+    /// Does it list anyone by email (an address a chat platform tells only at a vote)?
+    pub fn names_emails(&self) -> bool {
+        self.principals
+            .iter()
+            .any(|principal| principal.starts_with("email:"))
+    }
+
     /// Listed under any of the voter's identities, or a member of a listed Slack user group.
     pub fn admits(&self, voter: &Voter) -> bool {
         voter.identities().any(|identity| self.contains(identity))
@@ -467,11 +474,12 @@ impl Policy {
     }
 
     /// Could `principal` still approve at `tier`, as far as the policy alone can tell? A
-    /// tier that admits platform user groups (whose members are known only when they vote)
-    /// is given the benefit of the doubt.
+    /// tier that admits platform user groups or email addresses (whose members and owners a
+    /// platform tells only when they vote) is given the benefit of the doubt.
     pub fn may_still_approve(&self, tier: &str, principal: &Principal) -> bool {
         self.tier(tier).is_some_and(|tier| {
             !tier.approvers.user_groups.is_empty()
+                || tier.approvers.names_emails()
                 || tier
                     .approvers
                     .admits(&self.identify(&Voter::new(principal.clone())))

@@ -23,18 +23,24 @@ const SPANS: [i64; 2] = [MINUTE, HOUR];
 /// A request with more numeric args keys than this keeps no sums in buckets (its `''`
 /// rows say so in `overflow`), so one request cannot write thousands of rows.
 const MAX_SUMMED_FIELDS: usize = 16;
+/// Only whole numbers up to this size are summed in buckets: their sums stay exact in a
+/// double, whatever is added and taken away. Any other value is marked in its field row's
+/// `overflow` (a huge one added then taken away would otherwise round the rest away).
+const MAX_EXACT_VALUE: f64 = 2_147_483_648.0;
 /// Bucket rows per upsert statement (eight bind parameters each).
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// The buckets of one (agent, action, field `$5`): whole minutes in `[$6, $7)`, whole hours
-/// from `$7`, and the overflow of the same buckets' `''` rows (read only for a sum). Four
-/// range probes of the primary key, spelled out so neither planner scans the pair's
-/// history. (The parameters fit `Backend::COUNTED_BETWEEN`'s, which it is sent with.)
+/// from `$7`, and how many of them (and of the same buckets' `''` rows) hold requests whose
+/// values they could not sum (read only for a sum). Four range probes of the primary key,
+/// spelled out so neither planner scans the pair's history. (The parameters fit
+/// `Backend::COUNTED_BETWEEN`'s, which it is sent with.)
 const BUCKETS: &str = "SELECT CAST(COALESCE(SUM(total), 0) AS DOUBLE PRECISION) AS total, \
-     CAST(COALESCE(SUM(overflow), 0) AS BIGINT) AS overflow FROM (\
-     SELECT total, 0 AS overflow FROM request_counters WHERE agent = $1 AND action = $2 \
+     CAST(COALESCE(SUM(CASE WHEN overflow > 0 THEN 1 ELSE 0 END), 0) AS BIGINT) AS overflow \
+     FROM (\
+     SELECT total, overflow FROM request_counters WHERE agent = $1 AND action = $2 \
      AND field = $5 AND span_seconds = 60 AND bucket_start >= $6 AND bucket_start < $7 \
-     UNION ALL SELECT total, 0 FROM request_counters WHERE agent = $1 AND action = $2 \
+     UNION ALL SELECT total, overflow FROM request_counters WHERE agent = $1 AND action = $2 \
      AND field = $5 AND span_seconds = 3600 AND bucket_start >= $7 \
      UNION ALL SELECT 0, overflow FROM request_counters WHERE agent = $1 AND action = $2 \
      AND field = '' AND $5 <> '' AND span_seconds = 60 AND bucket_start >= $6 AND bucket_start < $7 \
@@ -136,7 +142,11 @@ impl CounterChanges {
             };
             bump("", 1.0, i64::from(fields.is_none()));
             for (field, value) in fields.iter().flatten() {
-                bump(field, *value, 0);
+                if value.fract() == 0.0 && value.abs() <= MAX_EXACT_VALUE {
+                    bump(field, *value, 0);
+                } else {
+                    bump(field, 0.0, 1);
+                }
             }
         }
     }
@@ -271,7 +281,7 @@ where
                 None => (bucketed, overflow) = (value, overflowed),
             }
         }
-        // A sum over a window that holds a request without bucketed sums reads requests.
+        // A sum over a window that holds a value the buckets could not sum reads requests.
         if field.is_some() && overflow > 0 {
             bucketed = 0.0;
             requests = sqlx::query_as(DB::COUNTED_BETWEEN)
@@ -370,6 +380,18 @@ mod tests {
         );
         changes.count(&request, Status::Pending, &request.args.clone(), -1);
         assert!(changes.is_empty());
+        // A fraction or a huge number is not summed, only marked.
+        for amount in [json!(19.99), json!(1e20)] {
+            request.args = json!({ "amount": amount });
+            let marked = CounterChanges::of_new([&request]);
+            let rows: Vec<(f64, i64)> = marked
+                .buckets
+                .iter()
+                .filter(|(key, _)| key.field == "amount")
+                .map(|(_, change)| (change.total, change.overflow))
+                .collect();
+            assert_eq!(rows, vec![(0.0, 1), (0.0, 1)], "{amount}");
+        }
         let denied = CounterChanges::of_new([&ApprovalRequest {
             status: Status::Denied,
             ..request

@@ -85,10 +85,7 @@ where
 
     /// The compare-and-set of one spend: not revoked, not expired at the latest use, and
     /// `uses_left` not below the floor afterwards.
-    pub(super) fn push_grant_spend<'rows>(
-        sql: &mut QueryBuilder<'rows, DB>,
-        spend: &GrantSpend<'rows>,
-    ) {
+    fn push_grant_spend<'rows>(sql: &mut QueryBuilder<'rows, DB>, spend: &GrantSpend<'rows>) {
         sql.push("UPDATE grants SET uses_left = uses_left - ")
             .push_bind(spend.uses)
             .push(" WHERE id = ")

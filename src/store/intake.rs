@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::audit::{seal_events, AUDIT_HEAD};
 use super::backend::{Backend, Column, Param, SqlStore};
 use super::counters::{counted, CounterChanges};
-use super::grants::{grant_spends, GrantSpend};
+use super::grants::grant_spends;
 use super::group_commit::{GroupCommit, QueuedRequest};
 use super::requests::{refused_request_insert, StoredRequest, StoredRequestRef};
 use super::{
@@ -205,11 +205,12 @@ where
             .flat_map(|judgement| judgement.audit.iter().cloned().map(NewAuditEvent::prepare))
             .collect();
         let audit: Vec<&PreparedAuditEvent> = audit.iter().collect();
+        // Checked, statement by statement: the judges of one group may have used different
+        // policies (a reload between submissions), so the spend can fail even here.
+        Self::spend_grant_uses(&mut transaction, &spends).await?;
         if DB::BATCHES_STATEMENTS {
-            Self::write_judged_batch(&mut transaction, &spends, &rows, &outbox, &audit, &counters)
-                .await?;
+            Self::write_judged_batch(&mut transaction, &rows, &outbox, &audit, &counters).await?;
         } else {
-            Self::spend_grant_uses(&mut transaction, &spends).await?;
             if !rows.is_empty() {
                 let mut insert = QueryBuilder::new("");
                 Self::push_request_rows(&mut insert, &rows);
@@ -250,14 +251,11 @@ where
             .collect())
     }
 
-    /// The group's writes as one batch of statements, one round trip (SQLite): grant
-    /// spends, requests, outbox rows, audit events chained onto the head, buckets. The
-    /// spends' row counts need no look: the writer has held SQLite's write lock since
-    /// before it read the grants, so no other write came between (the statement still
-    /// says what it expects).
+    /// The group's writes that need no look at a row count as one batch of statements, one
+    /// round trip (SQLite): requests, outbox rows, audit events chained onto the head,
+    /// buckets.
     async fn write_judged_batch(
         connection: &mut DB::Connection,
-        spends: &[GrantSpend<'_>],
         rows: &[QueuedRequest],
         outbox: &[&NewOutboxMessage],
         audit: &[&PreparedAuditEvent],
@@ -268,10 +266,6 @@ where
             .await?;
         let sealed = seal_events(head, audit.iter().copied());
         let mut batch = QueryBuilder::new("SELECT 1");
-        for spend in spends {
-            batch.push("; ");
-            Self::push_grant_spend(&mut batch, spend);
-        }
         if !rows.is_empty() {
             batch.push("; ");
             Self::push_request_rows(&mut batch, rows);

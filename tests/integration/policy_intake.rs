@@ -179,6 +179,15 @@ async fn recent_sum_adds_pending_and_approved_amounts_only(#[case] backend: Back
     )
     .await;
     assert_eq!(count_of(&statuses, "approved"), 0, "{statuses:?}");
+    // Buckets the migration builds from these requests hold the same sum: 300 is over.
+    rebuild_buckets_as_the_migration_does(&app, backend).await;
+    let after = app
+        .submit_ok(
+            &agent,
+            json!({"action": "payments.pay", "args": {"amount": 0}}),
+        )
+        .await;
+    assert_eq!(after["rule"], "budget-over", "{after}");
 }
 
 #[apply(backends)]
@@ -477,24 +486,7 @@ async fn counters_are_exact_at_the_window_start_across_minutes_and_hours(#[case]
     }
 
     // The migration's backfill builds buckets the requests imply, to the same counters.
-    let migration = match backend {
-        Backend::Sqlite => {
-            include_str!("../../migrations/sqlite/20261208010001_request_counters.sql")
-        }
-        Backend::Postgres => {
-            include_str!("../../migrations/postgres/20261208010001_request_counters.sql")
-        }
-    };
-    app.execute_sql("DELETE FROM request_counters")
-        .await
-        .unwrap();
-    for statement in migration
-        .split(";\n")
-        .map(str::trim)
-        .filter(|statement| statement.starts_with("INSERT"))
-    {
-        app.execute_sql(statement).await.unwrap();
-    }
+    rebuild_buckets_as_the_migration_does(&app, backend).await;
     app.clock.set(at(7_200_000 + 4_000_002));
     assert!(
         probe(&app, &agent, &mut history, 0.5, 0).await,
@@ -520,4 +512,25 @@ async fn a_judged_submission_replays_under_its_idempotency_key(#[case] backend: 
     assert_eq!(again["id"], first["id"], "{again}");
     let statuses = submit_at_once(&app, &agent, body, 3).await;
     assert_eq!(count_of(&statuses, "approved"), 2, "{statuses:?}");
+}
+
+/// Empties `request_counters` and fills it again with the migration's own statements.
+async fn rebuild_buckets_as_the_migration_does(app: &TestApp, backend: Backend) {
+    let migration = match backend {
+        Backend::Sqlite => {
+            include_str!("../../migrations/sqlite/20261208010001_request_counters.sql")
+        }
+        Backend::Postgres => {
+            include_str!("../../migrations/postgres/20261208010001_request_counters.sql")
+        }
+    };
+    let start = migration
+        .find("-- The buckets the stored requests imply")
+        .expect("the migration's backfill");
+    let backfill = &migration[start..];
+    app.execute_sql_batch(&format!(
+        "BEGIN; DELETE FROM request_counters; {backfill}; COMMIT;"
+    ))
+    .await
+    .unwrap();
 }

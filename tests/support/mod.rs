@@ -835,6 +835,22 @@ impl TestApp {
         }
     }
 
+    /// Executes several statements (no parameters) in one connection, behind the server's
+    /// back.
+    pub async fn execute_sql_batch(&self, sql: &str) -> Result<(), sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(&self.database.url).await?;
+                sqlx::raw_sql(sql).execute(&mut connection).await?;
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.database.url).await?;
+                sqlx::raw_sql(sql).execute(&mut connection).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Executes raw SQL against the database behind the server's back.
     pub async fn execute_sql(&self, sql: &str) -> Result<u64, sqlx::Error> {
         match self.backend {
