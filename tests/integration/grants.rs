@@ -97,6 +97,15 @@ async fn granted(app: &TestApp, agent: &TestAgent, body: Value, grant: GrantAsk)
     grant.id.clone()
 }
 
+/// Agent `ops` with a 5-use grant, asked for `hours`, covering the restart of `web`; the
+/// submission the grant covers.
+async fn ops_with_restart_grant(app: &TestApp, hours: u64) -> (TestAgent, Value) {
+    let agent = app.create_agent("ops", &[]).await;
+    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
+    granted(app, &agent, body.clone(), ask(hours, Some(5), None)).await;
+    (agent, body)
+}
+
 #[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_simultaneous_submissions_on_two_replicas_spend_a_three_use_grant_exactly_three_times(
@@ -468,9 +477,7 @@ async fn slack_cards_offer_approve_for_and_the_command_lists_and_revokes(#[case]
 #[tokio::test]
 async fn a_tier_that_no_longer_allows_grants_stops_its_grants(#[case] backend: Backend) {
     let app = spawn_app!(backend, GRANTS_POLICY);
-    let agent = app.create_agent("ops", &[]).await;
-    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
-    granted(&app, &agent, body.clone(), ask(1, Some(5), None)).await;
+    let (agent, body) = ops_with_restart_grant(&app, 1).await;
     reload(
         &app,
         &GRANTS_POLICY.replacen("    grants: {max_ttl: 8h, max_uses: 5}\n", "", 1),
@@ -515,9 +522,7 @@ async fn a_grant_never_approves_a_request_on_behalf_of_its_creator(#[case] backe
 #[tokio::test]
 async fn a_shorter_max_ttl_shortens_existing_grants(#[case] backend: Backend) {
     let app = spawn_app!(backend, GRANTS_POLICY);
-    let agent = app.create_agent("ops", &[]).await;
-    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
-    granted(&app, &agent, body.clone(), ask(4, Some(5), None)).await;
+    let (agent, body) = ops_with_restart_grant(&app, 4).await;
     reload(
         &app,
         &GRANTS_POLICY.replacen(
@@ -546,9 +551,7 @@ fn reload(app: &TestApp, policy: &str) {
 #[tokio::test]
 async fn a_lower_max_uses_caps_existing_grants(#[case] backend: Backend) {
     let app = spawn_app!(backend, GRANTS_POLICY);
-    let agent = app.create_agent("ops", &[]).await;
-    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
-    granted(&app, &agent, body.clone(), ask(4, Some(5), None)).await;
+    let (agent, body) = ops_with_restart_grant(&app, 4).await;
     for _ in 0..2 {
         let request = app.submit_ok(&agent, body.clone()).await;
         assert_eq!(request["status"], "approved", "{request}");
@@ -577,9 +580,7 @@ async fn a_lower_max_uses_caps_existing_grants(#[case] backend: Backend) {
 #[tokio::test]
 async fn a_grant_stops_when_its_creator_may_no_longer_approve(#[case] backend: Backend) {
     let app = spawn_app!(backend, GRANTS_POLICY);
-    let agent = app.create_agent("ops", &[]).await;
-    let body = json!({"action": "ops.restart", "args": {"service": "web"}});
-    granted(&app, &agent, body.clone(), ask(4, Some(5), None)).await;
+    let (agent, body) = ops_with_restart_grant(&app, 4).await;
     let request = app.submit_ok(&agent, body.clone()).await;
     assert_eq!(request["status"], "approved", "{request}");
     reload(
